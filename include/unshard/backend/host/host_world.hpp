@@ -1,0 +1,137 @@
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "unshard/backend/link_model.hpp"
+#include "unshard/core/error.hpp"
+
+namespace unshard {
+
+
+// The ranks of one host job (threads of one process) and what they share: the collectives, and
+// the abort that turns one rank's failure into an error on every rank instead of a hang
+// (NCCL's async-error + ncclCommAbort model). All blocking waits of the job go through wait().
+class host_world {
+ public:
+  explicit host_world(std::size_t world_size, link_model link = {})
+      : size_(world_size), link_(link), sends_(world_size, nullptr) {
+    if (world_size == 0) throw_error("host_world: world size must be at least 1 (got 0)");
+    if (world_size > 1024) throw_error("host_world: world size ", world_size, " is beyond the supported 1024");
+  }
+
+  std::size_t size() const noexcept { return size_; }
+  const link_model& link() const noexcept { return link_; }
+
+  // First failure wins; every blocked or later wait on any rank then throws rank_failure.
+  void abort(std::size_t rank, const std::string& why) {
+    {
+      std::lock_guard lock(mutex_);
+      if (aborted_.load()) return;
+      failed_rank_ = rank;
+      failure_ = why;
+      aborted_.store(true);
+    }
+    cv_.notify_all();
+  }
+  bool aborted() const noexcept { return aborted_.load(); }
+  int failed_rank() const {
+    std::lock_guard lock(mutex_);
+    return static_cast<int>(failed_rank_);
+  }
+  [[noreturn]] void throw_aborted() const {
+    std::lock_guard lock(mutex_);
+    throw rank_failure(static_cast<int>(failed_rank_), detail::concat("rank ", failed_rank_, " failed: ", failure_));
+  }
+
+  // Blocks until pred() (evaluated under the job's lock) holds; throws if the job aborts first.
+  template <class Pred>
+  void wait(Pred pred) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return aborted_.load() || pred(); });
+    if (aborted_.load() && !pred()) {
+      lock.unlock();
+      throw_aborted();
+    }
+  }
+  // Changes shared state under the lock, then wakes every waiter.
+  template <class F>
+  void update(F f) {
+    {
+      std::lock_guard lock(mutex_);
+      f();
+    }
+    cv_.notify_all();
+  }
+
+  void barrier() {
+    std::unique_lock lock(mutex_);
+    const std::size_t gen = barrier_generation_;
+    if (++barrier_count_ == size_) {
+      barrier_count_ = 0;
+      ++barrier_generation_;
+      lock.unlock();
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return aborted_.load() || barrier_generation_ != gen; });
+    if (barrier_generation_ == gen) {
+      lock.unlock();
+      throw_aborted();
+    }
+  }
+
+  // All-gather: rank r contributes `bytes` at `send`; every rank receives all contributions in
+  // rank order at `recv` (size * bytes). In place when send == recv + r*bytes, as ncclAllGather.
+  // Pull model: each rank copies its peers' pieces between two barriers, so a piece is never
+  // read after its owner moved on.
+  void all_gather(std::size_t rank, const std::byte* send, std::byte* recv, std::size_t bytes) {
+    {
+      std::lock_guard lock(mutex_);
+      sends_[rank] = send;
+    }
+    barrier();
+    for (std::size_t peer = 0; peer < size_; ++peer) {
+      std::byte* dst = recv + peer * bytes;
+      if (sends_[peer] != dst && bytes) std::memcpy(dst, sends_[peer], bytes);
+    }
+    simulate_link((size_ - 1) * bytes);
+    barrier();
+  }
+
+  // Broadcast `bytes` at `buf` from `root` to every rank.
+  void broadcast(std::size_t rank, std::size_t root, std::byte* buf, std::size_t bytes) {
+    {
+      std::lock_guard lock(mutex_);
+      sends_[rank] = buf;
+    }
+    barrier();
+    if (rank != root && bytes) std::memcpy(buf, sends_[root], bytes);
+    simulate_link(rank == root ? 0 : bytes);
+    barrier();
+  }
+
+ private:
+  void simulate_link(std::size_t bytes_received) const {
+    const double s = link_.seconds_for(bytes_received);
+    if (s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(s));
+  }
+
+  std::size_t size_;
+  link_model link_;
+  mutable std::mutex mutex_;
+  std::condition_variable cv_;
+  std::atomic<bool> aborted_{false};
+  std::size_t failed_rank_ = 0;
+  std::string failure_;
+  std::size_t barrier_count_ = 0, barrier_generation_ = 0;
+  std::vector<const std::byte*> sends_;
+};
+
+}  // namespace unshard

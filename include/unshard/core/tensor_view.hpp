@@ -1,0 +1,44 @@
+#pragma once
+#include <cstddef>
+#include <span>
+#include <string_view>
+#include <type_traits>
+
+#include "unshard/core/dtype.hpp"
+#include "unshard/core/shape.hpp"
+
+namespace unshard {
+
+// A non-owning, contiguous, row-major view: bytes + dtype + shape. Parameter views point into
+// gathered flat buffers (zero copy); activation views into tracked arenas.
+class tensor_view {
+ public:
+  tensor_view() = default;
+  tensor_view(void* data, dtype t, const shape& s) : data_(static_cast<std::byte*>(data)), dtype_(t), shape_(s) {}
+
+  std::byte* data() const noexcept { return data_; }
+  dtype type() const noexcept { return dtype_; }
+  const shape& dims() const noexcept { return shape_; }
+  std::int64_t numel() const noexcept { return shape_.numel(); }
+  std::size_t bytes() const noexcept { return static_cast<std::size_t>(numel()) * size_of(dtype_); }
+  bool empty() const noexcept { return data_ == nullptr; }
+
+  // Typed access; throws if the dtype differs (a bf16 weight read as float is a bug, not a cast).
+  template <class T>
+  std::span<T> as() const {
+    if (dtype_of<std::remove_const_t<T>>::value != dtype_)
+      throw_error("tensor_view: requested ", name_of(dtype_of<std::remove_const_t<T>>::value), " view of a ",
+                  name_of(dtype_), " tensor ", shape_.to_string());
+    return {reinterpret_cast<T*>(data_), static_cast<std::size_t>(numel())};
+  }
+
+  float load(std::size_t i) const { return load_as_float(data_, dtype_, i); }
+  void store(std::size_t i, float v) const { store_from_float(data_, dtype_, i, v); }
+
+ private:
+  std::byte* data_ = nullptr;
+  dtype dtype_ = dtype::f32;
+  shape shape_{};
+};
+
+}  // namespace unshard

@@ -1,0 +1,217 @@
+#pragma once
+// Host linear layer: y[M, N] = x[M, K] · W[N, K]ᵀ + b[N], x and y f32, W and b in any storage dtype.
+//
+// Two paths, picked at run time:
+//  * portable -- a fixed-order GEMM. Every output element is summed in an order that depends on K
+//    alone (see detail::gemm_k_block), never on M, N, the row range or how a caller splits the
+//    work, so a sharded, chunked or threaded forward is bit-identical to an unsharded one.
+//    bf16/f16 weights are widened on the fly, a block of rows at a time, into a stack buffer.
+//  * blas -- cblas_sgemm when built against a CBLAS (target unshard::blas defines
+//    UNSHARD_HAVE_CBLAS) and W is f32; otherwise it quietly runs the portable path. A BLAS picks
+//    its summation order by shape, so it is fast but only reproducible for one shape.
+//
+// The row-range form computes output columns [n0, n0 + rows) from those rows of W alone, so a
+// "chunked" unshard can run each chunk of weight rows as soon as it arrives.
+#include <algorithm>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+#include <type_traits>
+
+#include "unshard/core/dtype.hpp"
+#include "unshard/core/error.hpp"
+#include "unshard/core/tensor_view.hpp"
+#include "unshard/kernels/thread/storage.hpp"
+
+#if defined(UNSHARD_HAVE_CBLAS)
+#include <cblas.h>
+#endif
+
+namespace unshard {
+
+enum class gemm_path : std::uint8_t { portable, blas };
+
+constexpr std::string_view name_of(gemm_path p) noexcept { return p == gemm_path::blas ? "blas" : "portable"; }
+
+inline gemm_path parse_gemm_path(std::string_view s) {
+  if (s == "portable") return gemm_path::portable;
+  if (s == "blas") return gemm_path::blas;
+  throw_error("unknown gemm path '", s, "' (expected portable or blas)");
+}
+
+constexpr bool blas_available() noexcept {
+#if defined(UNSHARD_HAVE_CBLAS)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// The path a linear over weights of dtype `w` really takes when `requested` is asked for.
+constexpr gemm_path effective_gemm_path(gemm_path requested, dtype w) noexcept {
+  return requested == gemm_path::blas && blas_available() && w == dtype::f32 ? gemm_path::blas
+                                                                              : gemm_path::portable;
+}
+
+// Rows [r0, r1) of a tensor whose first dimension indexes rows (a weight [N, ...] or a bias [N]).
+inline tensor_view row_slice(const tensor_view& t, std::int64_t r0, std::int64_t r1) {
+  const shape& d = t.dims();
+  if (d.rank() == 0 || r0 < 0 || r1 < r0 || r1 > d[0])
+    throw_error("row_slice: rows [", r0, ", ", r1, ") out of range for a tensor of shape ", d.to_string());
+  const std::size_t row_elems = d[0] == 0 ? 0 : static_cast<std::size_t>(t.numel() / d[0]);
+  std::int64_t dims[shape::max_rank];
+  for (std::size_t i = 0; i < d.rank(); ++i) dims[i] = d[i];
+  dims[0] = r1 - r0;
+  return tensor_view(t.data() + static_cast<std::size_t>(r0) * row_elems * size_of(t.type()), t.type(),
+                     shape(std::span<const std::int64_t>(dims, d.rank())));
+}
+
+namespace detail {
+
+// The portable summation order, fixed for reproducibility: K is cut into blocks of gemm_k_block;
+// within a block, lane l sums the products with k ≡ l (mod gemm_lanes) in increasing k, the lanes
+// are combined by a fixed tree, and the block sums are added to the output (initialised with the
+// bias) in block order. Changing a constant here changes results in the last bits.
+inline constexpr std::size_t gemm_lanes = 8;
+inline constexpr std::size_t gemm_k_block = 256;  // multiple of gemm_lanes
+// Cache blocking only (no effect on results): x rows kept hot while all of W's rows stream by,
+// and W rows widened once per block of x rows.
+inline constexpr std::size_t gemm_m_block = 64;
+inline constexpr std::size_t gemm_m_tile = 4;
+inline constexpr std::size_t gemm_n_block = 16;
+
+// Partial sums over kn <= gemm_k_block of one W row against Rows rows of x.
+template <std::size_t Rows>
+inline void gemm_tile(const float* x, std::size_t ldx, const float* w, std::size_t kn, float* out) {
+  float acc[Rows][gemm_lanes] = {};
+  std::size_t k = 0;
+  for (; k + gemm_lanes <= kn; k += gemm_lanes)
+    for (std::size_t r = 0; r < Rows; ++r)
+      for (std::size_t l = 0; l < gemm_lanes; ++l) acc[r][l] += x[r * ldx + k + l] * w[k + l];
+  if (k < kn) {
+    // Ragged tail: zero-padded to a whole group, so acc is only ever indexed by constants and
+    // stays in registers (a variable lane index would force it onto the stack: 4x slower).
+    float wt[gemm_lanes] = {}, xt[Rows][gemm_lanes] = {};
+    for (std::size_t l = 0; l < kn - k; ++l) {
+      wt[l] = w[k + l];
+      for (std::size_t r = 0; r < Rows; ++r) xt[r][l] = x[r * ldx + k + l];
+    }
+    for (std::size_t r = 0; r < Rows; ++r)
+      for (std::size_t l = 0; l < gemm_lanes; ++l) acc[r][l] += xt[r][l] * wt[l];
+  }
+  for (std::size_t r = 0; r < Rows; ++r) {
+    const float* a = acc[r];
+    out[r] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+  }
+}
+
+inline void gemm_tile_rows(std::size_t rows, const float* x, std::size_t ldx, const float* w, std::size_t kn,
+                           float* out) {
+  switch (rows) {
+    case 4: gemm_tile<4>(x, ldx, w, kn, out); break;
+    case 3: gemm_tile<3>(x, ldx, w, kn, out); break;
+    case 2: gemm_tile<2>(x, ldx, w, kn, out); break;
+    default: gemm_tile<1>(x, ldx, w, kn, out); break;
+  }
+}
+static_assert(gemm_m_tile == 4, "gemm_tile_rows dispatches tiles of up to 4 rows");
+
+inline void fill_bias(std::size_t m, std::size_t n_rows, const tensor_view& b, float* y, std::size_t ldy) {
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t n = 0; n < n_rows; ++n) y[i * ldy + n] = b.empty() ? 0.0f : b.load(n);
+}
+
+template <class T>
+void linear_portable(const float* x, std::size_t m, std::size_t k, const T* w, std::size_t n_rows,
+                     const tensor_view& b, float* y, std::size_t ldy) {
+  fill_bias(m, n_rows, b, y, ldy);
+  // Widened rows of W for one (k block, n block); 16 KiB of stack, unused when W is f32.
+  [[maybe_unused]] float wide[std::is_same_v<T, float> ? 1 : gemm_n_block * gemm_k_block];
+  for (std::size_t kb = 0; kb < k; kb += gemm_k_block) {
+    const std::size_t kn = std::min(gemm_k_block, k - kb);
+    for (std::size_t mb = 0; mb < m; mb += gemm_m_block) {
+      const std::size_t m_end = std::min(m, mb + gemm_m_block);
+      for (std::size_t nb = 0; nb < n_rows; nb += gemm_n_block) {
+        const std::size_t n_end = std::min(n_rows, nb + gemm_n_block);
+        const float* wb;  // row nb of this block, rows wld apart
+        std::size_t wld;
+        if constexpr (std::is_same_v<T, float>) {
+          wb = w + nb * k + kb;
+          wld = k;
+        } else {
+          for (std::size_t n = nb; n < n_end; ++n)
+            for (std::size_t i = 0; i < kn; ++i) wide[(n - nb) * gemm_k_block + i] = to_f32(w[n * k + kb + i]);
+          wb = wide;
+          wld = gemm_k_block;
+        }
+        for (std::size_t mt = mb; mt < m_end; mt += gemm_m_tile) {
+          const std::size_t rows = std::min(gemm_m_tile, m_end - mt);
+          for (std::size_t n = nb; n < n_end; ++n) {
+            float part[gemm_m_tile];
+            gemm_tile_rows(rows, x + mt * k + kb, k, wb + (n - nb) * wld, kn, part);
+            for (std::size_t r = 0; r < rows; ++r) y[(mt + r) * ldy + n] += part[r];
+          }
+        }
+      }
+    }
+  }
+}
+
+#if defined(UNSHARD_HAVE_CBLAS)
+inline void linear_blas(const float* x, std::size_t m, std::size_t k, const float* w, std::size_t n_rows,
+                        const tensor_view& b, float* y, std::size_t ldy) {
+  for (const std::size_t v : {m, k, n_rows, ldy})
+    if (v > static_cast<std::size_t>(INT_MAX)) throw_error("linear: dimension ", v, " exceeds the BLAS index range");
+  fill_bias(m, n_rows, b, y, ldy);  // beta = 1 adds the product onto the bias
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n_rows),
+              static_cast<int>(k), 1.0f, x, static_cast<int>(k), w, static_cast<int>(k), 1.0f, y,
+              static_cast<int>(ldy));
+}
+#endif
+
+}  // namespace detail
+
+// Output columns [n0, n0 + R) of y[m, ldy] from w_rows = rows n0..n0+R-1 of W (shape [R, ...],
+// K elements per row) and b_rows = the same entries of the bias (an empty view for none).
+inline void linear_rows(const float* x, std::size_t m, std::size_t k, const tensor_view& w_rows,
+                        const tensor_view& b_rows, std::size_t n0, float* y, std::size_t ldy,
+                        gemm_path path = gemm_path::portable) {
+  const shape& wd = w_rows.dims();
+  const std::size_t n_rows = wd.rank() == 0 ? 0 : static_cast<std::size_t>(wd[0]);
+  if (wd.rank() == 0 || static_cast<std::size_t>(w_rows.numel()) != n_rows * k)
+    throw_error("linear: weight of shape ", wd.to_string(), " is not [N, K] with K = ", k);
+  if (!b_rows.empty() && static_cast<std::size_t>(b_rows.numel()) != n_rows)
+    throw_error("linear: bias of shape ", b_rows.dims().to_string(), " does not match the ", n_rows, " weight rows");
+  if (n0 + n_rows > ldy)
+    throw_error("linear: output columns [", n0, ", ", n0 + n_rows, ") exceed the leading dimension ", ldy);
+  if (m == 0 || n_rows == 0) return;
+  float* out = y + n0;
+  if (effective_gemm_path(path, w_rows.type()) == gemm_path::blas) {
+#if defined(UNSHARD_HAVE_CBLAS)
+    detail::linear_blas(x, m, k, reinterpret_cast<const float*>(w_rows.data()), n_rows, b_rows, out, ldy);
+    return;
+#endif
+  }
+  switch (w_rows.type()) {
+    case dtype::f32:
+      detail::linear_portable(x, m, k, reinterpret_cast<const float*>(w_rows.data()), n_rows, b_rows, out, ldy);
+      break;
+    case dtype::bf16:
+      detail::linear_portable(x, m, k, reinterpret_cast<const bf16*>(w_rows.data()), n_rows, b_rows, out, ldy);
+      break;
+    case dtype::f16:
+      detail::linear_portable(x, m, k, reinterpret_cast<const f16*>(w_rows.data()), n_rows, b_rows, out, ldy);
+      break;
+  }
+}
+
+// y[m, N] = x[m, k] · W[N, k]ᵀ + b (b may be an empty view). W may have any rank with N = dims[0]
+// (Conv3d weights [D, C, pt, ph, pw] are a [D, C*pt*ph*pw] matrix).
+inline void linear(const float* x, std::size_t m, std::size_t k, const tensor_view& w, const tensor_view& b, float* y,
+                   gemm_path path = gemm_path::portable) {
+  const std::size_t n = w.dims().rank() == 0 ? 0 : static_cast<std::size_t>(w.dims()[0]);
+  linear_rows(x, m, k, w, b, 0, y, n, path);
+}
+
+}  // namespace unshard

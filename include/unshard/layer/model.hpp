@@ -1,0 +1,57 @@
+#pragma once
+#include <concepts>
+#include <cstddef>
+#include <map>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "unshard/core/error.hpp"
+#include "unshard/core/memory_category.hpp"
+#include "unshard/layer/layer.hpp"
+
+namespace unshard {
+
+// A buffer of non-weight state the model needs during a forward (activations, scratch, a KV
+// cache). Declared before anything is allocated, so the ledger can plan it; the runtime
+// allocates each one from the tracking allocator under its category.
+struct buffer_spec {
+  std::string name;
+  std::size_t bytes = 0;
+  memory_category category = memory_category::activations;
+};
+
+// The allocated buffers, looked up by the names the model declared.
+class buffer_set {
+ public:
+  void add(const std::string& name, std::span<std::byte> bytes) { buffers_[name] = bytes; }
+  std::span<std::byte> bytes(const std::string& name) const {
+    const auto it = buffers_.find(name);
+    if (it == buffers_.end()) throw_error("buffer_set: no buffer named '", name, "' was declared by the model");
+    return it->second;
+  }
+  template <class T>
+  T* as(const std::string& name) const {
+    return reinterpret_cast<T*>(bytes(name).data());
+  }
+
+ private:
+  std::map<std::string, std::span<std::byte>> buffers_;
+};
+
+// A model: a sequence of layers over one activation state.
+//   M::state                 the activation state its layers read and write
+//   m.layer_count(), m.layer(i)   the layers, in forward order (i-th models `layer<_, M::state>`)
+//   m.buffers()              every non-weight buffer of a forward, with its category
+//   m.make_state(buffers)    builds the state as views into the allocated buffers
+template <class M>
+concept model = requires(const M& m, std::size_t i, const buffer_set& bufs) {
+  typename M::state;
+  { m.layer_count() } -> std::convertible_to<std::size_t>;
+  requires layer<std::remove_cvref_t<decltype(m.layer(i))>, typename M::state>;
+  { m.buffers() } -> std::convertible_to<std::vector<buffer_spec>>;
+  { m.make_state(bufs) } -> std::same_as<typename M::state>;
+};
+
+}  // namespace unshard

@@ -1,0 +1,36 @@
+#pragma once
+#include <string>
+#include <vector>
+
+#include "unshard/core/dtype.hpp"
+#include "unshard/core/shape.hpp"
+#include "unshard/core/tensor_view.hpp"
+
+namespace unshard {
+
+// One parameter as a layer declares it: its checkpoint name, shape and storage dtype.
+struct param_spec {
+  std::string name;
+  shape dims;
+  dtype type = dtype::f32;
+
+  std::size_t bytes() const { return static_cast<std::size_t>(dims.numel()) * size_of(type); }
+};
+
+// Views of one sub-unit's parameters, in the order the layer declared them. They point into the
+// gathered flat buffer or the resident buffer: the layer never sees where the bytes came from.
+class param_views {
+ public:
+  param_views() = default;
+  explicit param_views(std::vector<tensor_view> views) : views_(std::move(views)) {}
+
+  const tensor_view& operator[](std::size_t i) const { return views_[i]; }
+  std::size_t size() const noexcept { return views_.size(); }
+  auto begin() const noexcept { return views_.begin(); }
+  auto end() const noexcept { return views_.end(); }
+
+ private:
+  std::vector<tensor_view> views_;
+};
+
+}  // namespace unshard

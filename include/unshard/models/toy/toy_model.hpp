@@ -1,0 +1,169 @@
+#pragma once
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <span>
+#include <string_view>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "unshard/core/dtype.hpp"
+#include "unshard/layer/layer.hpp"
+#include "unshard/layer/model.hpp"
+#include "unshard/runtime/weight_source.hpp"
+
+namespace unshard::toy {
+
+// A small pre-norm residual MLP stack: the model the core is tested and benchmarked on. Each
+// block has two sub-units, "mix" (LayerNorm + D x D linear + tanh, residual) and "ffn"
+// (D -> F -> D with GELU, residual); FFN widths differ per block so units differ in size and
+// rarely divide evenly by the world size.
+struct toy_config {
+  std::size_t layers = 4;
+  std::size_t dim = 64;
+  std::size_t ffn = 192;
+  std::size_t tokens = 8;
+  dtype storage = dtype::f32;
+
+  std::size_t ffn_of(std::size_t block) const { return ffn + 8 * block; }
+};
+
+struct toy_state {
+  float* x = nullptr;       // [tokens, dim], the residual stream (input and output)
+  float* h = nullptr;       // [tokens, max ffn], scratch
+  float* n = nullptr;       // [tokens, dim], scratch
+  std::size_t tokens = 0, dim = 0;
+  const int* fail_at_layer = nullptr;  // tests: a layer that throws, to check failure handling
+};
+
+namespace detail {
+// y[t, o] = sum_i x[t, i] * W[o, i] + b[o], fixed summation order (bit-reproducible).
+inline void toy_linear(const float* x, std::size_t tokens, std::size_t in, const tensor_view& w, const tensor_view& b,
+                       std::size_t out, float* y) {
+  for (std::size_t t = 0; t < tokens; ++t)
+    for (std::size_t o = 0; o < out; ++o) {
+      float acc = 0.f;
+      for (std::size_t i = 0; i < in; ++i) acc += x[t * in + i] * w.load(o * in + i);
+      y[t * out + o] = acc + b.load(o);
+    }
+}
+}  // namespace detail
+
+class toy_block {
+ public:
+  toy_block(const toy_config& c, std::size_t index) : c_(c), index_(index) {}
+
+  std::string name() const { return "blocks." + std::to_string(index_); }
+  std::size_t subunit_count() const { return 2; }
+  std::string subunit_name(std::size_t s) const { return s == 0 ? "mix" : "ffn"; }
+  std::vector<param_spec> parameters(std::size_t s) const {
+    const auto D = static_cast<std::int64_t>(c_.dim), F = static_cast<std::int64_t>(c_.ffn_of(index_));
+    const std::string p = name() + ".";
+    if (s == 0)
+      return {{p + "norm.weight", {D}, c_.storage}, {p + "norm.bias", {D}, c_.storage},
+              {p + "mix.weight", {D, D}, c_.storage}, {p + "mix.bias", {D}, c_.storage}};
+    return {{p + "ffn.0.weight", {F, D}, c_.storage}, {p + "ffn.0.bias", {F}, c_.storage},
+            {p + "ffn.2.weight", {D, F}, c_.storage}, {p + "ffn.2.bias", {D}, c_.storage}};
+  }
+
+  void forward(std::size_t s, const param_views& p, toy_state& st) const {
+    if (st.fail_at_layer && *st.fail_at_layer == static_cast<int>(index_))
+      throw_error("toy block ", index_, ": injected failure");
+    const std::size_t T = st.tokens, D = st.dim;
+    if (s == 0) {
+      for (std::size_t t = 0; t < T; ++t) normalize_row(st.x + t * D, p[0], p[1], st.n + t * D, D);
+      detail::toy_linear(st.n, T, D, p[2], p[3], D, st.h);
+      for (std::size_t i = 0; i < T * D; ++i) st.x[i] += std::tanh(st.h[i]);
+      return;
+    }
+    const std::size_t F = c_.ffn_of(index_);
+    detail::toy_linear(st.x, T, D, p[0], p[1], F, st.h);
+    for (std::size_t i = 0; i < T * F; ++i) st.h[i] = st.h[i] / (1.f + std::exp(-1.702f * st.h[i]));
+    detail::toy_linear(st.h, T, F, p[2], p[3], D, st.n);
+    for (std::size_t i = 0; i < T * D; ++i) st.x[i] += st.n[i];
+  }
+
+ private:
+  static void normalize_row(const float* x, const tensor_view& g, const tensor_view& b, float* y, std::size_t D) {
+    float mean = 0.f, var = 0.f;
+    for (std::size_t i = 0; i < D; ++i) mean += x[i];
+    mean /= static_cast<float>(D);
+    for (std::size_t i = 0; i < D; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float inv = 1.f / std::sqrt(var / static_cast<float>(D) + 1e-6f);
+    for (std::size_t i = 0; i < D; ++i) y[i] = (x[i] - mean) * inv * g.load(i) + b.load(i);
+  }
+
+  toy_config c_;
+  std::size_t index_;
+};
+
+class toy_model {
+ public:
+  using state = toy_state;
+
+  explicit toy_model(toy_config c) : c_(c) {
+    if (c.layers == 0 || c.dim == 0 || c.ffn == 0 || c.tokens == 0)
+      throw_error("toy_model: layers, dim, ffn and tokens must all be >= 1");
+    for (std::size_t i = 0; i < c.layers; ++i) blocks_.emplace_back(c, i);
+  }
+
+  const toy_config& config() const noexcept { return c_; }
+  std::size_t layer_count() const { return blocks_.size(); }
+  const toy_block& layer(std::size_t i) const { return blocks_.at(i); }
+
+  std::vector<buffer_spec> buffers() const {
+    const std::size_t T = c_.tokens, D = c_.dim, F = c_.ffn_of(c_.layers - 1);
+    return {{"x", T * D * 4, memory_category::activations},
+            {"h", T * F * 4, memory_category::workspace},
+            {"n", T * D * 4, memory_category::workspace}};
+  }
+  toy_state make_state(const buffer_set& b) const {
+    return {b.as<float>("x"), b.as<float>("h"), b.as<float>("n"), c_.tokens, c_.dim, nullptr};
+  }
+
+ private:
+  toy_config c_;
+  std::vector<toy_block> blocks_;
+};
+
+static_assert(model<toy_model>);
+
+// Deterministic pseudo-random weights for the toy model, generated on read (no file needed).
+class toy_weights {
+ public:
+  explicit toy_weights(const toy_model& m, std::uint64_t seed = 1) : seed_(seed) {
+    for (std::size_t l = 0; l < m.layer_count(); ++l)
+      for (std::size_t s = 0; s < m.layer(l).subunit_count(); ++s)
+        for (auto& p : m.layer(l).parameters(s)) specs_.push_back(p);
+  }
+  stored_tensor describe(std::string_view name) const {
+    for (const auto& p : specs_)
+      if (p.name == name) return {dtype::f32, p.dims};
+    throw_error(origin(), ": no tensor '", name, "'");
+  }
+  void read(std::string_view name, std::uint64_t offset, std::span<std::byte> dst) const {
+    const std::uint64_t h = std::hash<std::string_view>{}(name) ^ seed_;
+    const bool is_norm_weight = name.find("norm.weight") != std::string_view::npos;
+    for (std::size_t i = 0; i < dst.size() / 4; ++i) {
+      std::uint64_t z = h + (offset / 4 + i) * 0x9e3779b97f4a7c15ull;
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      z ^= z >> 31;
+      float v = static_cast<float>(z >> 40) / static_cast<float>(1 << 24) * 0.2f - 0.1f;
+      if (is_norm_weight) v += 1.f;
+      std::memcpy(dst.data() + 4 * i, &v, 4);
+    }
+    bytes_read_ += dst.size();
+  }
+  std::string origin() const { return "toy_weights"; }
+  std::uint64_t bytes_read() const noexcept { return bytes_read_; }
+
+ private:
+  std::uint64_t seed_;
+  std::vector<param_spec> specs_;
+  mutable std::atomic<std::uint64_t> bytes_read_{0};
+};
+
+}  // namespace unshard::toy

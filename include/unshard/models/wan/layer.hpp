@@ -1,0 +1,104 @@
+#pragma once
+// wan_layer: one unit of the Wan DiT as the runtime sees it -- the embeddings, a block, or the
+// head -- with its sub-units, their parameters (Wan's state_dict names) and their forwards.
+//
+//   embeddings  sub-units patch_embedding | time | text_embedding
+//   blocks.i    sub-units self_attn | cross_attn | ffn
+//   head        sub-unit  head
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "unshard/core/error.hpp"
+#include "unshard/layer/layer.hpp"
+#include "unshard/models/wan/block.hpp"
+#include "unshard/models/wan/embeddings.hpp"
+#include "unshard/models/wan/geometry.hpp"
+#include "unshard/models/wan/head.hpp"
+#include "unshard/models/wan/params.hpp"
+#include "unshard/models/wan/state.hpp"
+
+namespace unshard {
+
+class wan_layer {
+ public:
+  wan_layer(wan_layer_kind kind, std::size_t block_index, const wan_geometry& geometry)
+      : kind_(kind), block_(block_index), geometry_(geometry) {}
+
+  wan_layer_kind kind() const noexcept { return kind_; }
+  std::size_t block_index() const noexcept { return block_; }  // meaningful for blocks only
+
+  std::string name() const {
+    switch (kind_) {
+      case wan_layer_kind::embeddings: return "embeddings";
+      case wan_layer_kind::block: return "blocks." + std::to_string(block_);
+      case wan_layer_kind::head: break;
+    }
+    return "head";
+  }
+
+  std::size_t subunit_count() const noexcept { return kind_ == wan_layer_kind::head ? 1 : 3; }
+
+  std::string subunit_name(std::size_t sub) const { return subunit_label(sub); }
+
+  std::vector<param_spec> parameters(std::size_t sub) const {
+    return detail::wan_param_specs(table(sub), detail::wan_param_prefix(kind_, block_), geometry_.storage);
+  }
+
+  // Runs sub-unit `sub` on the state; params are the views of parameters(sub), in that order.
+  void forward(std::size_t sub, const param_views& params, wan_state& state) const {
+    const wan_geometry& g = geometry_;
+    subunit_label(sub);  // range check; allocates only to throw
+    switch (kind_) {
+      case wan_layer_kind::embeddings:
+        if (sub == 0) return detail::wan_patch_embedding_forward(g, params, state);
+        if (sub == 1) return detail::wan_time_forward(g, params, state);
+        return detail::wan_text_embedding_forward(g, params, state);
+      case wan_layer_kind::block:
+        if (sub == 0) return detail::wan_self_attn_forward(g, block_, params, state);
+        if (sub == 1) return detail::wan_cross_attn_forward(g, block_, params, state);
+        return detail::wan_ffn_forward(g, block_, params, state);
+      case wan_layer_kind::head: return detail::wan_head_forward(g, params, state);
+    }
+  }
+
+ private:
+  // Checks the index (once, for every entry point) and names the sub-unit.
+  const char* subunit_label(std::size_t sub) const {
+    if (sub >= subunit_count())
+      throw_error("wan layer '", name(), "': sub-unit ", sub, " out of range (", subunit_count(), " sub-units)");
+    constexpr const char* embeddings[] = {"patch_embedding", "time", "text_embedding"};
+    constexpr const char* block[] = {"self_attn", "cross_attn", "ffn"};
+    switch (kind_) {
+      case wan_layer_kind::embeddings: return embeddings[sub];
+      case wan_layer_kind::block: return block[sub];
+      case wan_layer_kind::head: break;
+    }
+    return "head";
+  }
+
+  detail::wan_param_table table(std::size_t sub) const {
+    const wan_geometry& g = geometry_;
+    subunit_label(sub);
+    switch (kind_) {
+      case wan_layer_kind::embeddings:
+        if (sub == 0) return detail::wan_patch_embedding_layout(g).table;
+        if (sub == 1) return detail::wan_time_layout(g).table;
+        return detail::wan_text_layout(g).table;
+      case wan_layer_kind::block:
+        if (sub == 0) return detail::wan_self_attn_layout(g).table;
+        if (sub == 1) return detail::wan_cross_attn_layout(g).table;
+        return detail::wan_ffn_layout(g).table;
+      case wan_layer_kind::head: break;
+    }
+    return detail::wan_head_layout(g).table;
+  }
+
+  wan_layer_kind kind_;
+  std::size_t block_;
+  wan_geometry geometry_;
+};
+
+static_assert(layer<wan_layer, wan_state>, "wan_layer must model unshard::layer over wan_state");
+
+}  // namespace unshard

@@ -1,0 +1,208 @@
+#pragma once
+// The parameters of each Wan sub-unit: names (Wan's state_dict names, after the layer's prefix),
+// shapes, and where each sits in the sub-unit's param_views.
+//
+// One function per sub-unit builds a fixed-capacity table and the slot indices together, so
+// parameters() (names for the gatherer) and forward() (which view is which) read one source. The
+// table never allocates: forward rebuilds it to check the views it was handed.
+// Order within a sub-unit is the state_dict order (a module's own parameters, then its children).
+#include <array>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "unshard/core/error.hpp"
+#include "unshard/layer/param_spec.hpp"
+#include "unshard/models/wan/geometry.hpp"
+
+namespace unshard {
+
+enum class wan_layer_kind { embeddings, block, head };
+
+}  // namespace unshard
+
+namespace unshard::detail {
+
+struct wan_param_slot {
+  const char* name = "";  // suffix after the layer prefix ("" for embeddings, "blocks.i.", "head.")
+  shape dims;
+};
+
+struct wan_param_table {
+  std::array<wan_param_slot, 16> slots{};
+  std::size_t count = 0;
+
+  std::size_t add(const char* name, shape dims) {
+    if (count == slots.size()) throw_error("wan_param_table: more than ", slots.size(), " parameters ('", name, "')");
+    slots[count] = {name, dims};
+    return count++;
+  }
+};
+
+struct wan_linear_slots {
+  std::size_t weight, bias;
+};
+
+// nn.Linear(in, out): weight [out, in], bias [out].
+inline wan_linear_slots add_linear(wan_param_table& t, const char* weight, const char* bias, std::size_t out,
+                                   std::size_t in) {
+  const auto o = static_cast<std::int64_t>(out), i = static_cast<std::int64_t>(in);
+  const std::size_t w = t.add(weight, {o, i});
+  return {w, t.add(bias, {o})};
+}
+
+inline constexpr std::size_t wan_no_slot = static_cast<std::size_t>(-1);
+
+// --- embeddings -----------------------------------------------------------------------------
+
+struct wan_patch_embedding_params {
+  wan_param_table table;
+  wan_linear_slots conv;  // Conv3d weight [D, C, pt, ph, pw] used as a [D, C*pt*ph*pw] matrix
+};
+
+inline wan_patch_embedding_params wan_patch_embedding_layout(const wan_geometry& g) {
+  wan_patch_embedding_params p;
+  const auto i64 = [](std::size_t v) { return static_cast<std::int64_t>(v); };
+  const std::size_t w = p.table.add("patch_embedding.weight", {i64(g.dim), i64(g.in_dim), i64(g.grid.pt),
+                                                               i64(g.grid.ph), i64(g.grid.pw)});
+  p.conv = {w, p.table.add("patch_embedding.bias", {i64(g.dim)})};
+  return p;
+}
+
+struct wan_time_params {
+  wan_param_table table;
+  wan_linear_slots embed0, embed2, projection;
+};
+
+inline wan_time_params wan_time_layout(const wan_geometry& g) {
+  wan_time_params p;
+  p.embed0 = add_linear(p.table, "time_embedding.0.weight", "time_embedding.0.bias", g.dim, g.freq_dim);
+  p.embed2 = add_linear(p.table, "time_embedding.2.weight", "time_embedding.2.bias", g.dim, g.dim);
+  p.projection = add_linear(p.table, "time_projection.1.weight", "time_projection.1.bias", 6 * g.dim, g.dim);
+  return p;
+}
+
+struct wan_text_params {
+  wan_param_table table;
+  wan_linear_slots embed0, embed2;
+};
+
+inline wan_text_params wan_text_layout(const wan_geometry& g) {
+  wan_text_params p;
+  p.embed0 = add_linear(p.table, "text_embedding.0.weight", "text_embedding.0.bias", g.dim, g.text_dim);
+  p.embed2 = add_linear(p.table, "text_embedding.2.weight", "text_embedding.2.bias", g.dim, g.dim);
+  return p;
+}
+
+// --- block (prefix "blocks.i.") ---------------------------------------------------------------
+
+struct wan_self_attn_params {
+  wan_param_table table;
+  std::size_t modulation;  // [1, 6, D]
+  wan_linear_slots q, k, v, o;
+  std::size_t norm_q = wan_no_slot, norm_k = wan_no_slot;  // absent without qk_norm
+};
+
+inline wan_self_attn_params wan_self_attn_layout(const wan_geometry& g) {
+  wan_self_attn_params p;
+  const auto D = static_cast<std::int64_t>(g.dim);
+  p.modulation = p.table.add("modulation", {1, 6, D});
+  p.q = add_linear(p.table, "self_attn.q.weight", "self_attn.q.bias", g.dim, g.dim);
+  p.k = add_linear(p.table, "self_attn.k.weight", "self_attn.k.bias", g.dim, g.dim);
+  p.v = add_linear(p.table, "self_attn.v.weight", "self_attn.v.bias", g.dim, g.dim);
+  p.o = add_linear(p.table, "self_attn.o.weight", "self_attn.o.bias", g.dim, g.dim);
+  if (g.qk_norm) {
+    p.norm_q = p.table.add("self_attn.norm_q.weight", {D});
+    p.norm_k = p.table.add("self_attn.norm_k.weight", {D});
+  }
+  return p;
+}
+
+struct wan_cross_attn_params {
+  wan_param_table table;
+  std::size_t norm3_weight = wan_no_slot, norm3_bias = wan_no_slot;  // absent without cross_attn_norm
+  wan_linear_slots q, k, v, o;
+  std::size_t norm_q = wan_no_slot, norm_k = wan_no_slot;  // absent without qk_norm
+};
+
+inline wan_cross_attn_params wan_cross_attn_layout(const wan_geometry& g) {
+  wan_cross_attn_params p;
+  const auto D = static_cast<std::int64_t>(g.dim);
+  if (g.cross_attn_norm) {
+    p.norm3_weight = p.table.add("norm3.weight", {D});
+    p.norm3_bias = p.table.add("norm3.bias", {D});
+  }
+  p.q = add_linear(p.table, "cross_attn.q.weight", "cross_attn.q.bias", g.dim, g.dim);
+  p.k = add_linear(p.table, "cross_attn.k.weight", "cross_attn.k.bias", g.dim, g.dim);
+  p.v = add_linear(p.table, "cross_attn.v.weight", "cross_attn.v.bias", g.dim, g.dim);
+  p.o = add_linear(p.table, "cross_attn.o.weight", "cross_attn.o.bias", g.dim, g.dim);
+  if (g.qk_norm) {
+    p.norm_q = p.table.add("cross_attn.norm_q.weight", {D});
+    p.norm_k = p.table.add("cross_attn.norm_k.weight", {D});
+  }
+  return p;
+}
+
+struct wan_ffn_params {
+  wan_param_table table;
+  wan_linear_slots fc0, fc2;
+};
+
+inline wan_ffn_params wan_ffn_layout(const wan_geometry& g) {
+  wan_ffn_params p;
+  p.fc0 = add_linear(p.table, "ffn.0.weight", "ffn.0.bias", g.ffn_dim, g.dim);
+  p.fc2 = add_linear(p.table, "ffn.2.weight", "ffn.2.bias", g.dim, g.ffn_dim);
+  return p;
+}
+
+// --- head (prefix "head.") --------------------------------------------------------------------
+
+struct wan_head_params {
+  wan_param_table table;
+  std::size_t modulation;  // [1, 2, D]
+  wan_linear_slots head;   // [out_dim*pt*ph*pw, D]
+};
+
+inline wan_head_params wan_head_layout(const wan_geometry& g) {
+  wan_head_params p;
+  p.modulation = p.table.add("modulation", {1, 2, static_cast<std::int64_t>(g.dim)});
+  p.head = add_linear(p.table, "head.weight", "head.bias", g.patch_out, g.dim);
+  return p;
+}
+
+// --- declaration and checking -------------------------------------------------------------------
+
+inline std::vector<param_spec> wan_param_specs(const wan_param_table& t, const std::string& prefix, dtype storage) {
+  std::vector<param_spec> specs;
+  for (std::size_t i = 0; i < t.count; ++i) specs.push_back({prefix + t.slots[i].name, t.slots[i].dims, storage});
+  return specs;
+}
+
+// Where a parameter name starts: "" for the embeddings (their names are top-level), "blocks.i."
+// and "head.".
+inline std::string wan_param_prefix(wan_layer_kind kind, std::size_t block) {
+  switch (kind) {
+    case wan_layer_kind::block: return "blocks." + std::to_string(block) + ".";
+    case wan_layer_kind::head: return "head.";
+    case wan_layer_kind::embeddings: break;
+  }
+  return "";
+}
+
+// The views a sub-unit was handed must be exactly what it declared (count, shapes, dtype): a
+// mis-ordered gather would otherwise compute garbage silently. Allocates only to report.
+inline void check_wan_params(const wan_param_table& t, const param_views& views, dtype storage, wan_layer_kind kind,
+                             std::size_t block, const char* subunit) {
+  if (views.size() != t.count)
+    throw_error("wan sub-unit '", wan_param_prefix(kind, block), subunit, "': got ", views.size(),
+                " parameter views, declared ", t.count);
+  for (std::size_t i = 0; i < t.count; ++i) {
+    const tensor_view& v = views[i];
+    if (v.empty() || !(v.dims() == t.slots[i].dims) || v.type() != storage)
+      throw_error("wan parameter '", wan_param_prefix(kind, block), t.slots[i].name, "': got ", name_of(v.type()), " ",
+                  v.dims().to_string(), v.empty() ? " with no data" : "", ", declared ", name_of(storage), " ",
+                  t.slots[i].dims.to_string());
+  }
+}
+
+}  // namespace unshard::detail

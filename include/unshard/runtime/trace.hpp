@@ -1,0 +1,79 @@
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace unshard {
+
+using trace_clock = std::chrono::steady_clock;
+
+enum class trace_kind : std::uint8_t { gather, host_to_device, compute };
+
+constexpr const char* name_of(trace_kind k) noexcept {
+  switch (k) {
+    case trace_kind::gather: return "gather";
+    case trace_kind::host_to_device: return "host_to_device";
+    case trace_kind::compute: return "compute";
+  }
+  return "?";
+}
+
+struct trace_entry {
+  std::uint32_t rank;
+  trace_kind kind;
+  std::uint32_t unit;
+  trace_clock::time_point begin, end;
+  std::size_t bytes;
+};
+
+// What the runtime did and when, per rank: how prefetch overlap is verified (the gather of unit
+// i+1 begins before the compute of unit i ends) and what the Chrome trace shows. Storage is
+// reserved up front and add() is lock-free, so tracing never allocates on the hot path; entries
+// past the capacity are counted as dropped.
+class trace_recorder {
+ public:
+  explicit trace_recorder(std::size_t capacity = 1 << 16) : entries_(capacity) {}
+
+  void add(std::size_t rank, trace_kind k, std::uint32_t unit, trace_clock::time_point b, trace_clock::time_point e,
+           std::size_t bytes) noexcept {
+    const std::size_t i = next_.fetch_add(1, std::memory_order_relaxed);
+    if (i >= entries_.size()) return;
+    entries_[i] = {static_cast<std::uint32_t>(rank), k, unit, b, e, bytes};
+  }
+  void clear() noexcept { next_.store(0); }
+  std::size_t dropped() const noexcept { return next_.load() > entries_.size() ? next_.load() - entries_.size() : 0; }
+  std::vector<trace_entry> entries() const {
+    const std::size_t n = std::min(next_.load(), entries_.size());
+    return {entries_.begin(), entries_.begin() + static_cast<std::ptrdiff_t>(n)};
+  }
+
+  // Chrome trace JSON (Perfetto, chrome://tracing): one process per rank, compute and
+  // communication as two threads. `unit_name(i)` labels the units.
+  template <class UnitName>
+  void write_chrome_json(std::ostream& os, UnitName unit_name) const {
+    const auto all = entries();
+    trace_clock::time_point t0 = all.empty() ? trace_clock::now() : all.front().begin;
+    for (const auto& e : all) t0 = std::min(t0, e.begin);
+    os << "{\"traceEvents\":[";
+    bool first = true;
+    for (const auto& e : all) {
+      const double ts = std::chrono::duration<double, std::micro>(e.begin - t0).count();
+      const double dur = std::chrono::duration<double, std::micro>(e.end - e.begin).count();
+      os << (first ? "" : ",") << "\n{\"name\":\"" << name_of(e.kind) << ' ' << unit_name(e.unit)
+         << "\",\"ph\":\"X\",\"pid\":" << e.rank << ",\"tid\":" << (e.kind == trace_kind::compute ? 0 : 1)
+         << ",\"ts\":" << ts << ",\"dur\":" << dur << ",\"args\":{\"bytes\":" << e.bytes << "}}";
+      first = false;
+    }
+    os << "\n]}\n";
+  }
+
+ private:
+  std::vector<trace_entry> entries_;
+  std::atomic<std::size_t> next_{0};
+};
+
+}  // namespace unshard

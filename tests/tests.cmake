@@ -1,0 +1,27 @@
+# Test registrations: one unshard_add_test per concern.
+unshard_add_test(test_safetensors test_safetensors.cpp)
+if(UNSHARD_BUILD_FUZZERS)
+  add_subdirectory(fuzz)
+endif()
+unshard_add_test(test_core test_core.cpp)
+unshard_add_test(test_policy test_policy.cpp)
+unshard_add_test(test_runtime test_runtime.cpp)
+foreach(mode find_package fetchcontent)
+  add_test(NAME package_${mode}
+           COMMAND ${CMAKE_COMMAND} -DMODE=${mode} -DSOURCE_DIR=${PROJECT_SOURCE_DIR} -DBINARY_DIR=${CMAKE_BINARY_DIR}
+                   -P ${CMAKE_CURRENT_SOURCE_DIR}/packaging/check.cmake)
+  set_tests_properties(package_${mode} PROPERTIES LABELS packaging)
+endforeach()
+# Every public header compiles on its own.
+file(GLOB_RECURSE unshard_public_headers RELATIVE ${PROJECT_SOURCE_DIR}/include ${PROJECT_SOURCE_DIR}/include/unshard/*.hpp)
+set(header_sources)
+foreach(h ${unshard_public_headers})
+  string(MAKE_C_IDENTIFIER ${h} id)
+  set(src ${CMAKE_CURRENT_BINARY_DIR}/header_tests/${id}.cpp)
+  file(CONFIGURE OUTPUT ${src} CONTENT "#include <${h}>\n#include <${h}>\n")
+  list(APPEND header_sources ${src})
+endforeach()
+add_library(unshard_header_tests OBJECT ${header_sources})
+target_link_libraries(unshard_header_tests PRIVATE unshard::blas)
+unshard_add_test(test_wan_kernels test_wan_kernels.cpp)
+unshard_add_test(test_wan_reference test_wan_reference.cpp)
