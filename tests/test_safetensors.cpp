@@ -391,6 +391,12 @@ TEST_CASE("writer errors name the culprit") {
   const std::string bad_path = "/nonexistent-unshard-dir/x.safetensors";
   msg = error_of([&] { w.write(bad_path); });
   CHECK(contains(msg, bad_path));
+  temp_dir dir;
+  safetensors_writer bad_name;
+  bad_name.add("\xff", shape{1}, std::vector<float>{1});  // not UTF-8: JSON cannot carry it
+  msg = error_of([&] { bad_name.write(dir / "x.safetensors"); });
+  CHECK(contains(msg, "x.safetensors"));
+  CHECK_FALSE(fs::exists(dir / "x.safetensors"));
 }
 
 TEST_CASE("every malformed file is a clear error naming the culprit") {
