@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <new>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -140,6 +141,7 @@ struct wan_run {
 struct checker {
   std::ostringstream report;
   double worst_ratio = 0.0;
+  std::set<std::string> checked;
 
   void operator()(const std::string& name, const float* got, const tensor_view& ref) {
     REQUIRE(ref.type() == dtype::f32);
@@ -151,6 +153,7 @@ struct checker {
     const double bound = 1e-5 * std::max(1.0, ref_max);
     CHECK_MESSAGE(err <= bound, name, ": max|got-ref| = ", err, " > ", bound);
     worst_ratio = std::max(worst_ratio, err / std::max(1.0, ref_max));
+    checked.insert(name);
     report << "  " << name << ": max|err| " << err << " (max|ref| " << ref_max << ")\n";
   }
 };
@@ -207,6 +210,8 @@ void check_against_refs(const std::string& name, const wan_config& cfg, gemm_pat
   }
   check("ref.output", reinterpret_cast<const float*>(run.model.output(s).data()), ref("ref.output"));
   CHECK(run.model.output(s).dims() == f.at("ref.output").dims);
+  for (const auto& t : f.tensors())  // no reference may go unchecked
+    if (t.name.starts_with("ref.")) CHECK_MESSAGE(check.checked.count(t.name) == 1, t.name, " was not compared");
   CHECK_MESSAGE(allocations == 0, "the forward called operator new ", allocations, " times");
   MESSAGE(name, " gemm ", name_of(path), " (effective ", name_of(effective_gemm_path(path, dtype::f32)),
           "), worst max|err|/max(1,max|ref|) = ", check.worst_ratio, "\n", check.report.str());

@@ -50,7 +50,10 @@ class shape {
 
   std::string to_string() const {
     std::string s = "[";
-    for (std::size_t i = 0; i < rank_; ++i) s += (i ? "," : "") + std::to_string(dims_[i]);
+    for (std::size_t i = 0; i < rank_; ++i) {
+      if (i) s += ',';
+      s += std::to_string(dims_[i]);
+    }
     return s + "]";
   }
 

@@ -9,6 +9,7 @@
 
 #include "unshard/core/error.hpp"
 #include "unshard/policy/policy_values.hpp"
+#include "unshard/policy/unit_info.hpp"
 
 namespace unshard {
 
@@ -44,6 +45,13 @@ struct parsed_policy {
   bool fsdp = false;
   std::optional<std::size_t> chunk_bytes;  // chunked:SIZE
 };
+
+namespace detail {
+// FSDP as Live Avatar wraps its DiT: one FSDP unit per block; everything outside the blocks (the
+// first and last layer of our models: embeddings, head) is the root unit, gathered for the whole
+// forward.
+constexpr bool keeps_root_unit(const unit_info& u) noexcept { return u.layer == 0 || u.layer + 1 == u.layer_count; }
+}  // namespace detail
 
 inline parsed_policy parse_policy(std::string_view text) {
   parsed_policy out;
@@ -91,6 +99,11 @@ inline parsed_policy parse_policy(std::string_view text) {
     throw_error("invalid policy '", text, "': '", seen_full ? "full" : "fsdp", "' combines with no other term");
   v.full = seen_full;
   v.resident_below_bytes = v.full ? 0 : v.resident_below_bytes;
+  if (out.fsdp) {  // FULL_SHARD: every parameter sharded; blocks gathered one ahead, freed after use
+    v.resident_below_bytes = 0;
+    v.prefetch_depth = 1;
+    v.keeps_gathered = &detail::keeps_root_unit;
+  }
   if (v.full) v.name = "full";
   else if (out.fsdp) v.name = "fsdp";
   else {

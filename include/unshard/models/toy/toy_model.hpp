@@ -1,10 +1,5 @@
 #pragma once
-#include <atomic>
 #include <cmath>
-#include <cstring>
-#include <functional>
-#include <span>
-#include <string_view>
 #include <cstddef>
 #include <string>
 #include <vector>
@@ -12,7 +7,7 @@
 #include "unshard/core/dtype.hpp"
 #include "unshard/layer/layer.hpp"
 #include "unshard/layer/model.hpp"
-#include "unshard/runtime/weight_source.hpp"
+#include "unshard/runtime/synthetic_weights.hpp"
 
 namespace unshard::toy {
 
@@ -130,40 +125,7 @@ class toy_model {
 
 static_assert(model<toy_model>);
 
-// Deterministic pseudo-random weights for the toy model, generated on read (no file needed).
-class toy_weights {
- public:
-  explicit toy_weights(const toy_model& m, std::uint64_t seed = 1) : seed_(seed) {
-    for (std::size_t l = 0; l < m.layer_count(); ++l)
-      for (std::size_t s = 0; s < m.layer(l).subunit_count(); ++s)
-        for (auto& p : m.layer(l).parameters(s)) specs_.push_back(p);
-  }
-  stored_tensor describe(std::string_view name) const {
-    for (const auto& p : specs_)
-      if (p.name == name) return {dtype::f32, p.dims};
-    throw_error(origin(), ": no tensor '", name, "'");
-  }
-  void read(std::string_view name, std::uint64_t offset, std::span<std::byte> dst) const {
-    const std::uint64_t h = std::hash<std::string_view>{}(name) ^ seed_;
-    const bool is_norm_weight = name.find("norm.weight") != std::string_view::npos;
-    for (std::size_t i = 0; i < dst.size() / 4; ++i) {
-      std::uint64_t z = h + (offset / 4 + i) * 0x9e3779b97f4a7c15ull;
-      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-      z ^= z >> 31;
-      float v = static_cast<float>(z >> 40) / static_cast<float>(1 << 24) * 0.2f - 0.1f;
-      if (is_norm_weight) v += 1.f;
-      std::memcpy(dst.data() + 4 * i, &v, 4);
-    }
-    bytes_read_ += dst.size();
-  }
-  std::string origin() const { return "toy_weights"; }
-  std::uint64_t bytes_read() const noexcept { return bytes_read_; }
-
- private:
-  std::uint64_t seed_;
-  std::vector<param_spec> specs_;
-  mutable std::atomic<std::uint64_t> bytes_read_{0};
-};
+// The toy model's weights: deterministic, generated on read.
+using toy_weights = synthetic_weights;
 
 }  // namespace unshard::toy

@@ -1,0 +1,88 @@
+#pragma once
+// Shared by the command-line tools: option parsing, exit codes, the per-rank peak lines.
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "unshard/core/error.hpp"
+#include "unshard/core/memory_category.hpp"
+
+namespace unshard::cli {
+
+// Exit statuses of CONVENTIONS.md: 1 for bad input, 2 for a usage error.
+struct usage_error : error {
+  using error::error;
+};
+
+// --name VALUE options and --flag switches; anything else is a usage error naming it.
+class options {
+ public:
+  options(int argc, char** argv, const std::set<std::string>& valued, const std::set<std::string>& flags) {
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (valued.count(a)) {
+        if (i + 1 >= argc) throw usage_error("option " + a + " needs a value");
+        values_[a] = argv[++i];
+      } else if (flags.count(a)) {
+        flags_.insert(a);
+      } else {
+        throw usage_error("unknown option '" + a + "'");
+      }
+    }
+  }
+  bool has(const std::string& k) const { return values_.count(k) || flags_.count(k); }
+  std::string get(const std::string& k, const std::string& fallback = "") const {
+    const auto it = values_.find(k);
+    return it == values_.end() ? fallback : it->second;
+  }
+  std::string require(const std::string& k) const {
+    if (!values_.count(k)) throw usage_error("missing required option " + k);
+    return values_.at(k);
+  }
+  std::size_t get_count(const std::string& k, std::size_t fallback) const {
+    if (!values_.count(k)) return fallback;
+    const std::string& v = values_.at(k);
+    char* end = nullptr;
+    const long long n = std::strtoll(v.c_str(), &end, 10);
+    if (v.empty() || *end != '\0' || n < 0) throw usage_error("option " + k + " needs a non-negative integer, got '" + v + "'");
+    return static_cast<std::size_t>(n);
+  }
+
+ private:
+  std::map<std::string, std::string> values_;
+  std::set<std::string> flags_;
+};
+
+// Runs a tool body, mapping exceptions to the exit statuses; never lets one escape.
+template <class Body>
+int run_tool(const char* tool, const char* usage, Body body) {
+  try {
+    return body();
+  } catch (const usage_error& e) {
+    std::fprintf(stderr, "%s: %s\nusage: %s\n", tool, e.what(), usage);
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: error: %s\n", tool, e.what());
+    return 1;
+  }
+}
+
+// "rank R planned_peak_bytes=N measured_peak_bytes=M ..." once per rank, on stdout.
+template <class Session>
+void print_rank_peaks(const Session& s) {
+  for (std::size_t r = 0; r < s.world_size(); ++r) {
+    const auto& planned = s.plan().ranks[r];
+    const auto measured = s.measured(r);
+    std::printf("rank %zu planned_peak_bytes=%zu measured_peak_bytes=%zu planned_peak_gib=%.4f", r, planned.peak(),
+                measured.peak_bytes, static_cast<double>(planned.peak()) / (1ull << 30));
+    for (auto c : all_memory_categories)
+      std::printf(" %s=%zu", std::string(name_of(c)).c_str(), planned.terms[c]);
+    std::printf(" host_bytes=%zu\n", planned.host_bytes);
+  }
+}
+
+}  // namespace unshard::cli
