@@ -181,6 +181,14 @@ TEST_CASE("a checkpoint that does not match the model is refused, naming the ten
   const checkpoint_weights w(c.file);
   session_options opt;
   opt.world_size = 2;
-  CHECK_THROWS_WITH_AS(session<wan_model>(m, w, opt), doctest::Contains("ffn.0.weight' has shape [384,128]"),
-                       rank_failure);
+  // Which rank trips first (over ffn.0.weight or ffn.0.bias) is a race; both name the tensor.
+  try {
+    session<wan_model> s(m, w, opt);
+    FAIL("a mismatched checkpoint was accepted");
+  } catch (const rank_failure& e) {
+    const std::string what = e.what();
+    CHECK(what.find("wan_tiny_a.safetensors: tensor 'blocks.") != std::string::npos);
+    CHECK(what.find(".ffn.0.") != std::string::npos);
+    CHECK(what.find("' has shape [384") != std::string::npos);
+  }
 }

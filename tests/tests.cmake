@@ -27,3 +27,8 @@ unshard_add_test(test_wan_kernels test_wan_kernels.cpp)
 unshard_add_test(test_wan_reference test_wan_reference.cpp)
 unshard_add_test(test_wan_shapes test_wan_shapes.cpp)
 unshard_add_test(test_wan_sharded test_wan_sharded.cpp)
+if(UNSHARD_BUILD_EXAMPLES)
+  add_test(NAME cli_unshard_dit_errors COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/dit_errors.sh
+                                               ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
+  add_test(NAME cli_unshard_dit_demo COMMAND ${CMAKE_BINARY_DIR}/bin/unshard-dit --demo --world-size 3)
+endif()

@@ -20,7 +20,9 @@ struct wan_workload {
 };
 
 struct wan_options {
-  dtype storage = dtype::f32;  // dtype of every parameter (f32 or bf16); compute is always f32
+  // dtype of every parameter, norms and modulations included (f32 or bf16), as FSDP's
+  // param_dtype casts them all; compute is always f32, so no parameter needs to stay f32.
+  dtype storage = dtype::f32;
   gemm_path gemm = gemm_path::portable;
   bool record_block_outputs = false;  // keep each block's output [S, D] (tests, debugging)
 };

@@ -1,0 +1,114 @@
+#pragma once
+// The Live Avatar stack as the planner sees it: the DiT cut into units, the other models and where
+// the pipeline keeps them, and the workload that sizes activations and the KV cache.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "unshard/core/error.hpp"
+#include "unshard/models/liveavatar/inventory.hpp"
+
+namespace unshard::liveavatar {
+
+// One streamed block of Live Avatar's causal pipeline (causal_s2v_pipeline.py, wan_s2v_14B_modified.py).
+struct workload {
+  count width = 720, height = 400;  // pixels; infinite_inference_multi_gpu.sh --size 720*400
+  count frames_per_block = 3;       // latent frames per streamed block (num_frames_per_block)
+  count ref_frames = 1;             // reference image latent
+  count kv_cache_tokens = 0;        // _initialize_kv_cache: kv_cache_size=13500 (s2v preset)
+  count cond_cache_tokens = 0;      // cond_k/cond_v: 2800 (s2v preset)
+  count context_tokens = 512;       // text_len
+};
+
+// Latent tokens of one frame: VAE stride 8, patch 2 (resolution checked divisible by 16).
+inline count frame_tokens(const workload& w) { return (w.height / 16) * (w.width / 16); }
+
+// Frame-pack motion tokens: the latest frame at 1x2x2, 2 frames at 2x4x4, 16 frames at 4x8x8;
+// the strided convolutions floor (50x90 latent -> 12x22 and 6x11 tokens per packed frame).
+inline count framepack_tokens(const workload& w) {
+  const count lh = w.height / 8, lw = w.width / 8;
+  return (lh / 2) * (lw / 2) + 1 * (lh / 4) * (lw / 4) + 4 * (lh / 8) * (lw / 8);
+}
+
+inline void validate(const workload& w) {
+  if (w.width <= 0 || w.height <= 0 || w.width % 16 || w.height % 16)
+    throw_error("resolution ", w.width, "x", w.height,
+                " is not divisible by 16 (VAE stride 8 x patch 2); try ", w.width / 16 * 16, "x", w.height / 16 * 16);
+  if (w.frames_per_block <= 0) throw_error("frames per block must be at least 1 (got ", w.frames_per_block, ")");
+}
+
+struct dit_unit {
+  std::string name;
+  count params = 0;
+  bool root = false;  // outside `blocks`: Live Avatar's FSDP root unit
+  bool block = false;
+};
+
+// What the planner needs about the whole stack.
+struct stack {
+  std::string model;
+  wan_config dit;
+  std::vector<dit_unit> units;      // forward order
+  count largest_subunit = 0;        // for selective:subunit
+  count widest_row = 0;             // in-features of the widest weight row (chunked's minimum)
+  count text_encoder = 0;           // umT5-XXL, FSDP-sharded like the DiT (t5_fsdp)
+  count vae = 0;                    // on the GPU, unsharded (Wan2_1_VAE(device=self.device))
+  count audio_encoder_host = 0;     // wav2vec2: AudioEncoder(device='cpu') stays in host memory
+  bool causal_kv = false;
+  count tokens_per_block_extra = 0; // reference + motion tokens beside the noisy frames (per frame tokens)
+  count total_dit() const {
+    count t = 0;
+    for (const auto& u : units) t += u.params;
+    return t;
+  }
+  count root_params() const {
+    count t = 0;
+    for (const auto& u : units) t += u.root ? u.params : 0;
+    return t;
+  }
+};
+
+// Wan2.2-S2V-14B as Live Avatar runs it. Units: the pre-block modules, each block with the audio
+// injector that runs after it (for unshard's own policies), the head. FSDP puts injectors in the root.
+inline stack liveavatar_stack(const s2v_config& s) {
+  const s2v_parts p = s2v_inventory(s);
+  const wan_config& c = s.base;
+  stack st;
+  st.model = "liveavatar-14b";
+  st.dit = c;
+  const count head = linear(c.dim, c.out_dim * 4) + 2 * c.dim;
+  st.units.push_back({"pre", p.root() - p.audio_injector - head, true, false});
+  const count lora_each = c.num_layers ? p.lora / c.num_layers : 0;
+  for (count i = 0; i < c.num_layers; ++i) {
+    st.units.push_back({"blocks." + std::to_string(i), p.block + lora_each, false, true});
+    if (std::find(s.audio_inject_layers.begin(), s.audio_inject_layers.end(), i) != s.audio_inject_layers.end())
+      st.units.push_back({"audio_injector." + std::to_string(i), p.injector_each, true, false});
+  }
+  st.units.push_back({"head", head, true, false});
+  const wan_block_parts b = wan_block(c);
+  st.largest_subunit = std::max({b.self_attn, b.ffn, p.injector_each, linear(c.dim, 6 * c.dim)});
+  st.widest_row = std::max(c.ffn_dim, c.text_dim);
+  st.text_encoder = t5_encoder_params({});
+  st.vae = vae_params({});
+  st.audio_encoder_host = wav2vec2_params({});
+  st.causal_kv = true;
+  return st;
+}
+
+// Any Wan t2v config.json: the DiT alone (no audio, no causal cache), with the same T5 and VAE.
+inline stack wan_stack(const wan_config& c, const std::string& name) {
+  stack st;
+  st.model = name;
+  st.dit = c;
+  const count outside = wan_outside_blocks(c);
+  st.units.push_back({"embeddings+head", outside, true, false});
+  for (count i = 0; i < c.num_layers; ++i) st.units.push_back({"blocks." + std::to_string(i), wan_block(c).total(), false, true});
+  const wan_block_parts b = wan_block(c);
+  st.largest_subunit = std::max({b.self_attn, b.ffn, linear(c.dim, 6 * c.dim)});
+  st.widest_row = std::max(c.ffn_dim, c.text_dim);
+  st.text_encoder = t5_encoder_params({});
+  st.vae = vae_params({});
+  return st;
+}
+
+}  // namespace unshard::liveavatar
