@@ -178,7 +178,7 @@ TEST_CASE("prefetch overlaps: with a slow link, the gather of unit i+1 starts be
   c.layers = 5;
   c.dim = 160;
   c.ffn = 256;
-  c.tokens = 96;  // compute per unit (~10 ms) well above thread wake-up latency on 2 busy cores
+  c.tokens = 768;  // compute per unit (>10 ms) well above thread wake-up latency on 2 busy cores
   const toy_model m(c);
   const toy_weights w(m);
   session_options opt;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "unshard/core/dtype.hpp"
+#include "unshard/kernels/host/gemm.hpp"
 #include "unshard/layer/layer.hpp"
 #include "unshard/layer/model.hpp"
 #include "unshard/runtime/synthetic_weights.hpp"
@@ -33,18 +34,6 @@ struct toy_state {
   const int* fail_at_layer = nullptr;  // tests: a layer that throws, to check failure handling
 };
 
-namespace detail {
-// y[t, o] = sum_i x[t, i] * W[o, i] + b[o], fixed summation order (bit-reproducible).
-inline void toy_linear(const float* x, std::size_t tokens, std::size_t in, const tensor_view& w, const tensor_view& b,
-                       std::size_t out, float* y) {
-  for (std::size_t t = 0; t < tokens; ++t)
-    for (std::size_t o = 0; o < out; ++o) {
-      float acc = 0.f;
-      for (std::size_t i = 0; i < in; ++i) acc += x[t * in + i] * w.load(o * in + i);
-      y[t * out + o] = acc + b.load(o);
-    }
-}
-}  // namespace detail
 
 class toy_block {
  public:
@@ -69,14 +58,14 @@ class toy_block {
     const std::size_t T = st.tokens, D = st.dim;
     if (s == 0) {
       for (std::size_t t = 0; t < T; ++t) normalize_row(st.x + t * D, p[0], p[1], st.n + t * D, D);
-      detail::toy_linear(st.n, T, D, p[2], p[3], D, st.h);
+      linear(st.n, T, D, p[2], p[3], st.h);
       for (std::size_t i = 0; i < T * D; ++i) st.x[i] += std::tanh(st.h[i]);
       return;
     }
     const std::size_t F = c_.ffn_of(index_);
-    detail::toy_linear(st.x, T, D, p[0], p[1], F, st.h);
+    linear(st.x, T, D, p[0], p[1], st.h);
     for (std::size_t i = 0; i < T * F; ++i) st.h[i] = st.h[i] / (1.f + std::exp(-1.702f * st.h[i]));
-    detail::toy_linear(st.h, T, F, p[2], p[3], D, st.n);
+    linear(st.h, T, F, p[2], p[3], st.n);
     for (std::size_t i = 0; i < T * D; ++i) st.x[i] += st.n[i];
   }
 
