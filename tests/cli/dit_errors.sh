@@ -4,13 +4,7 @@
 set -u
 bin=$1/unshard-dit; data=$2; tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; fail=0
 cfg=$data/wan_tiny_a.config.json; w=$data/wan_tiny_a.safetensors
-expect() {  # expect STATUS TEXT -- args...
-  local want=$1 text=$2; shift 3
-  "$bin" "$@" >"$tmp/out" 2>"$tmp/err"; local rc=$?
-  if [ $rc -ne "$want" ] || ! grep -qF -- "$text" "$tmp/err"; then
-    echo "FAIL (exit $rc, want $want, want text '$text'): $*"; cat "$tmp/err"; fail=1
-  else echo "ok   exit $rc: $(head -c 160 "$tmp/err" | head -1)"; fi
-}
+. "$(dirname "$0")/expect.sh"
 base=(--config "$cfg" --weights "$w" --inputs "$w" --out "$tmp/o.safetensors")
 expect 2 "unknown option '--bogus'" -- "${base[@]}" --bogus
 expect 2 "missing required option --config" -- --weights "$w" --inputs "$w" --out "$tmp/o"

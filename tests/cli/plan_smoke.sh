@@ -4,13 +4,7 @@
 # Usage: plan_smoke.sh BIN_DIR
 set -u
 bin=$1/unshard-plan; tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; fail=0
-expect() {  # expect STATUS TEXT -- args...
-  local want=$1 text=$2; shift 3
-  "$bin" "$@" >"$tmp/out" 2>"$tmp/err"; local rc=$?
-  if [ $rc -ne "$want" ] || ! grep -qF -- "$text" "$tmp/err"; then
-    echo "FAIL (exit $rc, want $want, want text '$text'): $*"; cat "$tmp/err"; fail=1
-  else echo "ok   exit $rc: $(head -1 "$tmp/err" | head -c 160)"; fi
-}
+. "$(dirname "$0")/expect.sh"
 json_ok() {  # json_ok PYTHON_CHECK -- args...: exit 0 and stdout one JSON document passing the check
   local check=$1; shift 2
   if ! "$bin" "$@" --json >"$tmp/out" 2>"$tmp/err"; then echo "FAIL (exit non-zero): $*"; cat "$tmp/err"; fail=1; return; fi
