@@ -77,6 +77,9 @@ class tracking_allocator {
  public:
   tracking_allocator(std::string space_name, std::size_t capacity, std::string owner = "")
       : space_(std::move(space_name)), owner_(std::move(owner)), arena_(capacity), cap_(capacity) {}
+  // Over memory a backend provides (device memory, pinned host memory).
+  tracking_allocator(std::string space_name, std::size_t capacity, std::string owner, arena_backing backing)
+      : space_(std::move(space_name)), owner_(std::move(owner)), arena_(capacity, backing), cap_(capacity) {}
 
   allocation allocate(std::size_t bytes, memory_category c) {
     const std::size_t rounded = align_up(bytes == 0 ? 1 : bytes);

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "unshard/backend/backend.hpp"
@@ -29,11 +30,13 @@ class rank_runtime {
                const memory_plan& plan, typename B::world& world, std::size_t rank, std::size_t device_capacity,
                trace_recorder* trace, link_model host_to_device)
       : model_(m), units_(units), policy_(policy), world_(world), rank_(rank), trace_(trace),
-        device_("device", device_capacity, "rank " + std::to_string(rank) + " "),
-        host_("host", plan.ranks[rank].host_bytes, "rank " + std::to_string(rank) + " "),
+        device_(make_space<device_space>("device", device_capacity)),
+        host_(make_space<host_space>("host", plan.ranks[rank].host_bytes)),
         compute_(B::compute_stream(world, rank, trace)), comm_(B::comm_stream(world, rank, trace)),
         state_(allocate_state()) {
     if constexpr (requires { comm_->set_copy_link(host_to_device); }) comm_->set_copy_link(host_to_device);
+    // A device model launches its kernels on the rank's compute stream.
+    if constexpr (requires { state_.attach_stream(*compute_); }) state_.attach_stream(*compute_);
     allocate_and_load(weights);
     build_views();
   }
@@ -77,6 +80,21 @@ class rank_runtime {
   }
 
  private:
+  struct device_space {};
+  struct host_space {};
+  // A backend with memory of its own (cudaMalloc, cudaHostAlloc) provides it; otherwise the
+  // arena reserves host memory, which is what the host backend's "device" is.
+  template <class Space>
+  tracking_allocator make_space(const char* space, std::size_t bytes) {
+    std::string owner = "rank " + std::to_string(rank_) + " ";
+    if constexpr (std::is_same_v<Space, device_space> && requires { B::device_backing(world_, rank_, bytes); })
+      return tracking_allocator(space, bytes, std::move(owner), B::device_backing(world_, rank_, bytes));
+    else if constexpr (std::is_same_v<Space, host_space> && requires { B::host_backing(world_, rank_, bytes); })
+      return tracking_allocator(space, bytes, std::move(owner), B::host_backing(world_, rank_, bytes));
+    else
+      return tracking_allocator(space, bytes, std::move(owner));
+  }
+
   state_type allocate_state() {
     buffer_set set;
     for (const buffer_spec& b : model_.buffers()) {
