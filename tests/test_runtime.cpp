@@ -216,7 +216,7 @@ TEST_CASE("a forward allocates nothing on the heap: every byte comes from the tr
   c.dim = 160;
   const toy_model m(c);
   const toy_weights w(m);
-  for (const char* pol : {"full", "selective:subunit", "offload+prefetch:2"}) {
+  for (const char* pol : {"full", "selective:subunit", "offload+prefetch:2", "chunked:1KiB+prefetch:2+offload"}) {
     CAPTURE(pol);
     session_options opt;
     opt.world_size = 3;

@@ -20,7 +20,7 @@ using namespace unshard;
 
 constexpr const char* usage =
     "unshard-dit --config CONFIG.json --weights FILE.safetensors|INDEX.json --inputs FILE.safetensors "
-    "--out OUT.safetensors [--world-size N] [--policy full|selective|prefetch:K|offload|offload+prefetch:K|fsdp] "
+    "--out OUT.safetensors [--world-size N] [--policy POLICY (full|selective[:subunit]|prefetch:K|offload|chunked:SIZE|fsdp, joined by +)] "
     "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--trace TRACE.json] [--strict]\n"
     "       unshard-dit --demo [--world-size N] [--policy P]";
 
@@ -42,7 +42,6 @@ run_settings settings_from(const cli::options& o) {
   } catch (const error& e) {
     throw cli::usage_error(e.what());
   }
-  if (s.policy.chunk_bytes) throw error("policy '" + o.get("--policy") + "': chunked unshard is not available in this build");
   const std::string dt = o.get("--dtype", "f32");
   if (dt != "f32" && dt != "bf16") throw cli::usage_error("--dtype must be f32 or bf16, got '" + dt + "'");
   s.model_options.storage = dt == "bf16" ? dtype::bf16 : dtype::f32;

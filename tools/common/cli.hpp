@@ -81,7 +81,9 @@ void print_rank_peaks(const Session& s) {
                 measured.peak_bytes, static_cast<double>(planned.peak()) / (1ull << 30));
     for (auto c : all_memory_categories)
       std::printf(" %s=%zu", std::string(name_of(c)).c_str(), planned.terms[c]);
-    std::printf(" host_bytes=%zu\n", planned.host_bytes);
+    std::printf(" host_bytes=%zu", planned.host_bytes);
+    if (s.plan().effective_chunk_bytes) std::printf(" effective_chunk_bytes=%zu", s.plan().effective_chunk_bytes);
+    std::printf("\n");
   }
 }
 

@@ -29,6 +29,13 @@ class shape {
   constexpr std::int64_t operator[](std::size_t i) const noexcept { return dims_[i]; }
   constexpr std::span<const std::int64_t> dims() const noexcept { return {dims_.data(), rank_}; }
 
+  // The same shape with `rows` in dimension 0 (a run of a weight's rows). Rank >= 1.
+  constexpr shape with_rows(std::int64_t rows) const noexcept {
+    shape s = *this;
+    s.dims_[0] = rows;
+    return s;
+  }
+
   // Number of elements (1 for rank 0). Unchecked: call validate() on untrusted shapes first.
   constexpr std::int64_t numel() const noexcept {
     std::int64_t n = 1;

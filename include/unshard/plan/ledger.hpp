@@ -24,6 +24,7 @@ struct memory_plan {
   std::size_t budget_bytes = 0;  // 0: no budget given
   std::string policy;
   std::vector<rank_plan> ranks;
+  std::size_t effective_chunk_bytes = 0;  // chunked unshard: the largest chunk (>= one whole row)
 
   std::size_t peak_bytes() const noexcept {
     std::size_t p = 0;
@@ -36,6 +37,7 @@ struct memory_plan {
     std::ostringstream os;
     os << "policy " << policy << ", world size " << world_size << ", peak " << peak_bytes() << " bytes";
     if (budget_bytes) os << " against a budget of " << budget_bytes << " bytes";
+    if (effective_chunk_bytes) os << ", effective chunk " << effective_chunk_bytes << " bytes";
     if (!ranks.empty()) os << " (rank 0: " << ranks.front().terms.to_string() << ")";
     return os.str();
   }
@@ -59,7 +61,8 @@ memory_plan plan_memory(const M& m, std::size_t world_size, const policy_values&
     if (u.resident.used_bytes()) r.terms[memory_category::resident] += align_up(u.resident.used_bytes());
     if (u.kept && u.gathered_bytes()) r.terms[memory_category::gathered] += u.gathered_bytes();
   }
-  r.terms[memory_category::gathered] += ring.buffers * ring.buffer_bytes;
+  r.terms[memory_category::gathered] += ring.buffers * (ring.buffer_bytes ? align_up(ring.buffer_bytes) : 0);
+  if (policy.chunked()) plan.effective_chunk_bytes = ring.buffer_bytes;
   for (const buffer_spec& b : m.buffers()) r.terms[b.category] += align_up(b.bytes == 0 ? 1 : b.bytes);
   for (std::size_t i = 0; i < world_size; ++i) {
     r.rank = i;

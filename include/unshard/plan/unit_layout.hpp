@@ -1,6 +1,7 @@
 #pragma once
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,18 @@ struct param_slot {
   std::size_t index = 0;   // position in that buffer's flat layout
 };
 
+// Under chunked unshard, a piece of a unit's flat buffer gathered at once: whole rows of one
+// weight, or several whole weights of one sub-unit that fit together. Chunks follow the flat
+// order, which is the order the sub-units consume their parameters.
+struct weight_chunk {
+  std::size_t begin = 0, end = 0;               // byte range in the unit's flat layout
+  std::size_t first_param = 0, last_param = 0;  // indices into sharded_params, inclusive
+  std::int64_t row_begin = 0, row_end = 0;      // rows of first_param when it is split
+  bool split = false;                           // first_param is cut by rows (it alone is in the chunk)
+
+  std::size_t bytes() const noexcept { return end - begin; }
+};
+
 // One unit of unsharding under a policy: the parameters gathered together, split into those
 // sharded across ranks (flat, N equal shards) and the small ones kept whole on every rank.
 // The ledger and the runtime both build these with build_units(), so what is planned is exactly
@@ -29,6 +42,8 @@ struct unit_layout {
   flat_layout resident;                      // one piece, unsharded
   std::vector<std::vector<param_slot>> slots;  // per sub-unit of the unit, per declared parameter
   bool kept = false;                         // gathered once and kept (full, or a residency policy)
+  std::vector<std::size_t> sharded_subunit;  // sub-unit (index within the unit) of each sharded parameter
+  std::vector<weight_chunk> chunks;          // chunked unshard only
 
   std::size_t gathered_bytes() const noexcept { return sharded.padded_bytes(); }
 };
@@ -43,6 +58,46 @@ inline void check_unique_names(const std::vector<unit_layout>& units) {
   std::sort(names.begin(), names.end(), [](auto* a, auto* b) { return *a < *b; });
   for (std::size_t i = 1; i < names.size(); ++i)
     if (*names[i] == *names[i - 1]) throw_error("model declares parameter '", *names[i], "' twice");
+}
+}  // namespace detail
+
+namespace detail {
+inline std::size_t row_bytes_of(const param_spec& p) { return p.bytes() / static_cast<std::size_t>(p.dims[0]); }
+
+// Cuts a unit's sharded parameters into chunks of at most `limit` bytes: a weight larger than
+// the limit into runs of whole rows (at least one), smaller consecutive weights of one sub-unit
+// grouped while their span (padding included) stays within the limit. A one-row weight over the
+// limit (a modulation table) is a chunk of its own.
+inline void cut_into_chunks(unit_layout& u, std::size_t limit) {
+  const auto& params = u.sharded_params;
+  for (std::size_t i = 0; i < params.size();) {
+    const flat_entry& e = u.sharded.entry(i);
+    const std::int64_t rows = params[i].dims[0];
+    if (e.bytes > limit && rows > 1) {
+      const std::size_t rb = row_bytes_of(params[i]);
+      const auto per = static_cast<std::int64_t>(std::max<std::size_t>(1, limit / rb));
+      for (std::int64_t r0 = 0; r0 < rows; r0 += per) {
+        const std::int64_t r1 = std::min(rows, r0 + per);
+        u.chunks.push_back({e.offset + static_cast<std::size_t>(r0) * rb, e.offset + static_cast<std::size_t>(r1) * rb,
+                            i, i, r0, r1, true});
+      }
+      ++i;
+      continue;
+    }
+    std::size_t j = i;
+    while (j + 1 < params.size() && u.sharded_subunit[j + 1] == u.sharded_subunit[i]) {
+      const flat_entry& next = u.sharded.entry(j + 1);
+      if (next.bytes > limit || next.offset + next.bytes - e.offset > limit) break;
+      ++j;
+    }
+    const flat_entry& last = u.sharded.entry(j);
+    u.chunks.push_back({e.offset, last.offset + last.bytes, i, j, 0, rows, false});
+    i = j + 1;
+  }
+}
+
+inline bool stays_resident(const param_spec& p, const policy_values& policy) {
+  return p.bytes() < policy.resident_below_bytes || (policy.chunked() && p.dims.rank() < 2);
 }
 }  // namespace detail
 
@@ -69,15 +124,17 @@ std::vector<unit_layout> build_units(const M& m, std::size_t world_size, const p
         std::vector<param_slot> slots;
         for (const param_spec& p : layer.parameters(s)) {
           p.dims.validate("parameter '" + p.name + "' of layer '" + layer.name() + "'", size_of(p.type));
-          const bool resident = p.bytes() < policy.resident_below_bytes;
+          const bool resident = detail::stays_resident(p, policy);
           auto& list = resident ? u.resident_params : u.sharded_params;
           slots.push_back({resident, list.size()});
           list.push_back(p);
+          if (!resident) u.sharded_subunit.push_back(s - s0);
         }
         u.slots.push_back(std::move(slots));
       }
       u.sharded = flat_layout(u.sharded_params, world_size);
       u.resident = flat_layout(u.resident_params, 1);
+      if (policy.chunked()) detail::cut_into_chunks(u, policy.chunk_bytes);
       units.push_back(std::move(u));
     }
   }
@@ -86,19 +143,39 @@ std::vector<unit_layout> build_units(const M& m, std::size_t world_size, const p
     units[i].info.unit_count = units.size();
     units[i].info.gathered_bytes = units[i].gathered_bytes();
     units[i].kept = policy.keeps(units[i].info);
+    if (units[i].kept && policy.chunked())
+      throw_error("policy ", policy.name, ": chunked unshard streams every unit; unit '", units[i].name,
+                  "' is marked to stay gathered");
   }
   detail::check_unique_names(units);
   return units;
 }
 
-// The rotating gathered buffers: how many, and how large (the largest unit that is not kept).
+// The rotating gathered buffers: how many, and how large (the largest unit that is not kept, or
+// under chunked unshard the largest chunk).
 struct ring_shape {
   std::size_t buffers = 0;
   std::size_t buffer_bytes = 0;
 };
 
+// Under chunked unshard: the largest chunk any unit streams (at least one whole row of its widest
+// weight, whatever the requested size). The plan reports it as the effective chunk.
+inline std::size_t effective_chunk_bytes(const std::vector<unit_layout>& units) {
+  std::size_t b = 0;
+  for (const auto& u : units)
+    for (const auto& c : u.chunks) b = std::max(b, c.bytes());
+  return b;
+}
+
 inline ring_shape ring_for(const std::vector<unit_layout>& units, const policy_values& policy) {
   ring_shape r;
+  if (policy.chunked()) {
+    std::size_t chunks = 0;
+    for (const auto& u : units) chunks += u.chunks.size();
+    r.buffers = std::min(chunks, policy.ring_buffers());
+    r.buffer_bytes = effective_chunk_bytes(units);
+    return r;
+  }
   std::size_t streamed = 0;
   for (const auto& u : units)
     if (!u.kept && u.gathered_bytes() > 0) {

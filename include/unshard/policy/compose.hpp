@@ -76,6 +76,9 @@ struct compose {
                 "policy (there is nothing to prefetch, offload or select)");
 
   using granularity = typename detail::first_non_void<per_block, typename detail::granularity_of<Ps>::type...>::type;
+  static_assert(!is_chunk_granularity<granularity> || (int(detail::fills_residency<Ps>) + ... + 0) == 0,
+                "compose<...>: chunked unshard streams every unit chunk by chunk; it does not combine with a policy "
+                "that keeps whole units gathered");
   using placement = typename detail::first_non_void<on_device, typename detail::placement_of<Ps>::type...>::type;
   static constexpr std::size_t prefetch_depth = (detail::prefetch_of<Ps>() + ... + 0);
   static constexpr bool full = (detail::is_exclusive<Ps> || ...);
@@ -112,6 +115,10 @@ policy_values values_of() {
   v.full = C::full;
   v.granularity = std::is_same_v<typename C::granularity, per_subunit> ? unshard_granularity::subunit
                                                                         : unshard_granularity::block;
+  if constexpr (is_chunk_granularity<typename C::granularity>) {
+    v.granularity = unshard_granularity::chunk;
+    v.chunk_bytes = C::granularity::chunk_bytes;
+  }
   v.prefetch_depth = C::prefetch_depth;
   v.offload = C::placement::offloaded;
   v.resident_below_bytes = C::resident_below_bytes;
@@ -119,7 +126,7 @@ policy_values values_of() {
   if (v.full) {
     v.name = "full";
   } else {
-    v.name = std::string("selective:") + C::granularity::name;
+    v.name = v.chunked() ? "chunked:" + std::to_string(v.chunk_bytes) : std::string("selective:") + C::granularity::name;
     if (v.prefetch_depth) v.name += "+prefetch:" + std::to_string(v.prefetch_depth);
     if (v.offload) v.name += "+offload";
     if (v.keeps_gathered) v.name += "+custom";

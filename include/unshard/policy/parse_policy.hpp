@@ -38,8 +38,8 @@ inline std::size_t parse_size(std::string_view text, std::string_view what = "si
 }
 
 // The policy grammar of CONVENTIONS.md: term ('+' term)*, each kind at most once.
-// `auto` is the planner's and is not accepted here; `fsdp` and `chunked` are parsed by the tools
-// that support them (they set `extra`).
+// `auto` is the planner's and is not accepted here; `fsdp` is parsed here, and run by the tools
+// that support it.
 struct parsed_policy {
   policy_values values;
   bool fsdp = false;
@@ -90,11 +90,19 @@ inline parsed_policy parse_policy(std::string_view text) {
     } else if (term.starts_with("chunked:")) {
       once(seen_chunked, "chunked");
       out.chunk_bytes = parse_size(term.substr(8), "chunk size in policy term '" + std::string(term) + "'");
+      if (*out.chunk_bytes == 0)
+        throw_error("invalid policy '", text, "': term '", term, "' needs a chunk size of at least 1 byte");
+      v.granularity = unshard_granularity::chunk;
+      v.chunk_bytes = *out.chunk_bytes;
+      v.resident_below_bytes = 0;  // small weights are grouped into chunks; 1-D parameters stay resident
     } else {
       throw_error("invalid policy '", text, "': unknown term '", term,
                   "' (terms: full, selective[:block|:subunit], prefetch:K, offload, chunked:SIZE, fsdp)");
     }
   }
+  if (seen_chunked && seen_selective)
+    throw_error("invalid policy '", text, "': 'chunked' and 'selective' both choose what is gathered at once; "
+                "use one of them");
   if ((seen_full || out.fsdp) && terms > 1)
     throw_error("invalid policy '", text, "': '", seen_full ? "full" : "fsdp", "' combines with no other term");
   v.full = seen_full;

@@ -6,7 +6,7 @@
 
 namespace unshard {
 
-enum class unshard_granularity { block, subunit };
+enum class unshard_granularity { block, subunit, chunk };
 
 // A policy reduced to plain values: what the scheduler and the ledger read.
 //
@@ -17,13 +17,15 @@ enum class unshard_granularity { block, subunit };
 struct policy_values {
   bool full = false;                       // every unit gathered once and kept
   unshard_granularity granularity = unshard_granularity::block;
-  std::size_t prefetch_depth = 0;          // units in flight ahead of compute
+  std::size_t prefetch_depth = 0;          // units (chunks, under `chunk`) in flight ahead of compute
+  std::size_t chunk_bytes = 0;             // under `chunk`: the requested chunk size
   bool offload = false;                    // shards in host memory
   std::size_t resident_below_bytes = 64 * 1024;
   bool (*keeps_gathered)(const unit_info&) = nullptr;  // nullptr: no unit is kept
   std::string name = "selective:block";
 
   std::size_t ring_buffers() const noexcept { return prefetch_depth + 1; }
+  bool chunked() const noexcept { return granularity == unshard_granularity::chunk; }
   bool keeps(const unit_info& u) const { return full || (keeps_gathered && keeps_gathered(u)); }
 };
 

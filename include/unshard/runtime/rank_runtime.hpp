@@ -1,5 +1,6 @@
 #pragma once
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -10,6 +11,7 @@
 #include "unshard/backend/link_model.hpp"
 #include "unshard/core/tracking_allocator.hpp"
 #include "unshard/layer/model.hpp"
+#include "unshard/layer/param_source.hpp"
 #include "unshard/plan/ledger.hpp"
 #include "unshard/plan/unit_layout.hpp"
 #include "unshard/runtime/trace.hpp"
@@ -37,6 +39,7 @@ class rank_runtime {
     if constexpr (requires { comm_->set_copy_link(host_to_device); }) comm_->set_copy_link(host_to_device);
     // A device model launches its kernels on the rank's compute stream.
     if constexpr (requires { state_.attach_stream(*compute_); }) state_.attach_stream(*compute_);
+    if (policy_.chunked()) require_streaming_layers();
     allocate_and_load(weights);
     build_views();
   }
@@ -63,6 +66,7 @@ class rank_runtime {
   // One forward. Gathers run on the communication stream up to prefetch_depth units ahead of
   // compute; a ring buffer is reused only after the compute that read it has been recorded.
   void forward() {
+    if (policy_.chunked()) return forward_chunked();
     std::size_t next_issue = 0;  // position in gather_order_ of the next gather to enqueue
     std::size_t gpos = 0;        // gathers belonging to units before the current one
     for (std::size_t u = 0; u < units_.size(); ++u) {
@@ -129,8 +133,10 @@ class rank_runtime {
     gathered_ = std::vector<typename B::event>(n);
     ring_slot_.assign(n, -1);
     std::size_t streamed = 0;
-    for (std::size_t u = 0; u < n; ++u)
-      if (!units_[u].kept && units_[u].gathered_bytes()) ring_slot_[u] = static_cast<int>(streamed++ % ring.buffers);
+    if (policy_.chunked()) build_chunk_sequence(ring.buffers);
+    else
+      for (std::size_t u = 0; u < n; ++u)
+        if (!units_[u].kept && units_[u].gathered_bytes()) ring_slot_[u] = static_cast<int>(streamed++ % ring.buffers);
     kept_ready_.assign(n, false);
     gather_order_.reserve(n);
     rebuild_gather_order();
@@ -146,12 +152,13 @@ class rank_runtime {
     for (std::size_t u = 0; u < units_.size(); ++u) {
       const unit_layout& ul = units_[u];
       std::vector<tensor_view> sharded, resident;
-      if (ul.gathered_bytes()) ul.sharded.views_into(gathered_buffer(u), ul.sharded_params, sharded);
+      if (ul.gathered_bytes() && !policy_.chunked()) ul.sharded.views_into(gathered_buffer(u), ul.sharded_params, sharded);
       if (ul.resident.used_bytes()) ul.resident.views_into(resident_[u].data(), ul.resident_params, resident);
       std::vector<param_views> per_sub;
       for (const auto& slots : ul.slots) {
         std::vector<tensor_view> v;
-        for (const param_slot& s : slots) v.push_back(s.resident ? resident[s.index] : sharded[s.index]);
+        for (const param_slot& s : slots)
+          v.push_back(s.resident ? resident[s.index] : policy_.chunked() ? tensor_view{} : sharded[s.index]);
         per_sub.emplace_back(std::move(v));
       }
       views_.push_back(std::move(per_sub));
@@ -159,7 +166,7 @@ class rank_runtime {
   }
 
   bool needs_gather(std::size_t u) const {
-    return units_[u].gathered_bytes() > 0 && !(units_[u].kept && kept_ready_[u]);
+    return !policy_.chunked() && units_[u].gathered_bytes() > 0 && !(units_[u].kept && kept_ready_[u]);
   }
   void rebuild_gather_order() {
     gather_order_.clear();
@@ -186,6 +193,90 @@ class rank_runtime {
     if (trace_) trace_->add(rank_, trace_kind::compute, static_cast<std::uint32_t>(u), t0, trace_clock::now(), 0);
   }
 
+  // --- chunked unshard ------------------------------------------------------------------------
+  // Every chunk of a forward in order; chunk g lands in ring slot g mod (K+1). The compute side
+  // pulls chunks through a weight_stream in the order the layers read their weights, issuing
+  // gathers up to K chunks ahead; a slot is refilled only after the compute that read it.
+  struct chunk_ref {
+    std::size_t unit, chunk;
+  };
+
+  class weight_stream;
+
+  void require_streaming_layers() const {
+    for (std::size_t l = 0; l < model_.layer_count(); ++l) {
+      using layer_type = std::remove_cvref_t<decltype(model_.layer(l))>;
+      if constexpr (!streams_weights<layer_type, state_type, weight_stream>)
+        throw_error("policy ", policy_.name, ": layer '", model_.layer(l).name(),
+                    "' cannot consume weight chunks; give it a forward(sub, P& params, state) over any "
+                    "param_source P (layer/param_source.hpp)");
+    }
+  }
+
+  void build_chunk_sequence(std::size_t slots) {
+    unit_first_chunk_.assign(units_.size() + 1, 0);
+    for (std::size_t u = 0; u < units_.size(); ++u) {
+      unit_first_chunk_[u] = chunk_seq_.size();
+      for (std::size_t c = 0; c < units_[u].chunks.size(); ++c) chunk_seq_.push_back({u, c});
+    }
+    unit_first_chunk_[units_.size()] = chunk_seq_.size();
+    chunk_ready_ = std::vector<typename B::event>(slots);
+    chunk_free_ = std::vector<typename B::event>(slots);
+  }
+
+  const weight_chunk& chunk_at(std::size_t g) const { return units_[chunk_seq_[g].unit].chunks[chunk_seq_[g].chunk]; }
+
+  // Own part of the chunk into its place in the slot (from host memory under offload), then the
+  // in-place gather of the rest from the ranks that own it.
+  void issue_chunk(std::size_t g) {
+    const std::size_t u = chunk_seq_[g].unit, slot = g % ring_.size();
+    const weight_chunk& ch = chunk_at(g);
+    const std::size_t shard = units_[u].sharded.shard_bytes(), own_lo = rank_ * shard;
+    const std::size_t lo = std::max(ch.begin, own_lo), hi = std::min(ch.end, own_lo + shard);
+    std::byte* dst = ring_[slot].data();
+    const auto label = static_cast<std::uint32_t>(u);
+    comm_->wait(chunk_free_[slot]);
+    if (lo < hi) {
+      const std::byte* src = shards_[u].data() + (lo - own_lo);
+      if (policy_.offload) comm_->copy(dst + (lo - ch.begin), src, hi - lo, label);
+      else if constexpr (requires { comm_->local_copy(dst, src, hi, label); })
+        comm_->local_copy(dst + (lo - ch.begin), src, hi - lo, label);
+      else comm_->copy(dst + (lo - ch.begin), src, hi - lo, label);
+    }
+    comm_->gather_range(dst, ch.begin, ch.end, shard, label);
+    comm_->record(chunk_ready_[slot]);
+  }
+
+  std::byte* acquire_chunk(std::size_t g) {
+    while (chunks_issued_ < chunk_seq_.size() && chunks_issued_ <= g + policy_.prefetch_depth) issue_chunk(chunks_issued_++);
+    compute_->wait(chunk_ready_[g % ring_.size()]);
+    return ring_[g % ring_.size()].data();
+  }
+  void release_chunk(std::size_t g) { compute_->record(chunk_free_[g % ring_.size()]); }
+
+  void forward_chunked() {
+    chunks_issued_ = 0;
+    std::size_t next = 0;
+    for (std::size_t u = 0; u < units_.size(); ++u) {
+      const unit_layout& ul = units_[u];
+      const auto& layer = model_.layer(ul.info.layer);
+      using layer_type = std::remove_cvref_t<decltype(layer)>;
+      const auto t0 = trace_clock::now();
+      for (std::size_t s = 0; s < ul.info.subunit_count; ++s) {
+        weight_stream stream(*this, u, s, next);
+        if constexpr (streams_weights<layer_type, state_type, weight_stream>)
+          layer.forward(ul.info.first_subunit + s, stream, state_);
+        stream.finish();
+      }
+      if (trace_) trace_->add(rank_, trace_kind::compute, static_cast<std::uint32_t>(u), t0, trace_clock::now(), 0);
+    }
+  }
+
+  std::vector<chunk_ref> chunk_seq_;
+  std::vector<std::size_t> unit_first_chunk_;
+  std::size_t chunks_issued_ = 0;
+  std::vector<typename B::event> chunk_ready_, chunk_free_;
+
   const M& model_;
   const std::vector<unit_layout>& units_;
   const policy_values& policy_;
@@ -202,6 +293,112 @@ class rank_runtime {
   std::vector<bool> kept_ready_;
   std::vector<std::size_t> gather_order_;
   std::vector<std::vector<param_views>> views_;
+
+  // A sub-unit's parameters under chunked unshard (a param_source, layer/param_source.hpp):
+  // resident ones at once, streamed ones chunk by chunk in declared order. Reading out of order,
+  // or leaving a streamed parameter unread, is an error naming the parameter: the chunk sequence
+  // is fixed, so a mismatch would otherwise feed one weight's bytes to another.
+  class weight_stream {
+   public:
+    weight_stream(rank_runtime& rt, std::size_t unit, std::size_t sub, std::size_t& next)
+        : rt_(rt), unit_(rt.units_[unit]), sub_(sub), next_(next), end_(rt.unit_first_chunk_[unit + 1]) {}
+    weight_stream(const weight_stream&) = delete;
+    weight_stream& operator=(const weight_stream&) = delete;
+    ~weight_stream() {
+      if (held_) rt_.release_chunk(held_at_);
+    }
+
+    shape dims(std::size_t i) const { return spec(i).dims; }
+
+    tensor_view whole(std::size_t i) {
+      const param_slot& sl = slot(i);
+      if (sl.resident) return rt_.views_[unit_.info.index][sub_][i];
+      if (held_ && covers(rt_.chunk_at(held_at_), sl.index)) return view_in_held(sl.index);
+      release_held();
+      const weight_chunk& c = expect(sl.index);
+      if (c.split)
+        throw_error("layer sub-unit ", unit_.name, "/", sub_, ": parameter '", spec(i).name,
+                    "' streams in runs of rows; read it with rows(), not whole()");
+      held_at_ = next_++;
+      held_buffer_ = rt_.acquire_chunk(held_at_);
+      held_ = true;
+      return view_in_held(sl.index);
+    }
+
+    template <class F>
+    void rows(std::size_t i, F&& f) {
+      const param_slot& sl = slot(i);
+      const bool streamed_in_runs = !sl.resident && !(held_ && covers(rt_.chunk_at(held_at_), sl.index)) &&
+                                    next_ < end_ && rt_.chunk_at(next_).split;
+      if (!streamed_in_runs) {
+        const tensor_view v = whole(i);
+        f(v, std::int64_t{0}, v.dims()[0]);
+        return;
+      }
+      release_held();
+      expect(sl.index);
+      const param_spec& p = spec(i);
+      while (next_ < end_ && rt_.chunk_at(next_).split && rt_.chunk_at(next_).first_param == sl.index) {
+        const weight_chunk& c = rt_.chunk_at(next_);
+        std::byte* buf = rt_.acquire_chunk(next_);
+        f(tensor_view(buf, p.type, p.dims.with_rows(c.row_end - c.row_begin)), c.row_begin, c.row_end);
+        rt_.release_chunk(next_++);
+      }
+    }
+
+    // End of the sub-unit: give back the held chunk; every streamed parameter must have been read.
+    void finish() {
+      release_held();
+      if (next_ < end_ && unit_.sharded_subunit[rt_.chunk_at(next_).first_param] == sub_)
+        throw_error("layer sub-unit ", unit_.name, "/", sub_, " did not read its streamed parameter '",
+                    unit_.sharded_params[rt_.chunk_at(next_).first_param].name, "'");
+    }
+
+   private:
+    const param_slot& slot(std::size_t i) const {
+      const auto& slots = unit_.slots[sub_];
+      if (i >= slots.size())
+        throw_error("layer sub-unit ", unit_.name, "/", sub_, ": parameter ", i, " out of range (", slots.size(),
+                    " declared)");
+      return slots[i];
+    }
+    const param_spec& spec(std::size_t i) const {
+      const param_slot& sl = slot(i);
+      return sl.resident ? unit_.resident_params[sl.index] : unit_.sharded_params[sl.index];
+    }
+    static bool covers(const weight_chunk& c, std::size_t k) { return !c.split && c.first_param <= k && k <= c.last_param; }
+
+    // The next chunk must hold streamed parameter k (whole or its first rows).
+    const weight_chunk& expect(std::size_t k) const {
+      if (next_ >= end_ || rt_.chunk_at(next_).first_param > k || rt_.chunk_at(next_).last_param < k ||
+          (rt_.chunk_at(next_).split && rt_.chunk_at(next_).row_begin != 0)) {
+        const std::string next = next_ < end_ ? unit_.sharded_params[rt_.chunk_at(next_).first_param].name : "nothing";
+        throw_error("layer sub-unit ", unit_.name, "/", sub_, " read parameter '", unit_.sharded_params[k].name,
+                    "' out of order: under chunked unshard streamed parameters are read once, in declared order "
+                    "(the next chunk holds '", next, "')");
+      }
+      return rt_.chunk_at(next_);
+    }
+    tensor_view view_in_held(std::size_t k) const {
+      const param_spec& p = unit_.sharded_params[k];
+      const std::size_t offset = unit_.sharded.entry(k).offset - rt_.chunk_at(held_at_).begin;
+      return tensor_view(held_buffer_ + offset, p.type, p.dims);
+    }
+    void release_held() {
+      if (!held_) return;
+      rt_.release_chunk(held_at_);
+      held_ = false;
+    }
+
+    rank_runtime& rt_;
+    const unit_layout& unit_;
+    std::size_t sub_;
+    std::size_t& next_;
+    std::size_t end_;
+    bool held_ = false;
+    std::size_t held_at_ = 0;
+    std::byte* held_buffer_ = nullptr;
+  };
 };
 
 }  // namespace unshard

@@ -24,22 +24,25 @@ class host_event {
 // calling thread (the compute stream: host compute is synchronous); `worker_stream` runs them in
 // order on its own thread (the communication stream), so a gather overlaps compute as it does
 // on a GPU's side stream. The queue is a fixed ring: enqueueing never allocates.
-class host_stream {
+// World is the job the ranks form: host_world (threads) or process_world (processes); it
+// provides the lock (wait/update), abort, and the collectives.
+template <class World>
+class basic_host_stream {
  public:
   enum class mode { inline_stream, worker_stream };
 
-  host_stream(host_world& world, std::size_t rank, mode m, trace_recorder* trace = nullptr)
+  basic_host_stream(World& world, std::size_t rank, mode m, trace_recorder* trace = nullptr)
       : world_(world), rank_(rank), mode_(m), trace_(trace) {
     if (m == mode::worker_stream) worker_ = std::thread([this] { run_worker(); });
   }
-  ~host_stream() {
+  ~basic_host_stream() {
     if (worker_.joinable()) {
       world_.update([&] { stopping_ = true; });
       worker_.join();
     }
   }
-  host_stream(const host_stream&) = delete;
-  host_stream& operator=(const host_stream&) = delete;
+  basic_host_stream(const basic_host_stream&) = delete;
+  basic_host_stream& operator=(const basic_host_stream&) = delete;
 
   // A host-to-device copy (offload). `unit` labels the trace; the stream's copy link (if set)
   // simulates a PCIe transfer.
@@ -50,6 +53,14 @@ class host_stream {
   // All-gather of `bytes` per rank (see host_world::all_gather); `unit` labels the trace.
   void all_gather(const std::byte* send, std::byte* recv, std::size_t bytes, std::uint32_t unit) {
     submit({op_kind::all_gather, recv, send, bytes, nullptr, 0, unit});
+  }
+  // Chunked unshard's collective (see host_world::gather_range); `bytes` of the op is the shard.
+  void gather_range(std::byte* dst, std::size_t begin, std::size_t end, std::size_t shard_bytes, std::uint32_t unit) {
+    submit({op_kind::gather_range, dst, nullptr, shard_bytes, nullptr, 0, unit, begin, end});
+  }
+  // A copy within device memory (a rank's own part of a chunk): no link is simulated.
+  void local_copy(std::byte* dst, const std::byte* src, std::size_t bytes, std::uint32_t unit = 0) {
+    submit({op_kind::local_copy, dst, src, bytes, nullptr, 0, unit});
   }
   void record(host_event& e) {
     const std::uint64_t ticket = ++e.enqueued;
@@ -66,7 +77,7 @@ class host_stream {
   }
 
  private:
-  enum class op_kind : std::uint8_t { copy, all_gather, record, wait };
+  enum class op_kind : std::uint8_t { copy, local_copy, all_gather, gather_range, record, wait };
   struct op {
     op_kind kind;
     std::byte* dst;
@@ -75,6 +86,7 @@ class host_stream {
     host_event* event;
     std::uint64_t ticket;
     std::uint32_t unit;
+    std::size_t begin = 0, end = 0;  // gather_range only
   };
   static constexpr std::size_t capacity = 256;
 
@@ -98,6 +110,15 @@ class host_stream {
         const double s = copy_link_.seconds_for(o.bytes);
         if (s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(s));
         if (trace_) trace_->add(rank_, trace_kind::host_to_device, o.unit, t0, trace_clock::now(), o.bytes);
+        break;
+      }
+      case op_kind::local_copy:
+        if (o.bytes) std::memcpy(o.dst, o.src, o.bytes);
+        break;
+      case op_kind::gather_range: {
+        const auto t0 = trace_clock::now();
+        world_.gather_range(rank_, o.dst, o.begin, o.end, o.bytes);
+        if (trace_) trace_->add(rank_, trace_kind::gather, o.unit, t0, trace_clock::now(), o.end - o.begin);
         break;
       }
       case op_kind::all_gather: {
@@ -146,7 +167,7 @@ class host_stream {
     }
   }
 
-  host_world& world_;
+  World& world_;
   std::size_t rank_;
   mode mode_;
   trace_recorder* trace_;
@@ -156,5 +177,7 @@ class host_stream {
   std::uint64_t submitted_ = 0, executed_ = 0;  // guarded by the world's lock
   bool stopping_ = false, worker_failed_ = false;
 };
+
+using host_stream = basic_host_stream<host_world>;
 
 }  // namespace unshard

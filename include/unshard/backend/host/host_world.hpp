@@ -1,4 +1,5 @@
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -102,6 +103,28 @@ class host_world {
       if (sends_[peer] != dst && bytes) std::memcpy(dst, sends_[peer], bytes);
     }
     simulate_link((size_ - 1) * bytes);
+    barrier();
+  }
+
+  // The collective of chunked unshard: bytes [begin, end) of a unit's flat buffer, where rank r
+  // owns flat bytes [r*shard, (r+1)*shard) and has already put its part of the range at
+  // dst + (max(begin, r*shard) - begin). Afterwards every rank's dst holds the whole range: an
+  // in-place all-gather-v (on NCCL, grouped broadcasts from the owners). Same pull model as
+  // all_gather; one latency per chunk, which is what makes tiny chunks expensive.
+  void gather_range(std::size_t rank, std::byte* dst, std::size_t begin, std::size_t end, std::size_t shard) {
+    {
+      std::lock_guard lock(mutex_);
+      sends_[rank] = dst;
+    }
+    barrier();
+    std::size_t received = 0;
+    for (std::size_t peer = 0; peer < size_ && shard; ++peer) {
+      const std::size_t lo = std::max(begin, peer * shard), hi = std::min(end, (peer + 1) * shard);
+      if (peer == rank || lo >= hi) continue;
+      std::memcpy(dst + (lo - begin), sends_[peer] + (lo - begin), hi - lo);
+      received += hi - lo;
+    }
+    simulate_link(received);
     barrier();
   }
 

@@ -6,6 +6,7 @@
 
 #include "unshard/core/dtype.hpp"
 #include "unshard/kernels/host/gemm.hpp"
+#include "unshard/kernels/host/linear_params.hpp"
 #include "unshard/layer/layer.hpp"
 #include "unshard/layer/model.hpp"
 #include "unshard/runtime/synthetic_weights.hpp"
@@ -52,20 +53,26 @@ class toy_block {
             {p + "ffn.2.weight", {D, F}, c_.storage}, {p + "ffn.2.bias", {D}, c_.storage}};
   }
 
-  void forward(std::size_t s, const param_views& p, toy_state& st) const {
+  void forward(std::size_t s, const param_views& views, toy_state& st) const {
+    whole_params p(views);
+    forward(s, p, st);
+  }
+
+  template <param_source P>
+  void forward(std::size_t s, P& p, toy_state& st) const {
     if (st.fail_at_layer && *st.fail_at_layer == static_cast<int>(index_))
       throw_error("toy block ", index_, ": injected failure");
     const std::size_t T = st.tokens, D = st.dim;
     if (s == 0) {
-      for (std::size_t t = 0; t < T; ++t) normalize_row(st.x + t * D, p[0], p[1], st.n + t * D, D);
-      linear(st.n, T, D, p[2], p[3], st.h);
+      for (std::size_t t = 0; t < T; ++t) normalize_row(st.x + t * D, p.whole(0), p.whole(1), st.n + t * D, D);
+      linear_params(st.n, T, D, p, 2, 3, st.h);
       for (std::size_t i = 0; i < T * D; ++i) st.x[i] += std::tanh(st.h[i]);
       return;
     }
     const std::size_t F = c_.ffn_of(index_);
-    linear(st.x, T, D, p[0], p[1], st.h);
+    linear_params(st.x, T, D, p, 0, 1, st.h);
     for (std::size_t i = 0; i < T * F; ++i) st.h[i] = st.h[i] / (1.f + std::exp(-1.702f * st.h[i]));
-    linear(st.h, T, F, p[2], p[3], st.n);
+    linear_params(st.h, T, F, p, 2, 3, st.n);
     for (std::size_t i = 0; i < T * D; ++i) st.x[i] += st.n[i];
   }
 

@@ -11,6 +11,7 @@
 
 #include "unshard/core/error.hpp"
 #include "unshard/layer/layer.hpp"
+#include "unshard/layer/param_source.hpp"
 #include "unshard/models/wan/block.hpp"
 #include "unshard/models/wan/embeddings.hpp"
 #include "unshard/models/wan/geometry.hpp"
@@ -47,6 +48,13 @@ class wan_layer {
 
   // Runs sub-unit `sub` on the state; params are the views of parameters(sub), in that order.
   void forward(std::size_t sub, const param_views& params, wan_state& state) const {
+    whole_params whole(params);
+    forward(sub, whole, state);
+  }
+
+  // The same forward over any parameter source (whole views, or chunks as they stream in).
+  template <param_source P>
+  void forward(std::size_t sub, P& params, wan_state& state) const {
     const wan_geometry& g = geometry_;
     subunit_label(sub);  // range check; allocates only to throw
     switch (kind_) {

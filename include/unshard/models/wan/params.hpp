@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "unshard/core/error.hpp"
+#include "unshard/layer/param_source.hpp"
 #include "unshard/layer/param_spec.hpp"
 #include "unshard/models/wan/geometry.hpp"
 
@@ -204,5 +205,13 @@ inline void check_wan_params(const wan_param_table& t, const param_views& views,
                   t.slots[i].dims.to_string());
   }
 }
+inline void check_wan_params(const wan_param_table& t, const whole_params& p, dtype storage, wan_layer_kind kind,
+                             std::size_t block, const char* subunit) {
+  check_wan_params(t, p.views(), storage, kind, block, subunit);
+}
+// Streamed chunks are cut by the runtime from the specs this layer declared, and the stream
+// itself checks the order they are read in: nothing more to check here.
+template <param_source P>
+void check_wan_params(const wan_param_table&, const P&, dtype, wan_layer_kind, std::size_t, const char*) {}
 
 }  // namespace unshard::detail

@@ -1,0 +1,1 @@
+unshard_add_test(test_chunked test_chunked.cpp)
