@@ -148,7 +148,8 @@ int run_demo(const cli::options& o) {
               m.geometry().dim, m.geometry().num_layers, m.geometry().tokens, rs.world_size,
               rs.policy.values.name.c_str());
   std::printf("ledger per rank, by policy (bytes):\n");
-  for (const char* p : {"full", "fsdp", "selective", "prefetch:1", "prefetch:2", "offload+prefetch:1"}) {
+  for (const char* p : {"full", "fsdp", "selective", "prefetch:1", "prefetch:2", "offload+prefetch:1",
+                        "chunked:64KiB+prefetch:1"}) {
     const memory_plan plan = plan_memory(m, rs.world_size, parse_policy(p).values);
     std::printf("  %-36s peak=%10zu  %s  host=%zu\n", plan.policy.c_str(), plan.peak_bytes(),
                 plan.ranks[0].terms.to_string().c_str(), plan.ranks[0].host_bytes);
