@@ -55,6 +55,7 @@ class host_world {
   template <class Pred>
   void wait(Pred pred) {
     std::unique_lock lock(mutex_);
+    settle(lock, [&] { return aborted_.load() || pred(); });
     cv_.wait(lock, [&] { return aborted_.load() || pred(); });
     if (aborted_.load() && !pred()) {
       lock.unlock();
@@ -81,6 +82,7 @@ class host_world {
       cv_.notify_all();
       return;
     }
+    settle(lock, [&] { return aborted_.load() || barrier_generation_ != gen; });
     cv_.wait(lock, [&] { return aborted_.load() || barrier_generation_ != gen; });
     if (barrier_generation_ == gen) {
       lock.unlock();
@@ -141,6 +143,19 @@ class host_world {
   }
 
  private:
+  // Most waits end within microseconds (a peer slightly behind, a chunk about to land): yielding a
+  // few times before sleeping saves a futex sleep and wake-up per wait, which dominated chunk-sized
+  // collectives (measured on 2 cores, one-row chunks of the toy model: ~80-190 us per chunk with a
+  // plain condition-variable wait, ~7-30 us with this).
+  template <class Done>
+  void settle(std::unique_lock<std::mutex>& lock, Done done) {
+    for (int i = 0; i < 32 && !done(); ++i) {
+      lock.unlock();
+      std::this_thread::yield();
+      lock.lock();
+    }
+  }
+
   void simulate_link(std::size_t bytes_received) const {
     const double s = link_.seconds_for(bytes_received);
     if (s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(s));
