@@ -223,7 +223,8 @@ struct swapped_block {
   void forward(std::size_t, const param_views&, toy_state&) const {}
   template <param_source P>
   void forward(std::size_t, P& p, toy_state&) const {
-    p.rows(2, [](const tensor_view&, std::int64_t, std::int64_t) {});  // ffn.2 before ffn.0
+    p.rows(2, [](const tensor_view&, std::int64_t, std::int64_t) {});  // ffn.2, passing over ffn.0 ...
+    p.rows(0, [](const tensor_view&, std::int64_t, std::int64_t) {});  // ... then back to ffn.0
   }
 };
 // A layer with only the whole-view forward.
@@ -260,7 +261,7 @@ TEST_CASE("errors: bad chunk terms, a layer reading out of order, a layer that c
   opt.policy = parse_policy("chunked:1KiB+prefetch:1").values;
   session<one_block_model<swapped_block>> s(swapped, ws, opt);
   CHECK_THROWS_WITH(s.forward([](std::size_t, toy_state&) {}, [](std::size_t, const toy_state&) {}),
-                    doctest::Contains("read parameter 'blocks.0.ffn.2.weight' out of order"));
+                    doctest::Contains("read parameter 'blocks.0.ffn.0.weight' out of order"));
 
   const one_block_model<whole_only_block> whole_only;
   CHECK_THROWS_WITH((session<one_block_model<whole_only_block>>(whole_only, ws, opt)),

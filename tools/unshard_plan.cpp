@@ -1,6 +1,9 @@
 // unshard-plan: will the Live Avatar stack fit, with which policy, and how fast? Per rank, term by
 // term, before anything is loaded (docs/planner.md derives every term).
 #include <cstdio>
+#include <filesystem>
+#include <map>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -15,7 +18,8 @@ using namespace unshard::liveavatar;
 
 constexpr const char* usage =
     "unshard-plan --model liveavatar-14b|CONFIG.json --world-size N --device-memory SIZE [--reserve SIZE] "
-    "[--policy NAME|fsdp|auto] [--resolution WxH] [--frames N] [--device-profile rtx4090|h100|h800] [--json]";
+    "[--policy NAME|fsdp|auto] [--resolution WxH] [--frames N] [--device-profile NAME] [--link-profile NAME] "
+    "[--profiles FILE] [--timeline FILE.json] [--json]";
 
 constexpr double gib = 1024.0 * 1024.0 * 1024.0;
 
@@ -24,7 +28,16 @@ struct settings {
   plan_request rq;
   std::size_t budget = 0;
   std::string policy;
+  std::string profiles_source;
 };
+
+// The directory of this executable, where the shipped profiles are looked for.
+std::filesystem::path exe_dir(const char* argv0) {
+  std::error_code ec;
+  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) return self.parent_path();
+  return std::filesystem::absolute(argv0, ec).parent_path();
+}
 
 workload parse_resolution(const std::string& text, workload w) {
   const auto x = text.find('x');
@@ -46,7 +59,7 @@ stack load_model(const std::string& name) {
   throw error("unknown model '" + name + "': expected the preset liveavatar-14b or a Wan CONFIG.json");
 }
 
-settings settings_from(const cli::options& o) {
+settings settings_from(const cli::options& o, const std::filesystem::path& dir) {
   settings s;
   const std::string model = o.require("--model");
   s.rq.world_size = o.get_count("--world-size", 0);
@@ -63,7 +76,20 @@ settings settings_from(const cli::options& o) {
   s.policy = o.get("--policy", "fsdp");
   if (o.has("--resolution")) s.rq.work = parse_resolution(o.get("--resolution"), s.rq.work);
   s.rq.work.frames_per_block = static_cast<count>(o.get_count("--frames", 3));
-  s.rq.device = find_profile(o.get("--device-profile", "rtx4090"));
+  std::vector<std::string> user_profiles;
+  if (o.has("--profiles")) user_profiles.push_back(o.get("--profiles"));
+  const profile_set profiles = find_profiles(dir, user_profiles);
+  s.profiles_source = profiles.source;
+  // A name that no profile defines is a bad option value (exit 2); a bad file is bad input (1).
+  const auto lookup = [](const char* option, auto&& find) {
+    try {
+      return find();
+    } catch (const error& e) {
+      throw cli::usage_error(std::string(option) + ": " + e.what());
+    }
+  };
+  s.rq.device = lookup("--device-profile", [&] { return profiles.device(o.get("--device-profile", "rtx4090")); });
+  s.rq.link = lookup("--link-profile", [&] { return profiles.link(o.get("--link-profile", s.rq.device.link)); });
   // Input checks (exit 1): each names the culprit.
   if (s.rq.world_size == 0) throw error("--world-size must be at least 1 (got 0)");
   if (memory <= reserve)
@@ -87,21 +113,27 @@ nlohmann::json to_json(const settings& s, const stack_plan& p) {
                      {"host_bytes", p.host_bytes}});
   nlohmann::json j{{"model", s.st.model}, {"world_size", s.rq.world_size}, {"budget_bytes", s.budget},
                    {"policy", p.policy},  {"fits", p.peak() <= s.budget},  {"peak_bytes", p.peak()},
-                   {"ranks", ranks},      {"time_s", p.time_s},            {"device_profile", s.rq.device.name}};
-  if (p.effective_chunk) j["effective_chunk_bytes"] = p.effective_chunk;
+                   {"ranks", ranks},      {"time_s", p.time_s},            {"device_profile", s.rq.device.name},
+                   {"link_profile", s.rq.link.name}, {"profiles", s.profiles_source}};
+  if (p.effective_chunk) {
+    j["effective_chunk_bytes"] = p.effective_chunk;
+    j["chunks_per_forward"] = p.chunks;
+  }
   return j;
 }
 
 void print_text(const settings& s, const stack_plan& p, std::FILE* out) {
-  std::fprintf(out, "%s, world size %zu, policy %s: peak %zu bytes (%.2f GiB) of %zu (%.2f GiB) -> %s, %.3f s per forward on %s\n",
+  std::fprintf(out, "%s, world size %zu, policy %s: peak %zu bytes (%.2f GiB) of %zu (%.2f GiB) -> %s, %.3f s per forward on %s over %s\n",
                s.st.model.c_str(), s.rq.world_size, p.policy.c_str(), p.peak(), p.peak() / gib, s.budget, s.budget / gib,
-               p.peak() <= s.budget ? "fits" : "does not fit", p.time_s, s.rq.device.name.c_str());
+               p.peak() <= s.budget ? "fits" : "does not fit", p.time_s, s.rq.device.name.c_str(), s.rq.link.name.c_str());
   for (std::size_t r = 0; r < s.rq.world_size; ++r) {
     std::fprintf(out, "rank %zu planned_peak_bytes=%zu planned_peak_gib=%.3f", r, p.peak(), p.peak() / gib);
     for (const auto& [k, v] : p.details) std::fprintf(out, " %s=%.3fGiB", k.c_str(), v / gib);
     std::fprintf(out, " host=%.3fGiB\n", p.host_bytes / gib);
   }
-  if (p.effective_chunk) std::fprintf(out, "effective chunk: %zu bytes\n", p.effective_chunk);
+  if (p.effective_chunk)
+    std::fprintf(out, "effective chunk: %zu bytes (%.2f MiB), %zu chunks per forward\n", p.effective_chunk,
+                 p.effective_chunk / (1024.0 * 1024.0), p.chunks);
 }
 
 stack_plan plan_one(const settings& s, const std::string& text) {
@@ -114,13 +146,30 @@ stack_plan plan_one(const settings& s, const std::string& text) {
   return plan_stack(s.st, pol, s.rq);
 }
 
-int run(const cli::options& o) {
-  const settings s = settings_from(o);
+// The predicted timeline of one forward as Chrome trace JSON (docs/planner.md, "Timeline").
+void write_timeline(const settings& s, const stack_plan& p, const std::string& path) {
+  std::ofstream out(path);
+  if (!out) throw error("--timeline: cannot create '" + path + "'");
+  const timeline tl = simulate_forward(p.steps, time_rates::of(s.rq.device, s.rq.link), p.prefetch);
+  std::map<std::string, std::size_t> constant = p.terms;
+  constant.erase("gathered");
+  const std::string title = s.st.model + ", " + std::to_string(s.rq.world_size) + " x " + s.rq.device.name + " (" +
+                            s.rq.link.name + "), " + p.policy + ", peak " + std::to_string(p.peak()) + " of budget " +
+                            std::to_string(s.budget);
+  write_chrome_trace(out, tl, s.rq.world_size, constant, title);
+  if (!out) throw error("--timeline: cannot write '" + path + "'");
+}
+
+int run(const cli::options& o, const std::filesystem::path& dir) {
+  const settings s = settings_from(o, dir);
   const bool json = o.has("--json");
   std::FILE* text = json ? stderr : stdout;
+  if (o.has("--timeline") && s.policy == "auto")
+    throw cli::usage_error("--timeline draws one policy; give --policy NAME, not auto");
   if (s.policy != "auto") {
     const stack_plan p = plan_one(s, s.policy);
     print_text(s, p, text);
+    if (o.has("--timeline")) write_timeline(s, p, o.get("--timeline"));
     if (json) std::printf("%s\n", to_json(s, p).dump(2).c_str());
     return 0;
   }
@@ -129,7 +178,10 @@ int run(const cli::options& o) {
     const stack_plan p = plan_one(s, c);
     if (p.peak() <= s.budget) fits.push_back(p);
   }
-  std::stable_sort(fits.begin(), fits.end(), [](const auto& a, const auto& b) { return a.time_s < b.time_s; });
+  // Fastest first; among equally fast plans the smaller peak.
+  std::stable_sort(fits.begin(), fits.end(), [](const auto& a, const auto& b) {
+    return a.time_s < b.time_s || (a.time_s == b.time_s && a.peak() < b.peak());
+  });
   if (fits.empty()) std::fprintf(text, "no policy fits %.2f GiB per rank at world size %zu\n", s.budget / gib, s.rq.world_size);
   nlohmann::json all = nlohmann::json::array();
   for (const auto& p : fits) {
@@ -146,8 +198,8 @@ int main(int argc, char** argv) {
   return unshard::cli::run_tool("unshard-plan", usage, [&] {
     const unshard::cli::options o(argc, argv,
                                   {"--model", "--world-size", "--device-memory", "--reserve", "--policy", "--resolution",
-                                   "--frames", "--device-profile"},
+                                   "--frames", "--device-profile", "--link-profile", "--profiles", "--timeline"},
                                   {"--json"});
-    return run(o);
+    return run(o, exe_dir(argv[0]));
   });
 }

@@ -8,11 +8,15 @@
 
 namespace unshard {
 
-// One parameter as a layer declares it: its checkpoint name, shape and storage dtype.
+// One parameter as a layer declares it: its checkpoint name, shape and storage dtype, and whether
+// the layer consumes it row by row (a GEMM weight: output rows are independent) or only whole (a
+// modulation table, a mask). Chunked unshard cuts only the former into runs of rows; the latter
+// stay resident under it, like 1-D parameters.
 struct param_spec {
   std::string name;
   shape dims;
   dtype type = dtype::f32;
+  bool by_rows = true;
 
   std::size_t bytes() const { return static_cast<std::size_t>(dims.numel()) * size_of(type); }
 };

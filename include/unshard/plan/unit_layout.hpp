@@ -97,7 +97,7 @@ inline void cut_into_chunks(unit_layout& u, std::size_t limit) {
 }
 
 inline bool stays_resident(const param_spec& p, const policy_values& policy) {
-  return p.bytes() < policy.resident_below_bytes || (policy.chunked() && p.dims.rank() < 2);
+  return p.bytes() < policy.resident_below_bytes || (policy.chunked() && (p.dims.rank() < 2 || !p.by_rows));
 }
 }  // namespace detail
 
@@ -118,6 +118,8 @@ std::vector<unit_layout> build_units(const M& m, std::size_t world_size, const p
       u.name = per_sub && subs > 1 ? layer.name() + "." + layer.subunit_name(s0) : layer.name();
       u.info.layer = l;
       u.info.layer_count = layers;
+      if constexpr (requires { layer.fsdp_root(); }) u.info.root = layer.fsdp_root();
+      else u.info.root = l == 0 || l + 1 == layers;
       u.info.first_subunit = s0;
       u.info.subunit_count = s1 - s0;
       for (std::size_t s = s0; s < s1; ++s) {

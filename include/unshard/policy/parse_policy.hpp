@@ -47,10 +47,10 @@ struct parsed_policy {
 };
 
 namespace detail {
-// FSDP as Live Avatar wraps its DiT: one FSDP unit per block; everything outside the blocks (the
-// first and last layer of our models: embeddings, head) is the root unit, gathered for the whole
-// forward.
-constexpr bool keeps_root_unit(const unit_info& u) noexcept { return u.layer == 0 || u.layer + 1 == u.layer_count; }
+// FSDP as Live Avatar wraps its DiT: one FSDP unit per block; everything outside the blocks
+// (unit_info::root: embeddings, head, and in the S2V model the frame packer, encoders and audio
+// injectors) is the root unit, gathered for the whole forward.
+constexpr bool keeps_root_unit(const unit_info& u) noexcept { return u.root; }
 }  // namespace detail
 
 inline parsed_policy parse_policy(std::string_view text) {

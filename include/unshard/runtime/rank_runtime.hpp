@@ -119,11 +119,11 @@ class rank_runtime {
       if (ul.sharded.shard_bytes()) {
         auto& mem = policy_.offload ? host_ : device_;
         shards_[u] = mem.allocate(ul.sharded.shard_bytes(), memory_category::shards);
-        load_shard(weights, ul.sharded, ul.sharded_params, rank_, shards_[u].data());
+        load_into(weights, ul.sharded, ul.sharded_params, rank_, shards_[u], !policy_.offload);
       }
       if (ul.resident.used_bytes()) {
         resident_[u] = device_.allocate(ul.resident.used_bytes(), memory_category::resident);
-        load_shard(weights, ul.resident, ul.resident_params, 0, resident_[u].data());
+        load_into(weights, ul.resident, ul.resident_params, 0, resident_[u], true);
       }
       if (ul.kept && ul.gathered_bytes()) gathered_own_[u] = device_.allocate(ul.gathered_bytes(), memory_category::gathered);
     }
@@ -140,6 +140,23 @@ class rank_runtime {
     kept_ready_.assign(n, false);
     gather_order_.reserve(n);
     rebuild_gather_order();
+  }
+
+  // A backend whose device memory the host cannot write (CUDA) stages each shard through host
+  // memory and copies it over with B::copy_to_device; the host backend loads in place.
+  template <weight_source S>
+  void load_into(const S& weights, const flat_layout& layout, const std::vector<param_spec>& params,
+                 std::size_t piece, allocation& dst, bool on_device) {
+    const std::size_t bytes = layout.shard_bytes();
+    if constexpr (requires { B::copy_to_device(world_, rank_, dst.data(), dst.data(), bytes); }) {
+      if (on_device) {
+        std::vector<std::byte> staging(bytes);
+        load_shard(weights, layout, params, piece, staging.data());
+        B::copy_to_device(world_, rank_, dst.data(), staging.data(), bytes);
+        return;
+      }
+    }
+    load_shard(weights, layout, params, piece, dst.data());
   }
 
   std::byte* gathered_buffer(std::size_t u) const {
@@ -295,9 +312,9 @@ class rank_runtime {
   std::vector<std::vector<param_views>> views_;
 
   // A sub-unit's parameters under chunked unshard (a param_source, layer/param_source.hpp):
-  // resident ones at once, streamed ones chunk by chunk in declared order. Reading out of order,
-  // or leaving a streamed parameter unread, is an error naming the parameter: the chunk sequence
-  // is fixed, so a mismatch would otherwise feed one weight's bytes to another.
+  // resident ones at once, streamed ones chunk by chunk in declared order. Going back to a
+  // parameter already passed is an error naming it: the chunk sequence is fixed, so a mismatch
+  // would otherwise feed one weight's bytes to another.
   class weight_stream {
    public:
     weight_stream(rank_runtime& rt, std::size_t unit, std::size_t sub, std::size_t& next)
@@ -346,12 +363,12 @@ class rank_runtime {
       }
     }
 
-    // End of the sub-unit: give back the held chunk; every streamed parameter must have been read.
+    // End of the sub-unit: give back the held chunk and pass over the chunks of parameters it did
+    // not read (a sub-unit with nothing to do in this call). They were gathered all the same: every
+    // rank runs the same chunk sequence, so the collectives stay matched.
     void finish() {
       release_held();
-      if (next_ < end_ && unit_.sharded_subunit[rt_.chunk_at(next_).first_param] == sub_)
-        throw_error("layer sub-unit ", unit_.name, "/", sub_, " did not read its streamed parameter '",
-                    unit_.sharded_params[rt_.chunk_at(next_).first_param].name, "'");
+      while (next_ < end_ && unit_.sharded_subunit[rt_.chunk_at(next_).first_param] == sub_) skip_chunk();
     }
 
    private:
@@ -368,8 +385,12 @@ class rank_runtime {
     }
     static bool covers(const weight_chunk& c, std::size_t k) { return !c.split && c.first_param <= k && k <= c.last_param; }
 
-    // The next chunk must hold streamed parameter k (whole or its first rows).
-    const weight_chunk& expect(std::size_t k) const {
+    // The next chunk must hold streamed parameter k (whole or its first rows); chunks of parameters
+    // declared before k and never read are passed over.
+    const weight_chunk& expect(std::size_t k) {
+      while (next_ < end_ && rt_.chunk_at(next_).last_param < k &&
+             unit_.sharded_subunit[rt_.chunk_at(next_).first_param] == sub_)
+        skip_chunk();
       if (next_ >= end_ || rt_.chunk_at(next_).first_param > k || rt_.chunk_at(next_).last_param < k ||
           (rt_.chunk_at(next_).split && rt_.chunk_at(next_).row_begin != 0)) {
         const std::string next = next_ < end_ ? unit_.sharded_params[rt_.chunk_at(next_).first_param].name : "nothing";
@@ -383,6 +404,10 @@ class rank_runtime {
       const param_spec& p = unit_.sharded_params[k];
       const std::size_t offset = unit_.sharded.entry(k).offset - rt_.chunk_at(held_at_).begin;
       return tensor_view(held_buffer_ + offset, p.type, p.dims);
+    }
+    void skip_chunk() {
+      rt_.acquire_chunk(next_);
+      rt_.release_chunk(next_++);
     }
     void release_held() {
       if (!held_) return;

@@ -19,17 +19,29 @@ struct layer_norm_stats {
   double rstd;
 };
 
+// The per-element pieces of the row functions below; kernels that reduce a row across threads
+// (kernels/cuda/norm.cuh) call them too, so both paths share the statistics and the rounding.
+UNSHARD_HD double row_mean(double sum, std::size_t n) { return sum / static_cast<double>(n); }
+UNSHARD_HD layer_norm_stats layer_norm_stats_of(double mean, double centered_sq, std::size_t n, double eps) {
+  return {mean, 1.0 / ::sqrt(centered_sq / static_cast<double>(n) + eps)};  // biased variance
+}
+UNSHARD_HD float modulated(float normed, float shift, float scale) { return normed * (1.0f + scale) + shift; }
+UNSHARD_HD float affine(float normed, float weight, float bias) { return normed * weight + bias; }
+UNSHARD_HD double rms_rstd(double sum_sq, std::size_t n, double eps) {
+  return 1.0 / ::sqrt(sum_sq / static_cast<double>(n) + eps);
+}
+UNSHARD_HD float rms_normalized(float x, double rstd, float weight) { return static_cast<float>(x * rstd) * weight; }
+
 UNSHARD_HD layer_norm_stats row_layer_norm_stats(const float* x, std::size_t n, double eps) {
   double sum = 0.0;
   for (std::size_t i = 0; i < n; ++i) sum += x[i];
-  const double mean = sum / static_cast<double>(n);
+  const double mean = row_mean(sum, n);
   double sq = 0.0;
   for (std::size_t i = 0; i < n; ++i) {
     const double c = x[i] - mean;
     sq += c * c;
   }
-  const double var = sq / static_cast<double>(n);  // biased, as nn.LayerNorm
-  return {mean, 1.0 / ::sqrt(var + eps)};
+  return layer_norm_stats_of(mean, sq, n, eps);
 }
 
 UNSHARD_HD float normalized(float x, const layer_norm_stats& s) {
@@ -46,14 +58,14 @@ UNSHARD_HD void layer_norm_row(const float* x, std::size_t n, double eps, float*
 template <class W, class B>
 UNSHARD_HD void layer_norm_row(const float* x, std::size_t n, double eps, const W* weight, const B* bias, float* y) {
   const layer_norm_stats s = row_layer_norm_stats(x, n, eps);
-  for (std::size_t i = 0; i < n; ++i) y[i] = normalized(x[i], s) * to_f32(weight[i]) + to_f32(bias[i]);
+  for (std::size_t i = 0; i < n; ++i) y[i] = affine(normalized(x[i], s), to_f32(weight[i]), to_f32(bias[i]));
 }
 
 // adaLN: y = LN(x) * (1 + scale) + shift, with shift/scale rows of the f32 modulation.
 UNSHARD_HD void layer_norm_modulate_row(const float* x, std::size_t n, double eps, const float* shift,
                                         const float* scale, float* y) {
   const layer_norm_stats s = row_layer_norm_stats(x, n, eps);
-  for (std::size_t i = 0; i < n; ++i) y[i] = normalized(x[i], s) * (1.0f + scale[i]) + shift[i];
+  for (std::size_t i = 0; i < n; ++i) y[i] = modulated(normalized(x[i], s), shift[i], scale[i]);
 }
 
 // y = x / sqrt(mean(x²) + eps) * weight (WanRMSNorm; over the full row, all heads together).
@@ -61,8 +73,8 @@ template <class W>
 UNSHARD_HD void rms_norm_row(const float* x, std::size_t n, double eps, const W* weight, float* y) {
   double sq = 0.0;
   for (std::size_t i = 0; i < n; ++i) sq += static_cast<double>(x[i]) * x[i];
-  const double rstd = 1.0 / ::sqrt(sq / static_cast<double>(n) + eps);
-  for (std::size_t i = 0; i < n; ++i) y[i] = static_cast<float>(x[i] * rstd) * to_f32(weight[i]);
+  const double rstd = rms_rstd(sq, n, eps);
+  for (std::size_t i = 0; i < n; ++i) y[i] = rms_normalized(x[i], rstd, to_f32(weight[i]));
 }
 
 }  // namespace unshard

@@ -2,6 +2,7 @@
 // Parameter inventory of the Live Avatar stack, counted from the architectures (docs/planner.md names
 // the source file of every formula). Counts are functions of config structs, so any Wan config.json
 // (1.3B, 14B) and the Wan2.2-S2V-14B DiT are counted by the same code; nothing is a typed-in total.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -46,6 +47,14 @@ inline count wan_outside_blocks(const wan_config& c) {
 }
 
 inline count wan_total(const wan_config& c) { return c.num_layers * wan_block(c).total() + wan_outside_blocks(c); }
+
+// Elements in one row (the dimensions after the first) of the widest weight: a chunked unshard
+// never cuts a row, so this sets its smallest chunk. Rows: in-features of every Linear, in x kernel
+// volume of every Conv (patch embedding); modulations are small and stay resident.
+inline count wan_widest_row(const wan_config& c) {
+  const count patch_volume = c.patch_size[0] * c.patch_size[1] * c.patch_size[2];
+  return std::max({c.dim, c.ffn_dim, c.text_dim, c.freq_dim, c.in_dim * patch_volume});
+}
 
 // The additions of WanModel_S2V / CausalWanModel_S2V (wan/modules/s2v/model_s2v.py,
 // liveavatar/models/wan/causal_model_s2v.py) and wan_s2v_14B_modified.py's values.
@@ -119,6 +128,15 @@ inline s2v_parts s2v_inventory(const s2v_config& s) {
   p.cond_mask = 3 * c.dim;  // nn.Embedding(3, dim)
   p.lora = s.lora_merged ? 0 : c.num_layers * lora_per_block(c, s.lora_rank);
   return p;
+}
+
+// The widest row of the S2V additions too: the causal audio encoder's Conv1d(k=3) rows
+// (in x 3), the frame packer's Conv3d rows (16 x kernel volume), the injectors' Linear(dim, .).
+inline count s2v_widest_row(const s2v_config& s) {
+  const wan_config& c = s.base;
+  const count h = c.dim;
+  return std::max({wan_widest_row(c), s.audio_dim * 3, h / 4 * 3, h / 2 * 3, static_cast<count>(s.enable_framepack ? 16 * 256 : 0),
+                   s.cond_dim * c.patch_size[0] * c.patch_size[1] * c.patch_size[2]});
 }
 
 // umT5-XXL encoder (wan/modules/t5.py, umt5_xxl(encoder_only=True)): no biases, gated GELU FFN,

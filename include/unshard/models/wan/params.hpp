@@ -27,15 +27,16 @@ namespace unshard::detail {
 struct wan_param_slot {
   const char* name = "";  // suffix after the layer prefix ("" for embeddings, "blocks.i.", "head.")
   shape dims;
+  bool by_rows = false;   // a GEMM weight, consumed row by row (see param_spec)
 };
 
 struct wan_param_table {
   std::array<wan_param_slot, 16> slots{};
   std::size_t count = 0;
 
-  std::size_t add(const char* name, shape dims) {
+  std::size_t add(const char* name, shape dims, bool by_rows = false) {
     if (count == slots.size()) throw_error("wan_param_table: more than ", slots.size(), " parameters ('", name, "')");
-    slots[count] = {name, dims};
+    slots[count] = {name, dims, by_rows};
     return count++;
   }
 };
@@ -48,7 +49,7 @@ struct wan_linear_slots {
 inline wan_linear_slots add_linear(wan_param_table& t, const char* weight, const char* bias, std::size_t out,
                                    std::size_t in) {
   const auto o = static_cast<std::int64_t>(out), i = static_cast<std::int64_t>(in);
-  const std::size_t w = t.add(weight, {o, i});
+  const std::size_t w = t.add(weight, {o, i}, true);
   return {w, t.add(bias, {o})};
 }
 
@@ -65,7 +66,7 @@ inline wan_patch_embedding_params wan_patch_embedding_layout(const wan_geometry&
   wan_patch_embedding_params p;
   const auto i64 = [](std::size_t v) { return static_cast<std::int64_t>(v); };
   const std::size_t w = p.table.add("patch_embedding.weight", {i64(g.dim), i64(g.in_dim), i64(g.grid.pt),
-                                                               i64(g.grid.ph), i64(g.grid.pw)});
+                                                               i64(g.grid.ph), i64(g.grid.pw)}, true);
   p.conv = {w, p.table.add("patch_embedding.bias", {i64(g.dim)})};
   return p;
 }
@@ -175,7 +176,8 @@ inline wan_head_params wan_head_layout(const wan_geometry& g) {
 
 inline std::vector<param_spec> wan_param_specs(const wan_param_table& t, const std::string& prefix, dtype storage) {
   std::vector<param_spec> specs;
-  for (std::size_t i = 0; i < t.count; ++i) specs.push_back({prefix + t.slots[i].name, t.slots[i].dims, storage});
+  for (std::size_t i = 0; i < t.count; ++i)
+    specs.push_back({prefix + t.slots[i].name, t.slots[i].dims, storage, t.slots[i].by_rows});
   return specs;
 }
 

@@ -23,8 +23,11 @@ struct stack_plan {
   std::map<std::string, std::size_t> terms;
   std::map<std::string, std::size_t> details;
   std::size_t host_bytes = 0;
-  std::size_t effective_chunk = 0;  // chunked: the chunk actually gathered
+  std::size_t effective_chunk = 0;  // chunked: max(SIZE, the largest row of any chunked weight)
+  std::size_t chunks = 0;           // chunked: chunks gathered per forward
   double time_s = 0;
+  std::vector<step_cost> steps;     // what the time model replays (and --timeline draws)
+  std::size_t prefetch = 0;         // gathers in flight ahead of compute
   std::size_t peak() const {
     std::size_t t = 0;
     for (const auto& [k, v] : terms) t += v;
@@ -35,7 +38,8 @@ struct stack_plan {
 struct plan_request {
   std::size_t world_size = 1;
   workload work;
-  device_profile device = find_profile("rtx4090");
+  device_profile device = builtin_profiles().device("rtx4090");
+  link_profile link = builtin_profiles().link("pcie4-no-p2p");
 };
 
 namespace detail {
@@ -82,6 +86,53 @@ inline double unit_flops(const stack& st, const dit_unit& u, const workload& w) 
   if (u.block) f += 4.0 * L * (L + static_cast<double>(w.kv_cache_tokens)) * static_cast<double>(st.dit.dim);
   return f;
 }
+
+// chunked:SIZE gathers chunks of at most SIZE, but never less than one whole row: the effective
+// chunk (what each of the K+1 buffers must hold) is max(SIZE, the largest row of any weight).
+inline std::size_t effective_chunk(const stack& st, std::size_t requested) {
+  return std::max(requested, static_cast<std::size_t>(st.widest_row) * bf16_bytes);
+}
+
+// The steps of one forward under a policy, in order (see time_model.hpp). Every rank receives
+// (N-1)/N of each gathered unit; under offload it first copies its own 1/N from host memory.
+//  * fsdp: the root unit (everything outside `blocks`) is one gather before the first block and
+//    stays live; blocks are gathered one ahead.
+//  * full: everything was gathered once and kept (at load), so a forward gathers nothing.
+//  * selective:subunit: a unit's gathers are ceil(unit / largest sub-unit) equal pieces.
+//  * chunked: ceil(unit / effective chunk) equal chunks, each one collective (paying the link's
+//    latency) and one buffer of the effective chunk; compute splits in proportion.
+inline std::vector<step_cost> forward_steps(const stack& st, const parsed_policy& pol, const plan_request& rq,
+                                            std::size_t chunk) {
+  const policy_values& v = pol.values;
+  const double n = static_cast<double>(rq.world_size), remote = (n - 1) / n;
+  std::vector<step_cost> steps;
+  if (pol.fsdp) {
+    const std::size_t root = bytes_of(st.root_params());
+    steps.push_back({"root", 0, static_cast<double>(root) * remote, 0, root, true});
+  }
+  for (const auto& u : st.units) {
+    const double flops = unit_flops(st, u, rq.work);
+    const std::size_t bytes = bytes_of(u.params);
+    if (v.full || (pol.fsdp && u.root) || bytes == 0) {
+      steps.push_back({u.name, flops, 0, 0, 0, false});
+      continue;
+    }
+    std::size_t pieces = 1, piece_buffer = bytes;
+    if (pol.chunk_bytes) {
+      pieces = (bytes + chunk - 1) / chunk;
+      piece_buffer = chunk;
+    } else if (v.granularity == unshard_granularity::subunit) {
+      const std::size_t sub = bytes_of(st.largest_subunit);
+      pieces = (bytes + sub - 1) / sub;
+      piece_buffer = (bytes + pieces - 1) / pieces;
+    }
+    const double piece = static_cast<double>(bytes) / static_cast<double>(pieces);
+    for (std::size_t i = 0; i < pieces; ++i)
+      steps.push_back({pieces == 1 ? u.name : u.name + "#" + std::to_string(i), flops / static_cast<double>(pieces),
+                       piece * remote, v.offload ? piece / n : 0, piece_buffer, false});
+  }
+  return steps;
+}
 }  // namespace detail
 
 // The gathered term and the per-unit costs for one parsed policy.
@@ -112,9 +163,8 @@ inline stack_plan plan_stack(const stack& st, const parsed_policy& pol, const pl
     p.details["gathered.root"] = detail::bytes_of(st.root_params());
     p.details["gathered.blocks"] = 2 * detail::bytes_of(block);
     gathered = p.details["gathered.root"] + p.details["gathered.blocks"];
-  } else if (pol.chunk_bytes) {  // at least one whole row of the widest weight
-    const std::size_t row = static_cast<std::size_t>(st.widest_row) * bf16_bytes;
-    p.effective_chunk = std::max(row, *pol.chunk_bytes / row * row);
+  } else if (pol.chunk_bytes) {  // K+1 chunk buffers; a chunk is at least one whole row
+    p.effective_chunk = detail::effective_chunk(st, *pol.chunk_bytes);
     gathered = (depth + 1) * p.effective_chunk;
     p.details["gathered.chunks"] = gathered;
   } else {
@@ -128,29 +178,23 @@ inline stack_plan plan_stack(const stack& st, const parsed_policy& pol, const pl
   p.terms["kv_cache"] = p.details["kv_cache.causal"];
 
   // Time of one DiT forward (one denoising step of one streamed block).
-  std::vector<unit_cost> costs;
-  const double remote = n > 1 ? static_cast<double>(n - 1) / static_cast<double>(n) : 0.0;
-  double root_gather = 0;
-  for (const auto& u : st.units) {
-    unit_cost c;
-    c.flops = detail::unit_flops(st, u, rq.work);
-    const double bytes = static_cast<double>(detail::bytes_of(u.params));
-    if (pol.fsdp && u.root) root_gather += bytes * remote;  // gathered once, before the first block
-    else if (!v.full) c.gather_bytes = bytes * remote;
-    if (v.offload) c.h2d_bytes = bytes / static_cast<double>(n);
-    costs.push_back(c);
-  }
-  if (pol.fsdp) costs.insert(costs.begin(), unit_cost{0, root_gather, 0});
-  const std::size_t overlap = pol.fsdp ? 1 : (pol.chunk_bytes ? std::max<std::size_t>(depth, 0) : depth);
-  p.time_s = forward_seconds(costs, rq.device, overlap);
+  p.steps = detail::forward_steps(st, pol, rq, p.effective_chunk);
+  p.prefetch = pol.fsdp ? 1 : depth;
+  for (const auto& c : p.steps) p.chunks += pol.chunk_bytes && c.gather_bytes + c.h2d_bytes > 0 ? 1 : 0;
+  p.time_s = forward_seconds(p.steps, time_rates::of(rq.device, rq.link), p.prefetch);
   return p;
 }
 
-// --policy auto: the policies searched, in the grammar's spelling.
+// --policy auto: the policies searched, in the grammar's spelling: every granularity with and
+// without prefetch and offload, and chunk sizes from 16 MiB to 1 GiB.
 inline std::vector<std::string> auto_candidates() {
-  return {"full", "fsdp", "selective:block", "selective:subunit", "prefetch:1", "prefetch:2",
-          "selective:subunit+prefetch:1", "chunked:64MiB+prefetch:1", "offload+prefetch:1", "offload+prefetch:2",
-          "offload+selective:subunit+prefetch:1", "offload+chunked:64MiB+prefetch:2"};
+  std::vector<std::string> out{"full", "fsdp"};
+  std::vector<std::string> grains{"selective:block", "selective:subunit"};
+  for (const char* size : {"16MiB", "64MiB", "256MiB", "1GiB"}) grains.push_back(std::string("chunked:") + size);
+  for (const auto& g : grains)
+    for (const char* prefetch : {"", "+prefetch:1", "+prefetch:2"})
+      for (const char* offload : {"", "+offload"}) out.push_back(g + prefetch + offload);
+  return out;
 }
 
 }  // namespace unshard::liveavatar

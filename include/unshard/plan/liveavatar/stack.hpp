@@ -50,7 +50,7 @@ struct stack {
   wan_config dit;
   std::vector<dit_unit> units;      // forward order
   count largest_subunit = 0;        // for selective:subunit
-  count widest_row = 0;             // in-features of the widest weight row (chunked's minimum)
+  count widest_row = 0;             // elements in the widest weight row (chunked's smallest chunk)
   count text_encoder = 0;           // umT5-XXL, FSDP-sharded like the DiT (t5_fsdp)
   count vae = 0;                    // on the GPU, unsharded (Wan2_1_VAE(device=self.device))
   count audio_encoder_host = 0;     // wav2vec2: AudioEncoder(device='cpu') stays in host memory
@@ -87,7 +87,7 @@ inline stack liveavatar_stack(const s2v_config& s) {
   st.units.push_back({"head", head, true, false});
   const wan_block_parts b = wan_block(c);
   st.largest_subunit = std::max({b.self_attn, b.ffn, p.injector_each, linear(c.dim, 6 * c.dim)});
-  st.widest_row = std::max(c.ffn_dim, c.text_dim);
+  st.widest_row = s2v_widest_row(s);
   st.text_encoder = t5_encoder_params({});
   st.vae = vae_params({});
   st.audio_encoder_host = wav2vec2_params({});
@@ -105,7 +105,7 @@ inline stack wan_stack(const wan_config& c, const std::string& name) {
   for (count i = 0; i < c.num_layers; ++i) st.units.push_back({"blocks." + std::to_string(i), wan_block(c).total(), false, true});
   const wan_block_parts b = wan_block(c);
   st.largest_subunit = std::max({b.self_attn, b.ffn, linear(c.dim, 6 * c.dim)});
-  st.widest_row = std::max(c.ffn_dim, c.text_dim);
+  st.widest_row = wan_widest_row(c);
   st.text_encoder = t5_encoder_params({});
   st.vae = vae_params({});
   return st;

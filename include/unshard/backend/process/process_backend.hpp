@@ -1,0 +1,32 @@
+#pragma once
+#include <cstddef>
+#include <memory>
+
+#include "unshard/backend/backend.hpp"
+#include "unshard/backend/host/host_stream.hpp"
+#include "unshard/backend/process/process_world.hpp"
+
+namespace unshard {
+
+// Ranks are processes (one per rank, started by a launcher: torchrun, srun, unshard-launch),
+// joined over TCP; memory and streams are the host backend's: a fixed "device" arena per rank,
+// compute inline, communication on a worker thread. What differs is only the world the stream
+// talks to, so the host stream is reused as is, over process_world. This is the launcher path
+// of the NCCL backend with the GPU taken out: same variables, same rendezvous, same failure
+// model, testable without a GPU.
+struct process_backend {
+  using world = process_world;
+  using stream = basic_host_stream<process_world>;
+  using event = host_event;
+  static constexpr const char* name = "process";
+
+  static std::unique_ptr<stream> compute_stream(world& w, std::size_t rank, trace_recorder* t) {
+    return std::make_unique<stream>(w, rank, stream::mode::inline_stream, t);
+  }
+  static std::unique_ptr<stream> comm_stream(world& w, std::size_t rank, trace_recorder* t) {
+    return std::make_unique<stream>(w, rank, stream::mode::worker_stream, t);
+  }
+};
+static_assert(backend<process_backend>);
+
+}  // namespace unshard

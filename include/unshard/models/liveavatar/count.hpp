@@ -1,0 +1,69 @@
+#pragma once
+// Sizes of the S2V model for the planner, counted from the same module definitions the forward
+// runs (s2v_model's layers and buffers), for any config and workload: parameters per unit, and the
+// KV cache (cond cache + one noisy cache per denoising step) in bytes. No separate table.
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "unshard/core/error.hpp"
+#include "unshard/core/memory_category.hpp"
+#include "unshard/models/liveavatar/model.hpp"
+
+namespace unshard {
+
+struct s2v_unit_count {
+  std::string name;      // embeddings, frame_packer, cond_encoder, audio_encoder, blocks.i, audio_injector.j, head
+  std::int64_t params = 0;
+};
+
+struct s2v_counts {
+  std::vector<s2v_unit_count> units;  // forward order
+  std::int64_t total = 0, blocks = 0, injectors = 0, outside_blocks = 0;
+  std::size_t cond_cache_bytes = 0;        // cond K + V, all layers
+  std::size_t noisy_cache_bytes = 0;       // one denoising step's noisy K + V, all layers
+  std::size_t kv_cache_bytes = 0;          // cond + steps * noisy: one full set
+};
+
+// The pipeline's workload for a video of `width` x `height` pixels (divisible by 16: VAE stride 8,
+// patch 2): latents height/8 x width/8, 3 frames per block, 4 blocks per clip in the cache, 4
+// denoising steps, a full text context.
+inline s2v_workload s2v_pipeline_workload(const s2v_config& c, std::int64_t width, std::int64_t height) {
+  if (width <= 0 || height <= 0 || width % 16 != 0 || height % 16 != 0)
+    throw_error("resolution ", width, "x", height, " must be positive and divisible by 16 (VAE stride 8 x patch 2)");
+  s2v_workload w;
+  w.latent_hw = {height / 8, width / 8};
+  w.context_len = c.text_len;
+  return w;
+}
+
+// Counts from the module definitions. `kv_element_bytes` is the cache dtype's size (this host
+// implementation keeps f32 caches: 4; the official bf16 caches: 2).
+inline s2v_counts count_s2v(const s2v_config& c, const s2v_workload& w, std::size_t kv_element_bytes = 4) {
+  const s2v_model m(c, w);
+  s2v_counts out;
+  for (std::size_t l = 0; l < m.layer_count(); ++l) {
+    const s2v_layer& layer = m.layer(l);
+    s2v_unit_count u{layer.name(), 0};
+    for (std::size_t s = 0; s < layer.subunit_count(); ++s)
+      for (const param_spec& p : layer.parameters(s)) u.params += p.dims.numel();
+    out.total += u.params;
+    if (layer.kind() == s2v_layer_kind::block) out.blocks += u.params;
+    else out.outside_blocks += u.params;
+    if (layer.kind() == s2v_layer_kind::injector) out.injectors += u.params;
+    out.units.push_back(std::move(u));
+  }
+  // The cache buffers the model declares are f32; scale to the requested element size.
+  std::size_t cond = 0, noisy = 0;
+  for (const buffer_spec& b : m.buffers()) {
+    if (b.category != memory_category::kv_cache) continue;
+    (b.name.starts_with("kv.cond.") ? cond : noisy) += b.bytes / sizeof(float) * kv_element_bytes;
+  }
+  out.cond_cache_bytes = cond;
+  out.noisy_cache_bytes = noisy / m.geometry().steps;
+  out.kv_cache_bytes = cond + noisy;
+  return out;
+}
+
+}  // namespace unshard

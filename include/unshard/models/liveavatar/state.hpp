@@ -1,0 +1,193 @@
+#pragma once
+// The state of a Live Avatar stream on one rank: every non-weight buffer, declared once in a table
+// that both the buffer list (ledger, allocator) and make_state (the views) read; plus the
+// parameters of the call about to run, which prepare() sets, and the cond-cache length the sink
+// leaves behind.
+//
+// Categories: kv_cache -- the cond cache and one noisy cache per denoising step, written by calls
+// and read by later ones; activations -- inputs and what outlives a sub-unit; workspace -- scratch
+// a sub-unit overwrites before reading (after a sub-unit ran it still holds that sub-unit's
+// intermediates, which the tests compare with the references).
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "unshard/core/error.hpp"
+#include "unshard/core/memory_category.hpp"
+#include "unshard/layer/model.hpp"
+#include "unshard/models/liveavatar/geometry.hpp"
+
+namespace unshard {
+
+enum class s2v_call_kind { none, sink, stream };
+
+// One call of the stream, as prepare() sets it (see s2v_model::begin_sink / begin_step).
+struct s2v_call {
+  s2v_call_kind kind = s2v_call_kind::none;
+  std::size_t tokens = 0;          // sequence length: Lc (sink) or L (streamed)
+  std::size_t current_start = 0;   // streamed: first token of the block in the stream (not wrapped)
+  std::size_t write_slot = 0;      // current_start mod noisy cache size
+  std::size_t active_slots = 0;    // noisy slots attended: current_start + L, or the whole cache once wrapped
+  std::size_t step = 0;            // denoising step: which noisy cache
+  std::int64_t roll = 0;           // reference-frame roll-out of this call's cond positions
+};
+
+struct s2v_state {
+  // inputs (activations)
+  float* input_x = nullptr;        // [C, F, H, W] noisy latents
+  float* input_cond = nullptr;     // [cond_dim, F, H, W] cond states
+  float* input_ref = nullptr;      // [C, H, W] reference latent
+  float* input_motion = nullptr;   // [16, Tm, H, W] motion latents
+  float* input_audio = nullptr;    // [25, C_a, audio_frames]
+  float* input_t = nullptr;        // [F]
+  float* input_context = nullptr;  // [text_len, text_dim], rows past the context zero
+  // activations
+  float* x = nullptr;              // [S, D] residual stream
+  float* e = nullptr;              // [2F, D] time embedding (rows F.. at t = 0)
+  float* e0 = nullptr;             // [2F, 6D] time projection
+  float* ctx = nullptr;            // [text_len, D]
+  float* rope_cos = nullptr;       // [S, c] the sequence's rope factors
+  float* rope_sin = nullptr;
+  float* rope_cond_cos = nullptr;  // [Lc, c] cond positions at this call's roll
+  float* rope_cond_sin = nullptr;
+  float* modulation = nullptr;     // [2F, 6D] block modulation + e0 (head: [F, 2D])
+  float* audio_local = nullptr;    // [T3, n_tok + 1, D]
+  float* audio_global = nullptr;   // [T3, D]
+  float* output = nullptr;         // [C_out, F, 2gh, 2gw]
+  float* block_outputs = nullptr;  // [num_layers, S, D], with record_block_outputs
+  // workspace
+  float* patches = nullptr;        // [tokens, patch vector] of the largest patchify
+  float* pack_in = nullptr;        // [16, 16, H, W] one frame-pack bucket's frames
+  float* time_sinusoid = nullptr;  // [2F, freq_dim]
+  float* time_hidden = nullptr;    // [2F, D]
+  float* text_hidden = nullptr;    // [text_len, D]
+  float* norm = nullptr;           // [S, D]
+  float* q = nullptr;              // [S, D]
+  float* k = nullptr;              // [kv_scratch_rows, D]
+  float* v = nullptr;              // [kv_scratch_rows, D]
+  float* cond_k_rope = nullptr;    // [cond_slots, D] the cond keys roped for this call
+  float* attn = nullptr;           // [S, D]
+  float* proj = nullptr;           // [S, D]
+  float* ffn_hidden = nullptr;     // [S, ffn_dim]
+  float* scores = nullptr;         // [max_keys]
+  float* head_out = nullptr;       // [L, patch_out]
+  float* audio_feat = nullptr;     // [T, C_a] weighted wav2vec2 features, time-major
+  float* audio_cols = nullptr;     // [n_tok + 1, T, 3 max(C_a, D/2)] causal-conv input vectors
+  float* audio_z1 = nullptr;       // [n_tok + 1, T, D/4] conv1 streams (local 0..n-1, global n)
+  float* audio_z2 = nullptr;       // [n_tok + 1, T2, D/2]
+  float* audio_z3 = nullptr;       // [n_tok + 1, T3, D] conv3 streams (global n before final_linear)
+  float* adain = nullptr;          // [F, 2D] shift | scale per frame
+  // kv_cache
+  float* cond_k = nullptr;         // [num_layers, cond_slots, D] after RMS, not roped
+  float* cond_v = nullptr;
+  std::vector<float*> noisy_k;     // per step: [num_layers, noisy_slots, D] roped
+  std::vector<float*> noisy_v;
+
+  s2v_call call;                   // the call about to run (set by prepare)
+  std::size_t cond_end = 0;        // cond tokens cached by the sink (0 before it)
+};
+
+namespace detail {
+
+struct s2v_buffer_entry {
+  std::string name;
+  std::size_t floats;
+  memory_category category;
+  float* s2v_state::*member = nullptr;            // a single buffer, or
+  std::vector<float*> s2v_state::*list = nullptr;  // entry `index` of a per-step list
+  std::size_t index = 0;
+};
+
+inline std::vector<s2v_buffer_entry> s2v_buffer_table(const s2v_geometry& g) {
+  using mc = memory_category;
+  using st = s2v_state;
+  const std::size_t S = g.max_tokens(), D = g.dim, F = g.frames, HW = g.height * g.width;
+  // Patch vectors of the largest patchify: the block's latents or cond states, the reference
+  // frame, or one frame-pack bucket (few tokens, long vectors: 4x has 16*4*8*8 inputs each).
+  const std::size_t C = s2v_pack_channels;
+  const std::size_t patch_floats = std::max({g.block_tokens * std::max(g.patch_in, g.cond_dim * 4),
+                                             g.frame_tokens * C * 4, g.h2 * g.w2 * C * 2 * 4 * 4,
+                                             4 * g.h4 * g.w4 * C * 4 * 8 * 8});
+  std::vector<s2v_buffer_entry> t = {
+      {"input.x", g.in_dim * F * HW, mc::activations, &st::input_x},
+      {"input.cond", g.cond_dim * F * HW, mc::activations, &st::input_cond},
+      {"input.ref", g.in_dim * HW, mc::activations, &st::input_ref},
+      {"input.motion", s2v_pack_channels * g.motion_latent_frames * HW, mc::activations, &st::input_motion},
+      {"input.audio", s2v_audio_layers * g.audio_dim * g.audio_frames, mc::activations, &st::input_audio},
+      {"input.t", F, mc::activations, &st::input_t},
+      {"input.context", g.text_len * g.text_dim, mc::activations, &st::input_context},
+      {"x", S * D, mc::activations, &st::x},
+      {"e", 2 * F * D, mc::activations, &st::e},
+      {"e0", 2 * F * 6 * D, mc::activations, &st::e0},
+      {"ctx", g.text_len * D, mc::activations, &st::ctx},
+      {"rope.cos", S * g.rope_pairs, mc::activations, &st::rope_cos},
+      {"rope.sin", S * g.rope_pairs, mc::activations, &st::rope_sin},
+      {"rope.cond.cos", g.cond_tokens * g.rope_pairs, mc::activations, &st::rope_cond_cos},
+      {"rope.cond.sin", g.cond_tokens * g.rope_pairs, mc::activations, &st::rope_cond_sin},
+      {"modulation", 2 * F * 6 * D, mc::activations, &st::modulation},
+      {"audio.local", g.audio_t3 * (g.audio_tokens + 1) * D, mc::activations, &st::audio_local},
+      {"audio.global", g.audio_t3 * D, mc::activations, &st::audio_global},
+      {"output", g.block_tokens * g.patch_out, mc::activations, &st::output},
+      {"patches", patch_floats, mc::workspace, &st::patches},
+      {"pack_in", s2v_pack_channels * s2v_pack_frames[2] * HW, mc::workspace, &st::pack_in},
+      {"time_sinusoid", 2 * F * g.freq_dim, mc::workspace, &st::time_sinusoid},
+      {"time_hidden", 2 * F * D, mc::workspace, &st::time_hidden},
+      {"text_hidden", g.text_len * D, mc::workspace, &st::text_hidden},
+      {"norm", S * D, mc::workspace, &st::norm},
+      {"q", S * D, mc::workspace, &st::q},
+      {"k", g.kv_scratch_rows() * D, mc::workspace, &st::k},
+      {"v", g.kv_scratch_rows() * D, mc::workspace, &st::v},
+      {"cond_k_rope", g.cond_slots * D, mc::workspace, &st::cond_k_rope},
+      {"attn", S * D, mc::workspace, &st::attn},
+      {"proj", S * D, mc::workspace, &st::proj},
+      {"ffn_hidden", S * g.ffn_dim, mc::workspace, &st::ffn_hidden},
+      {"scores", g.max_keys(), mc::workspace, &st::scores},
+      {"head_out", g.block_tokens * g.patch_out, mc::workspace, &st::head_out},
+      {"audio.feat", g.audio_t * g.audio_dim, mc::workspace, &st::audio_feat},
+      {"audio.cols", (g.audio_tokens + 1) * g.audio_t * 3 * std::max(g.audio_dim, D / 2), mc::workspace,
+       &st::audio_cols},
+      {"audio.z1", (g.audio_tokens + 1) * g.audio_t * (D / 4), mc::workspace, &st::audio_z1},
+      {"audio.z2", (g.audio_tokens + 1) * g.audio_t2 * (D / 2), mc::workspace, &st::audio_z2},
+      {"audio.z3", (g.audio_tokens + 1) * g.audio_t3 * D, mc::workspace, &st::audio_z3},
+      {"adain", F * 2 * D, mc::workspace, &st::adain},
+      {"kv.cond.k", g.num_layers * g.cond_slots * D, mc::kv_cache, &st::cond_k},
+      {"kv.cond.v", g.num_layers * g.cond_slots * D, mc::kv_cache, &st::cond_v},
+  };
+  for (std::size_t s = 0; s < g.steps; ++s) {
+    const std::string step = "kv.step" + std::to_string(s);
+    t.push_back({step + ".k", g.num_layers * g.noisy_slots * D, mc::kv_cache, nullptr, &st::noisy_k, s});
+    t.push_back({step + ".v", g.num_layers * g.noisy_slots * D, mc::kv_cache, nullptr, &st::noisy_v, s});
+  }
+  if (g.record_block_outputs)
+    t.push_back({"block_outputs", g.num_layers * S * D, mc::activations, &st::block_outputs});
+  return t;
+}
+
+inline std::vector<buffer_spec> s2v_buffer_specs(const s2v_geometry& g) {
+  std::vector<buffer_spec> specs;
+  for (const auto& b : s2v_buffer_table(g)) specs.push_back({b.name, b.floats * sizeof(float), b.category});
+  return specs;
+}
+
+inline s2v_state make_s2v_state(const s2v_geometry& g, const buffer_set& buffers) {
+  s2v_state s;
+  s.noisy_k.assign(g.steps, nullptr);
+  s.noisy_v.assign(g.steps, nullptr);
+  for (const auto& b : s2v_buffer_table(g)) {
+    const std::span<std::byte> bytes = buffers.bytes(b.name);
+    if (bytes.size() < b.floats * sizeof(float))
+      throw_error("liveavatar model: buffer '", b.name, "' has ", bytes.size(), " bytes, needs ", b.floats * sizeof(float));
+    if (reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(float) != 0)
+      throw_error("liveavatar model: buffer '", b.name, "' is not aligned for f32");
+    float* p = reinterpret_cast<float*>(bytes.data());
+    if (b.member) s.*b.member = p;
+    else (s.*b.list)[b.index] = p;
+    // The caches start empty: unused slots are zero, as the official torch.zeros caches.
+    if (b.category == memory_category::kv_cache) std::fill(p, p + b.floats, 0.0f);
+  }
+  return s;
+}
+
+}  // namespace detail
+}  // namespace unshard

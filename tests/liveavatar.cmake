@@ -1,0 +1,9 @@
+# Live Avatar's streaming S2V DiT (issue 7): the model against the official references, sharded
+# under every policy, the KV cache and the command-line tool.
+unshard_add_test(test_liveavatar_reference test_liveavatar_reference.cpp)
+unshard_add_test(test_liveavatar_sharded test_liveavatar_sharded.cpp)
+if(UNSHARD_BUILD_EXAMPLES)
+  add_test(NAME cli_unshard_avatar_errors COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/avatar_errors.sh
+                                                  ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
+  add_test(NAME cli_unshard_avatar_demo COMMAND ${CMAKE_BINARY_DIR}/bin/unshard-avatar --demo --world-size 2)
+endif()

@@ -1,0 +1,8 @@
+# The process backend: ranks as processes on loopback, bootstrapped as under torchrun.
+unshard_add_test(test_process_backend test_process_backend.cpp LABELS process)
+set_tests_properties(test_process_backend PROPERTIES TIMEOUT 600)
+if(TARGET unshard-launch)
+  # The launcher tests run this test binary's worker cases under unshard-launch.
+  target_compile_definitions(test_process_backend PRIVATE UNSHARD_LAUNCH_PATH="$<TARGET_FILE:unshard-launch>")
+  add_dependencies(test_process_backend unshard-launch)
+endif()
