@@ -77,7 +77,7 @@ TEST_CASE("Wan t2v 1.3B and 14B count to their known sizes") {
 }
 
 TEST_CASE("Wan2.2-S2V-14B, the LoRA both ways, and the other models") {
-  s2v_config s = liveavatar_14b();
+  liveavatar::s2v_config s = liveavatar_14b();
   const s2v_parts p = s2v_inventory(s);
   CHECK(p.injector_each == 4 * (5120LL * 5120 + 5120) + 2 * 5120 + (5120LL * 10240 + 10240));
   CHECK(p.audio_injector == 12 * p.injector_each);  // ~1.89e9: the article's "about 1.9B"

@@ -65,9 +65,18 @@ inline void add_activation_terms(const stack& st, const workload& w, stack_plan&
 }
 
 // Causal KV cache (causal_s2v_pipeline.py _initialize_kv_cache): per layer k and v of
-// kv_cache_size tokens plus cond_k/cond_v of 2800, [tokens, heads, head_dim] bf16, on every rank.
+// kv_cache_size tokens plus cond_k/cond_v of 2800, [tokens, heads, head_dim] bf16, on every rank:
+// one set (the cond cache and one noisy cache), sized by the S2V model's own cache buffers.
 inline std::size_t kv_cache_bytes(const stack& st, const workload& w) {
   if (!st.causal_kv) return 0;
+  if (st.s2v_model) {
+    s2v_workload sw = s2v_pipeline_workload(*st.s2v_model, w.width, w.height);
+    sw.frames_per_block = w.frames_per_block;
+    sw.noisy_cache_tokens = w.kv_cache_tokens;
+    sw.cond_cache_tokens = w.cond_cache_tokens;
+    const s2v_counts c = count_s2v(*st.s2v_model, sw, bf16_bytes);
+    return c.cond_cache_bytes + c.noisy_cache_bytes;
+  }
   const auto per_token = static_cast<std::size_t>(st.dit.dim) * 2 * bf16_bytes;
   return static_cast<std::size_t>(st.dit.num_layers) * static_cast<std::size_t>(w.kv_cache_tokens + w.cond_cache_tokens) * per_token;
 }

@@ -2,10 +2,13 @@
 // The Live Avatar stack as the planner sees it: the DiT cut into units, the other models and where
 // the pipeline keeps them, and the workload that sizes activations and the KV cache.
 #include <algorithm>
+#include <optional>
+#include <utility>
 #include <string>
 #include <vector>
 
 #include "unshard/core/error.hpp"
+#include "unshard/models/liveavatar/count.hpp"
 #include "unshard/models/liveavatar/inventory.hpp"
 
 namespace unshard::liveavatar {
@@ -55,6 +58,7 @@ struct stack {
   count vae = 0;                    // on the GPU, unsharded (Wan2_1_VAE(device=self.device))
   count audio_encoder_host = 0;     // wav2vec2: AudioEncoder(device='cpu') stays in host memory
   bool causal_kv = false;
+  std::optional<::unshard::s2v_config> s2v_model;  // the S2V model's own config: its modules size the KV cache
   count tokens_per_block_extra = 0; // reference + motion tokens beside the noisy frames (per frame tokens)
   count total_dit() const {
     count t = 0;
@@ -68,26 +72,73 @@ struct stack {
   }
 };
 
+// The S2V model's configuration for the planner's Live Avatar description, so that parameters and
+// cache sizes come from the module definitions the forward runs (models/liveavatar/), not from a
+// second table. (The formulas of inventory.hpp stay as an independent cross-check in the tests.)
+inline ::unshard::s2v_config model_config_of(const s2v_config& s) {
+  ::unshard::s2v_config m = ::unshard::liveavatar_14b_config();
+  const wan_config& c = s.base;
+  m.dim = c.dim;
+  m.ffn_dim = c.ffn_dim;
+  m.freq_dim = c.freq_dim;
+  m.text_dim = c.text_dim;
+  m.text_len = c.text_len;
+  m.in_dim = c.in_dim;
+  m.out_dim = c.out_dim;
+  m.num_heads = c.num_heads;
+  m.num_layers = c.num_layers;
+  m.patch_size = {c.patch_size[0], c.patch_size[1], c.patch_size[2]};
+  m.qk_norm = c.qk_norm;
+  m.cross_attn_norm = c.cross_attn_norm;
+  m.cond_dim = s.cond_dim;
+  m.audio_dim = s.audio_dim;
+  m.num_audio_token = s.num_audio_token;
+  m.enable_adain = s.enable_adain;
+  m.enable_framepack = s.enable_framepack;
+  m.audio_inject_layers.assign(s.audio_inject_layers.begin(), s.audio_inject_layers.end());
+  m.validate("the planner's Live Avatar configuration");
+  return m;
+}
+
 // Wan2.2-S2V-14B as Live Avatar runs it. Units: the pre-block modules, each block with the audio
 // injector that runs after it (for unshard's own policies), the head. FSDP puts injectors in the root.
 inline stack liveavatar_stack(const s2v_config& s) {
-  const s2v_parts p = s2v_inventory(s);
+  const s2v_parts p = s2v_inventory(s);  // LoRA factors only (zero when merged)
   const wan_config& c = s.base;
   stack st;
   st.model = "liveavatar-14b";
   st.dit = c;
-  const count head = linear(c.dim, c.out_dim * 4) + 2 * c.dim;
-  st.units.push_back({"pre", p.root() - p.audio_injector - head, true, false});
+  st.s2v_model = model_config_of(s);
+  const ::unshard::s2v_model m(*st.s2v_model, s2v_pipeline_workload(*st.s2v_model, 720, 400));
   const count lora_each = c.num_layers ? p.lora / c.num_layers : 0;
-  for (count i = 0; i < c.num_layers; ++i) {
-    st.units.push_back({"blocks." + std::to_string(i), p.block + lora_each, false, true});
-    if (std::find(s.audio_inject_layers.begin(), s.audio_inject_layers.end(), i) != s.audio_inject_layers.end())
-      st.units.push_back({"audio_injector." + std::to_string(i), p.injector_each, true, false});
+  count pre = 0;
+  for (std::size_t l = 0; l < m.layer_count(); ++l) {
+    const ::unshard::s2v_layer& layer = m.layer(l);
+    count params = 0;
+    for (std::size_t sub = 0; sub < layer.subunit_count(); ++sub) {
+      count sub_params = 0;
+      for (const param_spec& ps : layer.parameters(sub)) {
+        sub_params += ps.dims.numel();
+        if (ps.by_rows && ps.dims.rank() >= 2) st.widest_row = std::max(st.widest_row, ps.dims.numel() / ps.dims[0]);
+      }
+      st.largest_subunit = std::max(st.largest_subunit, sub_params);
+      params += sub_params;
+    }
+    switch (layer.kind()) {
+      case ::unshard::s2v_layer_kind::block:
+        st.units.push_back({layer.name(), params + lora_each, false, true});
+        break;
+      case ::unshard::s2v_layer_kind::injector:
+      case ::unshard::s2v_layer_kind::head:
+        if (pre) st.units.push_back({"pre", std::exchange(pre, 0), true, false});
+        st.units.push_back({layer.name(), params, true, false});
+        break;
+      default:  // embeddings, frame packer, cond encoder, audio encoder: before the first block
+        pre += params;
+        if (st.units.empty() && l + 1 < m.layer_count() && m.layer(l + 1).kind() == ::unshard::s2v_layer_kind::block)
+          st.units.push_back({"pre", std::exchange(pre, 0), true, false});
+    }
   }
-  st.units.push_back({"head", head, true, false});
-  const wan_block_parts b = wan_block(c);
-  st.largest_subunit = std::max({b.self_attn, b.ffn, p.injector_each, linear(c.dim, 6 * c.dim)});
-  st.widest_row = s2v_widest_row(s);
   st.text_encoder = t5_encoder_params({});
   st.vae = vae_params({});
   st.audio_encoder_host = wav2vec2_params({});
