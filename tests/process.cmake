@@ -6,3 +6,8 @@ if(TARGET unshard-launch)
   target_compile_definitions(test_process_backend PRIVATE UNSHARD_LAUNCH_PATH="$<TARGET_FILE:unshard-launch>")
   add_dependencies(test_process_backend unshard-launch)
 endif()
+if(UNSHARD_BUILD_EXAMPLES)
+  add_test(NAME cli_unshard_dit_process COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/dit_process.sh
+                                                ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
+  set_tests_properties(cli_unshard_dit_process PROPERTIES LABELS process TIMEOUT 300)
+endif()

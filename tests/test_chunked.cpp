@@ -22,13 +22,15 @@
 #include "unshard/runtime/reference_forward.hpp"
 #include "unshard/runtime/session.hpp"
 
+#include "support/sharded_options.hpp"
+#include "support/wan_case.hpp"
+
 using namespace unshard;
+using namespace unshard::testing;
 using namespace unshard::toy;
 using namespace unshard::literals;
 
 namespace {
-
-const std::string data_dir = UNSHARD_TEST_DATA_DIR;
 
 toy_config small_toy() {
   toy_config c;
@@ -112,9 +114,7 @@ TEST_CASE("chunked toy forward: bit-identical to unsharded, gathered peak (K+1) 
         const std::string pol = std::string("chunked:") + size + rest;
         CAPTURE(pol);
         CAPTURE(n);
-        session_options opt;
-        opt.world_size = n;
-        opt.policy = parse_policy(pol).values;
+        const session_options opt = sharded_options(pol, n);
         session<toy_model> s(m, w, opt);
         s.cap_device_memory(s.plan().peak_bytes());  // any overshoot of the plan throws, naming the category
         std::vector<std::vector<float>> got(n);
@@ -160,16 +160,16 @@ TEST_CASE("policy types: compose<chunked<64_MiB>, prefetch<2>, offload<pinned_ho
 }
 
 TEST_CASE("chunked Wan DiT matches the references and the unsharded forward, portable bit for bit, BLAS within 1e-6") {
-  const checkpoint file = checkpoint::open(data_dir + "/wan_tiny_a.safetensors");
-  const wan_config cfg = wan_config::load(data_dir + "/wan_tiny_a.config.json");
-  const auto xd = file.at("input.x").dims, cd = file.at("input.context").dims;
-  const wan_workload work{{xd[0], xd[1], xd[2], xd[3]}, cd[0]};
+  const wan_case c = load_wan_case("wan_tiny_a");
+  const checkpoint& file = c.file;
+  const wan_config& cfg = c.config;
+  const wan_workload& work = c.work;
   const checkpoint_weights w(file);
   const auto ref_out = read_f32(file, "ref.output");
   for (gemm_path path : {gemm_path::portable, gemm_path::blas}) {
     const wan_model m(cfg, work, {dtype::f32, path, true});
     reference_runner<wan_model> ref(m, w);
-    m.set_inputs(ref.state(), file.view("input.x"), file.view("input.t"), file.view("input.context"));
+    set_case_inputs(m, ref.state(), file);
     ref.forward();
     const auto want = m.output(ref.state()).as<float>();
     std::vector<float> want_v(want.begin(), want.end());
@@ -178,21 +178,16 @@ TEST_CASE("chunked Wan DiT matches the references and the unsharded forward, por
         CAPTURE(pol);
         CAPTURE(n);
         CAPTURE(static_cast<int>(path));
-        session_options opt;
-        opt.world_size = n;
-        opt.policy = parse_policy(pol).values;
+        const session_options opt = sharded_options(pol, n);
         session<wan_model> s(m, w, opt);
         s.cap_device_memory(s.plan().peak_bytes());
         std::vector<float> got;
-        s.forward([&](std::size_t, wan_state& st) {
-          m.set_inputs(st, file.view("input.x"), file.view("input.t"), file.view("input.context"));
-        },
-                  [&](std::size_t r, const wan_state& st) {
-                    if (r == 0) {
-                      const auto o = m.output(st).as<float>();
-                      got.assign(o.begin(), o.end());
-                    }
-                  });
+        forward_case(s, m, file, [&](std::size_t r, const wan_state& st) {
+          if (r == 0) {
+            const auto o = m.output(st).as<float>();
+            got.assign(o.begin(), o.end());
+          }
+        });
         REQUIRE(got.size() == want_v.size());
         double worst = 0, scale = 1, ref_worst = 0;
         for (std::size_t i = 0; i < got.size(); ++i) {
@@ -256,9 +251,7 @@ TEST_CASE("errors: bad chunk terms, a layer reading out of order, a layer that c
 
   const one_block_model<swapped_block> swapped;
   const toy_weights ws(toy_model(swapped.c));
-  session_options opt;
-  opt.world_size = 2;
-  opt.policy = parse_policy("chunked:1KiB+prefetch:1").values;
+  const session_options opt = sharded_options("chunked:1KiB+prefetch:1", 2);
   session<one_block_model<swapped_block>> s(swapped, ws, opt);
   CHECK_THROWS_WITH(s.forward([](std::size_t, toy_state&) {}, [](std::size_t, const toy_state&) {}),
                     doctest::Contains("read parameter 'blocks.0.ffn.0.weight' out of order"));

@@ -6,14 +6,10 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
-#include <new>
 #include <set>
 #include <string>
 #include <vector>
@@ -22,49 +18,13 @@
 #include "unshard/models/liveavatar/calls.hpp"
 #include "unshard/models/liveavatar/model.hpp"
 
+#include "support/allocation_count.hpp"
+#include "support/liveavatar_case.hpp"
+
 using namespace unshard;
-
-// --- a process-wide count of operator new, to show that a call's forward allocates nothing -------
-namespace {
-std::atomic<std::size_t> allocation_count{0};
-}
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-void* operator new(std::size_t n) {
-  allocation_count.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-#pragma GCC diagnostic pop
+using namespace unshard::testing;
 
 namespace {
-
-std::vector<std::string> vector_files() {
-  std::vector<std::string> names;
-  for (const auto& e : std::filesystem::directory_iterator(UNSHARD_TEST_DATA_DIR)) {
-    const std::string file = e.path().filename().string();
-    if (file.starts_with("liveavatar_") && file.ends_with(".safetensors"))
-      names.push_back(file.substr(0, file.size() - std::string(".safetensors").size()));
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-struct test_buffers {
-  std::vector<std::vector<std::byte>> storage;
-  buffer_set set;
-  explicit test_buffers(const std::vector<buffer_spec>& specs) {
-    for (const auto& s : specs) {
-      storage.emplace_back(s.bytes + allocation_alignment);
-      auto* p = storage.back().data();
-      const auto misalign = reinterpret_cast<std::uintptr_t>(p) % allocation_alignment;
-      p += misalign ? allocation_alignment - misalign : 0;
-      set.add(s.name, {p, s.bytes});
-    }
-  }
-};
 
 // Every ref.* tensor compared, with its error relative to the tolerance.
 struct comparisons {
@@ -95,25 +55,6 @@ struct comparisons {
   }
 };
 
-struct stream_case {
-  checkpoint file;
-  nlohmann::json config_json;
-  s2v_config config;
-  s2v_stream_spec spec;
-  s2v_workload work;
-};
-
-stream_case load_case(const std::string& name) {
-  const std::string dir = UNSHARD_TEST_DATA_DIR;
-  stream_case c{checkpoint::open(dir + "/" + name + ".safetensors"), {}, {}, {}, {}};
-  std::ifstream in(dir + "/" + name + ".config.json");
-  c.config_json = nlohmann::json::parse(in);
-  c.config = s2v_config::from_json(c.config_json, name);
-  c.spec = parse_s2v_stream(c.config_json, name, c.file);
-  c.work = s2v_workload_of(c.spec, c.file);
-  return c;
-}
-
 // The model's parameters straight from the file (f32 views into the mapped file).
 std::vector<std::vector<param_views>> file_params(const s2v_model& m, const checkpoint& f) {
   std::vector<std::vector<param_views>> all;
@@ -132,7 +73,7 @@ std::vector<std::vector<param_views>> file_params(const s2v_model& m, const chec
 }  // namespace
 
 TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer") {
-  for (const std::string& name : vector_files()) {
+  for (const std::string& name : vector_files("liveavatar_")) {
     CAPTURE(name);
     const stream_case c = load_case(name);
     const s2v_model m(c.config, c.work, {dtype::f32, gemm_path::portable, false});

@@ -8,13 +8,11 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "unshard/io/checkpoint.hpp"
-#include "unshard/io/safetensors_writer.hpp"
 #include "unshard/models/liveavatar/calls.hpp"
 #include "unshard/models/liveavatar/count.hpp"
 #include "unshard/models/liveavatar/inventory.hpp"
@@ -24,28 +22,13 @@
 #include "unshard/runtime/reference_forward.hpp"
 #include "unshard/runtime/synthetic_weights.hpp"
 
+#include "support/sharded_options.hpp"
+#include "support/liveavatar_case.hpp"
+
 using namespace unshard;
+using namespace unshard::testing;
 
 namespace {
-
-const std::string data_dir = UNSHARD_TEST_DATA_DIR;
-
-struct stream_case {
-  checkpoint file;
-  s2v_config config;
-  s2v_stream_spec spec;
-  s2v_workload work;
-};
-
-stream_case load_case(const std::string& name) {
-  stream_case c{checkpoint::open(data_dir + "/" + name + ".safetensors"), {}, {}, {}};
-  std::ifstream in(data_dir + "/" + name + ".config.json");
-  const nlohmann::json j = nlohmann::json::parse(in);
-  c.config = s2v_config::from_json(j, name);
-  c.spec = parse_s2v_stream(j, name, c.file);
-  c.work = s2v_workload_of(c.spec, c.file);
-  return c;
-}
 
 // What a call produces, under the names unshard-avatar writes.
 using results = std::map<std::string, std::vector<float>>;
@@ -108,16 +91,6 @@ results run_sharded(const s2v_model& m, const S& w, const stream_case& c, sessio
   return out;
 }
 
-double excess(const std::vector<float>& got, const std::vector<float>& ref) {
-  REQUIRE(got.size() == ref.size());
-  double diff = 0, scale = 1;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    diff = std::max(diff, static_cast<double>(std::fabs(got[i] - ref[i])));
-    scale = std::max(scale, static_cast<double>(std::fabs(ref[i])));
-  }
-  return diff / (1e-5 * scale);
-}
-
 bool bit_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
@@ -142,9 +115,7 @@ TEST_CASE("sharded S2V stream: every policy, world sizes 1-5, bit-identical to u
     for (std::size_t n = 1; n <= 5; ++n) {
       CAPTURE(pol);
       CAPTURE(n);
-      session_options opt;
-      opt.world_size = n;
-      opt.policy = parse_policy(pol).values;
+      const session_options opt = sharded_options(pol, n);
       const results got = run_sharded(m, w, c, opt, n - 1);
       REQUIRE(got.size() == want.size());
       for (const auto& [name, v] : want) {
@@ -192,9 +163,7 @@ TEST_CASE("S2V KV cache invariants: the sink owns the cond cache; a call writes 
   const s2v_model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
   const s2v_geometry& g = m.geometry();
   const checkpoint_weights w(c.file);
-  session_options opt;
-  opt.world_size = 2;
-  opt.policy = parse_policy("prefetch:1").values;
+  const session_options opt = sharded_options("prefetch:1", 2);
   s2v_stream<> st(m, w, opt);
   const std::size_t cond = g.num_layers * g.cond_slots * g.dim, noisy = g.num_layers * g.noisy_slots * g.dim;
   std::vector<float> cond_after_sink, cond_now, noisy_before, noisy_now;
@@ -261,9 +230,7 @@ TEST_CASE("S2V stream longer than the cache: wraps, sharded equal to unsharded")
     }
   const checkpoint_weights w(c.file);
   const results want = run_reference(m, w, c);
-  session_options opt;
-  opt.world_size = 3;
-  opt.policy = parse_policy("offload+prefetch:2").values;
+  const session_options opt = sharded_options("offload+prefetch:2", 3);
   const results got = run_sharded(m, w, c, opt, 1);
   REQUIRE(got.size() == want.size());
   for (const auto& [name, v] : want) {
@@ -284,17 +251,7 @@ TEST_CASE("S2V bf16 weights: equal an f32-compute run on the same bf16-rounded w
   const s2v_model m16(c.config, c.work, {dtype::bf16, gemm_path::portable, true});
   const checkpoint_weights w(c.file);
   const results want16 = run_reference(m16, w, c);
-  const std::string rounded = (std::filesystem::temp_directory_path() / "unshard_liveavatar_bf16_rounded.safetensors").string();
-  {
-    safetensors_writer wr;
-    for (const auto& name : c.file.names()) {
-      if (name.starts_with("input.") || name.starts_with("ref.")) continue;
-      auto v = read_f32(c.file, name);
-      for (auto& f : v) f = bf16_bits_to_float(float_to_bf16_bits(f));
-      wr.add(name, c.file.at(name).dims, v);
-    }
-    wr.write(rounded);
-  }
+  const std::string rounded = write_bf16_rounded(c.file, "unshard_liveavatar_bf16_rounded.safetensors");
   const checkpoint rounded_file = checkpoint::open(rounded);
   const s2v_model m32(c.config, c.work, {dtype::f32, gemm_path::portable, true});
   const results want32 = run_reference(m32, checkpoint_weights(rounded_file), c);
@@ -304,9 +261,7 @@ TEST_CASE("S2V bf16 weights: equal an f32-compute run on the same bf16-rounded w
     CHECK(excess(v, want32.at(name)) <= 1.0);
     if (c.file.find("ref." + name)) worst_ref = std::max(worst_ref, excess(v, read_f32(c.file, "ref." + name)) * 1e-5);
   }
-  session_options opt;
-  opt.world_size = 3;
-  opt.policy = parse_policy("prefetch:1").values;
+  const session_options opt = sharded_options("prefetch:1", 3);
   const results got = run_sharded(m16, w, c, opt, 0);
   for (const auto& [name, v] : want16) {
     CAPTURE(name);
@@ -381,9 +336,7 @@ TEST_CASE("S2V other sizes: odd grid, short motion clip, other heads and audio t
     want.emplace_back(o.begin(), o.end());
     for (float e : want.back()) REQUIRE(std::isfinite(e));
   }
-  session_options opt;
-  opt.world_size = 3;
-  opt.policy = parse_policy("selective:subunit+prefetch:2").values;
+  const session_options opt = sharded_options("selective:subunit+prefetch:2", 3);
   s2v_stream<> st(m, w, opt);
   st.runtime().cap_device_memory(st.runtime().plan().peak_bytes());
   st.sink(sink);

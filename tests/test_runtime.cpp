@@ -160,7 +160,8 @@ TEST_CASE("prefetch<K> holds at most K+1 gathered units, checked through the all
       std::vector<trace_entry> g(s.units().size()), comp(s.units().size());
       for (const auto& e : s.trace()->entries()) {
         if (e.rank != rank) continue;
-        (e.kind == trace_kind::compute ? comp : g)[e.unit] = e;
+        if (e.kind == trace_kind::compute) comp[e.unit] = e;
+        if (e.kind == trace_kind::gather) g[e.unit] = e;
       }
       for (std::size_t u = 0; u < s.units().size(); ++u) {
         REQUIRE(g[u].kind == trace_kind::gather);  // every unit of this model is gathered

@@ -7,15 +7,11 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstddef>
-#include <cstdlib>
-#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
-#include <new>
 #include <set>
 #include <sstream>
 #include <string>
@@ -24,52 +20,13 @@
 #include "unshard/io/safetensors_file.hpp"
 #include "unshard/models/wan/model.hpp"
 
+#include "support/allocation_count.hpp"
+#include "support/wan_case.hpp"
+
 using namespace unshard;
-
-// --- a process-wide count of operator new, to show that a forward allocates nothing ---------------
-namespace {
-std::atomic<std::size_t> allocation_count{0};
-}
-// GCC 12 pairs the inlined malloc of this replacement with the free below and warns, wrongly.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-void* operator new(std::size_t n) {
-  allocation_count.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-#pragma GCC diagnostic pop
+using namespace unshard::testing;
 
 namespace {
-
-std::vector<std::string> wan_vector_files() {
-  std::vector<std::string> names;
-  for (const auto& e : std::filesystem::directory_iterator(UNSHARD_TEST_DATA_DIR)) {
-    const std::string file = e.path().filename().string();
-    if (file.starts_with("wan_") && file.ends_with(".safetensors"))
-      names.push_back(file.substr(0, file.size() - std::string(".safetensors").size()));
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-// The model's buffers as plain vectors, each aligned to the allocator's 256 bytes.
-struct test_buffers {
-  std::vector<std::vector<std::byte>> storage;
-  buffer_set set;
-
-  explicit test_buffers(const std::vector<buffer_spec>& specs) {
-    for (const auto& s : specs) {
-      storage.emplace_back(s.bytes + allocation_alignment);
-      auto* p = storage.back().data();
-      const auto misalign = reinterpret_cast<std::uintptr_t>(p) % allocation_alignment;
-      p += misalign ? allocation_alignment - misalign : 0;
-      set.add(s.name, {p, s.bytes});
-    }
-  }
-};
 
 // How the test hands parameters to the model: the file's f32 tensors as they are, converted to
 // bf16, or rounded to bf16 and kept in f32.
@@ -215,10 +172,6 @@ void check_against_refs(const std::string& name, const wan_config& cfg, gemm_pat
   CHECK_MESSAGE(allocations == 0, "the forward called operator new ", allocations, " times");
   MESSAGE(name, " gemm ", name_of(path), " (effective ", name_of(effective_gemm_path(path, dtype::f32)),
           "), worst max|err|/max(1,max|ref|) = ", check.worst_ratio, "\n", check.report.str());
-}
-
-wan_config config_for(const std::string& name) {
-  return wan_config::load(std::string(UNSHARD_TEST_DATA_DIR) + "/" + name + ".config.json");
 }
 
 }  // namespace

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "unshard/io/checkpoint.hpp"
-#include "unshard/io/safetensors_writer.hpp"
 #include "unshard/models/wan/model.hpp"
 #include "unshard/policy/compose.hpp"
 #include "unshard/policy/parse_policy.hpp"
@@ -19,36 +18,13 @@
 #include "unshard/runtime/reference_forward.hpp"
 #include "unshard/runtime/session.hpp"
 
+#include "support/sharded_options.hpp"
+#include "support/wan_case.hpp"
+
 using namespace unshard;
+using namespace unshard::testing;
 
 namespace {
-
-const std::string data_dir = UNSHARD_TEST_DATA_DIR;
-
-struct wan_case {
-  checkpoint file;
-  wan_config config;
-  wan_workload work;
-};
-
-wan_case load_case(const std::string& name) {
-  wan_case c{checkpoint::open(data_dir + "/" + name + ".safetensors"),
-             wan_config::load(data_dir + "/" + name + ".config.json"), {}};
-  const auto x = c.file.at("input.x").dims, ctx = c.file.at("input.context").dims;
-  c.work = {{x[0], x[1], x[2], x[3]}, ctx[0]};
-  return c;
-}
-
-// max|got - ref| <= 1e-5 * max(1, max|ref|), CONVENTIONS.md's rule.
-double excess(std::span<const float> got, std::span<const float> ref) {
-  REQUIRE(got.size() == ref.size());
-  double diff = 0, scale = 1;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    diff = std::max(diff, static_cast<double>(std::fabs(got[i] - ref[i])));
-    scale = std::max(scale, static_cast<double>(std::fabs(ref[i])));
-  }
-  return diff / (1e-5 * scale);
-}
 
 struct outputs {
   std::vector<float> output;
@@ -69,7 +45,7 @@ outputs collect(const wan_model& m, const wan_state& st) {
 template <weight_source S>
 outputs run_reference(const wan_model& m, const S& w, const checkpoint& in) {
   reference_runner<wan_model> ref(m, w);
-  m.set_inputs(ref.state(), in.view("input.x"), in.view("input.t"), in.view("input.context"));
+  set_case_inputs(m, ref.state(), in);
   ref.forward();
   return collect(m, ref.state());
 }
@@ -77,7 +53,7 @@ outputs run_reference(const wan_model& m, const S& w, const checkpoint& in) {
 }  // namespace
 
 TEST_CASE("sharded Wan DiT: every policy, world sizes 1-5, equals the unsharded forward and the references") {
-  const wan_case c = load_case("wan_tiny_a");
+  const wan_case c = load_wan_case("wan_tiny_a");
   for (gemm_path path : {gemm_path::portable, gemm_path::blas}) {
     const wan_model m(c.config, c.work, {dtype::f32, path, true});
     const checkpoint_weights w(c.file);
@@ -90,18 +66,12 @@ TEST_CASE("sharded Wan DiT: every policy, world sizes 1-5, equals the unsharded 
         CAPTURE(pol);
         CAPTURE(n);
         CAPTURE(static_cast<int>(path));
-        session_options opt;
-        opt.world_size = n;
-        opt.policy = parse_policy(pol).values;
-        session<wan_model> s(m, w, opt);
+        session<wan_model> s(m, w, sharded_options(pol, n));
         s.cap_device_memory(s.plan().peak_bytes());
         outputs got;
-        s.forward([&](std::size_t, wan_state& st) {
-          m.set_inputs(st, c.file.view("input.x"), c.file.view("input.t"), c.file.view("input.context"));
-        },
-                  [&](std::size_t rank, const wan_state& st) {
-                    if (rank == n - 1) got = collect(m, st);
-                  });
+        forward_case(s, m, c.file, [&](std::size_t rank, const wan_state& st) {
+          if (rank == n - 1) got = collect(m, st);
+        });
         CHECK(std::memcmp(got.output.data(), want.output.data(), want.output.size() * 4) == 0);
         for (std::size_t i = 0; i < got.blocks.size(); ++i) {
           CHECK(std::memcmp(got.blocks[i].data(), want.blocks[i].data(), want.blocks[i].size() * 4) == 0);
@@ -114,7 +84,7 @@ TEST_CASE("sharded Wan DiT: every policy, world sizes 1-5, equals the unsharded 
 }
 
 TEST_CASE("each rank reads only its shard: bytes read per rank are the model's bytes / N (plus resident)") {
-  const wan_case c = load_case("wan_tiny_a");
+  const wan_case c = load_wan_case("wan_tiny_a");
   const wan_model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
   std::size_t model_bytes = 0;
   for (std::size_t l = 0; l < m.layer_count(); ++l)
@@ -134,37 +104,22 @@ TEST_CASE("each rank reads only its shard: bytes read per rank are the model's b
 }
 
 TEST_CASE("bf16 weights: sharded run equals an f32-compute run on the same bf16-rounded weights") {
-  const wan_case c = load_case("wan_tiny_a");
+  const wan_case c = load_wan_case("wan_tiny_a");
   const wan_model m16(c.config, c.work, {dtype::bf16, gemm_path::portable, true});
   const checkpoint_weights w(c.file);
   const outputs want16 = run_reference(m16, w, c.file);
   // The same weights rounded to bf16, written as f32: an f32 model over them is the comparison.
-  const std::string rounded = (std::filesystem::temp_directory_path() / "unshard_wan_bf16_rounded.safetensors").string();
-  {
-    safetensors_writer wr;
-    for (const auto& name : c.file.names()) {
-      if (name.starts_with("input.") || name.starts_with("ref.")) continue;
-      auto v = read_f32(c.file, name);
-      for (auto& f : v) f = bf16_bits_to_float(float_to_bf16_bits(f));
-      wr.add(name, c.file.at(name).dims, v);
-    }
-    wr.write(rounded);
-  }
+  const std::string rounded = write_bf16_rounded(c.file, "unshard_wan_bf16_rounded.safetensors");
   const checkpoint rounded_file = checkpoint::open(rounded);
   const wan_model m32(c.config, c.work, {dtype::f32, gemm_path::portable, true});
   const outputs want32 = run_reference(m32, checkpoint_weights(rounded_file), c.file);
   CHECK(excess(want16.output, want32.output) <= 1.0);
-  session_options opt;
-  opt.world_size = 3;
-  opt.policy = parse_policy("offload+prefetch:1").values;
+  const session_options opt = sharded_options("offload+prefetch:1", 3);
   session<wan_model> s(m16, w, opt);
   outputs got;
-  s.forward([&](std::size_t, wan_state& st) {
-    m16.set_inputs(st, c.file.view("input.x"), c.file.view("input.t"), c.file.view("input.context"));
-  },
-            [&](std::size_t rank, const wan_state& st) {
-              if (rank == 0) got = collect(m16, st);
-            });
+  forward_case(s, m16, c.file, [&](std::size_t rank, const wan_state& st) {
+    if (rank == 0) got = collect(m16, st);
+  });
   CHECK(std::memcmp(got.output.data(), want16.output.data(), got.output.size() * 4) == 0);
   const auto ref = read_f32(c.file, "ref.output");
   double d = 0;
@@ -174,7 +129,7 @@ TEST_CASE("bf16 weights: sharded run equals an f32-compute run on the same bf16-
 }
 
 TEST_CASE("a checkpoint that does not match the model is refused, naming the tensor") {
-  const wan_case c = load_case("wan_tiny_a");
+  const wan_case c = load_wan_case("wan_tiny_a");
   wan_config other = c.config;
   other.ffn_dim += 8;
   const wan_model m(other, c.work, {dtype::f32, gemm_path::portable, true});

@@ -40,20 +40,7 @@ struct run_settings {
 
 run_settings settings_from(const cli::options& o) {
   run_settings s;
-  s.world_size = o.get_count("--world-size", 1);
-  if (s.world_size == 0) throw cli::usage_error("--world-size must be at least 1 (got 0)");
-  try {
-    s.policy = parse_policy(o.get("--policy", "prefetch:1"));
-    if (o.has("--budget")) s.budget = parse_size(o.get("--budget"), "--budget");
-  } catch (const error& e) {
-    throw cli::usage_error(e.what());
-  }
-  const std::string dt = o.get("--dtype", "f32");
-  if (dt != "f32" && dt != "bf16") throw cli::usage_error("--dtype must be f32 or bf16, got '" + dt + "'");
-  s.model_options.storage = dt == "bf16" ? dtype::bf16 : dtype::f32;
-  const std::string g = o.get("--gemm", "blas");
-  if (g != "portable" && g != "blas") throw cli::usage_error("--gemm must be portable or blas, got '" + g + "'");
-  s.model_options.gemm = g == "blas" ? gemm_path::blas : gemm_path::portable;
+  cli::read_sharding_options(o, s);
   s.model_options.record_block_outputs = true;
   if (o.has("--lora-alpha") && !o.has("--lora")) throw cli::usage_error("--lora-alpha needs --lora");
   return s;

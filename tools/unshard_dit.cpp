@@ -12,6 +12,7 @@
 #include "unshard/policy/parse_policy.hpp"
 #include "unshard/runtime/checkpoint_weights.hpp"
 #include "unshard/runtime/reference_forward.hpp"
+#include "unshard/runtime/process_session.hpp"
 #include "unshard/runtime/session.hpp"
 #include "unshard/runtime/synthetic_weights.hpp"
 #if defined(UNSHARD_DIT_CUDA)
@@ -24,39 +25,32 @@ using namespace unshard;
 constexpr const char* usage =
     "unshard-dit --config CONFIG.json --weights FILE.safetensors|INDEX.json --inputs FILE.safetensors "
     "--out OUT.safetensors [--world-size N] [--policy POLICY (full|selective[:subunit]|prefetch:K|offload|chunked:SIZE|fsdp, joined by +)] "
-    "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--trace TRACE.json] [--strict] [--backend host|cuda]\n"
-    "       unshard-dit --demo [--world-size N] [--policy P] [--backend host|cuda]";
+    "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--trace TRACE.json] [--strict] [--backend host|process|cuda]\n"
+    "       unshard-dit --demo [--world-size N] [--policy P] [--backend host|process|cuda]\n"
+    "  --backend process: one rank per process, under unshard-launch --nproc N -- unshard-dit ... (or torchrun)";
 
 struct run_settings {
   std::size_t world_size = 1;
+  bool world_size_given = false;
   parsed_policy policy;
   wan_options model_options;
   std::size_t budget = 0;
   std::string trace_path;
   bool cuda = false;  // --backend cuda: ranks are the local GPUs 0..N-1
+  bool process = false;  // --backend process: this process is one rank of a launched job (unshard-launch, torchrun)
 };
 
 run_settings settings_from(const cli::options& o) {
   run_settings s;
-  s.world_size = o.get_count("--world-size", 1);
-  if (s.world_size == 0) throw cli::usage_error("--world-size must be at least 1 (got 0)");
-  try {
-    s.policy = parse_policy(o.get("--policy", "prefetch:1"));
-    if (o.has("--budget")) s.budget = parse_size(o.get("--budget"), "--budget");
-  } catch (const error& e) {
-    throw cli::usage_error(e.what());
-  }
-  const std::string dt = o.get("--dtype", "f32");
-  if (dt != "f32" && dt != "bf16") throw cli::usage_error("--dtype must be f32 or bf16, got '" + dt + "'");
-  s.model_options.storage = dt == "bf16" ? dtype::bf16 : dtype::f32;
-  const std::string g = o.get("--gemm", "blas");
-  if (g != "portable" && g != "blas") throw cli::usage_error("--gemm must be portable or blas, got '" + g + "'");
-  s.model_options.gemm = g == "blas" ? gemm_path::blas : gemm_path::portable;
+  cli::read_sharding_options(o, s);
+  s.world_size_given = o.has("--world-size");
   s.model_options.record_block_outputs = true;
   s.trace_path = o.get("--trace");
   const std::string backend = o.get("--backend", "host");
-  if (backend != "host" && backend != "cuda") throw cli::usage_error("--backend must be host or cuda, got '" + backend + "'");
+  if (backend != "host" && backend != "cuda" && backend != "process")
+    throw cli::usage_error("--backend must be host, process or cuda, got '" + backend + "'");
   s.cuda = backend == "cuda";
+  s.process = backend == "process";
 #if !defined(UNSHARD_DIT_CUDA)
   if (s.cuda) throw cli::usage_error("--backend cuda: this unshard-dit was built without CUDA (configure with -DUNSHARD_ENABLE_CUDA=ON)");
 #endif
@@ -64,10 +58,23 @@ run_settings settings_from(const cli::options& o) {
 }
 
 struct dit_outputs {
-  std::vector<float> output;
+  std::vector<float> output;   // rank 0's (empty on the other ranks of a process job)
   std::vector<std::vector<float>> blocks;
   double seconds = 0;
+  bool writer = true;          // this process holds rank 0's outputs
+  std::size_t world_size = 1;
 };
+
+// What rank 0 keeps of a forward.
+void collect(const wan_model& m, const wan_state& st, dit_outputs& out) {
+  const tensor_view o = m.output(st);
+  out.output.assign(o.as<float>().begin(), o.as<float>().end());
+  out.blocks.clear();
+  for (std::size_t i = 0; i < m.geometry().num_layers; ++i) {
+    const tensor_view b = m.block_output(st, i);
+    out.blocks.emplace_back(b.as<float>().begin(), b.as<float>().end());
+  }
+}
 
 session_options session_options_of(const run_settings& rs) {
   session_options opt;
@@ -78,30 +85,56 @@ session_options session_options_of(const run_settings& rs) {
   return opt;
 }
 
+template <class Session>
+void write_trace(Session& s, const std::string& path);
+
 template <weight_source S>
 dit_outputs run_sharded(const wan_model& m, const S& weights, const run_settings& rs, const tensor_view& x,
                         const tensor_view& t, const tensor_view& ctx) {
   const session_options opt = session_options_of(rs);
   session<wan_model> s(m, weights, opt);
   dit_outputs out;
+  out.world_size = opt.world_size;
   const auto t0 = std::chrono::steady_clock::now();
   s.forward([&](std::size_t, wan_state& st) { m.set_inputs(st, x, t, ctx); },
             [&](std::size_t rank, const wan_state& st) {
-              if (rank != 0) return;
-              const tensor_view o = m.output(st);
-              out.output.assign(o.as<float>().begin(), o.as<float>().end());
-              for (std::size_t i = 0; i < m.geometry().num_layers; ++i) {
-                const tensor_view b = m.block_output(st, i);
-                out.blocks.emplace_back(b.as<float>().begin(), b.as<float>().end());
-              }
+              if (rank == 0) collect(m, st, out);
             });
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   cli::print_rank_peaks(s);
-  if (opt.trace) {
-    std::ofstream f(rs.trace_path);
-    if (!f) throw error("cannot write the trace to '" + rs.trace_path + "'");
-    s.trace()->write_chrome_json(f, [&](std::uint32_t u) { return s.units()[u].name; });
-  }
+  if (opt.trace) write_trace(s, rs.trace_path);
+  return out;
+}
+
+template <class Session>
+void write_trace(Session& s, const std::string& path) {
+  std::ofstream f(path);
+  if (!f) throw error("cannot write the trace to '" + path + "'");
+  s.trace()->write_chrome_json(f, [&](std::uint32_t u) { return s.units()[u].name; });
+}
+
+// --backend process: this process is rank RANK of WORLD_SIZE (launched by unshard-launch, torchrun
+// or Slurm); the ranks meet at MASTER_ADDR:MASTER_PORT and gather over TCP. Each prints its own
+// peak line; rank 0 keeps the outputs (and writes the trace, if asked).
+template <weight_source S>
+dit_outputs run_process(const wan_model& m, const S& weights, const run_settings& rs, const tensor_view& x,
+                        const tensor_view& t, const tensor_view& ctx) {
+  const auto job = process_job::from_environment();
+  session_options opt = session_options_of(rs);
+  opt.world_size = rs.world_size_given ? rs.world_size : 0;  // 0: the job's WORLD_SIZE
+  process_session<wan_model> s(m, weights, job->world(), opt);
+  dit_outputs out;
+  out.writer = s.rank() == 0;
+  out.world_size = s.world_size();
+  const auto t0 = std::chrono::steady_clock::now();
+  s.forward([&](std::size_t, wan_state& st) { m.set_inputs(st, x, t, ctx); },
+            [&](std::size_t rank, const wan_state& st) {
+              if (rank == 0) collect(m, st, out);
+            });
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("%s\n", s.peak_line().c_str());
+  std::fflush(stdout);
+  if (opt.trace && out.writer) write_trace(s, rs.trace_path);
   return out;
 }
 
@@ -113,7 +146,7 @@ dit_outputs run_cuda(const wan_model& m, const wan_workload& work, const W& weig
 #if defined(UNSHARD_DIT_CUDA)
   tools::dit_cuda_outputs r = tools::run_dit_cuda(m.config(), work, rs.model_options, weights,
                                                   session_options_of(rs), x, t, ctx, rs.trace_path);
-  return {std::move(r.output), std::move(r.blocks), r.seconds};
+  return {std::move(r.output), std::move(r.blocks), r.seconds, r.writer, r.world_size};
 #else
   (void)m, (void)work, (void)weights, (void)rs, (void)x, (void)t, (void)ctx;
   throw cli::usage_error("--backend cuda: this unshard-dit was built without CUDA");
@@ -149,17 +182,20 @@ int run_files(const cli::options& o) {
     std::fprintf(stderr, "unshard-dit: warning: %s: unknown tensor '%s' ignored\n", weights_path.c_str(), n.c_str());
   }
   const checkpoint_weights weights(ck);
-  const dit_outputs out = rs.cuda ? run_cuda(m, work, ck, rs, x, t, ctx) : run_sharded(m, weights, rs, x, t, ctx);
+  const dit_outputs out = rs.cuda      ? run_cuda(m, work, ck, rs, x, t, ctx)
+                          : rs.process ? run_process(m, weights, rs, x, t, ctx)
+                                       : run_sharded(m, weights, rs, x, t, ctx);
+  if (!out.writer) return 0;
   write_outputs(out_path, m, out);
   std::fprintf(stderr, "unshard-dit: %s, world size %zu, forward %.3f s, wrote %s\n", rs.policy.values.name.c_str(),
-               rs.world_size, out.seconds, out_path.c_str());
+               out.world_size, out.seconds, out_path.c_str());
   return 0;
 }
 
 // A small random-weight Wan model, sharded, against the unsharded forward: no file, no download.
 int run_demo(const cli::options& o) {
   run_settings rs = settings_from(o);
-  if (!o.has("--world-size")) rs.world_size = 4;
+  if (!o.has("--world-size") && !rs.process) rs.world_size = 4;
   const wan_config cfg = wan_config::from_json(
       nlohmann::json{{"dim", 256}, {"ffn_dim", 1024}, {"freq_dim", 64}, {"text_dim", 128}, {"text_len", 32},
                      {"in_dim", 16}, {"out_dim", 16}, {"num_heads", 4}, {"num_layers", 6}},
@@ -184,8 +220,10 @@ int run_demo(const cli::options& o) {
     std::printf("  %-36s peak=%10zu  %s  host=%zu\n", plan.policy.c_str(), plan.peak_bytes(),
                 plan.ranks[0].terms.to_string().c_str(), plan.ranks[0].host_bytes);
   }
-  const dit_outputs out =
-      rs.cuda ? run_cuda(m, work, std::uint64_t{7}, rs, x, t, ctx) : run_sharded(m, weights, rs, x, t, ctx);
+  const dit_outputs out = rs.cuda      ? run_cuda(m, work, std::uint64_t{7}, rs, x, t, ctx)
+                          : rs.process ? run_process(m, weights, rs, x, t, ctx)
+                                       : run_sharded(m, weights, rs, x, t, ctx);
+  if (!out.writer) return 0;  // rank 0 of a process job checks the result
   reference_runner<wan_model> ref(m, weights);
   m.set_inputs(ref.state(), x, t, ctx);
   ref.forward();
@@ -194,10 +232,14 @@ int run_demo(const cli::options& o) {
   for (std::size_t i = 0; i < out.output.size(); ++i)
     max_diff = std::max(max_diff, static_cast<double>(std::fabs(out.output[i] - want.as<float>()[i])));
   std::printf("sharded forward %.3f s; max |sharded - unsharded| = %g\n", out.seconds, max_diff);
-  if (!rs.cuda) return max_diff == 0 ? 0 : 1;  // same GEMM path: bit for bit
-  double ref_max = 0;  // GPU vs host: CONVENTIONS.md's f32 rule
+  // The same GEMM on the same shapes is bit for bit; a BLAS on chunks of rows changes the shapes,
+  // hence the summation order (CONVENTIONS.md: 1e-6 relative); GPU against host: the f32 rule.
+  double ref_max = 0;
   for (const float v : want.as<float>()) ref_max = std::max(ref_max, static_cast<double>(std::fabs(v)));
-  return max_diff <= 1e-5 * std::max(1.0, ref_max) ? 0 : 1;
+  if (rs.cuda) return max_diff <= 1e-5 * std::max(1.0, ref_max) ? 0 : 1;
+  if (rs.policy.values.chunked() && rs.model_options.gemm == gemm_path::blas)
+    return max_diff <= 1e-6 * std::max(1.0, ref_max) ? 0 : 1;
+  return max_diff == 0 ? 0 : 1;
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 #pragma once
 // Shared by the command-line tools: option parsing, exit codes, the per-rank peak lines.
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -8,8 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "unshard/core/dtype.hpp"
 #include "unshard/core/error.hpp"
 #include "unshard/core/memory_category.hpp"
+#include "unshard/kernels/host/gemm.hpp"
+#include "unshard/policy/parse_policy.hpp"
 
 namespace unshard::cli {
 
@@ -56,6 +60,34 @@ class options {
   std::map<std::string, std::string> values_;
   std::set<std::string> flags_;
 };
+
+// The options every sharded model tool takes, read into its settings in this order: --world-size
+// (at least 1), --policy (default prefetch:1), --budget, and the model's --dtype (f32 or bf16)
+// and --gemm (blas by default, or portable). A bad value is a usage error naming the option.
+template <class Settings>
+  requires requires(Settings& s) {
+    s.world_size = std::size_t{};
+    s.policy = parsed_policy{};
+    s.budget = std::size_t{};
+    s.model_options.storage = dtype::f32;
+    s.model_options.gemm = gemm_path::blas;
+  }
+void read_sharding_options(const options& o, Settings& s) {
+  s.world_size = o.get_count("--world-size", 1);
+  if (s.world_size == 0) throw usage_error("--world-size must be at least 1 (got 0)");
+  try {
+    s.policy = parse_policy(o.get("--policy", "prefetch:1"));
+    if (o.has("--budget")) s.budget = parse_size(o.get("--budget"), "--budget");
+  } catch (const error& e) {
+    throw usage_error(e.what());
+  }
+  const std::string dt = o.get("--dtype", "f32");
+  if (dt != "f32" && dt != "bf16") throw usage_error("--dtype must be f32 or bf16, got '" + dt + "'");
+  s.model_options.storage = dt == "bf16" ? dtype::bf16 : dtype::f32;
+  const std::string g = o.get("--gemm", "blas");
+  if (g != "portable" && g != "blas") throw usage_error("--gemm must be portable or blas, got '" + g + "'");
+  s.model_options.gemm = g == "blas" ? gemm_path::blas : gemm_path::portable;
+}
 
 // Runs a tool body, mapping exceptions to the exit statuses; never lets one escape.
 template <class Body>

@@ -39,28 +39,34 @@ class process_job {
   process_world world_;
 };
 
-template <model M>
+// One rank of a job in this process, over any backend whose world spans processes: process_world
+// (ranks over TCP), or cuda_world built from the launch environment (one GPU per process, NCCL).
+template <model M, backend B = process_backend>
 class process_session {
  public:
   using state_type = typename M::state;
+  using world_type = typename B::world;
 
   // opt.world_size is the job's (left at 0 or 1, or equal to WORLD_SIZE); opt.link must stay
   // unset (the link is real); opt.host_to_device still simulates PCIe for offload copies. Throws before allocating anything when the plan exceeds the budget; every
   // rank computes the same plan, so every rank refuses alike.
   template <weight_source S>
-  process_session(const M& m, const S& weights, process_world& world, session_options opt)
-      : model_(m), world_(world), opt_(checked(std::move(opt), world)),
+  process_session(const M& m, const S& weights, world_type& world, session_options opt)
+    requires requires { world.rank(); }
+      : process_session(m, weights, world, world.rank(), std::move(opt)) {}
+
+  // `rank` is this process's rank in the world (a cuda_world holds only its local ranks).
+  template <weight_source S>
+  process_session(const M& m, const S& weights, world_type& world, std::size_t rank, session_options opt)
+      : model_(m), world_(world), rank_(rank), opt_(checked(std::move(opt), world)),
         units_(build_units(m, opt_.world_size, opt_.policy)),
         plan_(plan_memory(m, opt_.world_size, opt_.policy, opt_.budget_bytes)),
         trace_(opt_.trace ? std::make_unique<trace_recorder>() : nullptr) {
-    if (!plan_.fits())
-      throw_error("the plan does not fit: ", plan_.describe(), "; needs ", plan_.peak_bytes() - opt_.budget_bytes,
-                  " bytes more than the budget");
+    require_fits(plan_);
     const std::size_t capacity = opt_.budget_bytes ? opt_.budget_bytes : plan_.peak_bytes();
     guarded("while loading", [&] {
-      runtime_ = std::make_unique<rank_runtime<M, process_backend>>(m, weights, units_, opt_.policy, plan_, world_,
-                                                                   world_.rank(), capacity, trace_.get(),
-                                                                   opt_.host_to_device);
+      runtime_ = std::make_unique<rank_runtime<M, B>>(m, weights, units_, opt_.policy, plan_, world_, rank_, capacity,
+                                                     trace_.get(), opt_.host_to_device);
     });
   }
   ~process_session() {
@@ -76,30 +82,22 @@ class process_session {
   void forward(Prepare&& prepare, Finish&& finish) {
     if (failed_) throw_error("process_session: a rank failed earlier; this session cannot run again");
     guarded("during the forward", [&] {
-      prepare(world_.rank(), runtime_->state());
+      prepare(rank_, runtime_->state());
       runtime_->forward();
-      finish(world_.rank(), std::as_const(runtime_->state()));
+      finish(rank_, std::as_const(runtime_->state()));
     });
   }
 
-  std::size_t rank() const noexcept { return world_.rank(); }
+  std::size_t rank() const noexcept { return rank_; }
   std::size_t world_size() const noexcept { return opt_.world_size; }
   const memory_plan& plan() const noexcept { return plan_; }
   const std::vector<unit_layout>& units() const noexcept { return units_; }
   trace_recorder* trace() noexcept { return trace_.get(); }
   const M& model() const noexcept { return model_; }
-  process_world& world() noexcept { return world_; }
+  world_type& world() noexcept { return world_; }
 
   // This rank's measured memory (the other ranks' live in their processes).
-  rank_measurement measured() const {
-    const auto& rt = *runtime_;
-    rank_measurement m;
-    m.peak_bytes = rt.device_memory().peak_total();
-    m.at_peak = rt.device_memory().at_peak();
-    for (auto c : all_memory_categories) m.category_peaks[c] = rt.device_memory().peak(c);
-    m.host_peak_bytes = rt.host_memory().peak_total();
-    return m;
-  }
+  rank_measurement measured() const { return measure(*runtime_); }
   void cap_device_memory(std::size_t cap) noexcept { runtime_->cap_device_memory(cap); }
 
   // "rank R planned_peak_bytes=N measured_peak_bytes=M" (CONVENTIONS.md): each process prints
@@ -111,7 +109,7 @@ class process_session {
   }
 
  private:
-  static session_options checked(session_options opt, const process_world& world) {
+  static session_options checked(session_options opt, const world_type& world) {
     // The job decides the world size: 0 or session_options' default 1 mean "the job's".
     if (opt.world_size > 1 && opt.world_size != world.size())
       throw_error("process_session: world size ", opt.world_size, " requested, but the job has ", world.size(),
@@ -129,25 +127,32 @@ class process_session {
   void guarded(const char* when, F&& f) {
     try {
       f();
-    } catch (const rank_failure&) {
+    } catch (const rank_failure& e) {
       failed_ = true;
-      throw rank_failure(world_.failed_rank(), detail::concat("rank ", world_.failed_rank(), " failed ", when, ": ",
-                                                              world_.failure_reason()));
+      throw failure(when, e);
     } catch (const std::exception& e) {
       failed_ = true;
-      world_.abort(world_.rank(), e.what());
-      throw rank_failure(world_.failed_rank(), detail::concat("rank ", world_.failed_rank(), " failed ", when, ": ",
-                                                              world_.failure_reason()));
+      world_.abort(rank_, e.what());
+      throw failure(when, e);
     }
+  }
+  // "rank R failed <when>: <why>", R being the rank that failed first (perhaps another process).
+  rank_failure failure(const char* when, const std::exception& e) const {
+    const int first = world_.failed_rank();
+    if constexpr (requires { world_.failure_reason(); })
+      return rank_failure(first, detail::concat("rank ", first, " failed ", when, ": ", world_.failure_reason()));
+    else
+      return rank_failure(first, detail::concat("rank ", first, " failed ", when, ": ", e.what()));
   }
 
   const M& model_;
-  process_world& world_;
+  world_type& world_;
+  std::size_t rank_;
   session_options opt_;
   std::vector<unit_layout> units_;
   memory_plan plan_;
   std::unique_ptr<trace_recorder> trace_;
-  std::unique_ptr<rank_runtime<M, process_backend>> runtime_;
+  std::unique_ptr<rank_runtime<M, B>> runtime_;
   bool failed_ = false;
 };
 

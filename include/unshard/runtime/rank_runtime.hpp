@@ -76,7 +76,10 @@ class rank_runtime {
       const bool gathered_now = needs_gather(u);
       if (gathered_now) compute_->wait(gathered_[u]);
       run_unit(u);
-      if (ring_slot_[u] >= 0) compute_->record(slot_free_[static_cast<std::size_t>(ring_slot_[u])]);
+      if (ring_slot_[u] >= 0) {
+        compute_->record(slot_free_[static_cast<std::size_t>(ring_slot_[u])]);
+        trace_release(u, units_[u].gathered_bytes());
+      }
     }
     for (auto u : gather_order_)
       if (units_[u].kept) kept_ready_[u] = true;
@@ -269,7 +272,16 @@ class rank_runtime {
     compute_->wait(chunk_ready_[g % ring_.size()]);
     return ring_[g % ring_.size()].data();
   }
-  void release_chunk(std::size_t g) { compute_->record(chunk_free_[g % ring_.size()]); }
+  void release_chunk(std::size_t g) {
+    compute_->record(chunk_free_[g % ring_.size()]);
+    trace_release(chunk_seq_[g].unit, chunk_at(g).bytes());
+  }
+
+  void trace_release(std::size_t u, std::size_t bytes) {
+    if (!trace_) return;
+    const auto t = trace_clock::now();
+    trace_->add(rank_, trace_kind::release, static_cast<std::uint32_t>(u), t, t, bytes);
+  }
 
   void forward_chunked() {
     chunks_issued_ = 0;

@@ -33,6 +33,24 @@ struct rank_measurement {
   std::size_t host_peak_bytes = 0;
 };
 
+// What a rank's tracking allocators saw (shared by the threaded and the per-process sessions).
+template <class Runtime>
+rank_measurement measure(const Runtime& rt) {
+  rank_measurement m;
+  m.peak_bytes = rt.device_memory().peak_total();
+  m.at_peak = rt.device_memory().at_peak();
+  for (auto c : all_memory_categories) m.category_peaks[c] = rt.device_memory().peak(c);
+  m.host_peak_bytes = rt.host_memory().peak_total();
+  return m;
+}
+
+// A plan over its budget is refused before anything is allocated, with its terms in the message.
+inline void require_fits(const memory_plan& plan) {
+  if (!plan.fits())
+    throw_error("the plan does not fit: ", plan.describe(), "; needs ", plan.peak_bytes() - plan.budget_bytes,
+                " bytes more than the budget");
+}
+
 // A sharded model ready to run: plans the memory, refuses a plan over budget before allocating
 // anything, starts one thread per rank, loads each rank's shard, and then runs forwards on
 // demand. Rank threads live as long as the session, so a forward creates no thread and
@@ -47,9 +65,7 @@ class session {
       : model_(m), opt_(std::move(opt)), units_(build_units(m, opt_.world_size, opt_.policy)),
         plan_(plan_memory(m, opt_.world_size, opt_.policy, opt_.budget_bytes)),
         world_(opt_.world_size, opt_.link), trace_(opt_.trace ? std::make_unique<trace_recorder>() : nullptr) {
-    if (!plan_.fits())
-      throw_error("the plan does not fit: ", plan_.describe(), "; needs ", plan_.peak_bytes() - opt_.budget_bytes,
-                  " bytes more than the budget");
+    require_fits(plan_);
     const std::size_t capacity = opt_.budget_bytes ? opt_.budget_bytes : plan_.peak_bytes();
     runtimes_.resize(opt_.world_size);
     errors_.resize(opt_.world_size);
@@ -93,15 +109,7 @@ class session {
   trace_recorder* trace() noexcept { return trace_.get(); }
   const M& model() const noexcept { return model_; }
 
-  rank_measurement measured(std::size_t rank) const {
-    const auto& rt = *runtimes_.at(rank);
-    rank_measurement m;
-    m.peak_bytes = rt.device_memory().peak_total();
-    m.at_peak = rt.device_memory().at_peak();
-    for (auto c : all_memory_categories) m.category_peaks[c] = rt.device_memory().peak(c);
-    m.host_peak_bytes = rt.host_memory().peak_total();
-    return m;
-  }
+  rank_measurement measured(std::size_t rank) const { return measure(*runtimes_.at(rank)); }
 
   // Lowers every rank's cap (tests cap it at the planned peak; an overshoot then throws).
   void cap_device_memory(std::size_t cap) {

@@ -1,4 +1,5 @@
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -11,13 +12,17 @@ namespace unshard {
 
 using trace_clock = std::chrono::steady_clock;
 
-enum class trace_kind : std::uint8_t { gather, host_to_device, compute };
+// release: the compute side handed a gathered buffer (a unit's, or a chunk's) back to the ring;
+// its bytes are the ones its gather brought in, so gathers minus releases is the live gathered
+// memory at any instant (the memory curve of the Chrome trace).
+enum class trace_kind : std::uint8_t { gather, host_to_device, compute, release };
 
 constexpr const char* name_of(trace_kind k) noexcept {
   switch (k) {
     case trace_kind::gather: return "gather";
     case trace_kind::host_to_device: return "host_to_device";
     case trace_kind::compute: return "compute";
+    case trace_kind::release: return "free";
   }
   return "?";
 }
@@ -52,20 +57,40 @@ class trace_recorder {
   }
 
   // Chrome trace JSON (Perfetto, chrome://tracing): one process per rank, compute and
-  // communication as two threads. `unit_name(i)` labels the units.
+  // communication as two threads, frees as instants, and a counter of the live gathered bytes
+  // per rank (each gather adds its bytes when it starts, each free takes them back). `unit_name(i)`
+  // labels the units.
   template <class UnitName>
   void write_chrome_json(std::ostream& os, UnitName unit_name) const {
-    const auto all = entries();
+    auto all = entries();
     trace_clock::time_point t0 = all.empty() ? trace_clock::now() : all.front().begin;
     for (const auto& e : all) t0 = std::min(t0, e.begin);
+    const auto us = [&](trace_clock::time_point t) { return std::chrono::duration<double, std::micro>(t - t0).count(); };
     os << "{\"traceEvents\":[";
     bool first = true;
     for (const auto& e : all) {
-      const double ts = std::chrono::duration<double, std::micro>(e.begin - t0).count();
-      const double dur = std::chrono::duration<double, std::micro>(e.end - e.begin).count();
-      os << (first ? "" : ",") << "\n{\"name\":\"" << name_of(e.kind) << ' ' << unit_name(e.unit)
-         << "\",\"ph\":\"X\",\"pid\":" << e.rank << ",\"tid\":" << (e.kind == trace_kind::compute ? 0 : 1)
-         << ",\"ts\":" << ts << ",\"dur\":" << dur << ",\"args\":{\"bytes\":" << e.bytes << "}}";
+      os << (first ? "" : ",") << "\n{\"name\":\"" << name_of(e.kind) << ' ' << unit_name(e.unit) << "\",\"pid\":" << e.rank;
+      if (e.kind == trace_kind::release)
+        os << ",\"tid\":0,\"ph\":\"i\",\"s\":\"t\",\"ts\":" << us(e.begin);
+      else
+        os << ",\"tid\":" << (e.kind == trace_kind::compute ? 0 : 1) << ",\"ph\":\"X\",\"ts\":" << us(e.begin)
+           << ",\"dur\":" << us(e.end) - us(e.begin);
+      os << ",\"args\":{\"bytes\":" << e.bytes << "}}";
+      first = false;
+    }
+    // The memory curve: per rank, gathers (+) and frees (-) in time order.
+    std::stable_sort(all.begin(), all.end(), [](const trace_entry& a, const trace_entry& b) {
+      return a.rank != b.rank ? a.rank < b.rank : a.begin < b.begin;
+    });
+    long long live = 0;
+    std::uint32_t rank = all.empty() ? 0 : all.front().rank;
+    for (const auto& e : all) {
+      if (e.rank != rank) rank = e.rank, live = 0;
+      if (e.kind == trace_kind::gather) live += static_cast<long long>(e.bytes);
+      else if (e.kind == trace_kind::release) live -= static_cast<long long>(e.bytes);
+      else continue;
+      os << (first ? "" : ",") << "\n{\"name\":\"gathered bytes\",\"ph\":\"C\",\"pid\":" << e.rank
+         << ",\"ts\":" << us(e.begin) << ",\"args\":{\"gathered\":" << live << "}}";
       first = false;
     }
     os << "\n]}\n";

@@ -1,28 +1,25 @@
 #pragma once
 #include <algorithm>
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <cstring>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "unshard/backend/job_state.hpp"
 #include "unshard/backend/link_model.hpp"
 #include "unshard/core/error.hpp"
 
 namespace unshard {
 
-
 // The ranks of one host job (threads of one process) and what they share: the collectives, and
 // the abort that turns one rank's failure into an error on every rank instead of a hang
 // (NCCL's async-error + ncclCommAbort model). All blocking waits of the job go through wait().
-class host_world {
+class host_world : private job_state {
  public:
   explicit host_world(std::size_t world_size, link_model link = {})
-      : size_(world_size), link_(link), sends_(world_size, nullptr) {
+      : job_state(/*settle_waits=*/true), size_(world_size), link_(link), sends_(world_size, nullptr) {
     if (world_size == 0) throw_error("host_world: world size must be at least 1 (got 0)");
     if (world_size > 1024) throw_error("host_world: world size ", world_size, " is beyond the supported 1024");
   }
@@ -30,64 +27,23 @@ class host_world {
   std::size_t size() const noexcept { return size_; }
   const link_model& link() const noexcept { return link_; }
 
-  // First failure wins; every blocked or later wait on any rank then throws rank_failure.
-  void abort(std::size_t rank, const std::string& why) {
-    {
-      std::lock_guard lock(mutex_);
-      if (aborted_.load()) return;
-      failed_rank_ = rank;
-      failure_ = why;
-      aborted_.store(true);
-    }
-    cv_.notify_all();
-  }
-  bool aborted() const noexcept { return aborted_.load(); }
-  int failed_rank() const {
-    std::lock_guard lock(mutex_);
-    return static_cast<int>(failed_rank_);
-  }
-  [[noreturn]] void throw_aborted() const {
-    std::lock_guard lock(mutex_);
-    throw rank_failure(static_cast<int>(failed_rank_), detail::concat("rank ", failed_rank_, " failed: ", failure_));
-  }
-
-  // Blocks until pred() (evaluated under the job's lock) holds; throws if the job aborts first.
-  template <class Pred>
-  void wait(Pred pred) {
-    std::unique_lock lock(mutex_);
-    settle(lock, [&] { return aborted_.load() || pred(); });
-    cv_.wait(lock, [&] { return aborted_.load() || pred(); });
-    if (aborted_.load() && !pred()) {
-      lock.unlock();
-      throw_aborted();
-    }
-  }
-  // Changes shared state under the lock, then wakes every waiter.
-  template <class F>
-  void update(F f) {
-    {
-      std::lock_guard lock(mutex_);
-      f();
-    }
-    cv_.notify_all();
-  }
+  // The job's health and lock come from job_state: first failure wins, and every blocked or later
+  // wait on any rank then throws rank_failure; wait(pred) blocks until pred() holds under the
+  // job's lock, update(f) changes shared state under it and wakes every waiter.
+  using job_state::abort, job_state::aborted, job_state::failed_rank, job_state::throw_aborted;
+  using job_state::wait, job_state::update;
 
   void barrier() {
-    std::unique_lock lock(mutex_);
-    const std::size_t gen = barrier_generation_;
-    if (++barrier_count_ == size_) {
+    std::size_t gen = 0;
+    const bool last = with_lock([&] {
+      gen = barrier_generation_;
+      if (++barrier_count_ < size_) return false;
       barrier_count_ = 0;
       ++barrier_generation_;
-      lock.unlock();
-      cv_.notify_all();
-      return;
-    }
-    settle(lock, [&] { return aborted_.load() || barrier_generation_ != gen; });
-    cv_.wait(lock, [&] { return aborted_.load() || barrier_generation_ != gen; });
-    if (barrier_generation_ == gen) {
-      lock.unlock();
-      throw_aborted();
-    }
+      return true;
+    });
+    if (last) wake_all();
+    else wait([&] { return barrier_generation_ != gen; });
   }
 
   // All-gather: rank r contributes `bytes` at `send`; every rank receives all contributions in
@@ -95,10 +51,7 @@ class host_world {
   // Pull model: each rank copies its peers' pieces between two barriers, so a piece is never
   // read after its owner moved on.
   void all_gather(std::size_t rank, const std::byte* send, std::byte* recv, std::size_t bytes) {
-    {
-      std::lock_guard lock(mutex_);
-      sends_[rank] = send;
-    }
+    with_lock([&] { sends_[rank] = send; });
     barrier();
     for (std::size_t peer = 0; peer < size_; ++peer) {
       std::byte* dst = recv + peer * bytes;
@@ -114,10 +67,7 @@ class host_world {
   // in-place all-gather-v (on NCCL, grouped broadcasts from the owners). Same pull model as
   // all_gather; one latency per chunk, which is what makes tiny chunks expensive.
   void gather_range(std::size_t rank, std::byte* dst, std::size_t begin, std::size_t end, std::size_t shard) {
-    {
-      std::lock_guard lock(mutex_);
-      sends_[rank] = dst;
-    }
+    with_lock([&] { sends_[rank] = dst; });
     barrier();
     std::size_t received = 0;
     for (std::size_t peer = 0; peer < size_ && shard; ++peer) {
@@ -132,10 +82,7 @@ class host_world {
 
   // Broadcast `bytes` at `buf` from `root` to every rank.
   void broadcast(std::size_t rank, std::size_t root, std::byte* buf, std::size_t bytes) {
-    {
-      std::lock_guard lock(mutex_);
-      sends_[rank] = buf;
-    }
+    with_lock([&] { sends_[rank] = buf; });
     barrier();
     if (rank != root && bytes) std::memcpy(buf, sends_[root], bytes);
     simulate_link(rank == root ? 0 : bytes);
@@ -143,19 +90,6 @@ class host_world {
   }
 
  private:
-  // Most waits end within microseconds (a peer slightly behind, a chunk about to land): yielding a
-  // few times before sleeping saves a futex sleep and wake-up per wait, which dominated chunk-sized
-  // collectives (measured on 2 cores, one-row chunks of the toy model: ~80-190 us per chunk with a
-  // plain condition-variable wait, ~7-30 us with this).
-  template <class Done>
-  void settle(std::unique_lock<std::mutex>& lock, Done done) {
-    for (int i = 0; i < 32 && !done(); ++i) {
-      lock.unlock();
-      std::this_thread::yield();
-      lock.lock();
-    }
-  }
-
   void simulate_link(std::size_t bytes_received) const {
     const double s = link_.seconds_for(bytes_received);
     if (s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(s));
@@ -163,11 +97,6 @@ class host_world {
 
   std::size_t size_;
   link_model link_;
-  mutable std::mutex mutex_;
-  std::condition_variable cv_;
-  std::atomic<bool> aborted_{false};
-  std::size_t failed_rank_ = 0;
-  std::string failure_;
   std::size_t barrier_count_ = 0, barrier_generation_ = 0;
   std::vector<const std::byte*> sends_;
 };

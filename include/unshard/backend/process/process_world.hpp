@@ -24,9 +24,9 @@
 #include <thread>
 #include <vector>
 
+#include "unshard/backend/job_state.hpp"
 #include "unshard/backend/net/rendezvous.hpp"
 #include "unshard/backend/net/socket.hpp"
-#include "unshard/backend/process/job_state.hpp"
 #include "unshard/backend/process/mesh.hpp"
 #include "unshard/core/error.hpp"
 

@@ -9,32 +9,19 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "unshard/core/error.hpp"
+#include "unshard/io/json_config.hpp"
+#include "unshard/models/wan/config.hpp"
 
 namespace unshard {
 
-struct s2v_config {
-  // The Wan backbone.
-  std::int64_t dim = 2048;
-  std::int64_t ffn_dim = 8192;
-  std::int64_t freq_dim = 256;
-  std::int64_t text_dim = 4096;
-  std::int64_t text_len = 512;
-  std::int64_t in_dim = 16;
-  std::int64_t out_dim = 16;
-  std::int64_t num_heads = 16;
-  std::int64_t num_layers = 32;
-  std::array<std::int64_t, 3> patch_size{1, 2, 2};
-  std::array<std::int64_t, 2> window_size{-1, -1};
-  double eps = 1e-6;
-  bool qk_norm = true;
-  bool cross_attn_norm = true;
+struct s2v_config : wan_backbone_config {
+  // Which cross attention the blocks use (only t2v_cross_attn is computed).
   std::string cross_attn_type = "t2v_cross_attn";
   // The S2V additions.
   std::int64_t cond_dim = 0;
@@ -52,7 +39,6 @@ struct s2v_config {
   bool slide_motion_frames = false;
   std::int64_t local_attn_size = -1;
 
-  std::int64_t head_dim() const noexcept { return dim / num_heads; }
   // Injector j serves block audio_inject_layers[j] (sorted); -1 when block i has none.
   std::int64_t injector_of(std::int64_t block) const noexcept {
     for (std::size_t j = 0; j < audio_inject_layers.size(); ++j)
@@ -84,65 +70,6 @@ inline s2v_config liveavatar_14b_config() {
   c.framepack_drop_mode = "padd";
   return c;
 }
-
-namespace detail {
-
-struct s2v_json_reader {
-  const nlohmann::json& j;
-  const std::string& source;
-
-  [[noreturn]] void fail(const char* key, const char* want, const nlohmann::json& got) const {
-    throw_error("liveavatar config '", source, "': key '", key, "' must be ", want, ", got ", got.dump());
-  }
-  void positive(const char* key, std::int64_t& v) const {
-    const auto it = j.find(key);
-    if (it == j.end()) return;
-    if (!it->is_number_integer() || it->get<std::int64_t>() <= 0) fail(key, "a positive integer", *it);
-    v = it->get<std::int64_t>();
-  }
-  void integer(const char* key, std::int64_t& v) const {
-    const auto it = j.find(key);
-    if (it == j.end()) return;
-    if (!it->is_number_integer()) fail(key, "an integer", *it);
-    v = it->get<std::int64_t>();
-  }
-  void boolean(const char* key, bool& v) const {
-    const auto it = j.find(key);
-    if (it == j.end()) return;
-    if (!it->is_boolean()) fail(key, "true or false", *it);
-    v = it->get<bool>();
-  }
-  void string(const char* key, std::string& v) const {
-    const auto it = j.find(key);
-    if (it == j.end()) return;
-    if (!it->is_string()) fail(key, "a string", *it);
-    v = it->get<std::string>();
-  }
-  void number(const char* key, double& v) const {
-    const auto it = j.find(key);
-    if (it == j.end()) return;
-    if (!it->is_number()) fail(key, "a number", *it);
-    v = it->get<double>();
-  }
-  void integers(const char* key, std::vector<std::int64_t>& v, std::size_t exact = 0) const {
-    const auto it = j.find(key);
-    if (it == j.end()) return;
-    if (!it->is_array() || (exact && it->size() != exact)) fail(key, "an array of integers", *it);
-    v.clear();
-    for (const auto& e : *it) {
-      if (!e.is_number_integer()) fail(key, "an array of integers", *it);
-      v.push_back(e.get<std::int64_t>());
-    }
-  }
-  template <std::size_t N>
-  void integers(const char* key, std::array<std::int64_t, N>& a) const {
-    std::vector<std::int64_t> v(a.begin(), a.end());
-    integers(key, v, N);
-    for (std::size_t i = 0; i < N; ++i) a[i] = v[i];
-  }
-};
-
-}  // namespace detail
 
 inline void s2v_config::validate(const std::string& source) const {
   const auto fail = [&](auto&&... what) { throw_error("liveavatar config '", source, "': ", what...); };
@@ -179,24 +106,14 @@ inline void s2v_config::validate(const std::string& source) const {
 }
 
 inline s2v_config s2v_config::from_json(const nlohmann::json& root, const std::string& source) {
-  if (!root.is_object()) throw_error("liveavatar config '", source, "': expected a JSON object, got ", root.type_name());
+  require_json_object(root, "liveavatar config", source);
   const auto model = root.find("model");
   if (model != root.end() && !model->is_object())
     throw_error("liveavatar config '", source, "': key 'model' must be an object, got ", model->dump());
   const nlohmann::json& j = model != root.end() ? *model : root;
-  const detail::s2v_json_reader r{j, source};
+  const json_config_reader r{.j = j, .kind = "liveavatar config", .source = source};
   s2v_config c;
-  r.positive("dim", c.dim);
-  r.positive("ffn_dim", c.ffn_dim);
-  r.positive("freq_dim", c.freq_dim);
-  r.positive("text_dim", c.text_dim);
-  r.positive("text_len", c.text_len);
-  r.positive("in_dim", c.in_dim);
-  r.positive("out_dim", c.out_dim);
-  r.positive("num_heads", c.num_heads);
-  r.positive("num_layers", c.num_layers);
-  r.integers("patch_size", c.patch_size);
-  r.integers("window_size", c.window_size);
+  c.read_sizes(r);
   r.number("eps", c.eps);
   r.boolean("qk_norm", c.qk_norm);
   r.boolean("cross_attn_norm", c.cross_attn_norm);
@@ -220,15 +137,7 @@ inline s2v_config s2v_config::from_json(const nlohmann::json& root, const std::s
 }
 
 inline s2v_config s2v_config::load(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) throw_error("liveavatar config '", path.string(), "': cannot open the file");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw_error("liveavatar config '", path.string(), "': invalid JSON: ", e.what());
-  }
-  return from_json(j, path.string());
+  return from_json(load_json_config(path, "liveavatar config"), path.string());
 }
 
 }  // namespace unshard

@@ -9,17 +9,18 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "unshard/core/error.hpp"
+#include "unshard/io/json_config.hpp"
 
 namespace unshard {
 
-struct wan_config {
-  std::string model_type = "t2v";
+// The Wan backbone's hyper-parameters, with WanModel.__init__'s defaults: shared by Wan's own
+// model and the models built on the same backbone (Live Avatar's S2V).
+struct wan_backbone_config {
   std::int64_t dim = 2048;
   std::int64_t ffn_dim = 8192;
   std::int64_t freq_dim = 256;
@@ -37,6 +38,25 @@ struct wan_config {
 
   std::int64_t head_dim() const noexcept { return dim / num_heads; }
 
+  // Reads the sizes (dim to num_layers, patch_size, window_size) that `r`'s object holds.
+  void read_sizes(const json_config_reader& r) {
+    r.positive("dim", dim);
+    r.positive("ffn_dim", ffn_dim);
+    r.positive("freq_dim", freq_dim);
+    r.positive("text_dim", text_dim);
+    r.positive("text_len", text_len);
+    r.positive("in_dim", in_dim);
+    r.positive("out_dim", out_dim);
+    r.positive("num_heads", num_heads);
+    r.positive("num_layers", num_layers);
+    r.integers("patch_size", patch_size);
+    r.integers("window_size", window_size);
+  }
+};
+
+struct wan_config : wan_backbone_config {
+  std::string model_type = "t2v";
+
   // Throws unless the configuration describes a model this implementation computes exactly;
   // `source` (a file name) goes into the message.
   void validate(const std::string& source) const;
@@ -44,42 +64,6 @@ struct wan_config {
   static wan_config from_json(const nlohmann::json& j, const std::string& source = "<json>");
   static wan_config load(const std::filesystem::path& path);
 };
-
-namespace detail {
-
-inline std::int64_t wan_positive_int(const nlohmann::json& j, const char* key, std::int64_t fallback,
-                                     const std::string& source) {
-  const auto it = j.find(key);
-  if (it == j.end()) return fallback;
-  if (!it->is_number_integer() || it->get<std::int64_t>() <= 0)
-    throw_error("wan config '", source, "': key '", key, "' must be a positive integer, got ", it->dump());
-  return it->get<std::int64_t>();
-}
-
-inline bool wan_bool(const nlohmann::json& j, const char* key, bool fallback, const std::string& source) {
-  const auto it = j.find(key);
-  if (it == j.end()) return fallback;
-  if (!it->is_boolean()) throw_error("wan config '", source, "': key '", key, "' must be true or false, got ", it->dump());
-  return it->get<bool>();
-}
-
-template <std::size_t N>
-std::array<std::int64_t, N> wan_int_array(const nlohmann::json& j, const char* key, std::array<std::int64_t, N> fallback,
-                                          const std::string& source) {
-  const auto it = j.find(key);
-  if (it == j.end()) return fallback;
-  if (!it->is_array() || it->size() != N)
-    throw_error("wan config '", source, "': key '", key, "' must be an array of ", N, " integers, got ", it->dump());
-  std::array<std::int64_t, N> out{};
-  for (std::size_t i = 0; i < N; ++i) {
-    if (!(*it)[i].is_number_integer())
-      throw_error("wan config '", source, "': key '", key, "' must be an array of ", N, " integers, got ", it->dump());
-    out[i] = (*it)[i].get<std::int64_t>();
-  }
-  return out;
-}
-
-}  // namespace detail
 
 inline void wan_config::validate(const std::string& source) const {
   const auto fail = [&](auto&&... what) { throw_error("wan config '", source, "': ", what...); };
@@ -98,43 +82,20 @@ inline void wan_config::validate(const std::string& source) const {
 }
 
 inline wan_config wan_config::from_json(const nlohmann::json& j, const std::string& source) {
-  if (!j.is_object()) throw_error("wan config '", source, "': expected a JSON object, got ", j.type_name());
+  require_json_object(j, "wan config", source);
+  const json_config_reader r{.j = j, .kind = "wan config", .source = source, .sized_array_errors = true};
   wan_config c;
-  if (const auto it = j.find("model_type"); it != j.end()) {
-    if (!it->is_string()) throw_error("wan config '", source, "': key 'model_type' must be a string, got ", it->dump());
-    c.model_type = it->get<std::string>();
-  }
-  c.dim = detail::wan_positive_int(j, "dim", c.dim, source);
-  c.ffn_dim = detail::wan_positive_int(j, "ffn_dim", c.ffn_dim, source);
-  c.freq_dim = detail::wan_positive_int(j, "freq_dim", c.freq_dim, source);
-  c.text_dim = detail::wan_positive_int(j, "text_dim", c.text_dim, source);
-  c.text_len = detail::wan_positive_int(j, "text_len", c.text_len, source);
-  c.in_dim = detail::wan_positive_int(j, "in_dim", c.in_dim, source);
-  c.out_dim = detail::wan_positive_int(j, "out_dim", c.out_dim, source);
-  c.num_heads = detail::wan_positive_int(j, "num_heads", c.num_heads, source);
-  c.num_layers = detail::wan_positive_int(j, "num_layers", c.num_layers, source);
-  c.patch_size = detail::wan_int_array(j, "patch_size", c.patch_size, source);
-  c.window_size = detail::wan_int_array(j, "window_size", c.window_size, source);
-  c.qk_norm = detail::wan_bool(j, "qk_norm", c.qk_norm, source);
-  c.cross_attn_norm = detail::wan_bool(j, "cross_attn_norm", c.cross_attn_norm, source);
-  if (const auto it = j.find("eps"); it != j.end()) {
-    if (!it->is_number()) throw_error("wan config '", source, "': key 'eps' must be a number, got ", it->dump());
-    c.eps = it->get<double>();
-  }
+  r.string("model_type", c.model_type);
+  c.read_sizes(r);
+  r.boolean("qk_norm", c.qk_norm);
+  r.boolean("cross_attn_norm", c.cross_attn_norm);
+  r.number("eps", c.eps);
   c.validate(source);
   return c;
 }
 
 inline wan_config wan_config::load(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) throw_error("wan config '", path.string(), "': cannot open the file");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw_error("wan config '", path.string(), "': invalid JSON: ", e.what());
-  }
-  return from_json(j, path.string());
+  return from_json(load_json_config(path, "wan config"), path.string());
 }
 
 }  // namespace unshard

@@ -52,11 +52,13 @@ struct wan_state {
 
 namespace detail {
 
+using wan_state_member = float* wan_state::*;  // an alias: nvcc warns on the bare declarator
+
 struct wan_buffer_entry {
   const char* name;
   std::size_t floats;
   memory_category category;
-  float* wan_state::*member;
+  wan_state_member member;
 };
 
 inline std::vector<wan_buffer_entry> wan_buffer_table(const wan_geometry& g) {

@@ -70,12 +70,15 @@ inline void add_activation_terms(const stack& st, const workload& w, stack_plan&
 inline std::size_t kv_cache_bytes(const stack& st, const workload& w) {
   if (!st.causal_kv) return 0;
   if (st.s2v_model) {
+    // Bytes per cached token from the model's own cache buffers (at this resolution, with its default
+    // cache shapes), times the pipeline's cache sizes, which need not be whole blocks.
     s2v_workload sw = s2v_pipeline_workload(*st.s2v_model, w.width, w.height);
     sw.frames_per_block = w.frames_per_block;
-    sw.noisy_cache_tokens = w.kv_cache_tokens;
-    sw.cond_cache_tokens = w.cond_cache_tokens;
+    const ::unshard::s2v_model m(*st.s2v_model, sw);
     const s2v_counts c = count_s2v(*st.s2v_model, sw, bf16_bytes);
-    return c.cond_cache_bytes + c.noisy_cache_bytes;
+    const std::size_t per_cond = c.cond_cache_bytes / m.geometry().cond_slots;
+    const std::size_t per_noisy = c.noisy_cache_bytes / m.geometry().noisy_slots;
+    return per_cond * static_cast<std::size_t>(w.cond_cache_tokens) + per_noisy * static_cast<std::size_t>(w.kv_cache_tokens);
   }
   const auto per_token = static_cast<std::size_t>(st.dit.dim) * 2 * bf16_bytes;
   return static_cast<std::size_t>(st.dit.num_layers) * static_cast<std::size_t>(w.kv_cache_tokens + w.cond_cache_tokens) * per_token;

@@ -1,0 +1,209 @@
+#pragma once
+// Linear layers on the device through cuBLASLt: y = x · Wᵀ + b with PyTorch's weight layout
+// W [out, in], row-major activations, f32 accumulation (CUBLAS_COMPUTE_32F: no TF32, so f32
+// inputs give an f32 GEMM), optionally GELU-tanh in the epilogue.
+//
+// The row-major problem maps onto cuBLASLt's column-major one without copies: row-major
+// y [M, ldy] is column-major yᵀ [ldy, M]; W [N, K] row-major is column-major Wᵀ [K, N], used
+// transposed; x [M, K] row-major is column-major xᵀ [K, M]. So yᵀ = op(Wᵀ)ᵀ · xᵀ with
+// transa = T, transb = N, and the bias runs along D's rows (the output features), which is how
+// CUBLASLT_EPILOGUE_BIAS applies it. A row slice W[r0:r1] is just A = W + r0*K with N = r1 - r0
+// and D = y + r0 with leading dimension ldy: the chunked unshard's "compute this chunk of output
+// columns from this chunk of weight rows" needs no other call.
+//
+// The algorithm heuristic is the expensive host step; its answer is cached per problem (shape,
+// types, epilogue, pointer alignments), so a forward after the first makes no heuristic query.
+// Matmuls are enqueued on the caller's stream and never synchronised.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <tuple>
+#include <type_traits>
+
+#include "unshard/kernels/cuda/common.cuh"
+#include "unshard/kernels/cuda/elementwise.cuh"
+
+namespace unshard::cuda {
+
+template <class T>
+constexpr cudaDataType_t cuda_type_of() {
+  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, bf16>) return CUDA_R_16BF;
+  else return CUDA_R_16F;
+}
+
+enum class activation : std::uint8_t { none, gelu_tanh };
+
+// The largest power of two (<= 256) dividing the address: what cuBLASLt may assume of a pointer.
+inline std::uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  std::uint32_t align = 256;
+  while (align > 1 && a % align != 0) align /= 2;
+  return align;
+}
+
+namespace detail {
+
+// The three descriptors a matmul needs, in caller storage (the *Init forms): a matmul makes no
+// heap allocation, so a forward after the first allocates nothing on the host either.
+struct lt_matmul_desc {
+  cublasLtMatmulDescOpaque_t storage{};
+  cublasLtMatmulDesc_t d = &storage;
+  lt_matmul_desc() { UNSHARD_CUDA_CHECK(cublasLtMatmulDescInit(d, CUBLAS_COMPUTE_32F, CUDA_R_32F)); }
+  lt_matmul_desc(const lt_matmul_desc&) = delete;
+  lt_matmul_desc& operator=(const lt_matmul_desc&) = delete;
+  template <class V>
+  void set(cublasLtMatmulDescAttributes_t attr, const V& value) {
+    UNSHARD_CUDA_CHECK(cublasLtMatmulDescSetAttribute(d, attr, &value, sizeof(value)));
+  }
+};
+
+struct lt_layout {
+  cublasLtMatrixLayoutOpaque_t storage{};
+  cublasLtMatrixLayout_t l = &storage;
+  lt_layout(cudaDataType_t type, std::uint64_t rows, std::uint64_t cols, std::int64_t ld) {
+    UNSHARD_CUDA_CHECK(cublasLtMatrixLayoutInit(l, type, rows, cols, ld));
+  }
+  lt_layout(const lt_layout&) = delete;
+  lt_layout& operator=(const lt_layout&) = delete;
+};
+
+struct lt_preference {
+  cublasLtMatmulPreferenceOpaque_t storage{};
+  cublasLtMatmulPreference_t p = &storage;
+  lt_preference() { UNSHARD_CUDA_CHECK(cublasLtMatmulPreferenceInit(p)); }
+  lt_preference(const lt_preference&) = delete;
+  lt_preference& operator=(const lt_preference&) = delete;
+  template <class V>
+  void set(cublasLtMatmulPreferenceAttributes_t attr, const V& value) {
+    UNSHARD_CUDA_CHECK(cublasLtMatmulPreferenceSetAttribute(p, attr, &value, sizeof(value)));
+  }
+};
+
+}  // namespace detail
+
+// A cuBLASLt handle with its workspace and heuristic cache; one per rank (per stream user): not
+// thread-safe, like the handle itself.
+class blaslt {
+ public:
+  blaslt() { UNSHARD_CUDA_CHECK(cublasLtCreate(&handle_)); }
+  ~blaslt() { cublasLtDestroy(handle_); }
+  blaslt(const blaslt&) = delete;
+  blaslt& operator=(const blaslt&) = delete;
+
+  // Device scratch for the matmuls (cuBLASLt recommends 32 MiB on Hopper; 0 restricts the
+  // heuristic to algorithms that need none). The memory must outlive every enqueued matmul.
+  void set_workspace(void* ptr, std::size_t bytes) {
+    if (ptr != workspace_ || bytes != workspace_bytes_) cache_.clear();
+    workspace_ = ptr;
+    workspace_bytes_ = ptr ? bytes : 0;
+  }
+  std::size_t workspace_bytes() const noexcept { return workspace_bytes_; }
+  cublasLtHandle_t handle() const noexcept { return handle_; }
+
+  // Output columns [n0, n0 + n_rows) of y [m, ldy]:
+  //   y[:, n0 + j] = act(x[m, k] · w_rows[j, :] + b_rows[j])  for j < n_rows,
+  // w_rows = rows n0.. of W [N, k] (row-major), b_rows the same entries of the bias (nullptr: none).
+  // x and W share a type (f32, or bf16/f16 with f32 accumulation); y is f32 or that type. When no
+  // cuBLASLt algorithm takes the bias/GELU epilogue for these pointers and types (a chunk's bias
+  // slice may be only 4-byte aligned; a bf16 bias for an f32 output may not be offered), the
+  // matmul runs without it and bias_activation finishes the columns: the same result, one more
+  // pass over them.
+  template <storage_type TX, storage_type TW, storage_type TY, storage_type TB>
+  void linear_rows(const TX* x, std::size_t m, std::size_t k, const TW* w_rows, const TB* b_rows, std::size_t n_rows,
+                   std::size_t n0, TY* y, std::size_t ldy, activation act, cudaStream_t stream) {
+    static_assert(std::is_same_v<TX, TW>, "cuBLASLt multiplies x and W of one type; widen or round one of them first");
+    static_assert(std::is_same_v<TY, float> || std::is_same_v<TY, TX>, "y is f32 or the type of x");
+    if (m == 0 || n_rows == 0) return;
+    if (k == 0) throw_error("linear: inner dimension K is 0");
+    if (n0 + n_rows > ldy)
+      throw_error("linear: output columns [", n0, ", ", n0 + n_rows, ") exceed the leading dimension ", ldy);
+    TY* d = y + n0;
+    const bool bias = b_rows != nullptr, gelu = act == activation::gelu_tanh;
+    const problem p{m, n_rows, k, ldy, cuda_type_of<TX>(), cuda_type_of<TY>(), cuda_type_of<TB>(),
+                    alignment_of(w_rows), alignment_of(x), alignment_of(d)};
+    if (bias || gelu) {
+      const cublasLtEpilogue_t epi = gelu ? (bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU)
+                                          : CUBLASLT_EPILOGUE_BIAS;
+      if (matmul(p, epi, x, w_rows, b_rows, d, stream)) return;
+    }
+    if (!matmul(p, CUBLASLT_EPILOGUE_DEFAULT, x, w_rows, static_cast<const TB*>(nullptr), d, stream))
+      throw_error("linear: cuBLASLt has no algorithm for M=", m, " N=", n_rows, " K=", k, " ldy=", ldy, " (x/W type ",
+                  static_cast<int>(p.tx), ", y type ", static_cast<int>(p.ty), ", alignments W/x/y ", p.align_w, "/",
+                  p.align_x, "/", p.align_y, " bytes, workspace ", workspace_bytes_, " bytes)");
+    if (bias || gelu) bias_activation(d, m, n_rows, ldy, b_rows, gelu, stream);
+  }
+
+  // y [m, n] = act(x [m, k] · W [n, k]ᵀ + b).
+  template <storage_type TX, storage_type TW, storage_type TY, storage_type TB>
+  void linear(const TX* x, std::size_t m, std::size_t k, const TW* w, const TB* b, std::size_t n, TY* y,
+              activation act, cudaStream_t stream) {
+    linear_rows(x, m, k, w, b, n, 0, y, n, act, stream);
+  }
+
+  std::size_t cached_algorithms() const noexcept { return cache_.size(); }
+
+ private:
+  struct problem {
+    std::size_t m, n, k, ldy;
+    cudaDataType_t tx, ty, tb;
+    std::uint32_t align_w, align_x, align_y;
+  };
+  using key = std::tuple<std::size_t, std::size_t, std::size_t, std::size_t, int, int, int, std::uint32_t,
+                         std::uint32_t, std::uint32_t, std::uint32_t, std::uint32_t>;
+  struct cached {
+    bool found = false;
+    cublasLtMatmulAlgo_t algo{};
+  };
+
+  // Enqueues D = epi(op(W)·x [+ b]) if cuBLASLt has an algorithm for it; false (nothing enqueued)
+  // if not. The heuristic's answer, found or not, is cached per problem.
+  template <class TX, class TY, class TB>
+  bool matmul(const problem& p, cublasLtEpilogue_t epi, const TX* x, const TX* w, const TB* b, TY* d,
+              cudaStream_t stream) {
+    detail::lt_matmul_desc desc;
+    desc.set(CUBLASLT_MATMUL_DESC_TRANSA, static_cast<std::int32_t>(CUBLAS_OP_T));
+    desc.set(CUBLASLT_MATMUL_DESC_TRANSB, static_cast<std::int32_t>(CUBLAS_OP_N));
+    desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<std::uint32_t>(epi));
+    if (b) {
+      desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(b));
+      desc.set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<std::int32_t>(p.tb));
+    }
+    const detail::lt_layout a(p.tx, p.k, p.n, static_cast<std::int64_t>(p.k));    // Wᵀ slice, used transposed
+    const detail::lt_layout bl(p.tx, p.k, p.m, static_cast<std::int64_t>(p.k));   // xᵀ
+    const detail::lt_layout c(p.ty, p.n, p.m, static_cast<std::int64_t>(p.ldy));  // yᵀ, columns n0..
+    const key k{p.m, p.n, p.k, p.ldy, p.tx, p.ty, b ? p.tb : -1, static_cast<std::uint32_t>(epi),
+                p.align_w, p.align_x, p.align_y, b ? alignment_of(b) : 0u};
+    auto it = cache_.find(k);
+    if (it == cache_.end()) {
+      detail::lt_preference pref;
+      pref.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<std::uint64_t>(workspace_bytes_));
+      pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.align_w);
+      pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.align_x);
+      pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.align_y);
+      pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.align_y);
+      cublasLtMatmulHeuristicResult_t result{};
+      int found = 0;
+      const cublasStatus_t st =
+          cublasLtMatmulAlgoGetHeuristic(handle_, desc.d, a.l, bl.l, c.l, c.l, pref.p, 1, &result, &found);
+      // NOT_SUPPORTED is the heuristic's "no algorithm for this combination"; anything else is an error.
+      if (st != CUBLAS_STATUS_NOT_SUPPORTED) UNSHARD_CUDA_CHECK(st);
+      it = cache_.emplace(k, cached{st == CUBLAS_STATUS_SUCCESS && found > 0, result.algo}).first;
+    }
+    if (!it->second.found) return false;
+    const float alpha = 1.0f, beta = 0.0f;
+    UNSHARD_CUDA_CHECK(cublasLtMatmul(handle_, desc.d, &alpha, w, a.l, x, bl.l, &beta, d, c.l, d, c.l,
+                                      &it->second.algo, workspace_, workspace_bytes_, stream));
+    return true;
+  }
+
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  std::size_t workspace_bytes_ = 0;
+  std::map<key, cached> cache_;
+};
+
+}  // namespace unshard::cuda

@@ -1,0 +1,472 @@
+// Every CUDA kernel of include/unshard/kernels/cuda against the host implementation it shares its
+// math with, on random data, for f32 storage and bf16 storage (f32 compute), at sizes that are
+// not multiples of any block or tile. Needs a device (tests/gpu.cmake skips it without one).
+//
+// Tolerances, and why (u32 = 2^-24, the f32 unit roundoff):
+//  * f32 row and elementwise kernels: 1e-6 · max(1, max|ref|). They run the same UNSHARD_HD
+//    code as the host; what may differ is the order of the double sums (1e-16 relative), nvcc's
+//    contraction of a*b + c into one FMA (half an ulp of the product), and the device's
+//    expf/tanhf/cos (<= 2 ulp). All of that is a few f32 ulps, i.e. < 1e-6 of the largest value.
+//  * bf16 storage: the device and the host compute the same f32 value up to the above and each
+//    rounds it to bf16; two f32 values that close round to the same bf16 or to neighbours, so one
+//    bf16 ulp (2^-8 .. 2^-7 relative) of the reference plus the f32 bound.
+//  * attention: a reduction over n_keys in another order (tiles, online softmax rescaling):
+//    1e-5 · max(1, max|ref|), CONVENTIONS.md's f32 rule; the observed error is ~1e-6.
+//  * GEMM: both sides sum K products of f32 (or exact bf16 x bf16) values in different orders;
+//    rounding errors of a length-K sum grow like sqrt(K) u32 · Σ|x_k w_k|, so the bound is
+//    8·sqrt(K)·u32·Σ_k|x_k w_k| per element (+ the GELU bound where the epilogue applies it).
+//    A TF32 GEMM (10-bit mantissa) would miss it by 10x: the test also shows no TF32 is used.
+#include <doctest/doctest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <functional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "unshard/backend/cuda/check.cuh"
+#include "unshard/kernels/cuda/attention.cuh"
+#include "unshard/kernels/cuda/elementwise.cuh"
+#include "unshard/kernels/cuda/gemm.cuh"
+#include "unshard/kernels/cuda/norm.cuh"
+#include "unshard/kernels/host/attention.hpp"
+#include "unshard/kernels/host/gemm.hpp"
+#include "unshard/kernels/thread/activation.hpp"
+#include "unshard/kernels/thread/embedding.hpp"
+#include "unshard/kernels/thread/norm.hpp"
+#include "unshard/kernels/thread/patch.hpp"
+#include "unshard/kernels/thread/residual.hpp"
+#include "unshard/kernels/thread/rope.hpp"
+
+using namespace unshard;
+
+namespace {
+
+constexpr double u32 = 1.0 / (1 << 24);
+
+// --- device memory and a stream ---------------------------------------------------------------
+
+struct test_stream {
+  cudaStream_t s = nullptr;
+  test_stream() { UNSHARD_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~test_stream() { cudaStreamDestroy(s); }
+  void sync() const { UNSHARD_CUDA_CHECK(cudaStreamSynchronize(s)); }
+};
+
+template <class T>
+struct device_vector {
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit device_vector(std::size_t count) : n(count) { UNSHARD_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T))); }
+  explicit device_vector(const std::vector<T>& h) : device_vector(h.size()) {
+    UNSHARD_CUDA_CHECK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  ~device_vector() { cudaFree(p); }
+  device_vector(const device_vector&) = delete;
+  device_vector& operator=(const device_vector&) = delete;
+  // Waits for `stream`, then copies back.
+  std::vector<T> get(const test_stream& stream) const {
+    stream.sync();
+    std::vector<T> h(n);
+    UNSHARD_CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+// --- data -------------------------------------------------------------------------------------
+
+std::vector<float> random_floats(std::size_t n, unsigned seed, float mean = 0.0f, float stddev = 1.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(mean, stddev);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(gen);
+  return v;
+}
+
+// Storage T of the values (bf16 rounds; the host then computes on exactly the rounded values).
+template <class T>
+std::vector<T> stored(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = cuda::from_f32<T>(v[i]);
+  return out;
+}
+template <class T>
+std::vector<float> widened(const std::vector<T>& v) {
+  std::vector<float> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = to_f32(v[i]);
+  return out;
+}
+
+// --- comparison -------------------------------------------------------------------------------
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0.0;
+  for (const float x : v) m = std::max(m, std::abs(static_cast<double>(x)));
+  return m;
+}
+
+// One bf16 ulp at the magnitude of v: bf16 keeps 8 significant bits.
+double bf16_ulp(double v) {
+  int e = 0;
+  std::frexp(v == 0.0 ? 1e-30 : v, &e);  // |v| in [2^(e-1), 2^e)
+  return std::ldexp(1.0, e - 8);
+}
+
+// got (device, storage T) against ref (host f32); `f32_bound(i)` is the bound of the f32 result;
+// bf16 adds one bf16 ulp of the larger of the two values.
+template <class T>
+void expect_close(const std::string& what, const std::vector<T>& got_stored, const std::vector<float>& ref_f32,
+                  const std::function<double(std::size_t)>& f32_bound) {
+  REQUIRE(got_stored.size() == ref_f32.size());
+  const std::vector<float> got = widened(got_stored);
+  double worst = 0.0;
+  std::size_t bad = 0, first_bad = 0;
+  for (std::size_t i = 0; i < ref_f32.size(); ++i) {
+    double ref = ref_f32[i];
+    if constexpr (!std::is_same_v<T, float>) ref = to_f32(cuda::from_f32<T>(ref_f32[i]));
+    const double err = std::abs(static_cast<double>(got[i]) - ref);
+    double bound = f32_bound(i);
+    if constexpr (!std::is_same_v<T, float>) bound += bf16_ulp(std::max(std::abs(ref), std::abs(static_cast<double>(got[i]))));
+    worst = std::max(worst, err / bound);
+    if (!(err <= bound) && bad++ == 0) first_bad = i;
+  }
+  std::ostringstream msg;
+  msg << what << ": worst err/bound " << worst;
+  if (bad) msg << ", " << bad << " of " << ref_f32.size() << " over, first at " << first_bad << " (got "
+               << got[first_bad] << ", ref " << ref_f32[first_bad] << ")";
+  CHECK_MESSAGE(bad == 0, msg.str());
+  MESSAGE(msg.str());
+}
+
+template <class T>
+void expect_close_rel(const std::string& what, const std::vector<T>& got, const std::vector<float>& ref, double rel) {
+  const double bound = rel * std::max(1.0, max_abs(ref));
+  expect_close<T>(what, got, ref, [=](std::size_t) { return bound; });
+}
+
+constexpr double row_rel = 1e-6;  // f32 row/elementwise kernels: see the header comment
+
+template <class T>
+const char* name_of_storage() {
+  return std::is_same_v<T, float> ? "f32" : "bf16";
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("layer_norm_modulate matches layer_norm_modulate_row", T, float, bf16) {
+  test_stream st;
+  for (const auto& [rows, n] : {std::pair<std::size_t, std::size_t>{37, 200}, {5, 5120}, {300, 129}}) {
+    const auto x = stored<T>(random_floats(rows * n, 1, 0.3f, 2.0f));
+    const auto shift = random_floats(n, 2), scale = random_floats(n, 3, 0.0f, 0.5f);
+    device_vector<T> dx(x), dy(rows * n);
+    device_vector<float> dshift(shift), dscale(scale);
+    cuda::layer_norm_modulate(dx.p, rows, n, 1e-6, dshift.p, dscale.p, dy.p, st.s);
+    std::vector<float> ref(rows * n);
+    const auto xf = widened(x);
+    for (std::size_t r = 0; r < rows; ++r)
+      layer_norm_modulate_row(xf.data() + r * n, n, 1e-6, shift.data(), scale.data(), ref.data() + r * n);
+    expect_close_rel(std::string("layer_norm_modulate ") + name_of_storage<T>() + " " + std::to_string(rows) + "x" +
+                         std::to_string(n),
+                     dy.get(st), ref, row_rel);
+  }
+}
+
+TEST_CASE_TEMPLATE("layer_norm_affine matches layer_norm_row with weight and bias", T, float, bf16) {
+  test_stream st;
+  const std::size_t rows = 41, n = 384;
+  const auto x = random_floats(rows * n, 4, -0.5f, 1.5f);
+  const auto w = stored<T>(random_floats(n, 5, 1.0f, 0.2f)), b = stored<T>(random_floats(n, 6, 0.0f, 0.2f));
+  device_vector<float> dx(x), dy(rows * n);
+  device_vector<T> dw(w), db(b);
+  cuda::layer_norm_affine(dx.p, rows, n, 1e-6, dw.p, db.p, dy.p, st.s);
+  std::vector<float> ref(rows * n);
+  for (std::size_t r = 0; r < rows; ++r) layer_norm_row(x.data() + r * n, n, 1e-6, w.data(), b.data(), ref.data() + r * n);
+  expect_close_rel(std::string("layer_norm_affine, ") + name_of_storage<T>() + " weights", dy.get(st), ref, row_rel);
+}
+
+TEST_CASE_TEMPLATE("rms_norm_rope matches rms_norm_row then rope_rotate_row per head", T, float, bf16) {
+  test_stream st;
+  // (rows, heads, head_dim): the tiny vectors' d = 32, Wan's 128, and a head of 11 pairs.
+  for (const auto& [rows, heads, d] :
+       {std::tuple<std::size_t, std::size_t, std::size_t>{48, 4, 32}, {33, 3, 128}, {19, 5, 22}}) {
+    const std::size_t n = heads * d, pairs = d / 2;
+    const auto x = stored<T>(random_floats(rows * n, 7, 0.1f, 1.3f));
+    const auto w = stored<T>(random_floats(n, 8, 1.0f, 0.3f));
+    std::vector<float> cos(rows * pairs), sin(rows * pairs);
+    for (std::size_t t = 0; t < rows; ++t)
+      rope_table_row(t / 6, (t / 2) % 3, t % 2, pairs, cos.data() + t * pairs, sin.data() + t * pairs);
+    device_vector<float> dcos(cos), dsin(sin);
+    device_vector<T> dw(w);
+    for (const bool norm : {true, false})
+      for (const bool rope : {true, false}) {
+        if (!norm && !rope) continue;
+        device_vector<T> dx(x);
+        const T* weight = norm ? dw.p : nullptr;
+        cuda::rms_norm_rope(dx.p, rows, n, d, 1e-6, weight, rope ? dcos.p : nullptr, rope ? dsin.p : nullptr, st.s);
+        // The host path: RMSNorm over the full row, then each head rotated (models/wan/block.hpp).
+        std::vector<float> ref = widened(x);
+        for (std::size_t r = 0; r < rows; ++r) {
+          float* row = ref.data() + r * n;
+          if (norm) rms_norm_row(row, n, 1e-6, w.data(), row);
+          if (rope)
+            for (std::size_t h = 0; h < heads; ++h) rope_rotate_row(row + h * d, cos.data() + r * pairs, sin.data() + r * pairs, pairs);
+        }
+        expect_close_rel(std::string("rms_norm_rope ") + name_of_storage<T>() + " d=" + std::to_string(d) +
+                             (norm ? " norm" : "") + (rope ? " rope" : ""),
+                         dx.get(st), ref, row_rel);
+      }
+  }
+}
+
+TEST_CASE("rope_table matches rope_table_row") {
+  test_stream st;
+  for (const auto& [gf, gh, gw, pairs] : {std::tuple<std::size_t, std::size_t, std::size_t, std::size_t>{3, 4, 4, 16},
+                                         {21, 45, 80, 64}}) {  // Wan 14B at 720p: d = 128
+    const std::size_t tokens = gf * gh * gw;
+    device_vector<float> dcos(tokens * pairs), dsin(tokens * pairs);
+    cuda::rope_table(gf, gh, gw, pairs, dcos.p, dsin.p, st.s);
+    std::vector<float> cos(tokens * pairs), sin(tokens * pairs);
+    for (std::size_t t = 0; t < tokens; ++t)
+      rope_table_row(t / (gh * gw), (t / gw) % gh, t % gw, pairs, cos.data() + t * pairs, sin.data() + t * pairs);
+    expect_close_rel("rope_table cos " + std::to_string(tokens) + " tokens", dcos.get(st), cos, row_rel);
+    expect_close_rel("rope_table sin " + std::to_string(tokens) + " tokens", dsin.get(st), sin, row_rel);
+  }
+}
+
+TEST_CASE_TEMPLATE("bias_gelu, bias_activation, silu, gated_residual, add_broadcast, convert match the thread functions", T, float, bf16) {
+  test_stream st;
+  const std::size_t rows = 29, cols = 1000, n = rows * cols;
+  const auto y = stored<T>(random_floats(n, 9, 0.0f, 2.0f));
+  const auto bias = stored<T>(random_floats(cols, 10));
+  const auto yf = widened(y), bf = widened(bias);
+  {
+    device_vector<T> dy(y), db(bias);
+    cuda::bias_gelu(dy.p, rows, cols, db.p, st.s);
+    std::vector<float> ref(n);
+    for (std::size_t i = 0; i < n; ++i) ref[i] = gelu_tanh(yf[i] + bf[i % cols]);
+    expect_close_rel(std::string("bias_gelu ") + name_of_storage<T>(), dy.get(st), ref, row_rel);
+  }
+  for (const bool gelu : {true, false}) {  // strided: columns [3, 3 + 500) of each row
+    device_vector<T> dy(y), db(bias);
+    cuda::bias_activation(dy.p + 3, rows, 500, cols, db.p, gelu, st.s);
+    std::vector<float> ref = yf;
+    for (std::size_t r = 0; r < rows; ++r)
+      for (std::size_t c = 0; c < 500; ++c) {
+        const float v = yf[r * cols + 3 + c] + bf[c];
+        ref[r * cols + 3 + c] = gelu ? gelu_tanh(v) : v;
+      }
+    expect_close_rel(std::string("bias_activation (strided) ") + (gelu ? "gelu " : "identity ") + name_of_storage<T>(),
+                     dy.get(st), ref, row_rel);
+  }
+  {
+    device_vector<T> dx(y), dout(n);
+    cuda::silu(dx.p, n, dout.p, st.s);
+    std::vector<float> ref(n);
+    for (std::size_t i = 0; i < n; ++i) ref[i] = silu(yf[i]);
+    expect_close_rel(std::string("silu ") + name_of_storage<T>(), dout.get(st), ref, row_rel);
+  }
+  const auto x = stored<T>(random_floats(n, 11, 0.5f, 3.0f));
+  const auto gate = random_floats(cols, 12);
+  for (const bool gated : {true, false}) {
+    device_vector<T> dx(x), dy(y);
+    device_vector<float> dg(gate);
+    cuda::gated_residual(dx.p, dy.p, gated ? dg.p : nullptr, rows, cols, st.s);
+    std::vector<float> ref = widened(x);
+    for (std::size_t r = 0; r < rows; ++r) {
+      if (gated) gated_residual_row(ref.data() + r * cols, yf.data() + r * cols, gate.data(), cols);
+      else residual_row(ref.data() + r * cols, yf.data() + r * cols, cols);
+    }
+    expect_close_rel(std::string(gated ? "gated_residual " : "residual ") + name_of_storage<T>(), dx.get(st), ref, row_rel);
+  }
+  {
+    const auto e0 = random_floats(cols, 13);
+    device_vector<T> dm(y);
+    device_vector<float> de(e0), dout(n);
+    cuda::add_broadcast(dm.p, de.p, n, cols, dout.p, st.s);
+    std::vector<float> ref(n);
+    for (std::size_t i = 0; i < n; ++i) ref[i] = yf[i] + e0[i % cols];
+    expect_close_rel(std::string("add_broadcast ") + name_of_storage<T>(), dout.get(st), ref, row_rel);
+  }
+  {
+    device_vector<T> src(y);
+    device_vector<float> dst(n);
+    cuda::convert(src.p, n, dst.p, st.s);
+    const auto got = dst.get(st);
+    CHECK_MESSAGE(got == yf, "convert to f32 must be exact");
+    device_vector<bf16> back(n);
+    cuda::convert(dst.p, n, back.p, st.s);
+    const auto rounded = back.get(st);
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < n; ++i) differ += rounded[i].bits != bf16::from_float(yf[i]).bits;
+    CHECK_MESSAGE(differ == 0, "f32 -> bf16 on the device must round as bf16::from_float does");
+  }
+}
+
+TEST_CASE("patchify, unpatchify and time_sinusoid match the thread functions") {
+  test_stream st;
+  const std::size_t C = 16, F = 5, H = 9, W = 13;  // trailing rows/columns/frames dropped by the grid
+  const patch_grid g{1, 2, 2, F / 1, H / 2, W / 2};
+  const std::size_t tokens = g.gf * g.gh * g.gw, len = C * g.pt * g.ph * g.pw;
+  const auto x = random_floats(C * F * H * W, 14);
+  device_vector<float> dx(x), dp(tokens * len);
+  cuda::patchify(dx.p, C, F, H, W, g, dp.p, st.s);
+  std::vector<float> ref(tokens * len);
+  for (std::size_t s = 0; s < tokens; ++s) patchify_token(x.data(), C, F, H, W, g, s, ref.data() + s * len);
+  CHECK_MESSAGE(dp.get(st) == ref, "patchify is a copy: bit-identical");
+
+  const auto vecs = random_floats(tokens * len, 15);
+  device_vector<float> dv(vecs), dout(C * g.gf * g.pt * g.gh * g.ph * g.gw * g.pw);
+  cuda::unpatchify(dv.p, C, g, dout.p, st.s);
+  std::vector<float> out_ref(dout.n);
+  for (std::size_t s = 0; s < tokens; ++s) unpatchify_token(vecs.data() + s * len, C, g, s, out_ref.data());
+  CHECK_MESSAGE(dout.get(st) == out_ref, "unpatchify is a copy: bit-identical");
+
+  for (const float t : {0.0f, 1.0f, 500.0f, 999.0f}) {
+    const std::size_t dim = 256;
+    device_vector<float> dt(std::vector<float>{t}), ds(dim);
+    cuda::time_sinusoid(dt.p, dim, ds.p, st.s);
+    std::vector<float> sref(dim);
+    for (std::size_t i = 0; i < dim; ++i) sref[i] = time_sinusoid(static_cast<double>(t), i, dim);
+    expect_close_rel("time_sinusoid t=" + std::to_string(t), ds.get(st), sref, row_rel);
+  }
+}
+
+TEST_CASE_TEMPLATE("flash_attention matches multi_head_attention", T, float, bf16) {
+  test_stream st;
+  // (queries, keys, heads, d): self-attention, cross-attention with few keys, the widths each
+  // compiled tile width serves (64, 128, 256) and ones that are not multiples of 4 or 16.
+  for (const auto& [nq, nk, heads, d] : {std::tuple<std::size_t, std::size_t, std::size_t, std::size_t>{48, 48, 4, 32},
+                                        {48, 16, 4, 32},
+                                        {200, 77, 3, 128},
+                                        {130, 300, 2, 64},
+                                        {65, 33, 2, 80},
+                                        {70, 40, 1, 256},
+                                        {31, 5, 3, 6}}) {
+    const std::size_t ld = heads * d;
+    const auto q = stored<T>(random_floats(nq * ld, 16, 0.0f, 1.5f));
+    const auto k = stored<T>(random_floats(nk * ld, 17, 0.0f, 1.5f));
+    const auto v = stored<T>(random_floats(nk * ld, 18));
+    device_vector<T> dq(q), dk(k), dv(v), dout(nq * ld);
+    cuda::flash_attention(dq.p, nq, dk.p, dv.p, nk, heads, d, dout.p, st.s);
+    const auto qf = widened(q), kf = widened(k), vf = widened(v);
+    std::vector<float> ref(nq * ld), scores(nk);
+    multi_head_attention(qf.data(), nq, kf.data(), vf.data(), nk, heads, d, scores.data(), ref.data());
+    expect_close_rel(std::string("flash_attention ") + name_of_storage<T>() + " q=" + std::to_string(nq) +
+                         " k=" + std::to_string(nk) + " h=" + std::to_string(heads) + " d=" + std::to_string(d),
+                     dout.get(st), ref, 1e-5);
+  }
+}
+
+namespace {
+
+// Host reference for a linear on the values the device multiplies (bf16 widened exactly), and
+// the per-element GEMM bound of the header comment.
+struct linear_reference {
+  std::vector<float> y;      // [m, n]
+  std::vector<double> bound;  // [m, n]
+};
+
+linear_reference host_linear(const std::vector<float>& x, std::size_t m, std::size_t k, const std::vector<float>& w,
+                             const std::vector<float>& b, std::size_t n, bool gelu) {
+  linear_reference r{std::vector<float>(m * n), std::vector<double>(m * n)};
+  const tensor_view wv(const_cast<float*>(w.data()), dtype::f32,
+                       shape{static_cast<std::int64_t>(n), static_cast<std::int64_t>(k)});
+  const tensor_view bv = b.empty() ? tensor_view{}
+                                   : tensor_view(const_cast<float*>(b.data()), dtype::f32, shape{static_cast<std::int64_t>(n)});
+  linear(x.data(), m, k, wv, bv, r.y.data());
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j) {
+      double abs_sum = b.empty() ? 0.0 : std::abs(b[j]);
+      for (std::size_t l = 0; l < k; ++l) abs_sum += std::abs(static_cast<double>(x[i * k + l]) * w[j * k + l]);
+      double bound = 8.0 * std::sqrt(static_cast<double>(k)) * u32 * abs_sum + 1e-30;
+      float& y = r.y[i * n + j];
+      if (gelu) {
+        bound = 1.2 * bound + row_rel * std::max(1.0, std::abs(static_cast<double>(y)));  // |gelu'| <= 1.13
+        y = gelu_tanh(y);
+      }
+      r.bound[i * n + j] = bound;
+    }
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("blaslt::linear matches the host linear, with bias, without, with GELU-tanh", T, float, bf16) {
+  test_stream st;
+  device_vector<std::byte> workspace(std::size_t{32} << 20);
+  cuda::blaslt blas;
+  blas.set_workspace(workspace.p, workspace.n);
+  // (m, k, n): the FFN's shape at a small width, a GEMV (time embedding), odd sizes.
+  for (const auto& [m, k, n] : {std::tuple<std::size_t, std::size_t, std::size_t>{48, 128, 384}, {1, 256, 768},
+                               {77, 200, 130}, {300, 1024, 64}}) {
+    const auto x = stored<T>(random_floats(m * k, 19));
+    const auto w = stored<T>(random_floats(n * k, 20, 0.0f, 0.1f));
+    const auto b = stored<T>(random_floats(n, 21));
+    device_vector<T> dx(x), dw(w), db(b);
+    for (const bool bias : {true, false})
+      for (const bool gelu : {false, true}) {
+        const linear_reference ref = host_linear(widened(x), m, k, widened(w), bias ? widened(b) : std::vector<float>{}, n, gelu);
+        const auto act = gelu ? cuda::activation::gelu_tanh : cuda::activation::none;
+        const T* bp = bias ? db.p : nullptr;
+        const std::string what = std::string("linear ") + name_of_storage<T>() + " " + std::to_string(m) + "x" +
+                                 std::to_string(k) + "x" + std::to_string(n) + (bias ? " +bias" : "") + (gelu ? " gelu" : "");
+        device_vector<float> dy(m * n);  // f32 output (the Wan model's)
+        blas.linear(dx.p, m, k, dw.p, bp, n, dy.p, act, st.s);
+        expect_close<float>(what + " -> f32", dy.get(st), ref.y, [&](std::size_t i) { return ref.bound[i]; });
+        if constexpr (!std::is_same_v<T, float>) {  // and output in the storage type
+          device_vector<T> dyt(m * n);
+          blas.linear(dx.p, m, k, dw.p, bp, n, dyt.p, act, st.s);
+          expect_close<T>(what + " -> bf16", dyt.get(st), ref.y, [&](std::size_t i) { return ref.bound[i]; });
+        }
+      }
+  }
+}
+
+TEST_CASE("blaslt::linear_rows computes a row slice of W into its output columns, nothing else") {
+  test_stream st;
+  device_vector<std::byte> workspace(std::size_t{4} << 20);
+  cuda::blaslt blas;
+  blas.set_workspace(workspace.p, workspace.n);
+  const std::size_t m = 40, k = 96, n = 150;
+  const auto x = random_floats(m * k, 22), w = random_floats(n * k, 23, 0.0f, 0.1f), b = random_floats(n, 24);
+  const linear_reference ref = host_linear(x, m, k, w, b, n, false);
+  device_vector<float> dx(x), dw(w), db(b);
+  constexpr float untouched = 12345.0f;
+  device_vector<float> dy(std::vector<float>(m * n, untouched));
+  // Chunks of 1, 7, 64 and the rest of the rows, as a chunked unshard delivers them: the slices
+  // start at rows 1, 8 and 72, so W, b and y are passed at 4-byte-aligned addresses too.
+  std::size_t r0 = 0;
+  for (const std::size_t rows : {std::size_t{1}, std::size_t{7}, std::size_t{64}, n - 72}) {
+    const std::size_t r1 = r0 + rows;
+    blas.linear_rows(dx.p, m, k, dw.p + r0 * k, db.p + r0, rows, r0, dy.p, n, cuda::activation::none, st.s);
+    r0 = r1;
+  }
+  REQUIRE(r0 == n);
+  expect_close<float>("linear_rows, 4 chunks", dy.get(st), ref.y, [&](std::size_t i) { return ref.bound[i]; });
+
+  // A single middle slice writes its columns only.
+  device_vector<float> dz(std::vector<float>(m * n, untouched));
+  blas.linear_rows(dx.p, m, k, dw.p + 50 * k, db.p + 50, 20, 50, dz.p, n, cuda::activation::none, st.s);
+  const auto z = dz.get(st);
+  std::size_t outside_written = 0;
+  std::vector<float> got_slice, ref_slice;
+  std::vector<double> bound_slice;
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j) {
+      if (j >= 50 && j < 70) {
+        got_slice.push_back(z[i * n + j]);
+        ref_slice.push_back(ref.y[i * n + j]);
+        bound_slice.push_back(ref.bound[i * n + j]);
+      } else {
+        outside_written += z[i * n + j] != untouched;
+      }
+    }
+  CHECK_MESSAGE(outside_written == 0, "linear_rows wrote ", outside_written, " elements outside columns [50, 70)");
+  expect_close<float>("linear_rows, columns [50, 70)", got_slice, ref_slice, [&](std::size_t i) { return bound_slice[i]; });
+  CHECK(blas.cached_algorithms() >= 1);
+}

@@ -1,0 +1,33 @@
+#pragma once
+// The Live Avatar reference cases of tests/data (liveavatar_<name>.safetensors with its
+// config.json): the checkpoint, the config and the recorded stream of calls.
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "reference_checks.hpp"
+#include "unshard/io/checkpoint.hpp"
+#include "unshard/io/json_config.hpp"
+#include "unshard/models/liveavatar/calls.hpp"
+#include "unshard/models/liveavatar/config.hpp"
+
+namespace unshard::testing {
+
+struct stream_case {
+  checkpoint file;
+  nlohmann::json config_json;  // the whole vectors config: the model and the stream
+  s2v_config config;
+  s2v_stream_spec spec;
+  s2v_workload work;
+};
+
+inline stream_case load_case(const std::string& name) {
+  stream_case c{checkpoint::open(data_dir + "/" + name + ".safetensors"), {}, {}, {}, {}};
+  c.config_json = load_json_config(data_dir + "/" + name + ".config.json", "liveavatar config");
+  c.config = s2v_config::from_json(c.config_json, name);
+  c.spec = parse_s2v_stream(c.config_json, name, c.file);
+  c.work = s2v_workload_of(c.spec, c.file);
+  return c;
+}
+
+}  // namespace unshard::testing

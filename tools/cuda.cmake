@@ -1,0 +1,4 @@
+# unshard-dit --backend cuda: one CUDA translation unit (dit_cuda.cu) linked into the same tool.
+target_sources(unshard-dit PRIVATE dit_cuda.cu)
+target_compile_definitions(unshard-dit PRIVATE UNSHARD_DIT_CUDA=1)
+unshard_cuda_target(unshard-dit)
