@@ -43,120 +43,10 @@
 #include "unshard/kernels/thread/residual.hpp"
 #include "unshard/kernels/thread/rope.hpp"
 
+#include "device_checks.cuh"
+
 using namespace unshard;
-
-namespace {
-
-constexpr double u32 = 1.0 / (1 << 24);
-
-// --- device memory and a stream ---------------------------------------------------------------
-
-struct test_stream {
-  cudaStream_t s = nullptr;
-  test_stream() { UNSHARD_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
-  ~test_stream() { cudaStreamDestroy(s); }
-  void sync() const { UNSHARD_CUDA_CHECK(cudaStreamSynchronize(s)); }
-};
-
-template <class T>
-struct device_vector {
-  T* p = nullptr;
-  std::size_t n = 0;
-  explicit device_vector(std::size_t count) : n(count) { UNSHARD_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T))); }
-  explicit device_vector(const std::vector<T>& h) : device_vector(h.size()) {
-    UNSHARD_CUDA_CHECK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  ~device_vector() { cudaFree(p); }
-  device_vector(const device_vector&) = delete;
-  device_vector& operator=(const device_vector&) = delete;
-  // Waits for `stream`, then copies back.
-  std::vector<T> get(const test_stream& stream) const {
-    stream.sync();
-    std::vector<T> h(n);
-    UNSHARD_CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-};
-
-// --- data -------------------------------------------------------------------------------------
-
-std::vector<float> random_floats(std::size_t n, unsigned seed, float mean = 0.0f, float stddev = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(mean, stddev);
-  std::vector<float> v(n);
-  for (auto& x : v) x = dist(gen);
-  return v;
-}
-
-// Storage T of the values (bf16 rounds; the host then computes on exactly the rounded values).
-template <class T>
-std::vector<T> stored(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = cuda::from_f32<T>(v[i]);
-  return out;
-}
-template <class T>
-std::vector<float> widened(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = to_f32(v[i]);
-  return out;
-}
-
-// --- comparison -------------------------------------------------------------------------------
-
-double max_abs(const std::vector<float>& v) {
-  double m = 0.0;
-  for (const float x : v) m = std::max(m, std::abs(static_cast<double>(x)));
-  return m;
-}
-
-// One bf16 ulp at the magnitude of v: bf16 keeps 8 significant bits.
-double bf16_ulp(double v) {
-  int e = 0;
-  std::frexp(v == 0.0 ? 1e-30 : v, &e);  // |v| in [2^(e-1), 2^e)
-  return std::ldexp(1.0, e - 8);
-}
-
-// got (device, storage T) against ref (host f32); `f32_bound(i)` is the bound of the f32 result;
-// bf16 adds one bf16 ulp of the larger of the two values.
-template <class T>
-void expect_close(const std::string& what, const std::vector<T>& got_stored, const std::vector<float>& ref_f32,
-                  const std::function<double(std::size_t)>& f32_bound) {
-  REQUIRE(got_stored.size() == ref_f32.size());
-  const std::vector<float> got = widened(got_stored);
-  double worst = 0.0;
-  std::size_t bad = 0, first_bad = 0;
-  for (std::size_t i = 0; i < ref_f32.size(); ++i) {
-    double ref = ref_f32[i];
-    if constexpr (!std::is_same_v<T, float>) ref = to_f32(cuda::from_f32<T>(ref_f32[i]));
-    const double err = std::abs(static_cast<double>(got[i]) - ref);
-    double bound = f32_bound(i);
-    if constexpr (!std::is_same_v<T, float>) bound += bf16_ulp(std::max(std::abs(ref), std::abs(static_cast<double>(got[i]))));
-    worst = std::max(worst, err / bound);
-    if (!(err <= bound) && bad++ == 0) first_bad = i;
-  }
-  std::ostringstream msg;
-  msg << what << ": worst err/bound " << worst;
-  if (bad) msg << ", " << bad << " of " << ref_f32.size() << " over, first at " << first_bad << " (got "
-               << got[first_bad] << ", ref " << ref_f32[first_bad] << ")";
-  CHECK_MESSAGE(bad == 0, msg.str());
-  MESSAGE(msg.str());
-}
-
-template <class T>
-void expect_close_rel(const std::string& what, const std::vector<T>& got, const std::vector<float>& ref, double rel) {
-  const double bound = rel * std::max(1.0, max_abs(ref));
-  expect_close<T>(what, got, ref, [=](std::size_t) { return bound; });
-}
-
-constexpr double row_rel = 1e-6;  // f32 row/elementwise kernels: see the header comment
-
-template <class T>
-const char* name_of_storage() {
-  return std::is_same_v<T, float> ? "f32" : "bf16";
-}
-
-}  // namespace
+using namespace unshard::gpu_testing;
 
 TEST_CASE_TEMPLATE("layer_norm_modulate matches layer_norm_modulate_row", T, float, bf16) {
   test_stream st;
@@ -170,7 +60,7 @@ TEST_CASE_TEMPLATE("layer_norm_modulate matches layer_norm_modulate_row", T, flo
     const auto xf = widened(x);
     for (std::size_t r = 0; r < rows; ++r)
       layer_norm_modulate_row(xf.data() + r * n, n, 1e-6, shift.data(), scale.data(), ref.data() + r * n);
-    expect_close_rel(std::string("layer_norm_modulate ") + name_of_storage<T>() + " " + std::to_string(rows) + "x" +
+    expect_close_rel(std::string("layer_norm_modulate ") + storage_name<T>() + " " + std::to_string(rows) + "x" +
                          std::to_string(n),
                      dy.get(st), ref, row_rel);
   }
@@ -186,7 +76,7 @@ TEST_CASE_TEMPLATE("layer_norm_affine matches layer_norm_row with weight and bia
   cuda::layer_norm_affine(dx.p, rows, n, 1e-6, dw.p, db.p, dy.p, st.s);
   std::vector<float> ref(rows * n);
   for (std::size_t r = 0; r < rows; ++r) layer_norm_row(x.data() + r * n, n, 1e-6, w.data(), b.data(), ref.data() + r * n);
-  expect_close_rel(std::string("layer_norm_affine, ") + name_of_storage<T>() + " weights", dy.get(st), ref, row_rel);
+  expect_close_rel(std::string("layer_norm_affine, ") + storage_name<T>() + " weights", dy.get(st), ref, row_rel);
 }
 
 TEST_CASE_TEMPLATE("rms_norm_rope matches rms_norm_row then rope_rotate_row per head", T, float, bf16) {
@@ -216,7 +106,7 @@ TEST_CASE_TEMPLATE("rms_norm_rope matches rms_norm_row then rope_rotate_row per 
           if (rope)
             for (std::size_t h = 0; h < heads; ++h) rope_rotate_row(row + h * d, cos.data() + r * pairs, sin.data() + r * pairs, pairs);
         }
-        expect_close_rel(std::string("rms_norm_rope ") + name_of_storage<T>() + " d=" + std::to_string(d) +
+        expect_close_rel(std::string("rms_norm_rope ") + storage_name<T>() + " d=" + std::to_string(d) +
                              (norm ? " norm" : "") + (rope ? " rope" : ""),
                          dx.get(st), ref, row_rel);
       }
@@ -249,7 +139,7 @@ TEST_CASE_TEMPLATE("bias_gelu, bias_activation, silu, gated_residual, add_broadc
     cuda::bias_gelu(dy.p, rows, cols, db.p, st.s);
     std::vector<float> ref(n);
     for (std::size_t i = 0; i < n; ++i) ref[i] = gelu_tanh(yf[i] + bf[i % cols]);
-    expect_close_rel(std::string("bias_gelu ") + name_of_storage<T>(), dy.get(st), ref, row_rel);
+    expect_close_rel(std::string("bias_gelu ") + storage_name<T>(), dy.get(st), ref, row_rel);
   }
   for (const bool gelu : {true, false}) {  // strided: columns [3, 3 + 500) of each row
     device_vector<T> dy(y), db(bias);
@@ -260,7 +150,7 @@ TEST_CASE_TEMPLATE("bias_gelu, bias_activation, silu, gated_residual, add_broadc
         const float v = yf[r * cols + 3 + c] + bf[c];
         ref[r * cols + 3 + c] = gelu ? gelu_tanh(v) : v;
       }
-    expect_close_rel(std::string("bias_activation (strided) ") + (gelu ? "gelu " : "identity ") + name_of_storage<T>(),
+    expect_close_rel(std::string("bias_activation (strided) ") + (gelu ? "gelu " : "identity ") + storage_name<T>(),
                      dy.get(st), ref, row_rel);
   }
   {
@@ -268,7 +158,7 @@ TEST_CASE_TEMPLATE("bias_gelu, bias_activation, silu, gated_residual, add_broadc
     cuda::silu(dx.p, n, dout.p, st.s);
     std::vector<float> ref(n);
     for (std::size_t i = 0; i < n; ++i) ref[i] = silu(yf[i]);
-    expect_close_rel(std::string("silu ") + name_of_storage<T>(), dout.get(st), ref, row_rel);
+    expect_close_rel(std::string("silu ") + storage_name<T>(), dout.get(st), ref, row_rel);
   }
   const auto x = stored<T>(random_floats(n, 11, 0.5f, 3.0f));
   const auto gate = random_floats(cols, 12);
@@ -281,7 +171,7 @@ TEST_CASE_TEMPLATE("bias_gelu, bias_activation, silu, gated_residual, add_broadc
       if (gated) gated_residual_row(ref.data() + r * cols, yf.data() + r * cols, gate.data(), cols);
       else residual_row(ref.data() + r * cols, yf.data() + r * cols, cols);
     }
-    expect_close_rel(std::string(gated ? "gated_residual " : "residual ") + name_of_storage<T>(), dx.get(st), ref, row_rel);
+    expect_close_rel(std::string(gated ? "gated_residual " : "residual ") + storage_name<T>(), dx.get(st), ref, row_rel);
   }
   {
     const auto e0 = random_floats(cols, 13);
@@ -290,7 +180,7 @@ TEST_CASE_TEMPLATE("bias_gelu, bias_activation, silu, gated_residual, add_broadc
     cuda::add_broadcast(dm.p, de.p, n, cols, dout.p, st.s);
     std::vector<float> ref(n);
     for (std::size_t i = 0; i < n; ++i) ref[i] = yf[i] + e0[i % cols];
-    expect_close_rel(std::string("add_broadcast ") + name_of_storage<T>(), dout.get(st), ref, row_rel);
+    expect_close_rel(std::string("add_broadcast ") + storage_name<T>(), dout.get(st), ref, row_rel);
   }
   {
     device_vector<T> src(y);
@@ -356,45 +246,11 @@ TEST_CASE_TEMPLATE("flash_attention matches multi_head_attention", T, float, bf1
     const auto qf = widened(q), kf = widened(k), vf = widened(v);
     std::vector<float> ref(nq * ld), scores(nk);
     multi_head_attention(qf.data(), nq, kf.data(), vf.data(), nk, heads, d, scores.data(), ref.data());
-    expect_close_rel(std::string("flash_attention ") + name_of_storage<T>() + " q=" + std::to_string(nq) +
+    expect_close_rel(std::string("flash_attention ") + storage_name<T>() + " q=" + std::to_string(nq) +
                          " k=" + std::to_string(nk) + " h=" + std::to_string(heads) + " d=" + std::to_string(d),
                      dout.get(st), ref, 1e-5);
   }
 }
-
-namespace {
-
-// Host reference for a linear on the values the device multiplies (bf16 widened exactly), and
-// the per-element GEMM bound of the header comment.
-struct linear_reference {
-  std::vector<float> y;      // [m, n]
-  std::vector<double> bound;  // [m, n]
-};
-
-linear_reference host_linear(const std::vector<float>& x, std::size_t m, std::size_t k, const std::vector<float>& w,
-                             const std::vector<float>& b, std::size_t n, bool gelu) {
-  linear_reference r{std::vector<float>(m * n), std::vector<double>(m * n)};
-  const tensor_view wv(const_cast<float*>(w.data()), dtype::f32,
-                       shape{static_cast<std::int64_t>(n), static_cast<std::int64_t>(k)});
-  const tensor_view bv = b.empty() ? tensor_view{}
-                                   : tensor_view(const_cast<float*>(b.data()), dtype::f32, shape{static_cast<std::int64_t>(n)});
-  linear(x.data(), m, k, wv, bv, r.y.data());
-  for (std::size_t i = 0; i < m; ++i)
-    for (std::size_t j = 0; j < n; ++j) {
-      double abs_sum = b.empty() ? 0.0 : std::abs(b[j]);
-      for (std::size_t l = 0; l < k; ++l) abs_sum += std::abs(static_cast<double>(x[i * k + l]) * w[j * k + l]);
-      double bound = 8.0 * std::sqrt(static_cast<double>(k)) * u32 * abs_sum + 1e-30;
-      float& y = r.y[i * n + j];
-      if (gelu) {
-        bound = 1.2 * bound + row_rel * std::max(1.0, std::abs(static_cast<double>(y)));  // |gelu'| <= 1.13
-        y = gelu_tanh(y);
-      }
-      r.bound[i * n + j] = bound;
-    }
-  return r;
-}
-
-}  // namespace
 
 TEST_CASE_TEMPLATE("blaslt::linear matches the host linear, with bias, without, with GELU-tanh", T, float, bf16) {
   test_stream st;
@@ -413,7 +269,7 @@ TEST_CASE_TEMPLATE("blaslt::linear matches the host linear, with bias, without, 
         const linear_reference ref = host_linear(widened(x), m, k, widened(w), bias ? widened(b) : std::vector<float>{}, n, gelu);
         const auto act = gelu ? cuda::activation::gelu_tanh : cuda::activation::none;
         const T* bp = bias ? db.p : nullptr;
-        const std::string what = std::string("linear ") + name_of_storage<T>() + " " + std::to_string(m) + "x" +
+        const std::string what = std::string("linear ") + storage_name<T>() + " " + std::to_string(m) + "x" +
                                  std::to_string(k) + "x" + std::to_string(n) + (bias ? " +bias" : "") + (gelu ? " gelu" : "");
         device_vector<float> dy(m * n);  // f32 output (the Wan model's)
         blas.linear(dx.p, m, k, dw.p, bp, n, dy.p, act, st.s);
