@@ -1,9 +1,11 @@
 #pragma once
 #include <concepts>
+#include <cstdint>
 #include <cstddef>
 #include <map>
 #include <span>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -34,6 +36,17 @@ class buffer_set {
   template <class T>
   T* as(const std::string& name) const {
     return reinterpret_cast<T*>(bytes(name).data());
+  }
+  // The buffer `name` holding `count` elements of T; throws, naming `owner` and the buffer, if it
+  // is smaller than that or not aligned for T.
+  template <class T>
+  T* checked_as(const std::string& name, std::size_t count, std::string_view owner) const {
+    const std::span<std::byte> b = bytes(name);
+    if (b.size() < count * sizeof(T))
+      throw_error(owner, ": buffer '", name, "' has ", b.size(), " bytes, needs ", count * sizeof(T));
+    if (reinterpret_cast<std::uintptr_t>(b.data()) % alignof(T) != 0)
+      throw_error(owner, ": buffer '", name, "' is not aligned for ", alignof(T), "-byte elements");
+    return reinterpret_cast<T*>(b.data());
   }
 
  private:

@@ -117,7 +117,7 @@ void s2v_patch_forward(const s2v_geometry& g, P& p, s2v_state& s) {
 // zero_timestep: rows 0..F-1 at the frames' t, rows F..2F-1 at t = 0; e [2F, D], e0 [2F, 6D].
 template <param_source P>
 void s2v_time_forward(const s2v_geometry& g, P& p, s2v_state& s) {
-  const auto lay = s2v_time_layout(g);
+  const auto lay = wan_time_layout(g);
   check_s2v_params(lay.table, p, g.storage, [] { return std::string(); });
   s2v_require_call(s, "time");
   const std::size_t rows = 2 * g.frames, D = g.dim;
@@ -134,7 +134,7 @@ void s2v_time_forward(const s2v_geometry& g, P& p, s2v_state& s) {
 
 template <param_source P>
 void s2v_text_forward(const s2v_geometry& g, P& p, s2v_state& s) {
-  const auto lay = s2v_text_layout(g);
+  const auto lay = wan_text_layout(g);
   check_s2v_params(lay.table, p, g.storage, [] { return std::string(); });
   s2v_linear(g, s.input_context, g.text_len, g.text_dim, p, lay.embed0.weight, lay.embed0.bias, s.text_hidden);
   for (std::size_t i = 0; i < g.text_len * g.dim; ++i) s.text_hidden[i] = gelu_tanh(s.text_hidden[i]);

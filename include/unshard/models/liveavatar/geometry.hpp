@@ -12,6 +12,7 @@
 #include "unshard/core/error.hpp"
 #include "unshard/kernels/host/gemm.hpp"
 #include "unshard/models/liveavatar/config.hpp"
+#include "unshard/models/wan/geometry.hpp"
 
 namespace unshard {
 
@@ -28,11 +29,9 @@ struct s2v_workload {
   std::int64_t denoising_steps = 4;              // noisy caches (one per step)
 };
 
-struct s2v_options {
-  dtype storage = dtype::f32;  // every parameter's dtype (f32 or bf16); compute is f32
-  gemm_path gemm = gemm_path::portable;
-  bool record_block_outputs = false;  // keep each block's output (after its audio injection)
-};
+// The Wan options: parameter dtype, GEMM path, whether each block's output (after its audio
+// injection) is kept.
+using s2v_options = wan_options;
 
 // CausalAudioEncoder's layer weights: wav2vec2-large's 24 layers and its input.
 inline constexpr std::size_t s2v_audio_layers = 25;
@@ -44,9 +43,9 @@ inline constexpr std::size_t s2v_pack_total_frames = 19;
 inline constexpr std::int64_t s2v_rope_frames = 45000;
 inline constexpr std::int64_t s2v_ref_frame_position = 30;
 
-struct s2v_geometry {
-  std::size_t dim, ffn_dim, freq_dim, text_dim, text_len, in_dim, out_dim, cond_dim, audio_dim;
-  std::size_t heads, head_dim, rope_pairs, num_layers, audio_tokens;  // audio_tokens = num_audio_token
+struct s2v_geometry : wan_backbone_geometry {
+  std::size_t cond_dim, audio_dim;
+  std::size_t audio_tokens;  // num_audio_token
   std::size_t injectors;
   std::size_t height, width, frames;  // latent H, W; F
   std::size_t gh, gw;                 // token grid of a frame (H/2, W/2)
@@ -58,11 +57,6 @@ struct s2v_geometry {
   std::size_t audio_frames, audio_t, audio_t2, audio_t3;  // input columns; lengths after prepend, conv2, conv3
   std::size_t noisy_slots, cond_slots, steps;
   std::size_t patch_in, patch_out;   // in_dim*4, out_dim*4
-  double eps;
-  bool cross_attn_norm;
-  dtype storage;
-  gemm_path gemm;
-  bool record_block_outputs;
 
   std::size_t max_tokens() const noexcept { return std::max(block_tokens, cond_tokens); }
   // Rows of the k/v scratch: self-attention keys, text rows, or one frame's audio tokens.
@@ -98,19 +92,9 @@ inline s2v_geometry make_s2v_geometry(const s2v_config& c, const s2v_workload& w
 
   const auto z = [](std::int64_t v) { return static_cast<std::size_t>(v); };
   s2v_geometry g{};
-  g.dim = z(c.dim);
-  g.ffn_dim = z(c.ffn_dim);
-  g.freq_dim = z(c.freq_dim);
-  g.text_dim = z(c.text_dim);
-  g.text_len = z(c.text_len);
-  g.in_dim = z(c.in_dim);
-  g.out_dim = z(c.out_dim);
+  fill_backbone(g, c, o);
   g.cond_dim = z(c.cond_dim);
   g.audio_dim = z(c.audio_dim);
-  g.heads = z(c.num_heads);
-  g.head_dim = z(c.head_dim());
-  g.rope_pairs = g.head_dim / 2;
-  g.num_layers = z(c.num_layers);
   g.audio_tokens = z(c.num_audio_token);
   g.injectors = c.audio_inject_layers.size();
   g.height = z(H);
@@ -145,11 +129,6 @@ inline s2v_geometry make_s2v_geometry(const s2v_config& c, const s2v_workload& w
   g.steps = z(w.denoising_steps);
   g.patch_in = g.in_dim * 4;
   g.patch_out = g.out_dim * 4;
-  g.eps = c.eps;
-  g.cross_attn_norm = c.cross_attn_norm;
-  g.storage = o.storage;
-  g.gemm = o.gemm;
-  g.record_block_outputs = o.record_block_outputs;
   return g;
 }
 

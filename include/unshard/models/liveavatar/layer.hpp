@@ -142,8 +142,8 @@ class s2v_layer {
     switch (kind_) {
       case s2v_layer_kind::embeddings:
         if (sub == 0) return detail::s2v_patch_layout(g).table;
-        if (sub == 1) return detail::s2v_time_layout(g).table;
-        return detail::s2v_text_layout(g).table;
+        if (sub == 1) return detail::wan_time_layout(g).table;
+        return detail::wan_text_layout(g).table;
       case s2v_layer_kind::frame_packer: return detail::s2v_pack_layout(g, sub).table;
       case s2v_layer_kind::cond_encoder: return detail::s2v_cond_layout(g).table;
       case s2v_layer_kind::audio_encoder: return detail::s2v_audio_layout(g, sub).table;

@@ -42,28 +42,7 @@ inline s2v_patch_params s2v_patch_layout(const s2v_geometry& g) {
   return p;
 }
 
-struct s2v_time_params {
-  wan_param_table table;
-  wan_linear_slots embed0, embed2, projection;
-};
-inline s2v_time_params s2v_time_layout(const s2v_geometry& g) {
-  s2v_time_params p;
-  p.embed0 = add_linear(p.table, "time_embedding.0.weight", "time_embedding.0.bias", g.dim, g.freq_dim);
-  p.embed2 = add_linear(p.table, "time_embedding.2.weight", "time_embedding.2.bias", g.dim, g.dim);
-  p.projection = add_linear(p.table, "time_projection.1.weight", "time_projection.1.bias", 6 * g.dim, g.dim);
-  return p;
-}
-
-struct s2v_text_params {
-  wan_param_table table;
-  wan_linear_slots embed0, embed2;
-};
-inline s2v_text_params s2v_text_layout(const s2v_geometry& g) {
-  s2v_text_params p;
-  p.embed0 = add_linear(p.table, "text_embedding.0.weight", "text_embedding.0.bias", g.dim, g.text_dim);
-  p.embed2 = add_linear(p.table, "text_embedding.2.weight", "text_embedding.2.bias", g.dim, g.dim);
-  return p;
-}
+// time_embedding, time_projection and text_embedding: Wan's own (wan_time_layout, wan_text_layout).
 
 // --- frame packer (prefix "frame_packer."): one sub-unit per bucket ----------------------------
 

@@ -17,6 +17,7 @@
 #include "unshard/core/memory_category.hpp"
 #include "unshard/layer/model.hpp"
 #include "unshard/models/liveavatar/geometry.hpp"
+#include "unshard/models/wan/state.hpp"
 
 namespace unshard {
 
@@ -164,23 +165,14 @@ inline std::vector<s2v_buffer_entry> s2v_buffer_table(const s2v_geometry& g) {
   return t;
 }
 
-inline std::vector<buffer_spec> s2v_buffer_specs(const s2v_geometry& g) {
-  std::vector<buffer_spec> specs;
-  for (const auto& b : s2v_buffer_table(g)) specs.push_back({b.name, b.floats * sizeof(float), b.category});
-  return specs;
-}
+inline std::vector<buffer_spec> s2v_buffer_specs(const s2v_geometry& g) { return float_buffer_specs(s2v_buffer_table(g)); }
 
 inline s2v_state make_s2v_state(const s2v_geometry& g, const buffer_set& buffers) {
   s2v_state s;
   s.noisy_k.assign(g.steps, nullptr);
   s.noisy_v.assign(g.steps, nullptr);
   for (const auto& b : s2v_buffer_table(g)) {
-    const std::span<std::byte> bytes = buffers.bytes(b.name);
-    if (bytes.size() < b.floats * sizeof(float))
-      throw_error("liveavatar model: buffer '", b.name, "' has ", bytes.size(), " bytes, needs ", b.floats * sizeof(float));
-    if (reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(float) != 0)
-      throw_error("liveavatar model: buffer '", b.name, "' is not aligned for f32");
-    float* p = reinterpret_cast<float*>(bytes.data());
+    float* p = buffers.checked_as<float>(b.name, b.floats, "liveavatar model");
     if (b.member) s.*b.member = p;
     else (s.*b.list)[b.index] = p;
     // The caches start empty: unused slots are zero, as the official torch.zeros caches.

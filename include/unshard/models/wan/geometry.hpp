@@ -30,20 +30,46 @@ struct wan_options {
 // The official rope tables (rope_params(1024, ...)) cover grid positions below 1024.
 inline constexpr std::int64_t wan_rope_positions = 1024;
 
-struct wan_geometry {
+// The sizes and numerics every Wan-family DiT shares (the plain Wan model, Live Avatar's S2V),
+// filled from the backbone config and the options by fill_backbone().
+struct wan_backbone_geometry {
   std::size_t dim, ffn_dim, freq_dim, text_dim, text_len, in_dim, out_dim;
   std::size_t heads, head_dim, rope_pairs, num_layers;
+  double eps;
+  bool qk_norm, cross_attn_norm;
+  dtype storage;
+  gemm_path gemm;
+  bool record_block_outputs;
+};
+
+inline void fill_backbone(wan_backbone_geometry& g, const wan_backbone_config& c, const wan_options& o) {
+  const auto z = [](std::int64_t v) { return static_cast<std::size_t>(v); };
+  g.dim = z(c.dim);
+  g.ffn_dim = z(c.ffn_dim);
+  g.freq_dim = z(c.freq_dim);
+  g.text_dim = z(c.text_dim);
+  g.text_len = z(c.text_len);
+  g.in_dim = z(c.in_dim);
+  g.out_dim = z(c.out_dim);
+  g.heads = z(c.num_heads);
+  g.head_dim = z(c.head_dim());
+  g.rope_pairs = g.head_dim / 2;
+  g.num_layers = z(c.num_layers);
+  g.eps = c.eps;
+  g.qk_norm = c.qk_norm;
+  g.cross_attn_norm = c.cross_attn_norm;
+  g.storage = o.storage;
+  g.gemm = o.gemm;
+  g.record_block_outputs = o.record_block_outputs;
+}
+
+struct wan_geometry : wan_backbone_geometry {
   std::array<std::size_t, 4> latent;  // [C, F, H, W]
   std::size_t context_len;
   patch_grid grid;
   std::size_t tokens;     // S = gf * gh * gw (Wan's seq_len: no padding tokens)
   std::size_t patch_in;   // in_dim * pt * ph * pw: one patch vector
   std::size_t patch_out;  // out_dim * pt * ph * pw: one head output vector
-  double eps;
-  bool qk_norm, cross_attn_norm;
-  dtype storage;
-  gemm_path gemm;
-  bool record_block_outputs;
 
   // Rows of the k/v scratch: self-attention keys are tokens, cross-attention keys text rows.
   std::size_t max_keys() const noexcept { return std::max(tokens, text_len); }
@@ -78,17 +104,7 @@ inline wan_geometry make_wan_geometry(const wan_config& c, const wan_workload& w
 
   const auto z = [](std::int64_t v) { return static_cast<std::size_t>(v); };
   wan_geometry g{};
-  g.dim = z(c.dim);
-  g.ffn_dim = z(c.ffn_dim);
-  g.freq_dim = z(c.freq_dim);
-  g.text_dim = z(c.text_dim);
-  g.text_len = z(c.text_len);
-  g.in_dim = z(c.in_dim);
-  g.out_dim = z(c.out_dim);
-  g.heads = z(c.num_heads);
-  g.head_dim = z(c.head_dim());
-  g.rope_pairs = g.head_dim / 2;
-  g.num_layers = z(c.num_layers);
+  fill_backbone(g, c, o);
   g.latent = {z(l[0]), z(l[1]), z(l[2]), z(l[3])};
   g.context_len = z(w.context_len);
   g.grid = {z(c.patch_size[0]), z(c.patch_size[1]), z(c.patch_size[2]),
@@ -97,12 +113,6 @@ inline wan_geometry make_wan_geometry(const wan_config& c, const wan_workload& w
   const std::size_t patch_volume = g.grid.pt * g.grid.ph * g.grid.pw;
   g.patch_in = g.in_dim * patch_volume;
   g.patch_out = g.out_dim * patch_volume;
-  g.eps = c.eps;
-  g.qk_norm = c.qk_norm;
-  g.cross_attn_norm = c.cross_attn_norm;
-  g.storage = o.storage;
-  g.gemm = o.gemm;
-  g.record_block_outputs = o.record_block_outputs;
   return g;
 }
 

@@ -76,7 +76,7 @@ struct wan_time_params {
   wan_linear_slots embed0, embed2, projection;
 };
 
-inline wan_time_params wan_time_layout(const wan_geometry& g) {
+inline wan_time_params wan_time_layout(const wan_backbone_geometry& g) {
   wan_time_params p;
   p.embed0 = add_linear(p.table, "time_embedding.0.weight", "time_embedding.0.bias", g.dim, g.freq_dim);
   p.embed2 = add_linear(p.table, "time_embedding.2.weight", "time_embedding.2.bias", g.dim, g.dim);
@@ -89,7 +89,7 @@ struct wan_text_params {
   wan_linear_slots embed0, embed2;
 };
 
-inline wan_text_params wan_text_layout(const wan_geometry& g) {
+inline wan_text_params wan_text_layout(const wan_backbone_geometry& g) {
   wan_text_params p;
   p.embed0 = add_linear(p.table, "text_embedding.0.weight", "text_embedding.0.bias", g.dim, g.text_dim);
   p.embed2 = add_linear(p.table, "text_embedding.2.weight", "text_embedding.2.bias", g.dim, g.dim);

@@ -95,22 +95,19 @@ inline std::vector<wan_buffer_entry> wan_buffer_table(const wan_geometry& g) {
   return t;
 }
 
-inline std::vector<buffer_spec> wan_buffer_specs(const wan_geometry& g) {
+// The buffer specs of a table of f32 buffers (entries with name, floats, category).
+template <class Table>
+std::vector<buffer_spec> float_buffer_specs(const Table& table) {
   std::vector<buffer_spec> specs;
-  for (const auto& b : wan_buffer_table(g)) specs.push_back({b.name, b.floats * sizeof(float), b.category});
+  for (const auto& b : table) specs.push_back({b.name, b.floats * sizeof(float), b.category});
   return specs;
 }
 
+inline std::vector<buffer_spec> wan_buffer_specs(const wan_geometry& g) { return float_buffer_specs(wan_buffer_table(g)); }
+
 inline wan_state make_wan_state(const wan_geometry& g, const buffer_set& buffers) {
   wan_state s;
-  for (const auto& b : wan_buffer_table(g)) {
-    const std::span<std::byte> bytes = buffers.bytes(b.name);
-    if (bytes.size() < b.floats * sizeof(float))
-      throw_error("wan_model: buffer '", b.name, "' has ", bytes.size(), " bytes, needs ", b.floats * sizeof(float));
-    if (reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(float) != 0)
-      throw_error("wan_model: buffer '", b.name, "' is not aligned for f32");
-    s.*b.member = reinterpret_cast<float*>(bytes.data());
-  }
+  for (const auto& b : wan_buffer_table(g)) s.*b.member = buffers.checked_as<float>(b.name, b.floats, "wan_model");
   return s;
 }
 

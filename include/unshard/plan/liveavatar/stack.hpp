@@ -77,19 +77,7 @@ struct stack {
 // second table. (The formulas of inventory.hpp stay as an independent cross-check in the tests.)
 inline ::unshard::s2v_config model_config_of(const s2v_config& s) {
   ::unshard::s2v_config m = ::unshard::liveavatar_14b_config();
-  const wan_config& c = s.base;
-  m.dim = c.dim;
-  m.ffn_dim = c.ffn_dim;
-  m.freq_dim = c.freq_dim;
-  m.text_dim = c.text_dim;
-  m.text_len = c.text_len;
-  m.in_dim = c.in_dim;
-  m.out_dim = c.out_dim;
-  m.num_heads = c.num_heads;
-  m.num_layers = c.num_layers;
-  m.patch_size = {c.patch_size[0], c.patch_size[1], c.patch_size[2]};
-  m.qk_norm = c.qk_norm;
-  m.cross_attn_norm = c.cross_attn_norm;
+  static_cast<wan_backbone_config&>(m) = s.base;  // the Wan backbone's sizes and flags, all of them
   m.cond_dim = s.cond_dim;
   m.audio_dim = s.audio_dim;
   m.num_audio_token = s.num_audio_token;
