@@ -2,8 +2,16 @@
 # under every policy, the KV cache and the command-line tool.
 unshard_add_test(test_liveavatar_reference test_liveavatar_reference.cpp)
 unshard_add_test(test_liveavatar_sharded test_liveavatar_sharded.cpp)
+unshard_add_test(test_liveavatar_denoise test_liveavatar_denoise.cpp)
 if(UNSHARD_BUILD_EXAMPLES)
   add_test(NAME cli_unshard_avatar_errors COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/avatar_errors.sh
                                                   ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
   add_test(NAME cli_unshard_avatar_demo COMMAND ${CMAKE_BINARY_DIR}/bin/unshard-avatar --demo --world-size 2)
+endif()
+if(UNSHARD_BUILD_EXAMPLES)
+  # The denoising loop (issue 12): errors, both schedules' outputs, the demo.
+  add_test(NAME cli_unshard_avatar_denoise COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/avatar_denoise.sh
+                                                   ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
+  add_test(NAME cli_unshard_avatar_demo_denoise COMMAND ${CMAKE_BINARY_DIR}/bin/unshard-avatar --demo --denoise --world-size 3
+                                                        --policy chunked:64KiB+prefetch:1)
 endif()

@@ -73,7 +73,7 @@ std::vector<std::vector<param_views>> file_params(const s2v_model& m, const chec
 }  // namespace
 
 TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer") {
-  for (const std::string& name : vector_files("liveavatar_")) {
+  for (const std::string& name : liveavatar_files(/*denoise_loops=*/false)) {
     CAPTURE(name);
     const stream_case c = load_case(name);
     const s2v_model m(c.config, c.work, {dtype::f32, gemm_path::portable, false});
@@ -190,7 +190,7 @@ TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer"
           cmp.check_rows(P + kv + "v", m.noisy_cache(s, call.step, i, true, cs % g.noisy_slots, L).as<float>().data());
         }
       }
-      if (call.sink && has("kv.cond_end")) CHECK(static_cast<float>(s.cond_end) == read_f32(c.file, P + "kv.cond_end")[0]);
+      if (call.sink && has("kv.cond_end")) CHECK(static_cast<float>(s.cond_end()) == read_f32(c.file, P + "kv.cond_end")[0]);
     }
     // Every ref.* tensor of the file was compared (cond_end above, as an integer).
     std::size_t refs = 0;
@@ -314,7 +314,7 @@ TEST_CASE("S2V ring cache: a stream longer than the noisy cache wraps it as the 
           for (std::size_t h = 0; h < g.heads; ++h) {
             std::vector<const float*> keys, values;
             for (std::size_t j = 0; j < active; ++j) keys.push_back(nk + j * D + h * d), values.push_back(nv + j * D + h * d);
-            for (std::size_t j = 0; j < s.cond_end; ++j)
+            for (std::size_t j = 0; j < s.cond_end(); ++j)
               keys.push_back(s.cond_k_rope + j * D + h * d), values.push_back(s.cond_v + j * D + h * d);
             oracle_attention(s.q + t * D + h * d, keys, values, d, out.data());
             for (std::size_t c = 0; c < d; ++c) worst = std::max(worst, static_cast<double>(std::fabs(out[c] - s.attn[t * D + h * d + c])));

@@ -1,10 +1,16 @@
 // The planner's inventory and ledger for the Live Avatar stack: hand-computed small cases, the known
-// Wan parameter totals, and the 5 x 24 GiB FSDP case of the Live Avatar article (docs/planner.md).
+// Wan parameter totals, the 5 x 24 GiB FSDP case of the Live Avatar article, the two schedules and
+// what fits on the machine shapes of docs/planner.md.
 #include <doctest/doctest.h>
 
+#include <cstdint>
+#include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "unshard/plan/liveavatar/ledger.hpp"
+#include "unshard/plan/liveavatar/search.hpp"
 
 using namespace unshard;
 using namespace unshard::liveavatar;
@@ -46,6 +52,7 @@ TEST_CASE("the tiny ledger, term by term, per policy") {
   rq.work.width = 32;
   rq.work.height = 32;
   rq.work.frames_per_block = 1;  // 2x2 tokens
+  rq.sched = {schedule_kind::replicated, 1};  // one forward at a time
   const std::size_t t5_shard = static_cast<std::size_t>((st.text_encoder + 1) / 2) * 2;
   const stack_plan sel = plan_stack(st, parse_policy("prefetch:1"), rq);
   CHECK(sel.terms.at("shards") == 2872 / 2 * 2 + t5_shard);
@@ -64,6 +71,14 @@ TEST_CASE("the tiny ledger, term by term, per policy") {
   const stack_plan ch = plan_stack(st, parse_policy("chunked:10B+prefetch:1"), rq);
   CHECK(ch.effective_chunk == 32);
   CHECK(ch.terms.at("gathered") == 2 * 32);
+  // steps: 4 steps over 2 ranks, two forwards per tick on each, with their own activations.
+  rq.sched = {schedule_kind::steps, 4};
+  const stack_plan two = plan_stack(st, parse_policy("prefetch:1"), rq);
+  CHECK(two.forwards_per_tick == 2);
+  CHECK(two.terms.at("activations") == 2 * 2 * 256);
+  CHECK(two.terms.at("workspace") == 2 * 256);
+  CHECK(two.terms.at("kv_cache") == 0);  // a Wan t2v stack has no cache
+  CHECK(two.terms.at("gathered") == sel.terms.at("gathered"));
 }
 
 TEST_CASE("Wan t2v 1.3B and 14B count to their known sizes") {
@@ -94,23 +109,41 @@ TEST_CASE("Wan2.2-S2V-14B, the LoRA both ways, and the other models") {
   CHECK(wav2vec2_params({}) < 3.2e8);  // wav2vec2-large ~315M
 }
 
-TEST_CASE("fsdp on 5 x 24 GiB reproduces the documented 25.65 GiB within 5%") {
+TEST_CASE("fsdp on 5 x 24 GiB, each rank one step (Live Avatar's TPP with --dit_fsdp): the documented 25.65 GiB within 5%") {
   const stack st = liveavatar_stack(liveavatar_14b());
   plan_request rq;
   rq.world_size = 5;
-  rq.work.kv_cache_tokens = 13500;
-  rq.work.cond_cache_tokens = 2800;
+  rq.sched = {schedule_kind::steps, 4};
   const stack_plan p = plan_stack(st, parse_policy("fsdp"), rq);
   // +4.17 GiB at unshard: the root unit (embeddings, head, audio injectors, audio encoder, frame packer)
   CHECK(p.details.at("gathered.root") / gib == doctest::Approx(4.17).epsilon(0.002));
-  // "after load": shards of the DiT and T5, the VAE, the causal KV cache: 20.86 against 21.48 documented
+  // One step's KV cache: 12,672 noisy + 2,640 cond tokens x 40 layers x (K, V) x 5120 x bf16 = 11.68 GiB.
+  CHECK(p.details.at("kv_cache.noisy") == 40ull * 12672 * 5120 * 2 * 2);
+  CHECK(p.details.at("kv_cache.cond") == 40ull * 2640 * 5120 * 2 * 2);
+  CHECK(p.terms.at("kv_cache") / gib == doctest::Approx(11.68).epsilon(0.001));
+  // "after load": shards of the DiT and T5, the VAE, the KV cache: 20.10 against 21.48 documented
   const double loaded = (p.details.at("shards.dit") + p.details.at("shards.text_encoder") + p.details.at("resident.vae") +
-                         p.details.at("kv_cache.causal")) / gib;
-  CHECK(loaded == doctest::Approx(20.86).epsilon(0.001));
+                         p.terms.at("kv_cache")) / gib;
+  CHECK(loaded == doctest::Approx(20.10).epsilon(0.001));
   // The derived peak adds what the article's sum leaves out: two block units and the activations.
-  CHECK(p.peak() / gib == doctest::Approx(26.89).epsilon(0.001));
+  CHECK(p.peak() / gib == doctest::Approx(25.87).epsilon(0.001));
   CHECK(p.peak() / gib == doctest::Approx(25.65).epsilon(0.05));
   CHECK(p.peak() > 24ull * (1ull << 30) - static_cast<std::size_t>(1.85 * gib));  // does not fit a 4090
+  CHECK(why_not(p, 24ull * (1ull << 30) - static_cast<std::size_t>(1.85 * gib)).starts_with(
+      "peak 25.87 GiB exceeds the 22.15 GiB usable by 3.72 GiB; rank 0 holds kv_cache.noisy 9.67, shards.dit 6.07"));
+  // The fifth rank owns no step: no cache, no activations; it still holds its shards and gathers.
+  const rank_ledger idle = p.rank(4);
+  CHECK(idle.forwards == 0);
+  CHECK(idle.terms.at("kv_cache") == 0);
+  CHECK(idle.terms.at("activations") == 0);
+  CHECK(idle.terms.at("shards") == p.terms.at("shards"));
+  CHECK(idle.terms.at("gathered") == p.terms.at("gathered"));
+  // Every step on every rank (replicated): four noisy caches and the cond cache, 40.69 GiB alone.
+  rq.sched.kind = schedule_kind::replicated;
+  const stack_plan rep = plan_stack(st, parse_policy("fsdp"), rq);
+  CHECK(rep.terms.at("kv_cache") == 4 * p.details.at("kv_cache.noisy") + p.details.at("kv_cache.cond"));
+  CHECK(rep.terms.at("kv_cache") / gib == doctest::Approx(40.69).epsilon(0.001));
+  CHECK(rep.rank(4).peak() == rep.peak());  // replicated ranks are alike
 }
 
 TEST_CASE("impossible input is refused, naming the culprit") {
@@ -119,8 +152,18 @@ TEST_CASE("impossible input is refused, naming the culprit") {
   rq.world_size = 0;
   CHECK(message_of([&] { plan_stack(st, parse_policy("fsdp"), rq); }) == "world size must be at least 1 (got 0)");
   rq.world_size = 5;
-  rq.work.width = 721;
+  rq.sched.steps = 0;
   CHECK(message_of([&] { plan_stack(st, parse_policy("fsdp"), rq); }) ==
+        "schedule steps: the number of denoising steps must be at least 1 (got 0)");
+  rq.sched.steps = 4;
+  rq.work.width = 10;
+  rq.work.height = 10;
+  CHECK(message_of([&] { plan_stack(st, parse_policy("fsdp"), rq); }) ==
+        "resolution 10x10 renders at 0x0 (Live Avatar's get_size_less_than_area), below the 64x64 pixels the frame packer needs");
+  rq.work.width = 721;  // Live Avatar renders any size; a Wan t2v run takes it as given
+  rq.work.height = 400;
+  CHECK(plan_stack(st, parse_policy("fsdp"), rq).work.width == 704);
+  CHECK(message_of([&] { plan_stack(wan_stack(tiny(), "tiny"), parse_policy("fsdp"), rq); }) ==
         "resolution 721x400 is not divisible by 16 (VAE stride 8 x patch 2); try 720x400");
   CHECK(message_of([] { parse_policy("warp"); }).find("unknown term 'warp'") != std::string::npos);
   CHECK(message_of([] { builtin_profiles().device("rtx9090"); }).starts_with(
@@ -138,4 +181,183 @@ TEST_CASE("the time model overlaps gathers with compute when prefetching") {
   plan_request rq;
   rq.world_size = 5;
   CHECK(plan_stack(st, parse_policy("prefetch:1"), rq).time_s < plan_stack(st, parse_policy("selective"), rq).time_s);
+}
+
+TEST_CASE("--resolution is Live Avatar's --size: get_size_less_than_area, as the official Python computes it") {
+  // Expected values from the official function, get_size_less_than_area(H, W, target_area=W*H).
+  struct row { std::int64_t w, h, rw, rh; };
+  for (const row r : {row{720, 400, 704, 384}, row{704, 384, 704, 384}, row{721, 400, 704, 384}, row{1280, 720, 1280, 704},
+                      row{832, 480, 832, 448}, row{480, 832, 448, 832}, row{960, 540, 960, 512}, row{512, 512, 512, 512},
+                      row{100, 100, 64, 64}, row{64, 64, 64, 64}, row{10000, 10, 1472, 64}, row{10, 10, 0, 0}}) {
+    CAPTURE(r.w);
+    CAPTURE(r.h);
+    CHECK(s2v_render_size(r.w, r.h) == pixel_size{r.rw, r.rh});
+  }
+}
+
+TEST_CASE("a streamed forward runs the block's noisy tokens only; the cond tokens are cached once") {
+  const stack st = liveavatar_stack(liveavatar_14b());
+  plan_request rq;
+  rq.world_size = 5;
+  const stack_plan p = plan_stack(st, parse_policy("chunked:64MiB+prefetch:1"), rq);
+  CHECK(p.work.width == 704);  // 720x400 renders at 704x384: latent 48x88, 1,056 tokens per latent frame
+  CHECK(p.work.height == 384);
+  CHECK(frame_tokens(p.work) == 1056);
+  CHECK(p.streamed_tokens == 3168);
+  CHECK(p.cond_tokens == 2640);
+  CHECK(p.noisy_cache_slots == 12672);  // one clip: 4 blocks
+  CHECK(p.cond_cache_slots == 2640);
+  // The planner's own formulas agree with the model's geometry.
+  CHECK(streamed_tokens(p.work) == 3168);
+  CHECK(cond_tokens(p.work) == 2640);
+  // What the planner used to run through every forward: noisy + cond tokens, at 720x400 unrendered.
+  const workload unrendered;
+  CHECK(streamed_tokens(unrendered) + cond_tokens(unrendered) == 6153);
+  // Activations and workspace follow the 3,168 tokens: the f32 residual twice, the FFN's two hidden tensors.
+  CHECK(p.details.at("activations.residual") == 3168ull * 5120 * 4 * 2);
+  CHECK(p.details.at("workspace.block") == 2ull * 3168 * 13824 * 2);
+  // The seed's step rank: 6.07 GiB of shards + 11.68 GiB of cache + chunks, activations and
+  // workspace + the VAE 0.23 GiB = 18.4 GiB (the seed: about 18.6), plus 2.12 GiB with umT5 on the GPUs.
+  CHECK(p.details.at("shards.dit") / gib == doctest::Approx(6.07).epsilon(0.001));
+  CHECK(p.details.at("shards.text_encoder") / gib == doctest::Approx(2.12).epsilon(0.002));
+  CHECK(p.terms.at("kv_cache") / gib == doctest::Approx(11.68).epsilon(0.001));
+  const double without_t5 = static_cast<double>(p.peak() - p.details.at("shards.text_encoder")) / gib;
+  CHECK(without_t5 == doctest::Approx(18.6).epsilon(0.015));
+  rq.t5 = t5_placement::host;  // umT5 whole in host memory: no device term
+  const stack_plan host = plan_stack(st, parse_policy("chunked:64MiB+prefetch:1"), rq);
+  CHECK(host.details.count("shards.text_encoder") == 0);
+  CHECK(host.peak() == p.peak() - p.details.at("shards.text_encoder"));
+  CHECK(host.host_bytes == p.host_bytes + static_cast<std::size_t>(st.text_encoder) * 2);
+}
+
+TEST_CASE("per-rank KV caches: one step's under steps, every step's under replicated") {
+  const stack st = liveavatar_stack(liveavatar_14b());
+  const std::size_t noisy = 40ull * 12672 * 5120 * 2 * 2, cond = 40ull * 2640 * 5120 * 2 * 2;
+  const auto plan = [&](schedule_kind kind, std::size_t world) {
+    plan_request rq;
+    rq.world_size = world;
+    rq.sched = {kind, 4};
+    return plan_stack(st, parse_policy("chunked:64MiB+prefetch:1"), rq);
+  };
+  const stack_plan steps4 = plan(schedule_kind::steps, 4), rep4 = plan(schedule_kind::replicated, 4);
+  for (std::size_t r = 0; r < 4; ++r) {
+    CAPTURE(r);
+    CHECK(steps4.rank(r).cached_steps == std::vector<std::size_t>{r});
+    CHECK(steps4.rank(r).terms.at("kv_cache") == noisy + cond);
+    CHECK(rep4.rank(r).cached_steps == std::vector<std::size_t>{0, 1, 2, 3});
+    CHECK(rep4.rank(r).terms.at("kv_cache") == 4 * noisy + cond);
+    CHECK(rep4.rank(r).forwards == 1);
+  }
+  // W = 2: rank 0 owns steps 0 and 2, rank 1 steps 1 and 3; two forwards a tick, two activation sets.
+  const stack_plan steps2 = plan(schedule_kind::steps, 2);
+  CHECK(steps2.rank(0).cached_steps == std::vector<std::size_t>{0, 2});
+  CHECK(steps2.rank(1).cached_steps == std::vector<std::size_t>{1, 3});
+  CHECK(steps2.terms.at("kv_cache") == 2 * noisy + cond);
+  CHECK(steps2.terms.at("activations") == 2 * steps4.terms.at("activations"));
+  CHECK(steps2.terms.at("workspace") == 2 * steps4.terms.at("workspace"));
+  // W = 5 > S = 4: rank 4 owns no step and holds no cache at all.
+  const stack_plan steps5 = plan(schedule_kind::steps, 5);
+  CHECK(steps5.rank(4).cached_steps.empty());
+  CHECK(steps5.rank(4).terms.at("kv_cache") == 0);
+  CHECK(steps5.rank(4).details.at("kv_cache.cond") == 0);
+  CHECK(steps5.rank(4).peak() < steps5.peak());
+  CHECK(steps5.peak() == steps5.rank(0).peak());
+}
+
+TEST_CASE("block time: one tick under steps, S forwards under replicated; time_s stays one forward") {
+  const stack st = liveavatar_stack(liveavatar_14b());
+  const auto plan = [&](schedule_kind kind, std::size_t world, const char* device = "rtx4090") {
+    plan_request rq;
+    rq.world_size = world;
+    rq.sched = {kind, 4};
+    rq.device = builtin_profiles().device(device);
+    rq.link = builtin_profiles().link(rq.device.link);
+    return plan_stack(st, parse_policy("chunked:64MiB+prefetch:1"), rq);
+  };
+  const time_rates r4090 = time_rates::of(builtin_profiles().device("rtx4090"), builtin_profiles().link("pcie4-no-p2p"));
+  // W >= S: one forward per tick, so a block takes one forward under steps and four under replicated.
+  const stack_plan s5 = plan(schedule_kind::steps, 5), r5 = plan(schedule_kind::replicated, 5);
+  CHECK(s5.time_s == doctest::Approx(r5.time_s));
+  CHECK(s5.block_s == doctest::Approx(s5.time_s));
+  CHECK(r5.block_s == doctest::Approx(4 * r5.time_s));
+  CHECK(r5.block_s / s5.block_s == doctest::Approx(4));
+  CHECK(s5.frames_per_s == doctest::Approx(4.0 * 3 / s5.block_s));
+  // W = 2: a tick computes two forwards under one pass of gathers: more than one forward, less than two.
+  const stack_plan s2 = plan(schedule_kind::steps, 2), r2 = plan(schedule_kind::replicated, 2);
+  CHECK(s2.forwards_per_tick == 2);
+  CHECK(s2.block_s == doctest::Approx(forward_seconds(s2.tick_steps(), r4090, s2.prefetch)));
+  CHECK(s2.block_s > s2.time_s);
+  CHECK(s2.block_s <= 2 * s2.time_s);
+  CHECK(r2.block_s / s2.block_s >= 2);
+  // Compute-bound (H100 over NVLink): the tick is two forwards' compute, and the schedules tie.
+  const stack_plan h2 = plan(schedule_kind::steps, 2, "h100"), hr2 = plan(schedule_kind::replicated, 2, "h100");
+  CHECK(h2.block_s == doctest::Approx(2 * h2.time_s).epsilon(0.01));
+  CHECK(hr2.block_s / h2.block_s == doctest::Approx(2).epsilon(0.01));
+}
+
+TEST_CASE("auto searches both schedules and ranks the plans that fit by block time") {
+  const stack st = liveavatar_stack(liveavatar_14b());
+  plan_request rq;
+  rq.world_size = 5;
+  const std::size_t budget = 24ull * (1ull << 30) - static_cast<std::size_t>(1.85 * gib);
+  const auto all = plan_auto(st, rq, budget, schedules_to_search(std::nullopt));
+  REQUIRE(!all.fits.empty());
+  bool replicated = false;
+  for (std::size_t i = 0; i < all.fits.size(); ++i) {
+    CHECK(all.fits[i].peak() <= budget);
+    if (i) CHECK(all.fits[i - 1].block_s <= all.fits[i].block_s);
+    replicated |= all.fits[i].sched.kind == schedule_kind::replicated;
+  }
+  CHECK(all.fits.front().sched.kind == schedule_kind::steps);
+  CHECK(!replicated);  // four noisy caches per rank (38.7 GiB) fit no 24 GiB card
+  const auto only = plan_auto(st, rq, budget, schedules_to_search(schedule_kind::steps));
+  CHECK(only.fits.size() == all.fits.size());
+}
+
+TEST_CASE("what fits on 5x24, 4x24, 4x40, 2x24 and 1x24 GiB at 720x400, and why not") {
+  const stack st = liveavatar_stack(liveavatar_14b());
+  const auto search = [&](std::size_t world, std::size_t memory_gib, t5_placement t5 = t5_placement::device) {
+    plan_request rq;
+    rq.world_size = world;
+    rq.t5 = t5;
+    const std::size_t budget = memory_gib * (1ull << 30) - static_cast<std::size_t>(1.85 * gib);
+    return std::pair{plan_auto(st, rq, budget, schedules_to_search(std::nullopt)), budget};
+  };
+  const auto fastest = [](const auto_result& a) { return a.fits.front(); };
+  {  // 5 x 24: steps, without offload; replicated's four caches do not fit
+    const auto [a, budget] = search(5, 24);
+    REQUIRE(!a.fits.empty());
+    CHECK(fastest(a).sched.kind == schedule_kind::steps);
+    CHECK(!fastest(a).policy.ends_with("+offload"));
+  }
+  {  // 4 x 24: with umT5 sharded over the GPUs only offload fits; with umT5 on the host, no offload needed
+    const auto [a, budget] = search(4, 24);
+    REQUIRE(!a.fits.empty());
+    for (const auto& p : a.fits) CHECK(p.policy.ends_with("+offload"));
+    const auto [h, budget_h] = search(4, 24, t5_placement::host);
+    REQUIRE(!h.fits.empty());
+    CHECK(!fastest(h).policy.ends_with("+offload"));
+    CHECK(fastest(h).block_s < fastest(a).block_s);
+  }
+  {  // 4 x 40: steps fits easily; replicated does not: its KV cache alone (40.69 GiB) is over 38.15
+    const auto [a, budget] = search(4, 40);
+    REQUIRE(!a.fits.empty());
+    for (const auto& p : a.fits) CHECK(p.sched.kind == schedule_kind::steps);
+  }
+  {  // 2 x 24: two steps per rank, 21.35 GiB of cache and two activation sets: 0.02 GiB over at best
+    const auto [a, budget] = search(2, 24);
+    CHECK(a.fits.empty());
+    REQUIRE(a.closest);
+    CHECK(a.closest->terms.at("kv_cache") / gib == doctest::Approx(21.35).epsilon(0.001));
+    CHECK(a.closest->peak() - budget < static_cast<std::size_t>(0.05 * gib));
+    CHECK(why_not(*a.closest, budget).find("kv_cache.noisy 19.34") != std::string::npos);
+  }
+  {  // 1 x 24: the four noisy caches and the cond cache alone are 40.69 GiB
+    const auto [a, budget] = search(1, 24);
+    CHECK(a.fits.empty());
+    REQUIRE(a.closest);
+    CHECK(a.closest->terms.at("kv_cache") > budget);
+    CHECK(why_not(*a.closest, budget).find("the KV cache alone is 40.69 GiB (4 noisy caches of 9.67 GiB") !=
+          std::string::npos);
+  }
 }

@@ -2,10 +2,13 @@
 // hand, the shipped profiles file, user profiles, and the Live Avatar chunked and fsdp plans.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 #include <unistd.h>
@@ -41,12 +44,24 @@ std::string write_temp(const std::string& name, const std::string& text) {
 // 1 FLOP/s, 1 byte/s, 0.5 s per collective: times are FLOPs and bytes read as seconds.
 constexpr time_rates unit_rates{1.0, 1.0, 0.5, 1.0, 0.0};
 
-stack_plan live_avatar(const std::string& policy, std::size_t world = 5) {
+stack_plan live_avatar(const std::string& policy, std::size_t world = 5,
+                       schedule_kind schedule = schedule_kind::steps) {
   plan_request rq;
   rq.world_size = world;
-  rq.work.kv_cache_tokens = 13500;
-  rq.work.cond_cache_tokens = 2800;
+  rq.sched = {schedule, 4};
   return plan_stack(liveavatar_stack(liveavatar_14b()), parse_policy(policy), rq);
+}
+
+// The largest stacked memory counter of one rank in a Chrome trace.
+std::size_t trace_peak(const nlohmann::json& trace, std::size_t rank) {
+  std::size_t peak = 0;
+  for (const auto& e : trace["traceEvents"]) {
+    if (e["ph"] != "C" || e["pid"] != rank) continue;
+    std::size_t total = 0;
+    for (const auto& [k, v] : e["args"].items()) total += v.get<std::size_t>();
+    peak = std::max(peak, total);
+  }
+  return peak;
 }
 }  // namespace
 
@@ -214,4 +229,45 @@ TEST_CASE("the predicted fsdp timeline on 5 x 4090: root kept, blocks one ahead,
   CHECK(spans == 5 * tl.spans.size());
   CHECK(counters == 5 * tl.gathered_live.size());
   CHECK(max_total == p.peak());  // the memory curve reaches the planned peak
+}
+
+TEST_CASE("the predicted tick under steps: one pass of gathers serves every forward; each rank's memory curve") {
+  // W = 2, S = 4: rank 0 runs steps 0 and 2 each tick, so each chunk computes twice before it is freed.
+  const stack_plan p = live_avatar("chunked:64MiB+prefetch:1", 2);
+  const time_rates rates = time_rates::of(plan_request{}.device, plan_request{}.link);
+  const timeline tick = simulate_forward(p.tick_steps(), rates, p.prefetch);
+  CHECK(tick.total_s == doctest::Approx(p.block_s));
+  CHECK(tick.peak_gathered == p.terms.at("gathered"));  // the same K+1 chunk buffers
+  const timeline one = simulate_forward(p.steps, rates, p.prefetch);
+  CHECK(one.total_s == doctest::Approx(p.time_s));
+  std::size_t gathers_tick = 0, gathers_one = 0;
+  for (const auto& s : tick.spans) gathers_tick += s.lane == timeline_lane::comm ? 1 : 0;
+  for (const auto& s : one.spans) gathers_one += s.lane == timeline_lane::comm ? 1 : 0;
+  CHECK(gathers_tick == gathers_one);
+  // W = 5: rank 4 holds no cache; each rank's counter peaks at its own planned peak.
+  const stack_plan q = live_avatar("fsdp", 5);
+  std::vector<std::map<std::string, std::size_t>> constant;
+  for (std::size_t r = 0; r < 5; ++r) {
+    constant.push_back(q.rank(r).terms);
+    constant.back().erase("gathered");
+  }
+  std::ostringstream os;
+  write_chrome_trace(os, simulate_forward(q.tick_steps(), rates, q.prefetch), constant, "fsdp, steps");
+  const nlohmann::json j = nlohmann::json::parse(os.str());
+  for (std::size_t r = 0; r < 5; ++r) {
+    CAPTURE(r);
+    CHECK(trace_peak(j, r) == q.rank(r).peak());
+  }
+  CHECK(trace_peak(j, 4) < trace_peak(j, 0));
+}
+
+TEST_CASE("cache sizes a workload overrides: the official pipelines' 13,500 + 2,800 slots") {
+  plan_request rq;
+  rq.world_size = 5;
+  rq.work.kv_cache_tokens = 13500;
+  rq.work.cond_cache_tokens = 2800;
+  const stack_plan p = plan_stack(liveavatar_stack(liveavatar_14b()), parse_policy("fsdp"), rq);
+  CHECK(p.details.at("kv_cache.noisy") == 40ull * 13500 * 5120 * 2 * 2);
+  CHECK(p.details.at("kv_cache.cond") == 40ull * 2800 * 5120 * 2 * 2);
+  CHECK(p.streamed_tokens == 3168);  // the forward itself does not change
 }

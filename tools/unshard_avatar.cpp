@@ -16,8 +16,12 @@
 #include "unshard/io/safetensors_writer.hpp"
 #include "unshard/models/liveavatar/calls.hpp"
 #include "unshard/models/liveavatar/count.hpp"
+#include "unshard/models/liveavatar/denoiser.hpp"
+#include "unshard/models/liveavatar/loop_inputs.hpp"
 #include "unshard/models/liveavatar/stream.hpp"
+#include "unshard/models/liveavatar/synthetic_loop.hpp"
 #include "unshard/policy/parse_policy.hpp"
+#include "unshard/runtime/process_session.hpp"
 #include "unshard/runtime/checkpoint_weights.hpp"
 #include "unshard/runtime/lora_weights.hpp"
 #include "unshard/runtime/synthetic_weights.hpp"
@@ -29,18 +33,29 @@ constexpr const char* usage =
     "unshard-avatar --config CONFIG.json --weights FILE.safetensors|INDEX.json [--lora LORA.safetensors "
     "[--lora-alpha A]] --inputs FILE.safetensors --out OUT.safetensors [--world-size N] [--policy POLICY] "
     "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--strict]\n"
-    "       unshard-avatar --demo [--world-size N] [--policy POLICY] [--dtype f32|bf16]";
+    "       unshard-avatar --demo [--world-size N] [--policy POLICY] [--dtype f32|bf16]\n"
+    "       unshard-avatar --denoise --config C --weights W --inputs I --out O [--world-size N] [--schedule steps|replicated]\n"
+    "                      [--policy P] [--all-steps] [--seed N] [--backend host|process] [--size WxH --clips N\n"
+    "                      --blocks-per-clip N --steps N --shift X] (and --lora, --dtype, --gemm, --budget, --strict)\n"
+    "       unshard-avatar --demo --denoise [--world-size N] [--schedule steps|replicated] [--policy P]\n"
+    "  --denoise runs Live Avatar's denoising loop (sink, then every block through S Euler steps) and writes\n"
+    "  clip{r}.block{b}.latent (with --all-steps also clip{r}.block{b}.step{i}.noise_pred and .latent).\n"
+    "  The loop's geometry comes from the config's streaming/scheduler sections; for a plain Wan2.2-S2V\n"
+    "  config the options give it (defaults 720x400, 1 clip of 4 blocks, 4 steps, shift 3).\n"
+    "  --backend process: one rank per process under unshard-launch --nproc N -- unshard-avatar ...";
 
 struct run_settings {
   std::size_t world_size = 1;
   parsed_policy policy;
   s2v_options model_options;
   std::size_t budget = 0;
+  bool world_size_given = false;
 };
 
 run_settings settings_from(const cli::options& o) {
   run_settings s;
   cli::read_sharding_options(o, s);
+  s.world_size_given = o.has("--world-size");
   s.model_options.record_block_outputs = true;
   if (o.has("--lora-alpha") && !o.has("--lora")) throw cli::usage_error("--lora-alpha needs --lora");
   return s;
@@ -91,48 +106,229 @@ void run_stream(const s2v_model& m, const S& weights, const run_settings& rs, co
   cli::print_rank_peaks(stream.runtime());
 }
 
-int run_files(const cli::options& o) {
-  const std::string config_path = o.require("--config"), weights_path = o.require("--weights"),
-                    inputs_path = o.require("--inputs"), out_path = o.require("--out");
-  const run_settings rs = settings_from(o);
-  std::optional<double> lora_alpha;
-  if (o.has("--lora-alpha")) {
-    const std::string a = o.get("--lora-alpha");
-    char* end = nullptr;
-    const double v = std::strtod(a.c_str(), &end);
-    if (a.empty() || *end != '\0' || !std::isfinite(v)) throw cli::usage_error("--lora-alpha needs a number, got '" + a + "'");
-    lora_alpha = v;
-  }
-  const s2v_config cfg = s2v_config::load(config_path);
-  nlohmann::json config_json;
-  {
-    std::ifstream in(config_path);
-    config_json = nlohmann::json::parse(in);  // load() above already refused invalid JSON
-  }
-  const checkpoint inputs = checkpoint::open(inputs_path);
-  const s2v_stream_spec spec = parse_s2v_stream(config_json, config_path, inputs);
-  std::set<std::string> names;
-  for (const auto& c : spec.calls)
-    if (!names.insert(c.name).second) throw error(config_path + ": two calls are named '" + c.name + "'");
-  const s2v_model m(cfg, s2v_workload_of(spec, inputs), rs.model_options);
-  s2v_check_calls(m, spec, inputs);  // every call's inputs, before any rank starts
+// --lora-alpha, read before anything loads (a bad value is a usage error).
+std::optional<double> lora_alpha_of(const cli::options& o) {
+  if (!o.has("--lora-alpha")) return std::nullopt;
+  const std::string a = o.get("--lora-alpha");
+  char* end = nullptr;
+  const double v = std::strtod(a.c_str(), &end);
+  if (a.empty() || *end != '\0' || !std::isfinite(v)) throw cli::usage_error("--lora-alpha needs a number, got '" + a + "'");
+  return v;
+}
 
+nlohmann::json read_config_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);  // s2v_config::load has already refused invalid JSON
+}
+
+// The model's weights from --weights (an unknown tensor is a warning, an error under --strict), with
+// --lora merged per shard while each rank loads (runtime/lora_weights.hpp); f(weights) runs the job.
+template <class F>
+void with_weights(const cli::options& o, const s2v_model& m, std::optional<double> lora_alpha, F&& f) {
+  const std::string weights_path = o.require("--weights");
   const checkpoint ck = checkpoint::open(weights_path);
   for (const auto& n : unknown_tensors(m, ck, {"input.", "ref."})) {
     if (o.has("--strict")) throw error(weights_path + ": unknown tensor '" + n + "' (--strict)");
     std::fprintf(stderr, "unshard-avatar: warning: %s: unknown tensor '%s' ignored\n", weights_path.c_str(), n.c_str());
   }
   const checkpoint_weights base(ck);
+  if (!o.has("--lora")) return f(base);
+  const checkpoint lora = checkpoint::open(o.get("--lora"));
+  const lora_weights<checkpoint_weights> merged(base, lora, lora_alpha);
+  f(merged);
+}
+
+// ---- --denoise: the denoising loop ----------------------------------------------------------
+
+struct denoise_settings {
+  schedule_kind schedule = schedule_kind::steps;
+  bool all_steps = false;
+  bool process = false;  // --backend process: this process is one rank of a launched job
+  std::uint64_t seed = 0;
+  s2v_loop_spec cli_loop;                   // Live Avatar's defaults, or the options'
+  std::vector<std::string> loop_overrides;  // the loop options given explicitly
+};
+
+double parse_number(const cli::options& o, const std::string& key, double fallback) {
+  if (!o.has(key)) return fallback;
+  const std::string v = o.get(key);
+  char* end = nullptr;
+  const double d = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end != '\0' || !std::isfinite(d)) throw cli::usage_error(key + " needs a number, got '" + v + "'");
+  return d;
+}
+
+denoise_settings denoise_settings_from(const cli::options& o) {
+  denoise_settings d;
+  try {
+    d.schedule = parse_schedule(o.get("--schedule", "steps"));
+  } catch (const error& e) {
+    throw cli::usage_error(std::string("--schedule: ") + e.what());
+  }
+  d.all_steps = o.has("--all-steps");
+  const std::string backend = o.get("--backend", "host");
+  if (backend != "host" && backend != "process") throw cli::usage_error("--backend must be host or process, got '" + backend + "'");
+  d.process = backend == "process";
+  d.seed = o.get_count("--seed", 0);
+  std::int64_t w = 720, h = 400;
+  if (o.has("--size")) {
+    const std::string v = o.get("--size");
+    const auto x = v.find_first_of("x*");
+    char* e1 = nullptr;
+    char* e2 = nullptr;
+    if (x != std::string::npos) {
+      w = std::strtoll(v.substr(0, x).c_str(), &e1, 10);
+      h = std::strtoll(v.substr(x + 1).c_str(), &e2, 10);
+    }
+    if (x == std::string::npos || *e1 || *e2 || w <= 0 || h <= 0) throw cli::usage_error("--size must be WxH (e.g. 720x400), got '" + v + "'");
+  }
+  try {
+    d.cli_loop = s2v_default_loop(w, h);
+  } catch (const error& e) {
+    throw cli::usage_error(e.what());
+  }
+  d.cli_loop.clips = o.get_count("--clips", d.cli_loop.clips);
+  d.cli_loop.blocks_per_clip = o.get_count("--blocks-per-clip", d.cli_loop.blocks_per_clip);
+  d.cli_loop.sampler.steps = o.get_count("--steps", d.cli_loop.sampler.steps);
+  d.cli_loop.sampler.shift = parse_number(o, "--shift", d.cli_loop.sampler.shift);
+  if (d.cli_loop.clips == 0) throw cli::usage_error("--clips must be at least 1 (got 0)");
+  if (d.cli_loop.blocks_per_clip == 0) throw cli::usage_error("--blocks-per-clip must be at least 1 (got 0)");
+  if (d.cli_loop.sampler.steps == 0) throw cli::usage_error("--steps must be at least 1 (got 0)");
+  if (!(d.cli_loop.sampler.shift > 0)) throw cli::usage_error("--shift must be positive");
+  for (const char* k : {"--size", "--clips", "--blocks-per-clip", "--steps", "--shift"})
+    if (o.has(k)) d.loop_overrides.push_back(k);
+  return d;
+}
+
+// The config's loop (streaming/scheduler sections), with the loop options given explicitly on top;
+// a plain Wan2.2-S2V config takes the options' (or Live Avatar's defaults).
+// The loop options given explicitly, over `s`.
+void apply_loop_options(s2v_loop_spec& s, const denoise_settings& d) {
+  for (const std::string& k : d.loop_overrides) {
+    if (k == "--size") s.latent_hw = d.cli_loop.latent_hw;
+    if (k == "--clips") s.clips = d.cli_loop.clips;
+    if (k == "--blocks-per-clip") s.blocks_per_clip = d.cli_loop.blocks_per_clip;
+    if (k == "--steps") s.sampler.steps = d.cli_loop.sampler.steps;
+    if (k == "--shift") s.sampler.shift = d.cli_loop.sampler.shift;
+  }
+}
+
+s2v_loop_spec loop_of(const nlohmann::json& config, const std::string& path, const denoise_settings& d) {
+  s2v_loop_spec s = parse_s2v_loop(config, path, d.cli_loop);
+  apply_loop_options(s, d);
+  return s;
+}
+
+// What rank 0 writes: one latent per block (and every step's with --all-steps), F32, the refs' shapes.
+void add_result(safetensors_writer& out, const s2v_block_result& r, const shape& dims) {
+  const std::string n = "clip" + std::to_string(r.clip) + ".block" + std::to_string(r.block);
+  out.add(n + ".latent", dims, r.latent);
+  for (std::size_t i = 0; i < r.noise_pred.size(); ++i) {
+    out.add(n + ".step" + std::to_string(i) + ".noise_pred", dims, r.noise_pred[i]);
+    out.add(n + ".step" + std::to_string(i) + ".latent", dims, r.step_latent[i]);
+  }
+}
+
+struct loop_timing {
+  double sink_s = 0, denoise_s = 0;
+  std::size_t ticks = 0, blocks = 0, frames_per_block = 0;
+};
+
+// The loop on any session: sink, then every block; rank 0's results go to on_result.
+template <class Session, class OnResult>
+loop_timing run_loop_on(Session& s, const s2v_model& m, const s2v_loop_spec& loop, const s2v_sink_inputs& sink,
+                        const std::vector<s2v_block>& blocks, bool all_steps, OnResult&& on_result) {
+  s2v_denoiser den(m, s, {loop.sampler, loop.blocks_per_clip, all_steps});
+  loop_timing t;
+  const auto t0 = std::chrono::steady_clock::now();
+  den.sink(sink);
+  const auto t1 = std::chrono::steady_clock::now();
+  den.denoise(blocks, on_result);
+  const auto t2 = std::chrono::steady_clock::now();
+  t.sink_s = std::chrono::duration<double>(t1 - t0).count();
+  t.denoise_s = std::chrono::duration<double>(t2 - t1).count();
+  t.ticks = den.ticks_run() - 1;
+  t.blocks = blocks.size();
+  t.frames_per_block = m.geometry().frames;
+  return t;
+}
+
+void print_timing(const loop_timing& t, const memory_plan& plan, std::size_t steps) {
+  const double video_frames = 4.0 * static_cast<double>(t.blocks * t.frames_per_block);
+  std::fprintf(stderr,
+               "unshard-avatar: denoise: schedule %s, %zu steps, world size %zu: sink %.3f s, %zu blocks in %zu ticks, "
+               "%.4f s per tick, %.4f s per block, %.2f video frames per second\n",
+               plan.schedule.c_str(), steps, plan.world_size, t.sink_s, t.blocks, t.ticks,
+               t.ticks ? t.denoise_s / static_cast<double>(t.ticks) : 0.0, t.denoise_s / static_cast<double>(t.blocks),
+               t.denoise_s > 0 ? video_frames / t.denoise_s : 0.0);
+  std::printf("time_per_tick_s=%.6f frames_per_s=%.4f ticks=%zu denoise_s=%.6f\n",
+              t.ticks ? t.denoise_s / static_cast<double>(t.ticks) : 0.0, t.denoise_s > 0 ? video_frames / t.denoise_s : 0.0,
+              t.ticks, t.denoise_s);
+}
+
+template <weight_source S>
+bool denoise_with(const s2v_model& m, const S& weights, const run_settings& rs, const denoise_settings& d,
+                  const s2v_loop_spec& loop, const checkpoint& inputs, safetensors_writer& out) {
+  session_options opt = session_options_of(rs);
+  opt.schedule = d.schedule;
+  opt.steps = loop.sampler.steps;
+  const s2v_sink_inputs sink = s2v_loop_sink(inputs);
+  const std::vector<s2v_block> blocks = s2v_loop_blocks(loop, inputs, d.seed);
+  const auto write = [&](s2v_block_result&& r) { add_result(out, r, blocks.front().noise.dims()); };
+  if (d.process) {
+    const auto job = process_job::from_environment();
+    opt.world_size = rs.world_size_given ? rs.world_size : 0;  // 0: the job's WORLD_SIZE
+    process_session<s2v_model> s(m, weights, job->world(), opt);
+    const loop_timing t = run_loop_on(s, m, loop, sink, blocks, d.all_steps, write);
+    std::printf("%s\n", s.peak_line().c_str());
+    if (s.rank() == 0) print_timing(t, s.plan(), loop.sampler.steps);
+    std::fflush(stdout);
+    return s.rank() == 0;
+  }
+  session<s2v_model> s(m, weights, opt);
+  const loop_timing t = run_loop_on(s, m, loop, sink, blocks, d.all_steps, write);
+  cli::print_rank_peaks(s);
+  print_timing(t, s.plan(), loop.sampler.steps);
+  return true;
+}
+
+int run_denoise_files(const cli::options& o) {
+  const std::string config_path = o.require("--config"), inputs_path = o.require("--inputs"), out_path = o.require("--out");
+  o.require("--weights");
+  run_settings rs = settings_from(o);
+  rs.model_options.record_block_outputs = false;
+  const denoise_settings d = denoise_settings_from(o);
+  const std::optional<double> lora_alpha = lora_alpha_of(o);
+  const s2v_config cfg = s2v_config::load(config_path);
+  const s2v_loop_spec loop = loop_of(read_config_json(config_path), config_path, d);
+  const checkpoint inputs = checkpoint::open(inputs_path);
+  const s2v_model m(cfg, s2v_loop_workload(loop, inputs), rs.model_options);
+  safetensors_writer out;
+  bool writer = true;
+  with_weights(o, m, lora_alpha, [&](const auto& weights) { writer = denoise_with(m, weights, rs, d, loop, inputs, out); });
+  if (!writer) return 0;
+  out.set_metadata("producer", "unshard-avatar --denoise");
+  out.write(out_path);
+  std::fprintf(stderr, "unshard-avatar: wrote %s\n", out_path.c_str());
+  return 0;
+}
+
+int run_files(const cli::options& o) {
+  const std::string config_path = o.require("--config"), inputs_path = o.require("--inputs"), out_path = o.require("--out");
+  o.require("--weights");
+  const run_settings rs = settings_from(o);
+  const std::optional<double> lora_alpha = lora_alpha_of(o);
+  const s2v_config cfg = s2v_config::load(config_path);
+  const checkpoint inputs = checkpoint::open(inputs_path);
+  const s2v_stream_spec spec = parse_s2v_stream(read_config_json(config_path), config_path, inputs);
+  std::set<std::string> names;
+  for (const auto& c : spec.calls)
+    if (!names.insert(c.name).second) throw error(config_path + ": two calls are named '" + c.name + "'");
+  const s2v_model m(cfg, s2v_workload_of(spec, inputs), rs.model_options);
+  s2v_check_calls(m, spec, inputs);  // every call's inputs, before any rank starts
   safetensors_writer out;
   const auto t0 = std::chrono::steady_clock::now();
-  if (o.has("--lora")) {
-    // LoRA merged per shard while each rank loads (runtime/lora_weights.hpp).
-    const checkpoint lora = checkpoint::open(o.get("--lora"));
-    const lora_weights<checkpoint_weights> merged(base, lora, lora_alpha);
-    run_stream(m, merged, rs, spec, inputs, out);
-  } else {
-    run_stream(m, base, rs, spec, inputs, out);
-  }
+  with_weights(o, m, lora_alpha, [&](const auto& weights) { run_stream(m, weights, rs, spec, inputs, out); });
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   out.set_metadata("producer", "unshard-avatar");
   out.write(out_path);
@@ -227,14 +423,78 @@ int run_demo(const cli::options& o) {
   return max_diff <= 1e-5 ? 0 : 1;
 }
 
+// --demo --denoise: the loop on a small random-weight model (2 clips of 2 blocks, 4 steps, the
+// caches hold one clip so clip 1 wraps them), under the chosen schedule; its latents are compared
+// with the sequential loop on one rank.
+int run_demo_denoise(const cli::options& o) {
+  run_settings rs = settings_from(o);
+  rs.model_options.record_block_outputs = false;
+  if (!o.has("--world-size")) rs.world_size = 2;
+  const denoise_settings d = denoise_settings_from(o);
+  const s2v_config cfg = s2v_config::from_json(
+      nlohmann::json{{"dim", 128}, {"ffn_dim", 256}, {"freq_dim", 64}, {"text_dim", 64}, {"text_len", 16},
+                     {"num_heads", 4}, {"num_layers", 4}, {"cond_dim", 16}, {"audio_dim", 32},
+                     {"audio_inject_layers", {0, 2}}, {"enable_adain", true}, {"zero_timestep", true},
+                     {"enable_motioner", false}, {"enable_framepack", true}, {"framepack_drop_mode", "padd"}},
+      "demo config");
+  s2v_loop_spec loop;
+  loop.clips = 2;
+  loop.blocks_per_clip = 2;
+  loop.latent_hw = {16, 16};
+  apply_loop_options(loop, d);
+  s2v_workload work;
+  work.latent_hw = loop.latent_hw;
+  work.context_len = 8;
+  work.noisy_cache_tokens = static_cast<std::int64_t>(loop.blocks_per_clip) * 3 * (loop.latent_hw[0] / 2) * (loop.latent_hw[1] / 2);
+  work.denoising_steps = static_cast<std::int64_t>(loop.sampler.steps);
+  const s2v_model m(cfg, work, rs.model_options);
+  const s2v_geometry& g = m.geometry();
+  const synthetic_weights weights(m, 11);
+  const synthetic_loop_inputs inputs(g, loop, 8, d.seed);
+  const s2v_sink_inputs& sink = inputs.sink();
+  const std::vector<s2v_block>& blocks = inputs.blocks();
+  std::printf("unshard-avatar demo --denoise: S2V dim %zu, %zu blocks, %zu tokens per block; %zu clips x %zu blocks x %zu "
+              "steps, schedule %s, world size %zu, policy %s\n", g.dim, g.num_layers, g.block_tokens, loop.clips,
+              loop.blocks_per_clip, loop.sampler.steps, name_of(d.schedule), rs.world_size, rs.policy.values.name.c_str());
+  const auto run = [&](std::size_t world, schedule_kind kind, const policy_values& policy, bool verbose) {
+    session_options opt;
+    opt.world_size = world;
+    opt.policy = policy;
+    opt.schedule = kind;
+    session<s2v_model> s(m, weights, opt);
+    std::vector<std::vector<float>> latents;
+    const loop_timing t = run_loop_on(s, m, loop, sink, blocks, false, [&](s2v_block_result&& r) { latents.push_back(r.latent); });
+    if (verbose) {
+      cli::print_rank_peaks(s);
+      print_timing(t, s.plan(), loop.sampler.steps);
+    }
+    return latents;
+  };
+  const auto sharded = run(rs.world_size, d.schedule, rs.policy.values, true);
+  const auto single = run(1, schedule_kind::replicated, parse_policy("full").values, false);
+  if (sharded.size() != blocks.size() || single.size() != blocks.size()) throw error("demo: a block's latent is missing");
+  double max_diff = 0;
+  for (std::size_t k = 0; k < blocks.size(); ++k)
+    for (std::size_t i = 0; i < sharded[k].size(); ++i)
+      max_diff = std::max(max_diff, static_cast<double>(std::fabs(sharded[k][i] - single[k][i])));
+  std::printf("final latents of %zu blocks: max |%s over %zu ranks - sequential on one rank| = %g\n", blocks.size(),
+              name_of(d.schedule), rs.world_size, max_diff);
+  return max_diff <= 1e-5 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   return unshard::cli::run_tool("unshard-avatar", usage, [&] {
     const unshard::cli::options o(argc, argv,
                                   {"--config", "--weights", "--lora", "--lora-alpha", "--inputs", "--out", "--world-size",
-                                   "--policy", "--dtype", "--gemm", "--budget"},
-                                  {"--strict", "--demo"});
+                                   "--policy", "--dtype", "--gemm", "--budget", "--schedule", "--seed", "--backend",
+                                   "--size", "--clips", "--blocks-per-clip", "--steps", "--shift"},
+                                  {"--strict", "--demo", "--denoise", "--all-steps"});
+    if (!o.has("--denoise"))
+      for (const char* k : {"--schedule", "--seed", "--backend", "--size", "--clips", "--blocks-per-clip", "--steps", "--shift", "--all-steps"})
+        if (o.has(k)) throw cli::usage_error(std::string(k) + " applies to --denoise only");
+    if (o.has("--denoise")) return o.has("--demo") ? run_demo_denoise(o) : run_denoise_files(o);
     return o.has("--demo") ? run_demo(o) : run_files(o);
   });
 }

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <map>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@
 
 #include "common/cli.hpp"
 #include "unshard/plan/liveavatar/ledger.hpp"
+#include "unshard/plan/liveavatar/search.hpp"
 
 namespace {
 using namespace unshard;
@@ -18,10 +20,15 @@ using namespace unshard::liveavatar;
 
 constexpr const char* usage =
     "unshard-plan --model liveavatar-14b|CONFIG.json --world-size N --device-memory SIZE [--reserve SIZE] "
-    "[--policy NAME|fsdp|auto] [--resolution WxH] [--frames N] [--device-profile NAME] [--link-profile NAME] "
-    "[--profiles FILE] [--timeline FILE.json] [--json]";
+    "[--policy NAME|fsdp|auto] [--schedule steps|replicated] [--steps S] [--t5 device|host] [--resolution WxH] "
+    "[--frames N] [--device-profile NAME] [--link-profile NAME] [--profiles FILE] [--timeline FILE.json] [--json]";
 
 constexpr double gib = 1024.0 * 1024.0 * 1024.0;
+
+// Bounds that keep every byte count far inside 64 bits (a 16384x16384 video, 256 latent frames per
+// block and 1000 steps on one rank still plan); well beyond any real run.
+constexpr std::size_t max_world_size = 1024, max_steps = 1000;
+constexpr count max_side = 16384, max_frames = 256;
 
 struct settings {
   stack st;
@@ -29,6 +36,7 @@ struct settings {
   std::size_t budget = 0;
   std::string policy;
   std::string profiles_source;
+  std::optional<schedule_kind> schedule;  // --schedule, when given (auto searches both otherwise)
 };
 
 // The directory of this executable, where the shipped profiles are looked for.
@@ -75,7 +83,15 @@ settings settings_from(const cli::options& o, const std::filesystem::path& dir) 
   }
   s.policy = o.get("--policy", "fsdp");
   if (o.has("--resolution")) s.rq.work = parse_resolution(o.get("--resolution"), s.rq.work);
-  s.rq.work.frames_per_block = static_cast<count>(o.get_count("--frames", 3));
+  s.rq.work.frames_per_block = static_cast<count>(std::min<std::size_t>(o.get_count("--frames", 3), max_frames + 1));
+  s.rq.sched.steps = std::min(o.get_count("--steps", 4), max_steps + 1);
+  try {
+    if (o.has("--schedule")) s.schedule = parse_schedule(o.get("--schedule"));
+    s.rq.t5 = parse_t5_placement(o.get("--t5", "device"));
+  } catch (const error& e) {
+    throw cli::usage_error(e.what());
+  }
+  s.rq.sched.kind = s.schedule.value_or(schedule_kind::steps);
   std::vector<std::string> user_profiles;
   if (o.has("--profiles")) user_profiles.push_back(o.get("--profiles"));
   const profile_set profiles = find_profiles(dir, user_profiles);
@@ -92,43 +108,90 @@ settings settings_from(const cli::options& o, const std::filesystem::path& dir) 
   s.rq.link = lookup("--link-profile", [&] { return profiles.link(o.get("--link-profile", s.rq.device.link)); });
   // Input checks (exit 1): each names the culprit.
   if (s.rq.world_size == 0) throw error("--world-size must be at least 1 (got 0)");
+  if (s.rq.world_size > max_world_size)
+    throw error("--world-size " + o.get("--world-size") + " is above the " + std::to_string(max_world_size) + " ranks planned");
+  if (s.rq.sched.steps == 0) throw error("--steps must be at least 1 (got 0)");
+  if (s.rq.sched.steps > max_steps)
+    throw error("--steps " + o.get("--steps") + " is above the " + std::to_string(max_steps) + " denoising steps planned");
   if (memory <= reserve)
     throw error("--device-memory " + o.get("--device-memory") + " is not above the reserve " + o.get("--reserve", "1.85GiB") +
                 " (CUDA context and allocator): nothing left for the model");
   if (s.rq.work.frames_per_block == 0) throw error("--frames must be at least 1 (got 0)");
-  validate(s.rq.work);
+  if (s.rq.work.frames_per_block > max_frames)
+    throw error("--frames " + o.get("--frames") + " is above the " + std::to_string(max_frames) + " latent frames per block planned");
+  if (s.rq.work.width > max_side || s.rq.work.height > max_side)
+    throw error("--resolution " + o.get("--resolution") + " has a side above " + std::to_string(max_side) + " pixels");
   s.budget = memory - reserve;
   s.st = load_model(model);
-  if (s.st.causal_kv) {  // Live Avatar's causal pipeline keeps this cache on every rank
-    s.rq.work.kv_cache_tokens = 13500;
-    s.rq.work.cond_cache_tokens = 2800;
-  }
+  rendered(s.st, s.rq.work);  // refuses a size the stack cannot render, before any plan
   return s;
 }
 
+std::string size_text(count w, count h) { return std::to_string(w) + "x" + std::to_string(h); }
+
+// What the forward computes on: the size the pipeline renders the requested one at, the tokens a
+// streamed forward runs and those the cond cache holds.
+void print_workload(const settings& s, const stack_plan& p, std::FILE* out) {
+  const workload& w = p.work;
+  std::fprintf(out, "%s: --resolution %s renders at %s (latent %lldx%lld, %lld tokens per latent frame), %lld latent frames per block: "
+               "%zu streamed tokens per forward", s.st.model.c_str(), size_text(s.rq.work.width, s.rq.work.height).c_str(),
+               size_text(w.width, w.height).c_str(), static_cast<long long>(w.height / 8), static_cast<long long>(w.width / 8),
+               static_cast<long long>(frame_tokens(w)), static_cast<long long>(w.frames_per_block), p.streamed_tokens);
+  if (p.cond_tokens)
+    std::fprintf(out, ", %zu cond tokens (cached once, by the sink); KV caches: %zu noisy tokens per step, %zu cond",
+                 p.cond_tokens, p.noisy_cache_slots, p.cond_cache_slots);
+  std::fprintf(out, "\n");
+}
+
+std::string steps_text(const std::vector<std::size_t>& steps) {
+  std::string t;
+  for (std::size_t i : steps) {
+    if (!t.empty()) t += ',';
+    t += std::to_string(i);
+  }
+  return t.empty() ? "none" : t;
+}
+
+// CONVENTIONS.md's object, plus the schedule, the block time and what the forward computes on.
 nlohmann::json to_json(const settings& s, const stack_plan& p) {
   nlohmann::json ranks = nlohmann::json::array();
-  for (std::size_t r = 0; r < s.rq.world_size; ++r)  // every rank runs the same forward (CONVENTIONS.md)
-    ranks.push_back({{"rank", r}, {"peak_bytes", p.peak()}, {"terms", p.terms}, {"details", p.details},
-                     {"host_bytes", p.host_bytes}});
+  for (std::size_t r = 0; r < s.rq.world_size; ++r) {
+    const rank_ledger l = p.rank(r);
+    ranks.push_back({{"rank", r}, {"peak_bytes", l.peak()}, {"terms", l.terms}, {"details", l.details},
+                     {"host_bytes", p.host_bytes}, {"forwards_per_tick", l.forwards}, {"cached_steps", l.cached_steps}});
+  }
+  const bool fits = p.peak() <= s.budget;
   nlohmann::json j{{"model", s.st.model}, {"world_size", s.rq.world_size}, {"budget_bytes", s.budget},
-                   {"policy", p.policy},  {"fits", p.peak() <= s.budget},  {"peak_bytes", p.peak()},
+                   {"policy", p.policy},  {"fits", fits},  {"peak_bytes", p.peak()},
                    {"ranks", ranks},      {"time_s", p.time_s},            {"device_profile", s.rq.device.name},
-                   {"link_profile", s.rq.link.name}, {"profiles", s.profiles_source}};
+                   {"link_profile", s.rq.link.name}, {"profiles", s.profiles_source},
+                   {"schedule", name_of(p.sched.kind)}, {"steps", p.sched.steps}, {"block_s", p.block_s},
+                   {"frames_per_s", p.frames_per_s}, {"t5", name_of(s.rq.t5)},
+                   {"resolution", {{"requested", size_text(s.rq.work.width, s.rq.work.height)},
+                                   {"rendered", size_text(p.work.width, p.work.height)},
+                                   {"frames_per_block", p.work.frames_per_block}}},
+                   {"streamed_tokens", p.streamed_tokens}, {"cond_tokens", p.cond_tokens}};
   if (p.effective_chunk) {
     j["effective_chunk_bytes"] = p.effective_chunk;
     j["chunks_per_forward"] = p.chunks;
   }
+  if (!fits) j["why_not"] = why_not(p, s.budget);
   return j;
 }
 
 void print_text(const settings& s, const stack_plan& p, std::FILE* out) {
-  std::fprintf(out, "%s, world size %zu, policy %s: peak %zu bytes (%.2f GiB) of %zu (%.2f GiB) -> %s, %.3f s per forward on %s over %s\n",
-               s.st.model.c_str(), s.rq.world_size, p.policy.c_str(), p.peak(), p.peak() / gib, s.budget, s.budget / gib,
-               p.peak() <= s.budget ? "fits" : "does not fit", p.time_s, s.rq.device.name.c_str(), s.rq.link.name.c_str());
+  std::fprintf(out, "%s, world size %zu, schedule %s (%zu steps, %zu forward%s per tick on rank 0), policy %s, umT5 on %s: "
+               "peak %zu bytes (%.2f GiB) of %zu (%.2f GiB) -> %s; %.3f s per forward, %.3f s per block (%.2f frames/s) on %s over %s\n",
+               s.st.model.c_str(), s.rq.world_size, name_of(p.sched.kind), p.sched.steps, p.forwards_per_tick,
+               p.forwards_per_tick == 1 ? "" : "s", p.policy.c_str(), name_of(s.rq.t5), p.peak(), p.peak() / gib, s.budget,
+               s.budget / gib, p.peak() <= s.budget ? "fits" : "does not fit", p.time_s, p.block_s, p.frames_per_s,
+               s.rq.device.name.c_str(), s.rq.link.name.c_str());
+  if (p.peak() > s.budget) std::fprintf(out, "does not fit: %s\n", why_not(p, s.budget).c_str());
   for (std::size_t r = 0; r < s.rq.world_size; ++r) {
-    std::fprintf(out, "rank %zu planned_peak_bytes=%zu planned_peak_gib=%.3f", r, p.peak(), p.peak() / gib);
-    for (const auto& [k, v] : p.details) std::fprintf(out, " %s=%.3fGiB", k.c_str(), v / gib);
+    const rank_ledger l = p.rank(r);
+    std::fprintf(out, "rank %zu planned_peak_bytes=%zu planned_peak_gib=%.3f steps=%s forwards_per_tick=%zu", r, l.peak(),
+                 l.peak() / gib, steps_text(l.cached_steps).c_str(), l.forwards);
+    for (const auto& [k, v] : l.details) std::fprintf(out, " %s=%.3fGiB", k.c_str(), v / gib);
     std::fprintf(out, " host=%.3fGiB\n", p.host_bytes / gib);
   }
   if (p.effective_chunk)
@@ -150,13 +213,17 @@ stack_plan plan_one(const settings& s, const std::string& text) {
 void write_timeline(const settings& s, const stack_plan& p, const std::string& path) {
   std::ofstream out(path);
   if (!out) throw error("--timeline: cannot create '" + path + "'");
-  const timeline tl = simulate_forward(p.steps, time_rates::of(s.rq.device, s.rq.link), p.prefetch);
-  std::map<std::string, std::size_t> constant = p.terms;
-  constant.erase("gathered");
+  // One tick: under `steps` each gather serves the forwards of every step the rank owns.
+  const timeline tl = simulate_forward(p.tick_steps(), time_rates::of(s.rq.device, s.rq.link), p.prefetch);
+  std::vector<std::map<std::string, std::size_t>> constant;
+  for (std::size_t r = 0; r < s.rq.world_size; ++r) {
+    constant.push_back(p.rank(r).terms);
+    constant.back().erase("gathered");
+  }
   const std::string title = s.st.model + ", " + std::to_string(s.rq.world_size) + " x " + s.rq.device.name + " (" +
-                            s.rq.link.name + "), " + p.policy + ", peak " + std::to_string(p.peak()) + " of budget " +
-                            std::to_string(s.budget);
-  write_chrome_trace(out, tl, s.rq.world_size, constant, title);
+                            s.rq.link.name + "), " + p.policy + ", schedule " + name_of(p.sched.kind) + ", peak " +
+                            std::to_string(p.peak()) + " of budget " + std::to_string(s.budget);
+  write_chrome_trace(out, tl, constant, title);
   if (!out) throw error("--timeline: cannot write '" + path + "'");
 }
 
@@ -168,27 +235,28 @@ int run(const cli::options& o, const std::filesystem::path& dir) {
     throw cli::usage_error("--timeline draws one policy; give --policy NAME, not auto");
   if (s.policy != "auto") {
     const stack_plan p = plan_one(s, s.policy);
+    print_workload(s, p, text);
     print_text(s, p, text);
     if (o.has("--timeline")) write_timeline(s, p, o.get("--timeline"));
     if (json) std::printf("%s\n", to_json(s, p).dump(2).c_str());
     return 0;
   }
-  std::vector<stack_plan> fits;
-  for (const auto& c : auto_candidates()) {
-    const stack_plan p = plan_one(s, c);
-    if (p.peak() <= s.budget) fits.push_back(p);
-  }
-  // Fastest first; among equally fast plans the smaller peak.
-  std::stable_sort(fits.begin(), fits.end(), [](const auto& a, const auto& b) {
-    return a.time_s < b.time_s || (a.time_s == b.time_s && a.peak() < b.peak());
-  });
-  if (fits.empty()) std::fprintf(text, "no policy fits %.2f GiB per rank at world size %zu\n", s.budget / gib, s.rq.world_size);
+  // Every policy under each schedule (only the one asked for, if any); fastest block first.
+  const auto found = plan_auto(s.st, s.rq, s.budget, schedules_to_search(s.schedule));
+  print_workload(s, *found.closest, text);
   nlohmann::json all = nlohmann::json::array();
-  for (const auto& p : fits) {
+  for (const auto& p : found.fits) {
     print_text(s, p, text);
     all.push_back(to_json(s, p));
   }
-  if (json) std::printf("%s\n", nlohmann::json{{"candidates", all}}.dump(2).c_str());
+  nlohmann::json doc{{"candidates", all}};
+  if (found.fits.empty()) {
+    std::fprintf(text, "no policy fits %.2f GiB per rank at world size %zu; the smallest peak is %s under %s: %s\n",
+                 s.budget / gib, s.rq.world_size, found.closest->policy.c_str(), name_of(found.closest->sched.kind),
+                 why_not(*found.closest, s.budget).c_str());
+    doc["closest"] = to_json(s, *found.closest);
+  }
+  if (json) std::printf("%s\n", doc.dump(2).c_str());
   return 0;
 }
 
@@ -198,7 +266,8 @@ int main(int argc, char** argv) {
   return unshard::cli::run_tool("unshard-plan", usage, [&] {
     const unshard::cli::options o(argc, argv,
                                   {"--model", "--world-size", "--device-memory", "--reserve", "--policy", "--resolution",
-                                   "--frames", "--device-profile", "--link-profile", "--profiles", "--timeline"},
+                                   "--frames", "--schedule", "--steps", "--t5", "--device-profile", "--link-profile",
+                                   "--profiles", "--timeline"},
                                   {"--json"});
     return run(o, exe_dir(argv[0]));
   });

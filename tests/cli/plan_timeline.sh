@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # unshard-plan --timeline, --profiles and the chunked policy from the command line: the timeline is
-# Chrome trace JSON whose memory curve peaks at the planned peak; a user profiles file adds a device;
-# bad profiles exit 1, unknown profile names 2.
+# Chrome trace JSON (one tick under the steps schedule) whose memory curve peaks at each rank's planned
+# peak; a user profiles file adds a device; bad profiles exit 1, unknown profile names 2.
 # Usage: plan_timeline.sh BIN_DIR
 set -u
 bin=$1/unshard-plan; tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; fail=0
@@ -15,12 +15,20 @@ check() {  # check DESCRIPTION PYTHON -- args: exit 0, then the python check ove
 peak_matches='
 import json,sys; d=sys.argv[1]
 plan=json.load(open(d+"/out")); tl=json.load(open(d+"/tl.json"))["traceEvents"]
-tot=max(sum(e["args"].values()) for e in tl if e["ph"]=="C" and e["pid"]==0)
-assert tot==plan["peak_bytes"], (tot, plan["peak_bytes"])
+for r in plan["ranks"]:  # each rank: its own constant terms under the steps schedule
+  tot=max(sum(e["args"].values()) for e in tl if e["ph"]=="C" and e["pid"]==r["rank"])
+  assert tot==r["peak_bytes"], (r["rank"], tot, r["peak_bytes"])
+assert max(r["peak_bytes"] for r in plan["ranks"])==plan["peak_bytes"]
 assert {e["pid"] for e in tl}==set(range(plan["world_size"]))
 assert any(e["ph"]=="X" and e["name"].startswith("gather") for e in tl)'
 check "fsdp timeline peaks at the planned peak" "$peak_matches" -- "${P[@]}" --policy fsdp --json --timeline "$tmp/tl.json"
 check "chunked timeline peaks at the planned peak" "$peak_matches" -- "${P[@]}" --policy chunked:64MiB+prefetch:1 --json --timeline "$tmp/tl.json"
+check "replicated timeline peaks at the planned peak" "$peak_matches" -- "${P[@]}" --policy chunked:64MiB+prefetch:1 --schedule replicated --json --timeline "$tmp/tl.json"
+check "a steps tick (two forwards per gather) lasts block_s" '
+import json,sys; d=sys.argv[1]
+plan=json.load(open(d+"/out")); tl=json.load(open(d+"/tl.json"))["traceEvents"]
+end=max(e["ts"]+e["dur"] for e in tl if e["ph"]=="X" and e["pid"]==0)/1e6
+assert abs(end-plan["block_s"])<1e-6*plan["block_s"] and plan["block_s"]>plan["time_s"], (end, plan["block_s"])' -- --model liveavatar-14b --world-size 2 --device-memory 80GiB --policy chunked:64MiB+prefetch:1 --json --timeline "$tmp/tl.json"
 check "chunked: effective chunk and (K+1) chunks gathered" '
 import json,sys; d=json.load(open(sys.argv[1]+"/out"))
 assert d["effective_chunk_bytes"]==64*2**20 and d["ranks"][0]["terms"]["gathered"]==3*64*2**20, d' -- "${P[@]}" --policy chunked:64MiB+prefetch:2 --json

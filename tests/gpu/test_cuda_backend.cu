@@ -1,6 +1,6 @@
 // The CUDA backend on the GPUs of this machine (one is enough): device memory under the tracking
 // allocator, event ordering between streams, pinned and registered host memory, NCCL all-gather
-// and gather_range in place, and abort. Without a device this executable exits 77 ("Skipped").
+// and gather_range in place, point-to-point transfer, and abort. Without a device this executable exits 77 ("Skipped").
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
@@ -242,6 +242,33 @@ TEST_CASE("NCCL: in-place all_gather, and gather_range after a local_copy, on ev
                              std::to_string(end) + ")");
     }
   });
+}
+
+TEST_CASE("transfer: every (from, to) pair of local GPUs (ncclSend/ncclRecv), from == to a device copy") {
+  cuda_world w(static_cast<std::size_t>(unshard::cuda::device_count()));
+  const std::size_t world = w.size();
+  for (std::size_t bytes : {std::size_t{1}, std::size_t{1} << 20}) {
+    on_every_rank(w, [&](std::size_t rank) {
+      auto comm = cuda_backend::comm_stream(w, rank, nullptr);
+      const auto mine = pattern(bytes, static_cast<unsigned>(rank) + 11);
+      auto src = unshard::cuda::device_buffer(w.device_of(rank), bytes);
+      auto dst = unshard::cuda::device_buffer(w.device_of(rank), bytes);
+      UNSHARD_CUDA_CHECK(cudaMemcpy(src.data(), mine.data(), bytes, cudaMemcpyHostToDevice));
+      for (std::size_t from = 0; from < world; ++from)
+        for (std::size_t to = 0; to < world; ++to) {
+          UNSHARD_CUDA_CHECK(cudaMemset(dst.data(), 0xEE, bytes));
+          settle();
+          comm->transfer(from, to, src.data(), dst.data(), bytes, 0);
+          comm->synchronize();
+          const auto got = to_host(dst.data(), bytes);
+          const auto want = rank == to ? pattern(bytes, static_cast<unsigned>(from) + 11)
+                                       : std::vector<std::byte>(bytes, std::byte{0xEE});
+          if (got != want || to_host(src.data(), bytes) != mine)
+            throw unshard::error("rank " + std::to_string(rank) + ": transfer " + std::to_string(from) + " -> " +
+                                 std::to_string(to) + " of " + std::to_string(bytes) + " bytes");
+        }
+    });
+  }
 }
 
 TEST_CASE("tracing stamps each gather when the GPU runs it") {

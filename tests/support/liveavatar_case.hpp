@@ -2,6 +2,7 @@
 // The Live Avatar reference cases of tests/data (liveavatar_<name>.safetensors with its
 // config.json): the checkpoint, the config and the recorded stream of calls.
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -20,6 +21,18 @@ struct stream_case {
   s2v_stream_spec spec;
   s2v_workload work;
 };
+
+// The Live Avatar files of tests/data of each kind: recorded streams (call by call, README §4) and
+// denoising loops (README §7: they name their calls by input.call_clip_block_step).
+inline bool is_denoise_case(const std::string& name) {
+  return checkpoint::open(data_dir + "/" + name + ".safetensors").find("input.call_clip_block_step") != nullptr;
+}
+inline std::vector<std::string> liveavatar_files(bool denoise_loops) {
+  std::vector<std::string> out;
+  for (const std::string& n : vector_files("liveavatar_"))
+    if (is_denoise_case(n) == denoise_loops) out.push_back(n);
+  return out;
+}
 
 inline stream_case load_case(const std::string& name) {
   stream_case c{checkpoint::open(data_dir + "/" + name + ".safetensors"), {}, {}, {}, {}};

@@ -92,6 +92,7 @@ void read_sharding_options(const options& o, Settings& s) {
 // Runs a tool body, mapping exceptions to the exit statuses; never lets one escape.
 template <class Body>
 int run_tool(const char* tool, const char* usage, Body body) {
+  use_one_blas_thread_per_rank();
   try {
     return body();
   } catch (const usage_error& e) {
@@ -115,6 +116,8 @@ void print_rank_peaks(const Session& s) {
       std::printf(" %s=%zu", std::string(name_of(c)).c_str(), planned.terms[c]);
     std::printf(" host_bytes=%zu", planned.host_bytes);
     if (s.plan().effective_chunk_bytes) std::printf(" effective_chunk_bytes=%zu", s.plan().effective_chunk_bytes);
+    if constexpr (requires { s.runtime(r).bytes_gathered(); })
+      std::printf(" bytes_gathered=%zu forwards=%zu", s.runtime(r).bytes_gathered(), s.runtime(r).forwards());
     std::printf("\n");
   }
 }

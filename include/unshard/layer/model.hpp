@@ -15,6 +15,17 @@
 
 namespace unshard {
 
+// Which of a rank's lanes hold a buffer. A rank runs one *lane* per forward it may compute in a
+// tick (runtime/schedule.hpp): one under the `replicated` schedule, one per denoising step it owns
+// under `steps`. Activations and workspace belong to each lane; a cache that one call writes and
+// every lane then reads (Live Avatar's cond cache) is held once per rank; a per-step cache only
+// by the lane that runs that step, so a rank holds the caches of its own steps and no others.
+enum class buffer_scope : std::uint8_t {
+  per_lane,  // every lane its own
+  per_rank,  // one, shared by the rank's lanes (none on a rank without lanes)
+  per_step,  // only in the lane that runs buffer_spec::step
+};
+
 // A buffer of non-weight state the model needs during a forward (activations, scratch, a KV
 // cache). Declared before anything is allocated, so the ledger can plan it; the runtime
 // allocates each one from the tracking allocator under its category.
@@ -22,12 +33,15 @@ struct buffer_spec {
   std::string name;
   std::size_t bytes = 0;
   memory_category category = memory_category::activations;
+  buffer_scope scope = buffer_scope::per_lane;
+  std::size_t step = 0;  // per_step: the denoising step whose lane holds it
 };
 
 // The allocated buffers, looked up by the names the model declared.
 class buffer_set {
  public:
   void add(const std::string& name, std::span<std::byte> bytes) { buffers_[name] = bytes; }
+  bool has(const std::string& name) const { return buffers_.contains(name); }
   std::span<std::byte> bytes(const std::string& name) const {
     const auto it = buffers_.find(name);
     if (it == buffers_.end()) throw_error("buffer_set: no buffer named '", name, "' was declared by the model");

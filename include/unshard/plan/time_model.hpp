@@ -131,10 +131,13 @@ inline double forward_seconds(const std::vector<step_cost>& steps, const time_ra
 
 // The timeline as Chrome trace JSON (Perfetto, chrome://tracing), laid out as the runtime's own
 // trace (runtime/trace.hpp): one process per rank, compute on thread 0, communication on thread 1;
-// plus a "memory" counter per rank (the constant terms and the live gathered bytes, stacked) and
-// an instant event at every free. Every rank runs the same forward, so ranks repeat the timeline.
-inline void write_chrome_trace(std::ostream& os, const timeline& tl, std::size_t world_size,
-                               const std::map<std::string, std::size_t>& constant_terms, const std::string& title) {
+// plus a "memory" counter per rank (that rank's constant terms and the live gathered bytes, stacked)
+// and an instant event at every free. Ranks run in lockstep (every gather is a collective), so they
+// repeat the timeline; their constant terms may differ (under the steps schedule, the KV caches).
+inline void write_chrome_trace(std::ostream& os, const timeline& tl,
+                               const std::vector<std::map<std::string, std::size_t>>& constant_terms_per_rank,
+                               const std::string& title) {
+  const std::size_t world_size = constant_terms_per_rank.size();
   os << "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"source\":\"unshard-plan (predicted)\",\"title\":\""
      << title << "\"},\"traceEvents\":[";
   bool first = true;
@@ -164,11 +167,17 @@ inline void write_chrome_trace(std::ostream& os, const timeline& tl, std::size_t
     for (const auto& [t, live] : tl.gathered_live) {
       sep();
       os << "{\"name\":\"memory\",\"ph\":\"C\",\"pid\":" << r << ",\"ts\":" << us(t) << ",\"args\":{";
-      for (const auto& [k, v] : constant_terms) os << '"' << k << "\":" << v << ',';
+      for (const auto& [k, v] : constant_terms_per_rank[r]) os << '"' << k << "\":" << v << ',';
       os << "\"gathered\":" << live << "}}";
     }
   }
   os << "\n]}\n";
+}
+
+// Every rank with the same constant terms.
+inline void write_chrome_trace(std::ostream& os, const timeline& tl, std::size_t world_size,
+                               const std::map<std::string, std::size_t>& constant_terms, const std::string& title) {
+  write_chrome_trace(os, tl, std::vector<std::map<std::string, std::size_t>>(world_size, constant_terms), title);
 }
 
 }  // namespace unshard

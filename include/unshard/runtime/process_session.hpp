@@ -58,15 +58,15 @@ class process_session {
   // `rank` is this process's rank in the world (a cuda_world holds only its local ranks).
   template <weight_source S>
   process_session(const M& m, const S& weights, world_type& world, std::size_t rank, session_options opt)
-      : model_(m), world_(world), rank_(rank), opt_(checked(std::move(opt), world)),
+      : model_(m), world_(world), rank_(rank), opt_(checked(std::move(opt), world)), sched_(schedule_of(m, opt_)),
         units_(build_units(m, opt_.world_size, opt_.policy)),
-        plan_(plan_memory(m, opt_.world_size, opt_.policy, opt_.budget_bytes)),
+        plan_(plan_memory(m, opt_.world_size, opt_.policy, opt_.budget_bytes, sched_)),
         trace_(opt_.trace ? std::make_unique<trace_recorder>() : nullptr) {
     require_fits(plan_);
     const std::size_t capacity = opt_.budget_bytes ? opt_.budget_bytes : plan_.peak_bytes();
     guarded("while loading", [&] {
       runtime_ = std::make_unique<rank_runtime<M, B>>(m, weights, units_, opt_.policy, plan_, world_, rank_, capacity,
-                                                     trace_.get(), opt_.host_to_device);
+                                                     trace_.get(), opt_.host_to_device, sched_);
     });
   }
   ~process_session() {
@@ -82,15 +82,25 @@ class process_session {
   void forward(Prepare&& prepare, Finish&& finish) {
     if (failed_) throw_error("process_session: a rank failed earlier; this session cannot run again");
     guarded("during the forward", [&] {
-      prepare(rank_, runtime_->state());
+      if (runtime_->lane_count()) prepare(rank_, runtime_->state());
       runtime_->forward();
-      finish(rank_, std::as_const(runtime_->state()));
+      if (runtime_->lane_count()) finish(rank_, std::as_const(runtime_->state()));
     });
+  }
+
+  // One tick on this rank (rank_runtime.hpp, run_tick_on); the other ranks run theirs in their
+  // processes, in lockstep through the collectives.
+  template <class Prepare, class Finish, class Messages>
+  void tick(Prepare&& prepare, Finish&& finish, Messages&& messages) {
+    if (failed_) throw_error("process_session: a rank failed earlier; this session cannot run again");
+    guarded("during a tick", [&] { run_tick_on(rank_, *runtime_, prepare, finish, messages); });
   }
 
   std::size_t rank() const noexcept { return rank_; }
   std::size_t world_size() const noexcept { return opt_.world_size; }
   const memory_plan& plan() const noexcept { return plan_; }
+  const unshard::schedule& schedule() const noexcept { return sched_; }
+  const rank_runtime<M, B>& runtime() const noexcept { return *runtime_; }
   const std::vector<unit_layout>& units() const noexcept { return units_; }
   trace_recorder* trace() noexcept { return trace_.get(); }
   const M& model() const noexcept { return model_; }
@@ -105,7 +115,8 @@ class process_session {
   std::string peak_line() const {
     const auto& planned = plan_.ranks[rank()];
     return detail::concat("rank ", rank(), " planned_peak_bytes=", planned.peak(),
-                          " measured_peak_bytes=", measured().peak_bytes);
+                          " measured_peak_bytes=", measured().peak_bytes, " bytes_gathered=", runtime_->bytes_gathered(),
+                          " forwards=", runtime_->forwards());
   }
 
  private:
@@ -149,6 +160,7 @@ class process_session {
   world_type& world_;
   std::size_t rank_;
   session_options opt_;
+  unshard::schedule sched_;
   std::vector<unit_layout> units_;
   memory_plan plan_;
   std::unique_ptr<trace_recorder> trace_;

@@ -2,7 +2,9 @@
 #include <cstddef>
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -14,14 +16,25 @@
 #include "unshard/layer/param_source.hpp"
 #include "unshard/plan/ledger.hpp"
 #include "unshard/plan/unit_layout.hpp"
+#include "unshard/runtime/lane_turns.hpp"
 #include "unshard/runtime/trace.hpp"
 #include "unshard/runtime/weight_source.hpp"
 
 namespace unshard {
 
+// A point-to-point move between two ranks, run collectively between ticks (a latent from the rank
+// of step s to the rank of step s + 1): every rank lists the same messages in the same order, with
+// `src` set where it is `from` and `dst` where it is `to`.
+struct transfer_message {
+  std::size_t from = 0, to = 0, bytes = 0;
+  const std::byte* src = nullptr;
+  std::byte* dst = nullptr;
+};
+
 // Everything one rank owns, all allocated before the first forward: shards, resident parameters,
-// gathered buffers (kept ones, plus the ring), the model's activation buffers, the two streams
-// and their events, and every parameter view. forward() then allocates nothing.
+// gathered buffers (kept ones, plus the ring), the model's buffers for each of its lanes (one state
+// per forward it may run in a tick, see schedule/schedule.hpp), the two streams and their events,
+// and every parameter view. A tick then allocates nothing.
 template <model M, backend B>
 class rank_runtime {
  public:
@@ -30,18 +43,23 @@ class rank_runtime {
   template <weight_source S>
   rank_runtime(const M& m, const S& weights, const std::vector<unit_layout>& units, const policy_values& policy,
                const memory_plan& plan, typename B::world& world, std::size_t rank, std::size_t device_capacity,
-               trace_recorder* trace, link_model host_to_device)
+               trace_recorder* trace, link_model host_to_device, const schedule& sched = {})
       : model_(m), units_(units), policy_(policy), world_(world), rank_(rank), trace_(trace),
         device_(make_space<device_space>("device", device_capacity)),
         host_(make_space<host_space>("host", plan.ranks[rank].host_bytes)),
-        compute_(B::compute_stream(world, rank, trace)), comm_(B::comm_stream(world, rank, trace)),
-        state_(allocate_state()) {
+        compute_(B::compute_stream(world, rank, trace)), comm_(B::comm_stream(world, rank, trace)) {
     if constexpr (requires { comm_->set_copy_link(host_to_device); }) comm_->set_copy_link(host_to_device);
+    allocate_lanes(sched, plan.world_size);
     // A device model launches its kernels on the rank's compute stream.
-    if constexpr (requires { state_.attach_stream(*compute_); }) state_.attach_stream(*compute_);
+    for (state_type& st : lanes_)
+      if constexpr (requires { st.attach_stream(*compute_); }) st.attach_stream(*compute_);
     if (policy_.chunked()) require_streaming_layers();
     allocate_and_load(weights);
     build_views();
+    if (policy_.chunked() && lanes_.size() > 1) {
+      turns_ = std::make_unique<lane_turns>(lanes_.size());
+      lane_body_ = [this](std::size_t turn) { forward_chunked_lane(lanes_[active_lanes_[turn]], turn); };
+    }
   }
 
   rank_runtime(const rank_runtime&) = delete;
@@ -58,15 +76,60 @@ class rank_runtime {
     comm_.reset();
   }
 
-  state_type& state() noexcept { return state_; }
+  // Lane 0's state: the one state of a rank under the replicated schedule.
+  state_type& state() { return lane(0); }
+  state_type& lane(std::size_t l) {
+    if (l >= lanes_.size())
+      throw_error("rank ", rank_, " has ", lanes_.size(), " lane(s) (forwards per tick), no lane ", l,
+                  lanes_.empty() ? ": it owns no denoising step and only serves gathers" : "");
+    return lanes_[l];
+  }
+  const state_type& lane(std::size_t l) const { return const_cast<rank_runtime&>(*this).lane(l); }
+  std::span<state_type> lanes() noexcept { return lanes_; }
+  std::size_t lane_count() const noexcept { return lanes_.size(); }
+  // The steps lane l holds state for.
+  const std::vector<std::size_t>& lane_steps(std::size_t l) const { return lane_steps_.at(l); }
+  // Weight bytes landed in this rank's gathered buffers (gathers and offload copies), and the
+  // forwards it computed, since the start.
+  std::size_t bytes_gathered() const noexcept { return bytes_gathered_; }
+  std::size_t forwards() const noexcept { return forwards_; }
   const tracking_allocator& device_memory() const noexcept { return device_; }
   const tracking_allocator& host_memory() const noexcept { return host_; }
   void cap_device_memory(std::size_t cap) noexcept { device_.set_cap(cap); }
 
-  // One forward. Gathers run on the communication stream up to prefetch_depth units ahead of
-  // compute; a ring buffer is reused only after the compute that read it has been recorded.
-  void forward() {
-    if (policy_.chunked()) return forward_chunked();
+  // One forward on lane 0 (a rank without lanes only serves the gathers).
+  void forward() { run_tick(lanes_.empty() ? 0 : 1); }
+
+  // One tick: every unit is gathered once and applied to each lane whose bit is set in `active`
+  // before it is released; with no lane set the rank still takes part in every gather (fill and
+  // drain ticks, ranks that own no step). Gathers run on the communication stream up to
+  // prefetch_depth units (or chunks) ahead of compute; a ring buffer is reused only after the
+  // compute that read it has been recorded.
+  void run_tick(std::uint64_t active) {
+    active_lanes_.clear();
+    for (std::size_t l = 0; l < lanes_.size(); ++l)
+      if ((active >> l) & 1u) active_lanes_.push_back(l);
+    if (lanes_.size() < 64 && (active >> lanes_.size()) != 0)
+      throw_error("rank ", rank_, ": a tick selects lane(s) beyond its ", lanes_.size());
+    if (policy_.chunked()) forward_chunked_tick();
+    else forward_units();
+    forwards_ += active_lanes_.size();
+  }
+
+  // The point-to-point moves after a tick, in the listed order (every rank lists the same ones);
+  // returns once this rank's part has landed.
+  void exchange(std::span<const transfer_message> messages) {
+    for (const transfer_message& m : messages) {
+      if ((m.from == rank_ && !m.src && m.bytes) || (m.to == rank_ && !m.dst && m.bytes))
+        throw_error("rank ", rank_, ": transfer of ", m.bytes, " bytes from rank ", m.from, " to rank ", m.to,
+                    " has no ", m.from == rank_ ? "source" : "destination", " buffer on this rank");
+      comm_->transfer(m.from, m.to, m.src, m.dst, m.bytes);
+    }
+    if (!messages.empty()) comm_->synchronize();
+  }
+
+ private:
+  void forward_units() {
     std::size_t next_issue = 0;  // position in gather_order_ of the next gather to enqueue
     std::size_t gpos = 0;        // gathers belonging to units before the current one
     for (std::size_t u = 0; u < units_.size(); ++u) {
@@ -75,7 +138,7 @@ class rank_runtime {
         issue_gather(gather_order_[next_issue++]);
       const bool gathered_now = needs_gather(u);
       if (gathered_now) compute_->wait(gathered_[u]);
-      run_unit(u);
+      for (const std::size_t l : active_lanes_) run_unit(u, lanes_[l]);
       if (ring_slot_[u] >= 0) {
         compute_->record(slot_free_[static_cast<std::size_t>(ring_slot_[u])]);
         trace_release(u, units_[u].gathered_bytes());
@@ -86,7 +149,6 @@ class rank_runtime {
     rebuild_gather_order();
   }
 
- private:
   struct device_space {};
   struct host_space {};
   // A backend with memory of its own (cudaMalloc, cudaHostAlloc) provides it; otherwise the
@@ -102,13 +164,20 @@ class rank_runtime {
       return tracking_allocator(space, bytes, std::move(owner));
   }
 
-  state_type allocate_state() {
-    buffer_set set;
-    for (const buffer_spec& b : model_.buffers()) {
+  // The model's buffers for each lane the schedule gives this rank (the ledger counts the same,
+  // plan/ledger.hpp for_each_rank_buffer): a lane's own, the rank's shared ones, its steps' caches.
+  void allocate_lanes(const schedule& sched, std::size_t world_size) {
+    lane_steps_ = sched.lanes(rank_, world_size);
+    std::vector<buffer_set> sets(lane_steps_.size());
+    for_each_rank_buffer(model_.buffers(), sched, rank_, world_size, [&](const buffer_spec& b, std::size_t lane) {
       state_buffers_.push_back(device_.allocate(b.bytes, b.category));
-      set.add(b.name, state_buffers_.back().span());
-    }
-    return model_.make_state(set);
+      if (b.scope == buffer_scope::per_rank)
+        for (buffer_set& set : sets) set.add(b.name, state_buffers_.back().span());
+      else sets[lane].add(b.name, state_buffers_.back().span());
+    });
+    lanes_.reserve(sets.size());
+    for (const buffer_set& set : sets) lanes_.push_back(model_.make_state(set));
+    active_lanes_.reserve(lanes_.size());
   }
 
   template <weight_source S>
@@ -203,13 +272,14 @@ class rank_runtime {
     if (policy_.offload) comm_->copy(own, shards_[u].data(), shard, static_cast<std::uint32_t>(u));
     comm_->all_gather(policy_.offload ? own : shards_[u].data(), dst, shard, static_cast<std::uint32_t>(u));
     comm_->record(gathered_[u]);
+    bytes_gathered_ += ul.gathered_bytes();
   }
 
-  void run_unit(std::size_t u) {
+  void run_unit(std::size_t u, state_type& st) {
     const unit_layout& ul = units_[u];
     const auto& layer = model_.layer(ul.info.layer);
     const auto t0 = trace_clock::now();
-    for (std::size_t s = 0; s < ul.info.subunit_count; ++s) layer.forward(ul.info.first_subunit + s, views_[u][s], state_);
+    for (std::size_t s = 0; s < ul.info.subunit_count; ++s) layer.forward(ul.info.first_subunit + s, views_[u][s], st);
     if (trace_) trace_->add(rank_, trace_kind::compute, static_cast<std::uint32_t>(u), t0, trace_clock::now(), 0);
   }
 
@@ -242,6 +312,7 @@ class rank_runtime {
     unit_first_chunk_[units_.size()] = chunk_seq_.size();
     chunk_ready_ = std::vector<typename B::event>(slots);
     chunk_free_ = std::vector<typename B::event>(slots);
+    chunk_uses_.assign(slots, 0);
   }
 
   const weight_chunk& chunk_at(std::size_t g) const { return units_[chunk_seq_[g].unit].chunks[chunk_seq_[g].chunk]; }
@@ -265,15 +336,26 @@ class rank_runtime {
     }
     comm_->gather_range(dst, ch.begin, ch.end, shard, label);
     comm_->record(chunk_ready_[slot]);
+    bytes_gathered_ += ch.bytes();
   }
 
-  std::byte* acquire_chunk(std::size_t g) {
-    while (chunks_issued_ < chunk_seq_.size() && chunks_issued_ <= g + policy_.prefetch_depth) issue_chunk(chunks_issued_++);
-    compute_->wait(chunk_ready_[g % ring_.size()]);
+  // Lane `turn` of the tick asks for chunk g: it first hands the turn round (lane_turns.hpp), so
+  // chunk g is fetched by the first lane to reach it and every lane has let go of g - 1 by then.
+  std::byte* acquire_chunk(std::size_t g, std::size_t turn) {
+    if (turns_ && active_lanes_.size() > 1) turns_->yield(turn);
+    if (g >= chunks_acquired_) {
+      while (chunks_issued_ < chunk_seq_.size() && chunks_issued_ <= g + policy_.prefetch_depth) issue_chunk(chunks_issued_++);
+      compute_->wait(chunk_ready_[g % ring_.size()]);
+      chunks_acquired_ = g + 1;
+    }
     return ring_[g % ring_.size()].data();
   }
+  // The slot is refilled only after every lane of the tick has released the chunk in it.
   void release_chunk(std::size_t g) {
-    compute_->record(chunk_free_[g % ring_.size()]);
+    const std::size_t slot = g % ring_.size();
+    if (++chunk_uses_[slot] < std::max<std::size_t>(active_lanes_.size(), 1)) return;
+    chunk_uses_[slot] = 0;
+    compute_->record(chunk_free_[slot]);
     trace_release(chunk_seq_[g].unit, chunk_at(g).bytes());
   }
 
@@ -283,8 +365,25 @@ class rank_runtime {
     trace_->add(rank_, trace_kind::release, static_cast<std::uint32_t>(u), t, t, bytes);
   }
 
-  void forward_chunked() {
+  void forward_chunked_tick() {
     chunks_issued_ = 0;
+    chunks_acquired_ = 0;
+    std::fill(chunk_uses_.begin(), chunk_uses_.end(), std::size_t{0});
+    if (active_lanes_.empty()) {
+      // No forward here this tick: take part in every chunk's gather all the same.
+      for (std::size_t g = 0; g < chunk_seq_.size(); ++g) {
+        acquire_chunk(g, 0);
+        release_chunk(g);
+      }
+    } else if (active_lanes_.size() == 1) {
+      forward_chunked_lane(lanes_[active_lanes_[0]], 0);
+    } else {
+      turns_->run(active_lanes_.size(), lane_body_);
+    }
+  }
+
+  // One lane's forward over the chunk sequence; `turn` is its place in the tick's turns.
+  void forward_chunked_lane(state_type& st, std::size_t turn) {
     std::size_t next = 0;
     for (std::size_t u = 0; u < units_.size(); ++u) {
       const unit_layout& ul = units_[u];
@@ -292,9 +391,9 @@ class rank_runtime {
       using layer_type = std::remove_cvref_t<decltype(layer)>;
       const auto t0 = trace_clock::now();
       for (std::size_t s = 0; s < ul.info.subunit_count; ++s) {
-        weight_stream stream(*this, u, s, next);
+        weight_stream stream(*this, u, s, next, turn);
         if constexpr (streams_weights<layer_type, state_type, weight_stream>)
-          layer.forward(ul.info.first_subunit + s, stream, state_);
+          layer.forward(ul.info.first_subunit + s, stream, st);
         stream.finish();
       }
       if (trace_) trace_->add(rank_, trace_kind::compute, static_cast<std::uint32_t>(u), t0, trace_clock::now(), 0);
@@ -303,7 +402,8 @@ class rank_runtime {
 
   std::vector<chunk_ref> chunk_seq_;
   std::vector<std::size_t> unit_first_chunk_;
-  std::size_t chunks_issued_ = 0;
+  std::size_t chunks_issued_ = 0, chunks_acquired_ = 0;
+  std::vector<std::size_t> chunk_uses_;  // per ring slot: lanes done with its chunk this tick
   std::vector<typename B::event> chunk_ready_, chunk_free_;
 
   const M& model_;
@@ -315,7 +415,12 @@ class rank_runtime {
   tracking_allocator device_, host_;
   std::unique_ptr<typename B::stream> compute_, comm_;
   std::vector<allocation> state_buffers_;
-  state_type state_;
+  std::vector<state_type> lanes_;
+  std::vector<std::vector<std::size_t>> lane_steps_;
+  std::vector<std::size_t> active_lanes_;  // this tick's, in lane order
+  std::unique_ptr<lane_turns> turns_;      // chunked with several lanes: their turns
+  std::function<void(std::size_t)> lane_body_;
+  std::size_t bytes_gathered_ = 0, forwards_ = 0;
   std::vector<allocation> shards_, resident_, gathered_own_, ring_;
   std::vector<typename B::event> slot_free_, gathered_;
   std::vector<int> ring_slot_;
@@ -329,8 +434,8 @@ class rank_runtime {
   // would otherwise feed one weight's bytes to another.
   class weight_stream {
    public:
-    weight_stream(rank_runtime& rt, std::size_t unit, std::size_t sub, std::size_t& next)
-        : rt_(rt), unit_(rt.units_[unit]), sub_(sub), next_(next), end_(rt.unit_first_chunk_[unit + 1]) {}
+    weight_stream(rank_runtime& rt, std::size_t unit, std::size_t sub, std::size_t& next, std::size_t turn)
+        : rt_(rt), unit_(rt.units_[unit]), sub_(sub), next_(next), end_(rt.unit_first_chunk_[unit + 1]), turn_(turn) {}
     weight_stream(const weight_stream&) = delete;
     weight_stream& operator=(const weight_stream&) = delete;
     ~weight_stream() {
@@ -349,7 +454,7 @@ class rank_runtime {
         throw_error("layer sub-unit ", unit_.name, "/", sub_, ": parameter '", spec(i).name,
                     "' streams in runs of rows; read it with rows(), not whole()");
       held_at_ = next_++;
-      held_buffer_ = rt_.acquire_chunk(held_at_);
+      held_buffer_ = rt_.acquire_chunk(held_at_, turn_);
       held_ = true;
       return view_in_held(sl.index);
     }
@@ -369,7 +474,7 @@ class rank_runtime {
       const param_spec& p = spec(i);
       while (next_ < end_ && rt_.chunk_at(next_).split && rt_.chunk_at(next_).first_param == sl.index) {
         const weight_chunk& c = rt_.chunk_at(next_);
-        std::byte* buf = rt_.acquire_chunk(next_);
+        std::byte* buf = rt_.acquire_chunk(next_, turn_);
         f(tensor_view(buf, p.type, p.dims.with_rows(c.row_end - c.row_begin)), c.row_begin, c.row_end);
         rt_.release_chunk(next_++);
       }
@@ -418,7 +523,7 @@ class rank_runtime {
       return tensor_view(held_buffer_ + offset, p.type, p.dims);
     }
     void skip_chunk() {
-      rt_.acquire_chunk(next_);
+      rt_.acquire_chunk(next_, turn_);
       rt_.release_chunk(next_++);
     }
     void release_held() {
@@ -432,10 +537,27 @@ class rank_runtime {
     std::size_t sub_;
     std::size_t& next_;
     std::size_t end_;
+    std::size_t turn_;
     bool held_ = false;
     std::size_t held_at_ = 0;
     std::byte* held_buffer_ = nullptr;
   };
 };
+
+// One tick on one rank: prepare(rank, lane, state&) sets a lane's inputs and returns whether it
+// computes in this tick; the runtime runs the tick (every unit gathered once for all of them);
+// finish(rank, lane, state&) runs after it on each lane that computed; then the rank takes part in
+// the transfers messages(rank, lanes) lists (the same list on every rank).
+template <class Runtime, class Prepare, class Finish, class Messages>
+void run_tick_on(std::size_t rank, Runtime& rt, Prepare& prepare, Finish& finish, Messages& messages) {
+  std::uint64_t active = 0;
+  for (std::size_t l = 0; l < rt.lane_count(); ++l)
+    if (prepare(rank, l, rt.lane(l))) active |= std::uint64_t{1} << l;
+  rt.run_tick(active);
+  for (std::size_t l = 0; l < rt.lane_count(); ++l)
+    if ((active >> l) & 1u) finish(rank, l, rt.lane(l));
+  const auto& list = messages(rank, rt.lanes());
+  rt.exchange(std::span<const transfer_message>(list.data(), list.size()));
+}
 
 }  // namespace unshard

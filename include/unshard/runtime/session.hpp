@@ -23,7 +23,17 @@ struct session_options {
   link_model link{};              // simulated interconnect for gathers
   link_model host_to_device{};    // simulated PCIe for offload copies
   bool trace = false;
+  schedule_kind schedule = schedule_kind::replicated;  // what each rank computes on (schedule/schedule.hpp)
+  std::size_t steps = 0;          // denoising steps; 0: as many as the model keeps state for
 };
+
+// The schedule a session runs: the options' kind over the model's steps unless they say otherwise.
+template <model M>
+schedule schedule_of(const M& m, const session_options& opt) {
+  schedule s{opt.schedule, opt.steps ? opt.steps : steps_of(m.buffers())};
+  s.validate(opt.world_size);
+  return s;
+}
 
 // Measured memory of one rank after the forwards so far.
 struct rank_measurement {
@@ -62,8 +72,8 @@ class session {
 
   template <weight_source S>
   session(const M& m, const S& weights, session_options opt)
-      : model_(m), opt_(std::move(opt)), units_(build_units(m, opt_.world_size, opt_.policy)),
-        plan_(plan_memory(m, opt_.world_size, opt_.policy, opt_.budget_bytes)),
+      : model_(m), opt_(std::move(opt)), sched_(schedule_of(m, opt_)), units_(build_units(m, opt_.world_size, opt_.policy)),
+        plan_(plan_memory(m, opt_.world_size, opt_.policy, opt_.budget_bytes, sched_)),
         world_(opt_.world_size, opt_.link), trace_(opt_.trace ? std::make_unique<trace_recorder>() : nullptr) {
     require_fits(plan_);
     const std::size_t capacity = opt_.budget_bytes ? opt_.budget_bytes : plan_.peak_bytes();
@@ -82,34 +92,34 @@ class session {
   session(const session&) = delete;
   session& operator=(const session&) = delete;
 
-  // Runs one forward on every rank. prepare(rank, state&) runs on each rank before it (set the
-  // inputs), finish(rank, const state&) after it (read the outputs).
+  // Runs one forward on every rank (on lane 0; a rank without lanes serves the gathers only).
+  // prepare(rank, state&) runs on each rank before it (set the inputs), finish(rank, const state&)
+  // after it (read the outputs).
   template <class Prepare, class Finish>
   void forward(Prepare&& prepare, Finish&& finish) {
-    if (failed_) throw_error("session: a rank failed earlier; this session cannot run again");
-    prepare_ = {&prepare, [](const void* f, std::size_t r, state_type& s) {
-                  (*static_cast<std::remove_reference_t<Prepare>*>(const_cast<void*>(f)))(r, s);
-                }};
-    finish_ = {&finish, [](const void* f, std::size_t r, state_type& s) {
-                 (*static_cast<std::remove_reference_t<Finish>*>(const_cast<void*>(f)))(r, std::as_const(s));
-               }};
-    {
-      std::lock_guard lock(mutex_);
-      done_ = 0;
-      ++command_;
-    }
-    cv_.notify_all();
-    wait_all_done();
-    if (failed_) rethrow_failure("during the forward");
+    on_every_rank("during the forward", [&](std::size_t r, runtime_type& rt) {
+      if (rt.lane_count()) prepare(r, rt.state());
+      rt.forward();
+      if (rt.lane_count()) finish(r, std::as_const(rt.state()));
+    });
+  }
+
+  // Runs one tick on every rank (rank_runtime.hpp, run_tick_on): prepare(rank, lane, state&) ->
+  // bool, finish(rank, lane, state&), then the transfers messages(rank, lanes) lists.
+  template <class Prepare, class Finish, class Messages>
+  void tick(Prepare&& prepare, Finish&& finish, Messages&& messages) {
+    on_every_rank("during a tick", [&](std::size_t r, runtime_type& rt) { run_tick_on(r, rt, prepare, finish, messages); });
   }
 
   const memory_plan& plan() const noexcept { return plan_; }
+  const unshard::schedule& schedule() const noexcept { return sched_; }
   const std::vector<unit_layout>& units() const noexcept { return units_; }
   std::size_t world_size() const noexcept { return opt_.world_size; }
   trace_recorder* trace() noexcept { return trace_.get(); }
   const M& model() const noexcept { return model_; }
 
   rank_measurement measured(std::size_t rank) const { return measure(*runtimes_.at(rank)); }
+  const rank_runtime<M, B>& runtime(std::size_t rank) const { return *runtimes_.at(rank); }
 
   // Lowers every rank's cap (tests cap it at the planned peak; an overshoot then throws).
   void cap_device_memory(std::size_t cap) {
@@ -117,17 +127,33 @@ class session {
   }
 
  private:
-  struct callback {
+  using runtime_type = rank_runtime<M, B>;
+  // The work of one command on one rank, type-erased: the rank threads outlive every call.
+  struct rank_job {
     const void* object = nullptr;
-    void (*call)(const void*, std::size_t, state_type&) = nullptr;
+    void (*call)(const void*, std::size_t, runtime_type&) = nullptr;
   };
+
+  template <class F>
+  void on_every_rank(const char* when, F&& f) {
+    if (failed_) throw_error("session: a rank failed earlier; this session cannot run again");
+    job_ = {&f, [](const void* o, std::size_t r, runtime_type& rt) { (*static_cast<std::remove_reference_t<F>*>(const_cast<void*>(o)))(r, rt); }};
+    {
+      std::lock_guard lock(mutex_);
+      done_ = 0;
+      ++command_;
+    }
+    cv_.notify_all();
+    wait_all_done();
+    if (failed_) rethrow_failure(when);
+  }
 
   template <weight_source S>
   void rank_main(std::size_t r, std::size_t capacity, const S& weights) {
     std::uint64_t seen = 0;
     try {
       runtimes_[r] = std::make_unique<rank_runtime<M, B>>(model_, weights, units_, opt_.policy, plan_, world_, r,
-                                                          capacity, trace_.get(), opt_.host_to_device);
+                                                          capacity, trace_.get(), opt_.host_to_device, sched_);
     } catch (...) {
       record_failure(r, std::current_exception());
     }
@@ -141,10 +167,7 @@ class session {
       }
       if (failed_) continue;
       try {
-        auto& rt = *runtimes_[r];
-        prepare_.call(prepare_.object, r, rt.state());
-        rt.forward();
-        finish_.call(finish_.object, r, rt.state());
+        job_.call(job_.object, r, *runtimes_[r]);
       } catch (...) {
         record_failure(r, std::current_exception());
       }
@@ -209,6 +232,7 @@ class session {
 
   const M& model_;
   session_options opt_;
+  unshard::schedule sched_;
   std::vector<unit_layout> units_;
   memory_plan plan_;
   typename B::world world_;
@@ -222,7 +246,7 @@ class session {
   std::size_t done_ = 0;
   bool stop_ = false;
   std::atomic<bool> failed_{false};
-  callback prepare_, finish_;
+  rank_job job_;
 };
 
 }  // namespace unshard

@@ -176,6 +176,34 @@ class cuda_stream {
     trace_end(stream_, trace_kind::gather, unit, end - begin);
   }
 
+  // Point-to-point: `bytes` at `src` on rank `from` land at `dst` on rank `to`. Every rank calls it
+  // in the same order with the same (from, to, bytes), as the host backend's transfer; on NCCL only
+  // the two endpoints act: one group holding ncclSend on `from` and ncclRecv on `to`, on the
+  // communicator of the all-gather. A rank that is neither returns at once; from == to is a
+  // device-to-device copy on this stream. Traced on the endpoints as a gather span.
+  void transfer(std::size_t from, std::size_t to, const std::byte* src, std::byte* dst, std::size_t bytes,
+                std::uint32_t unit = 0) {
+    if (from >= world_.size() || to >= world_.size())
+      throw_error("transfer from rank ", from, " to rank ", to, ": ", from >= world_.size() ? "from" : "to",
+                  " is not a rank of this world of size ", world_.size());
+    if ((rank_ != from && rank_ != to) || bytes == 0) return;  // both endpoints know bytes: both skip
+    cuda::device_guard on(device_);
+    trace_begin(stream_);
+    if (from == to) {
+      UNSHARD_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+    } else {
+      world_.call(rank_, rank_ == from ? "ncclSend (transfer)" : "ncclRecv (transfer)", [&](ncclComm_t c) {
+        const ncclResult_t start = ncclGroupStart();
+        if (start != ncclSuccess) return start;
+        const ncclResult_t res = rank_ == from ? ncclSend(src, bytes, ncclUint8, static_cast<int>(to), c, stream_)
+                                               : ncclRecv(dst, bytes, ncclUint8, static_cast<int>(from), c, stream_);
+        const ncclResult_t end_result = ncclGroupEnd();  // always closes the group, even after an error
+        return res != ncclSuccess && res != ncclInProgress ? res : end_result;
+      });
+    }
+    trace_end(stream_, trace_kind::gather, unit, bytes);
+  }
+
   void record(cuda_event& e) {
     cuda::device_guard on(device_);
     UNSHARD_CUDA_CHECK(cudaEventRecord(e.for_record(device_), stream_));

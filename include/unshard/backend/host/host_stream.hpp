@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "unshard/backend/host/host_world.hpp"
+#include "unshard/core/error.hpp"
 #include "unshard/runtime/trace.hpp"
 
 namespace unshard {
@@ -62,6 +63,17 @@ class basic_host_stream {
   void local_copy(std::byte* dst, const std::byte* src, std::size_t bytes, std::uint32_t unit = 0) {
     submit({op_kind::local_copy, dst, src, bytes, nullptr, 0, unit});
   }
+  // Point-to-point (see host_world::transfer): a collective every rank enqueues in the same order
+  // with the same (from, to, bytes); src is read on rank `from`, dst written on rank `to`, and a
+  // rank that is neither only keeps the collective order. Traced on the two endpoints as a gather
+  // span of `bytes` labelled `unit`.
+  void transfer(std::size_t from, std::size_t to, const std::byte* src, std::byte* dst, std::size_t bytes,
+                std::uint32_t unit = 0) {
+    if (from >= world_.size() || to >= world_.size())  // here, on the caller's thread, not on the worker
+      throw_error("transfer from rank ", from, " to rank ", to, ": ", from >= world_.size() ? "from" : "to",
+                  " is not a rank of this world of size ", world_.size());
+    submit({op_kind::transfer, dst, src, bytes, nullptr, 0, unit, from, to});
+  }
   void record(host_event& e) {
     const std::uint64_t ticket = ++e.enqueued;
     submit({op_kind::record, nullptr, nullptr, 0, &e, ticket, 0});
@@ -77,7 +89,7 @@ class basic_host_stream {
   }
 
  private:
-  enum class op_kind : std::uint8_t { copy, local_copy, all_gather, gather_range, record, wait };
+  enum class op_kind : std::uint8_t { copy, local_copy, all_gather, gather_range, transfer, record, wait };
   struct op {
     op_kind kind;
     std::byte* dst;
@@ -86,7 +98,7 @@ class basic_host_stream {
     host_event* event;
     std::uint64_t ticket;
     std::uint32_t unit;
-    std::size_t begin = 0, end = 0;  // gather_range only
+    std::size_t begin = 0, end = 0;  // gather_range: the byte range; transfer: from and to
   };
   static constexpr std::size_t capacity = 256;
 
@@ -125,6 +137,13 @@ class basic_host_stream {
         const auto t0 = trace_clock::now();
         world_.all_gather(rank_, o.src, o.dst, o.bytes);
         if (trace_) trace_->add(rank_, trace_kind::gather, o.unit, t0, trace_clock::now(), o.bytes * world_.size());
+        break;
+      }
+      case op_kind::transfer: {
+        const auto t0 = trace_clock::now();
+        world_.transfer(rank_, o.begin, o.end, o.src, o.dst, o.bytes);
+        if (trace_ && (rank_ == o.begin || rank_ == o.end))
+          trace_->add(rank_, trace_kind::gather, o.unit, t0, trace_clock::now(), o.bytes);
         break;
       }
       case op_kind::record:

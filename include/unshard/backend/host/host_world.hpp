@@ -89,7 +89,33 @@ class host_world : private job_state {
     barrier();
   }
 
+  // Point-to-point: `bytes` at `src` on rank `from` land at `dst` on rank `to`. A collective all
+  // the same: every rank calls it in the same order with the same (from, to, bytes), so a rank
+  // that is neither endpoint only takes part in the two barriers. src is read only on `from`, dst
+  // written only on `to`. Same pull model as broadcast (`to` copies between two barriers), so
+  // after the call `from` may reuse src at once, e.g. receive into it in the next transfer.
+  // from == to: a local memmove on that rank, and no synchronisation at all.
+  void transfer(std::size_t rank, std::size_t from, std::size_t to, const std::byte* src, std::byte* dst,
+                std::size_t bytes) {
+    check_endpoints(from, to);
+    if (from == to) {
+      if (rank == from && bytes) std::memmove(dst, src, bytes);
+      return;
+    }
+    if (rank == from) with_lock([&] { sends_[rank] = src; });
+    barrier();
+    if (rank == to && bytes) std::memmove(dst, sends_[from], bytes);
+    simulate_link(rank == to ? bytes : 0);
+    barrier();
+  }
+
  private:
+  void check_endpoints(std::size_t from, std::size_t to) const {
+    if (from >= size_ || to >= size_)
+      throw_error("host_world: transfer from rank ", from, " to rank ", to, ": ", from >= size_ ? "from" : "to",
+                  " is not a rank of this world of size ", size_);
+  }
+
   void simulate_link(std::size_t bytes_received) const {
     const double s = link_.seconds_for(bytes_received);
     if (s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(s));

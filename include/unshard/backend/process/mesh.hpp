@@ -13,7 +13,14 @@
 
 namespace unshard::process_detail {
 
-enum class op_kind : std::uint32_t { all_gather = 1, gather_range = 2, broadcast = 3, barrier = 4, abort = 15 };
+enum class op_kind : std::uint32_t {
+  all_gather = 1,
+  gather_range = 2,
+  broadcast = 3,
+  barrier = 4,
+  transfer = 5,  // point-to-point: only `from` sends, only `to` receives
+  abort = 15
+};
 inline constexpr std::uint32_t frame_magic = 0x554e5346;  // "UNSF"
 inline constexpr std::uint64_t trailer_magic = 0x554e53484152444full;
 inline constexpr std::size_t max_reason = 2048;
@@ -40,6 +47,7 @@ inline const char* name_of(std::uint32_t kind) {
     case op_kind::gather_range: return "gather_range";
     case op_kind::broadcast: return "broadcast";
     case op_kind::barrier: return "barrier";
+    case op_kind::transfer: return "transfer";
     case op_kind::abort: return "abort";
   }
   return "an unknown collective";

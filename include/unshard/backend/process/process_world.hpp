@@ -1,7 +1,7 @@
 #pragma once
 // The ranks of a job as processes (one per rank, as under torchrun), joined by a full mesh of TCP
 // connections built from the same rendezvous the NCCL path bootstraps with. It offers what the
-// host stream needs from a world (wait/update/abort, all_gather, gather_range) with the host
+// host stream needs from a world (wait/update/abort, all_gather, gather_range, transfer) with the host
 // world's semantics, so the runtime and the host stream run over it unchanged.
 //
 // Failure model (NCCL's async error + abort): a peer whose connection closes or resets, or that
@@ -144,6 +144,28 @@ class process_world {
     run("broadcast");
   }
 
+  // Point-to-point: `bytes` at `src` on rank `from` land at `dst` on rank `to`. A collective all
+  // the same: every rank calls it in the same order with the same (from, to, bytes), so the
+  // collective numbers stay aligned, but only `from` sends (one frame and the bytes, to `to`) and
+  // only `to` receives; a rank that is neither returns at once, and `from` returns once its bytes
+  // are handed to the kernel, so it may reuse src at once. from == to: a local memmove.
+  void transfer(std::size_t rank, std::size_t from, std::size_t to, const std::byte* src, std::byte* dst,
+                std::size_t bytes) {
+    check_rank(rank);
+    if (from >= size_ || to >= size_)
+      throw_error("process_world: transfer from rank ", from, " to rank ", to, ": ", from >= size_ ? "from" : "to",
+                  " is not a rank of this world of size ", size_);
+    begin(op_kind::transfer, bytes);
+    if (from == to) {
+      if (rank_ == from && bytes) std::memmove(dst, src, bytes);
+      return;
+    }
+    if (rank_ == from) pending_[to] = {src, bytes, true, nullptr, 0, false};
+    else if (rank_ == to) pending_[from] = {nullptr, 0, false, dst, bytes, true};
+    else return;
+    run("transfer");
+  }
+
   void barrier() {
     begin(op_kind::barrier, 0);
     for (std::size_t p = 0; p < size_; ++p)
@@ -160,7 +182,7 @@ class process_world {
   static constexpr std::size_t max_reason = process_detail::max_reason;
 
   // One peer's part of a collective: what to send it and what to receive from it.
-  struct transfer {
+  struct peer_part {
     const std::byte* send = nullptr;
     std::size_t send_bytes = 0;
     bool sending = false;
@@ -193,7 +215,7 @@ class process_world {
       exchange(what);
     } catch (...) {
       // Left mid-frame to some peer: an abort frame could not be parsed there any more.
-      for (const transfer& t : pending_) send_broken_ |= t.sent > 0 && t.sent < sizeof(frame) + t.send_bytes;
+      for (const peer_part& t : pending_) send_broken_ |= t.sent > 0 && t.sent < sizeof(frame) + t.send_bytes;
       collective_owner_.store({});
       collective.unlock();
       if (announce_pending_) announce_failure(failure_reason());
@@ -204,7 +226,7 @@ class process_world {
 
   void exchange(const char* what) {
     for (std::size_t p = 0; p < size_; ++p) {
-      transfer& t = pending_[p];
+      peer_part& t = pending_[p];
       if (t.sending) t.out = {frame_magic, static_cast<std::uint32_t>(kind_), seq_, t.send_bytes};
     }
     auto until = net::after(opt_.timeout);
@@ -212,7 +234,7 @@ class process_world {
       pollfds_.clear();
       pollfds_.push_back({wake_fd_, POLLIN, 0});
       for (std::size_t p = 0; p < size_; ++p) {
-        const transfer& t = pending_[p];
+        const peer_part& t = pending_[p];
         short ev = 0;
         if (t.sending && t.sent < sizeof(frame) + t.send_bytes) ev |= POLLOUT;
         if (t.receiving && t.got < sizeof(frame) + t.recv_bytes) ev |= POLLIN;
@@ -243,14 +265,14 @@ class process_world {
   }
 
   bool all_done() const {
-    for (const transfer& t : pending_)
+    for (const peer_part& t : pending_)
       if ((t.sending && t.sent < sizeof(frame) + t.send_bytes) || (t.receiving && t.got < sizeof(frame) + t.recv_bytes))
         return false;
     return true;
   }
 
   bool progress_send(std::size_t p, const char* what) {
-    transfer& t = pending_[p];
+    peer_part& t = pending_[p];
     bool any = false;
     while (t.sent < sizeof(frame) + t.send_bytes) {
       const bool in_frame = t.sent < sizeof(frame);
@@ -271,7 +293,7 @@ class process_world {
   }
 
   bool progress_recv(std::size_t p, const char* what) {
-    transfer& t = pending_[p];
+    peer_part& t = pending_[p];
     bool any = false;
     while (t.got < sizeof(frame) + t.recv_bytes) {
       const bool in_frame = t.got < sizeof(frame);
@@ -297,7 +319,7 @@ class process_world {
     return any;
   }
 
-  void check_frame(std::size_t p, const transfer& t, const char* what) {
+  void check_frame(std::size_t p, const peer_part& t, const char* what) {
     const frame& f = t.in;
     if (f.magic == frame_magic && f.kind == static_cast<std::uint32_t>(op_kind::abort)) {
       // The peer failed (or relays a failure): read its reason, then abort as it says.
@@ -455,7 +477,7 @@ class process_world {
   std::size_t rank_, size_;
   process_world_options opt_;
   std::vector<net::socket> peers_;       // peers_[rank_] stays invalid
-  std::vector<transfer> pending_;        // the current collective, one entry per peer
+  std::vector<peer_part> pending_;       // the current collective, one entry per peer
   std::vector<pollfd> pollfds_;
   std::uint64_t seq_ = 0;
   op_kind kind_ = op_kind::barrier;

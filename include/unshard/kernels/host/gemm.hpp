@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
+#include <cstdlib>
 #include <type_traits>
 
 #include "unshard/core/dtype.hpp"
@@ -28,7 +29,21 @@
 #include <cblas.h>
 #endif
 
+#if defined(UNSHARD_HAVE_CBLAS) && (defined(__GNUC__) || defined(__clang__))
+// OpenBLAS's thread-count setter, weak: absent (null) with another CBLAS.
+extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+#endif
+
 namespace unshard {
+
+// Host ranks are threads that each run their own GEMMs: a multi-threaded BLAS under each would
+// oversubscribe the cores (CONVENTIONS.md measures with one BLAS thread per rank). Keeps a count
+// the user set with OPENBLAS_NUM_THREADS.
+inline void use_one_blas_thread_per_rank() noexcept {
+#if defined(UNSHARD_HAVE_CBLAS) && (defined(__GNUC__) || defined(__clang__))
+  if (openblas_set_num_threads && !std::getenv("OPENBLAS_NUM_THREADS")) openblas_set_num_threads(1);
+#endif
+}
 
 enum class gemm_path : std::uint8_t { portable, blas };
 

@@ -2,6 +2,7 @@
 // Sizes of the S2V model for the planner, counted from the same module definitions the forward
 // runs (s2v_model's layers and buffers), for any config and workload: parameters per unit, and the
 // KV cache (cond cache + one noisy cache per denoising step) in bytes. No separate table.
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -38,6 +39,49 @@ inline s2v_workload s2v_pipeline_workload(const s2v_config& c, std::int64_t widt
   return w;
 }
 
+// A video size in pixels.
+struct pixel_size {
+  std::int64_t width = 0, height = 0;
+  friend bool operator==(const pixel_size&, const pixel_size&) = default;
+};
+
+// Wan2.2-S2V's get_size_less_than_area (speech2video.py; Live Avatar keeps it): scale an image of
+// width x height down until, padded to multiples of 64, it fits target_area; the same arithmetic in
+// doubles (100 scales tried from the largest down, then an aspect-ratio fallback). The pad is
+// always to 64 whatever `divisor` is; `divisor` only enters the scale bounds and the fallback.
+inline pixel_size size_less_than_area(std::int64_t width, std::int64_t height, std::int64_t target_area,
+                                      std::int64_t divisor = 64) {
+  if (width <= 0 || height <= 0) throw_error("size ", width, "x", height, " must be positive");
+  const double h = static_cast<double>(height), w = static_cast<double>(width), area = static_cast<double>(target_area);
+  double min_scale = 0.1, max_scale = 1.0;
+  if (height * width > target_area) {  // the smallest scale that can still need the largest pad
+    const double d = static_cast<double>(divisor - 1), b = d * (h + w), a = h * w, c = d * d - area;
+    min_scale = (-b + std::sqrt(b * b - 2 * a * c)) / (2 * a);
+    max_scale = std::sqrt(area / (h * w));
+  }
+  const auto pad64 = [](std::int64_t v) { return v + (64 - v % 64) % 64; };
+  for (int i = 0; i < 100; ++i) {
+    const double scale = max_scale - (max_scale - min_scale) * i / 100;
+    const auto padded_h = pad64(static_cast<std::int64_t>(h * scale)), padded_w = pad64(static_cast<std::int64_t>(w * scale));
+    if (padded_h * padded_w <= target_area) return {padded_w, padded_h};
+  }
+  const double ratio = w / h, step = static_cast<double>(divisor);
+  auto tw = static_cast<std::int64_t>(std::floor(std::sqrt(area * ratio) / step) * step);
+  auto th = static_cast<std::int64_t>(std::floor(std::sqrt(area / ratio) / step) * step);
+  if (tw >= width || th >= height) {  // never larger than the image itself
+    tw = width / divisor * divisor;
+    th = height / divisor * divisor;
+  }
+  return {tw, th};
+}
+
+// The size Live Avatar renders at for `--size W*H` and a reference image of that size (what
+// unshard-plan's --resolution means): 720x400 renders at 704x384. Zero sides are possible for tiny
+// or very thin sizes; the caller refuses them.
+inline pixel_size s2v_render_size(std::int64_t width, std::int64_t height) {
+  return size_less_than_area(width, height, width * height);
+}
+
 // Counts from the module definitions. `kv_element_bytes` is the cache dtype's size (this host
 // implementation keeps f32 caches: 4; the official bf16 caches: 2).
 inline s2v_counts count_s2v(const s2v_config& c, const s2v_workload& w, std::size_t kv_element_bytes = 4) {
@@ -57,7 +101,7 @@ inline s2v_counts count_s2v(const s2v_config& c, const s2v_workload& w, std::siz
   // The cache buffers the model declares are f32; scale to the requested element size.
   std::size_t cond = 0, noisy = 0;
   for (const buffer_spec& b : m.buffers()) {
-    if (b.category != memory_category::kv_cache) continue;
+    if (b.category != memory_category::kv_cache || b.name == "kv.cond.end") continue;  // cache bookkeeping, not keys
     (b.name.starts_with("kv.cond.") ? cond : noisy) += b.bytes / sizeof(float) * kv_element_bytes;
   }
   out.cond_cache_bytes = cond;

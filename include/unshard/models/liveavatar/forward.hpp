@@ -328,7 +328,7 @@ void s2v_self_attn_forward(const s2v_geometry& g, std::size_t block, P& p, s2v_s
     float* cv = s.cond_v + block * g.cond_slots * D;
     std::copy_n(s.k, S * D, ck);
     std::copy_n(s.v, S * D, cv);
-    s.cond_end = std::max(s.cond_end, S);
+    s.set_cond_end(std::max(s.cond_end(), S));
     s2v_rope_rows(g, s.q, S, s.rope_cos, s.rope_sin);
     s2v_rope_rows(g, s.k, S, s.rope_cos, s.rope_sin);
     multi_head_attention(s.q, S, s.k, s.v, S, g.heads, g.head_dim, s.scores, s.attn);
@@ -340,7 +340,7 @@ void s2v_self_attn_forward(const s2v_geometry& g, std::size_t block, P& p, s2v_s
     float* nv = s.noisy_v[s.call.step] + block * g.noisy_slots * D;
     std::copy_n(s.k, S * D, nk + s.call.write_slot * D);
     std::copy_n(s.v, S * D, nv + s.call.write_slot * D);
-    const std::size_t nc = s.cond_end;
+    const std::size_t nc = s.cond_end();
     const float* ck = s.cond_k + block * g.cond_slots * D;
     const float* cv = s.cond_v + block * g.cond_slots * D;
     std::copy_n(ck, nc * D, s.cond_k_rope);

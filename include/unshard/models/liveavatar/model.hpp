@@ -126,6 +126,9 @@ class s2v_model {
   void begin_step(state& s, const s2v_step_inputs& in) const {
     const s2v_geometry& g = geometry_;
     check_step(in);
+    if (!s.holds_step(in.step))
+      throw_error("liveavatar step: this lane holds no KV cache for denoising step ", in.step,
+                  " (under the steps schedule a rank holds only the caches of its own steps)");
     const std::size_t cs = in.block * g.block_tokens;
     copy_in(in.x, s.input_x);
     copy_in(in.t, s.input_t);
@@ -169,6 +172,7 @@ class s2v_model {
     if (step >= g.steps || layer >= g.num_layers || first + count > g.noisy_slots)
       throw_error("liveavatar model: noisy cache step ", step, " layer ", layer, " slots [", first, ", ", first + count,
                   ") out of range (", g.steps, " steps, ", g.num_layers, " layers, ", g.noisy_slots, " slots)");
+    if (!s.holds_step(step)) throw_error("liveavatar model: this state holds no noisy cache for step ", step);
     float* base = (values ? s.noisy_v : s.noisy_k)[step] + (layer * g.noisy_slots + first) * g.dim;
     return tensor_view(base, dtype::f32, head_shape(count));
   }
@@ -221,8 +225,10 @@ class s2v_model {
     if (v.empty()) throw_error("liveavatar input '", what, "' has no data");
   }
 
+  // A view of the destination itself (a latent already in place) copies nothing.
   static void copy_in(const tensor_view& v, float* dst) {
     const std::size_t n = static_cast<std::size_t>(v.numel());
+    if (v.type() == dtype::f32 && static_cast<const void*>(v.data()) == static_cast<const void*>(dst)) return;
     for (std::size_t i = 0; i < n; ++i) dst[i] = v.load(i);
   }
 

@@ -79,14 +79,20 @@ struct s2v_state {
   float* audio_z2 = nullptr;       // [n_tok + 1, T2, D/2]
   float* audio_z3 = nullptr;       // [n_tok + 1, T3, D] conv3 streams (global n before final_linear)
   float* adain = nullptr;          // [F, 2D] shift | scale per frame
-  // kv_cache
+  // kv_cache: the cond cache is one per rank, shared by its lanes (the sink writes it once, every
+  // step reads it); a step's noisy cache is held only by the lane that runs that step (null in
+  // the others).
   float* cond_k = nullptr;         // [num_layers, cond_slots, D] after RMS, not roped
   float* cond_v = nullptr;
+  float* cond_end_slot = nullptr;  // [1] cond tokens cached by the sink, an exact integer (0 before it)
   std::vector<float*> noisy_k;     // per step: [num_layers, noisy_slots, D] roped
   std::vector<float*> noisy_v;
 
   s2v_call call;                   // the call about to run (set by prepare)
-  std::size_t cond_end = 0;        // cond tokens cached by the sink (0 before it)
+
+  std::size_t cond_end() const noexcept { return static_cast<std::size_t>(*cond_end_slot); }
+  void set_cond_end(std::size_t n) noexcept { *cond_end_slot = static_cast<float>(n); }
+  bool holds_step(std::size_t step) const noexcept { return step < noisy_k.size() && noisy_k[step] != nullptr; }
 };
 
 namespace detail {
@@ -98,6 +104,8 @@ struct s2v_buffer_entry {
   float* s2v_state::*member = nullptr;            // a single buffer, or
   std::vector<float*> s2v_state::*list = nullptr;  // entry `index` of a per-step list
   std::size_t index = 0;
+  buffer_scope scope = buffer_scope::per_lane;
+  std::size_t step = 0;  // per_step
 };
 
 inline std::vector<s2v_buffer_entry> s2v_buffer_table(const s2v_geometry& g) {
@@ -152,13 +160,14 @@ inline std::vector<s2v_buffer_entry> s2v_buffer_table(const s2v_geometry& g) {
       {"audio.z2", (g.audio_tokens + 1) * g.audio_t2 * (D / 2), mc::workspace, &st::audio_z2},
       {"audio.z3", (g.audio_tokens + 1) * g.audio_t3 * D, mc::workspace, &st::audio_z3},
       {"adain", F * 2 * D, mc::workspace, &st::adain},
-      {"kv.cond.k", g.num_layers * g.cond_slots * D, mc::kv_cache, &st::cond_k},
-      {"kv.cond.v", g.num_layers * g.cond_slots * D, mc::kv_cache, &st::cond_v},
+      {"kv.cond.k", g.num_layers * g.cond_slots * D, mc::kv_cache, &st::cond_k, nullptr, 0, buffer_scope::per_rank},
+      {"kv.cond.v", g.num_layers * g.cond_slots * D, mc::kv_cache, &st::cond_v, nullptr, 0, buffer_scope::per_rank},
+      {"kv.cond.end", 1, mc::kv_cache, &st::cond_end_slot, nullptr, 0, buffer_scope::per_rank},
   };
   for (std::size_t s = 0; s < g.steps; ++s) {
     const std::string step = "kv.step" + std::to_string(s);
-    t.push_back({step + ".k", g.num_layers * g.noisy_slots * D, mc::kv_cache, nullptr, &st::noisy_k, s});
-    t.push_back({step + ".v", g.num_layers * g.noisy_slots * D, mc::kv_cache, nullptr, &st::noisy_v, s});
+    t.push_back({step + ".k", g.num_layers * g.noisy_slots * D, mc::kv_cache, nullptr, &st::noisy_k, s, buffer_scope::per_step, s});
+    t.push_back({step + ".v", g.num_layers * g.noisy_slots * D, mc::kv_cache, nullptr, &st::noisy_v, s, buffer_scope::per_step, s});
   }
   if (g.record_block_outputs)
     t.push_back({"block_outputs", g.num_layers * S * D, mc::activations, &st::block_outputs});
@@ -172,6 +181,8 @@ inline s2v_state make_s2v_state(const s2v_geometry& g, const buffer_set& buffers
   s.noisy_k.assign(g.steps, nullptr);
   s.noisy_v.assign(g.steps, nullptr);
   for (const auto& b : s2v_buffer_table(g)) {
+    // A lane holds the caches of its own steps only (the schedule decides which).
+    if (b.scope == buffer_scope::per_step && !buffers.has(b.name)) continue;
     float* p = buffers.checked_as<float>(b.name, b.floats, "liveavatar model");
     if (b.member) s.*b.member = p;
     else (s.*b.list)[b.index] = p;

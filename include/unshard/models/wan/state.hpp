@@ -99,7 +99,13 @@ inline std::vector<wan_buffer_entry> wan_buffer_table(const wan_geometry& g) {
 template <class Table>
 std::vector<buffer_spec> float_buffer_specs(const Table& table) {
   std::vector<buffer_spec> specs;
-  for (const auto& b : table) specs.push_back({b.name, b.floats * sizeof(float), b.category});
+  for (const auto& b : table) {
+    specs.push_back({b.name, b.floats * sizeof(float), b.category});
+    if constexpr (requires { b.scope; b.step; }) {
+      specs.back().scope = b.scope;
+      specs.back().step = b.step;
+    }
+  }
   return specs;
 }
 

@@ -1,37 +1,116 @@
 #pragma once
 // The planner's ledger for the Live Avatar stack: per-rank peak as named terms, under any policy of
-// CONVENTIONS.md's grammar (fsdp as Live Avatar configures it included), plus the time model.
+// CONVENTIONS.md's grammar (fsdp as Live Avatar configures it included) and either schedule, plus the
+// time of one forward and of one denoised block.
+//
+// Schedules (schedule/schedule.hpp): under `replicated` every rank runs every denoising step, so it
+// holds every step's noisy KV cache and runs one forward at a time; under `steps` rank r owns steps
+// r, r+W, ... and holds only their caches (plus the one cond cache they share), and runs one forward
+// per owned step in each tick, on separate activations, all served by one pass of gathers.
 #include <algorithm>
 #include <cstddef>
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "unshard/core/memory_category.hpp"
 #include "unshard/plan/liveavatar/stack.hpp"
 #include "unshard/plan/time_model.hpp"
 #include "unshard/policy/parse_policy.hpp"
+#include "unshard/schedule/schedule.hpp"
 
 namespace unshard::liveavatar {
 
 inline constexpr std::size_t bf16_bytes = 2, f32_bytes = 4;
+// The Wan VAE's temporal stride: one latent frame decodes to 4 video frames in a streamed block.
+inline constexpr std::size_t video_frames_per_latent_frame = 4;
 
-// The six categories (these sum to the peak) and a finer breakdown ("category.detail").
+// Where umT5 lives: FSDP-sharded over the devices (Live Avatar's --t5_fsdp, the default) or whole in
+// host memory (--t5_cpu; the prompt is encoded once, off the DiT's critical path).
+enum class t5_placement { device, host };
+
+inline const char* name_of(t5_placement p) noexcept { return p == t5_placement::host ? "host" : "device"; }
+
+inline t5_placement parse_t5_placement(std::string_view s) {
+  if (s == "device") return t5_placement::device;
+  if (s == "host") return t5_placement::host;
+  throw_error("unknown umT5 placement '", s, "' (expected device or host)");
+}
+
+// One rank's ledger: the six categories (they sum to its peak) and a finer breakdown ("category.detail").
+struct rank_ledger {
+  std::size_t rank = 0;
+  std::size_t forwards = 0;               // forwards per tick: steps owned under `steps`, 1 under `replicated`
+  std::vector<std::size_t> cached_steps;  // denoising steps whose noisy KV caches it holds
+  std::map<std::string, std::size_t> terms;
+  std::map<std::string, std::size_t> details;
+  std::size_t peak() const {
+    std::size_t t = 0;
+    for (const auto& [k, v] : terms) t += v;
+    return t;
+  }
+};
+
 struct stack_plan {
   std::string policy;
+  ::unshard::schedule sched{schedule_kind::steps, 4};
+  std::size_t world_size = 1;
+  workload work;                         // as rendered: the size the forward computes on
+  std::size_t streamed_tokens = 0;       // tokens one forward runs through the blocks
+  std::size_t cond_tokens = 0;           // tokens the sink put in the cond cache (0 without one)
+  std::size_t noisy_cache_slots = 0;     // one step's noisy KV cache, in tokens
+  std::size_t cond_cache_slots = 0;
+  // Rank 0's terms: rank 0 owns ceil(S/W) steps, the most of any rank, so its peak is the plan's.
   std::map<std::string, std::size_t> terms;
   std::map<std::string, std::size_t> details;
   std::size_t host_bytes = 0;
   std::size_t effective_chunk = 0;  // chunked: max(SIZE, the largest row of any chunked weight)
   std::size_t chunks = 0;           // chunked: chunks gathered per forward
-  double time_s = 0;
-  std::vector<step_cost> steps;     // what the time model replays (and --timeline draws)
+  double time_s = 0;                // one DiT forward (one step of one streamed block)
+  double block_s = 0;               // steady state: one denoised block, all its steps
+  double frames_per_s = 0;          // video frames per second at block_s
+  std::vector<step_cost> steps;     // one forward, as the time model replays it (and --timeline draws)
   std::size_t prefetch = 0;         // gathers in flight ahead of compute
+  std::size_t forwards_per_tick = 1;  // rank 0's: forwards one pass of gathers serves
+
+  // What every rank's ledger is composed of (`rank` puts them together).
+  std::map<std::string, std::size_t> shared_details;       // shards, resident, gathered: alike on every rank
+  std::map<std::string, std::size_t> per_forward_details;  // activations and workspace of one forward
+  std::size_t noisy_cache_bytes = 0;                       // one step's noisy KV cache
+  std::size_t cond_cache_bytes = 0;                        // the cond cache, once per rank that runs a step
+
   std::size_t peak() const {
     std::size_t t = 0;
     for (const auto& [k, v] : terms) t += v;
     return t;
+  }
+
+  rank_ledger rank(std::size_t r) const {
+    rank_ledger out;
+    out.rank = r;
+    for (const auto& lane : sched.lanes(r, world_size)) {
+      ++out.forwards;
+      out.cached_steps.insert(out.cached_steps.end(), lane.begin(), lane.end());
+    }
+    out.details = shared_details;
+    for (const auto& [name, bytes] : per_forward_details) out.details[name] = bytes * out.forwards;
+    if (cond_tokens) {  // a causal stack: a rank that runs no step holds no cache at all
+      out.details["kv_cache.noisy"] = noisy_cache_bytes * out.cached_steps.size();
+      out.details["kv_cache.cond"] = out.cached_steps.empty() ? 0 : cond_cache_bytes;
+    }
+    for (const auto c : all_memory_categories) out.terms[std::string(name_of(c))] = 0;
+    for (const auto& [name, bytes] : out.details) out.terms[name.substr(0, name.find('.'))] += bytes;
+    return out;
+  }
+
+  // One tick of the busiest rank: each unit (or chunk) is gathered once and applied to every forward
+  // the rank runs in the tick (one under `replicated`).
+  std::vector<step_cost> tick_steps() const {
+    std::vector<step_cost> tick = steps;
+    for (auto& s : tick) s.flops *= static_cast<double>(forwards_per_tick);
+    return tick;
   }
 };
 
@@ -40,48 +119,49 @@ struct plan_request {
   workload work;
   device_profile device = builtin_profiles().device("rtx4090");
   link_profile link = builtin_profiles().link("pcie4-no-p2p");
+  ::unshard::schedule sched{schedule_kind::steps, 4};  // Live Avatar's 4 steps, spread over the ranks
+  t5_placement t5 = t5_placement::device;
 };
 
 namespace detail {
 inline std::size_t bytes_of(count params) { return static_cast<std::size_t>(params) * bf16_bytes; }
 inline std::size_t shard_of(count params, std::size_t n) { return bytes_of((params + n - 1) / n); }
 
-// Tokens one DiT forward carries: the noisy frames of a streamed block, the reference frame and the
-// frame-packed motion (those only for the causal s2v pipeline).
-inline count forward_tokens(const stack& st, const workload& w) {
-  const count noisy = w.frames_per_block * frame_tokens(w);
-  return st.causal_kv ? noisy + w.ref_frames * frame_tokens(w) + framepack_tokens(w) : noisy;
+// The KV caches of the causal stack at this workload, sized by the S2V model's own cache buffers:
+// a step's noisy cache holds one clip (4 blocks), the cond cache exactly the cond tokens. A
+// workload may override either size in tokens (the official pipelines allocate 13,500 and 2,800).
+struct cache_sizes {
+  std::size_t streamed_tokens = 0, cond_tokens = 0;  // from the model's geometry
+  std::size_t noisy_slots = 0, cond_slots = 0;
+  std::size_t noisy_bytes = 0, cond_bytes = 0;       // one step's noisy cache; the cond cache (bf16)
+};
+
+inline cache_sizes caches_of(const stack& st, const workload& w) {
+  cache_sizes c;
+  c.streamed_tokens = static_cast<std::size_t>(streamed_tokens(w));
+  if (!st.causal_kv || !st.s2v_model) return c;
+  s2v_workload sw = s2v_pipeline_workload(*st.s2v_model, w.width, w.height);
+  sw.frames_per_block = w.frames_per_block;
+  const ::unshard::s2v_model m(*st.s2v_model, sw);
+  const s2v_geometry& g = m.geometry();
+  const s2v_counts counts = count_s2v(*st.s2v_model, sw, bf16_bytes);
+  c.streamed_tokens = g.block_tokens;
+  c.cond_tokens = g.cond_tokens;
+  c.noisy_slots = w.kv_cache_tokens ? static_cast<std::size_t>(w.kv_cache_tokens) : g.noisy_slots;
+  c.cond_slots = w.cond_cache_tokens ? static_cast<std::size_t>(w.cond_cache_tokens) : g.cond_slots;
+  c.noisy_bytes = counts.noisy_cache_bytes / g.noisy_slots * c.noisy_slots;
+  c.cond_bytes = counts.cond_cache_bytes / g.cond_slots * c.cond_slots;
+  return c;
 }
 
 // Activations live across a block: the f32 residual stream x and the block's f32 output/modulated
-// copy. Workspace: the larger of attention's bf16 q,k,v,out and the FFN's two bf16 hidden tensors.
-inline void add_activation_terms(const stack& st, const workload& w, stack_plan& p) {
-  const auto L = static_cast<std::size_t>(forward_tokens(st, w));
-  const auto d = static_cast<std::size_t>(st.dit.dim), f = static_cast<std::size_t>(st.dit.ffn_dim);
-  p.details["activations.residual"] = align_up(L * d * f32_bytes) * 2;
-  p.details["workspace.block"] = align_up(std::max(4 * L * d * bf16_bytes, 2 * L * f * bf16_bytes));
-  p.terms["activations"] = p.details["activations.residual"];
-  p.terms["workspace"] = p.details["workspace.block"];
-}
-
-// Causal KV cache (causal_s2v_pipeline.py _initialize_kv_cache): per layer k and v of
-// kv_cache_size tokens plus cond_k/cond_v of 2800, [tokens, heads, head_dim] bf16, on every rank:
-// one set (the cond cache and one noisy cache), sized by the S2V model's own cache buffers.
-inline std::size_t kv_cache_bytes(const stack& st, const workload& w) {
-  if (!st.causal_kv) return 0;
-  if (st.s2v_model) {
-    // Bytes per cached token from the model's own cache buffers (at this resolution, with its default
-    // cache shapes), times the pipeline's cache sizes, which need not be whole blocks.
-    s2v_workload sw = s2v_pipeline_workload(*st.s2v_model, w.width, w.height);
-    sw.frames_per_block = w.frames_per_block;
-    const ::unshard::s2v_model m(*st.s2v_model, sw);
-    const s2v_counts c = count_s2v(*st.s2v_model, sw, bf16_bytes);
-    const std::size_t per_cond = c.cond_cache_bytes / m.geometry().cond_slots;
-    const std::size_t per_noisy = c.noisy_cache_bytes / m.geometry().noisy_slots;
-    return per_cond * static_cast<std::size_t>(w.cond_cache_tokens) + per_noisy * static_cast<std::size_t>(w.kv_cache_tokens);
-  }
-  const auto per_token = static_cast<std::size_t>(st.dit.dim) * 2 * bf16_bytes;
-  return static_cast<std::size_t>(st.dit.num_layers) * static_cast<std::size_t>(w.kv_cache_tokens + w.cond_cache_tokens) * per_token;
+// copy. Workspace: the larger of attention's bf16 q, k, v, out plus the cond keys roped for this call,
+// and the FFN's two bf16 hidden tensors. Both per forward: a rank running k forwards holds k sets.
+inline std::map<std::string, std::size_t> forward_details(const stack& st, const cache_sizes& c) {
+  const std::size_t L = c.streamed_tokens, d = static_cast<std::size_t>(st.dit.dim);
+  const std::size_t f = static_cast<std::size_t>(st.dit.ffn_dim);
+  const std::size_t attention = (4 * L + c.cond_slots) * d * bf16_bytes, ffn = 2 * L * f * bf16_bytes;
+  return {{"activations.residual", align_up(L * d * f32_bytes) * 2}, {"workspace.block", align_up(std::max(attention, ffn))}};
 }
 
 inline count largest_streamed(const stack& st) {
@@ -90,19 +170,52 @@ inline count largest_streamed(const stack& st) {
   return m;
 }
 
-// FLOPs of one unit over L tokens: 2 per weight per token, plus self-attention's QK^T and PV over
-// the tokens and the cached context.
-inline double unit_flops(const stack& st, const dit_unit& u, const workload& w) {
-  const double L = static_cast<double>(forward_tokens(st, w));
-  double f = 2.0 * static_cast<double>(u.params) * L;
-  if (u.block) f += 4.0 * L * (L + static_cast<double>(w.kv_cache_tokens)) * static_cast<double>(st.dit.dim);
-  return f;
+// Shards: every DiT parameter, bf16, 1/N per rank (FULL_SHARD); umT5 sharded the same way (t5_fsdp)
+// unless it lives in host memory; the VAE whole on every rank. Returns the host bytes.
+inline std::size_t add_stored_terms(const stack& st, const parsed_policy& pol, const plan_request& rq,
+                                    std::map<std::string, std::size_t>& shared) {
+  const std::size_t n = rq.world_size;
+  const bool offload = pol.values.offload;
+  std::size_t host = bytes_of(st.audio_encoder_host);
+  const std::size_t dit = shard_of(st.total_dit(), n);
+  (offload ? host : shared["shards.dit"]) += dit;
+  if (rq.t5 == t5_placement::host) host += bytes_of(st.text_encoder);
+  else (offload ? host : shared["shards.text_encoder"]) += shard_of(st.text_encoder, n);
+  shared["resident.vae"] = bytes_of(st.vae);
+  return host;
 }
 
-// chunked:SIZE gathers chunks of at most SIZE, but never less than one whole row: the effective
-// chunk (what each of the K+1 buffers must hold) is max(SIZE, the largest row of any weight).
-inline std::size_t effective_chunk(const stack& st, std::size_t requested) {
-  return std::max(requested, static_cast<std::size_t>(st.widest_row) * bf16_bytes);
+// The gathered term of a policy (and, for chunked, the effective chunk).
+inline void add_gathered_terms(const stack& st, const parsed_policy& pol, std::map<std::string, std::size_t>& shared,
+                               std::size_t& effective) {
+  const policy_values& v = pol.values;
+  const std::size_t depth = v.prefetch_depth;
+  if (v.full) {
+    shared["gathered.all"] = bytes_of(st.total_dit());
+  } else if (pol.fsdp) {  // root kept for the whole forward; current block + the one prefetched
+    count block = 0;
+    for (const auto& u : st.units) block = std::max(block, u.block ? u.params : 0);
+    shared["gathered.root"] = bytes_of(st.root_params());
+    shared["gathered.blocks"] = 2 * bytes_of(block);
+  } else if (pol.chunk_bytes) {  // K+1 chunk buffers; a chunk is at least one whole row
+    effective = std::max(*pol.chunk_bytes, static_cast<std::size_t>(st.widest_row) * bf16_bytes);
+    shared["gathered.chunks"] = (depth + 1) * effective;
+  } else {
+    const count unit = v.granularity == unshard_granularity::subunit ? st.largest_subunit : largest_streamed(st);
+    shared["gathered.ring"] = (depth + 1) * bytes_of(unit);
+  }
+}
+
+// FLOPs of one unit in one streamed forward: 2 per weight per streamed token, plus self-attention's
+// QK^T and PV from those tokens to every key. Once the cache ring has wrapped (the steady state) a
+// causal block attends to the whole noisy cache (which holds the block itself) and the cond cache;
+// a Wan t2v block attends to its own tokens.
+inline double unit_flops(const stack& st, const dit_unit& u, const cache_sizes& c) {
+  const double L = static_cast<double>(c.streamed_tokens);
+  const double keys = st.causal_kv ? static_cast<double>(c.noisy_slots + c.cond_slots) : L;
+  double f = 2.0 * static_cast<double>(u.params) * L;
+  if (u.block) f += 4.0 * L * keys * static_cast<double>(st.dit.dim);
+  return f;
 }
 
 // The steps of one forward under a policy, in order (see time_model.hpp). Every rank receives
@@ -114,7 +227,7 @@ inline std::size_t effective_chunk(const stack& st, std::size_t requested) {
 //  * chunked: ceil(unit / effective chunk) equal chunks, each one collective (paying the link's
 //    latency) and one buffer of the effective chunk; compute splits in proportion.
 inline std::vector<step_cost> forward_steps(const stack& st, const parsed_policy& pol, const plan_request& rq,
-                                            std::size_t chunk) {
+                                            const cache_sizes& caches, std::size_t chunk) {
   const policy_values& v = pol.values;
   const double n = static_cast<double>(rq.world_size), remote = (n - 1) / n;
   std::vector<step_cost> steps;
@@ -123,7 +236,7 @@ inline std::vector<step_cost> forward_steps(const stack& st, const parsed_policy
     steps.push_back({"root", 0, static_cast<double>(root) * remote, 0, root, true});
   }
   for (const auto& u : st.units) {
-    const double flops = unit_flops(st, u, rq.work);
+    const double flops = unit_flops(st, u, caches);
     const std::size_t bytes = bytes_of(u.params);
     if (v.full || (pol.fsdp && u.root) || bytes == 0) {
       steps.push_back({u.name, flops, 0, 0, 0, false});
@@ -145,55 +258,49 @@ inline std::vector<step_cost> forward_steps(const stack& st, const parsed_policy
   }
   return steps;
 }
+
+// Steady-state time of one denoised block. `replicated`: every rank runs the S forwards one after
+// another, each gathering every unit again. `steps`: a block leaves the pipeline every tick, and a
+// tick is one pass of gathers serving ceil(S/W) forwards on the busiest rank (all ranks in lockstep).
+inline double block_seconds(const stack_plan& p, const time_rates& r) {
+  if (p.sched.kind == schedule_kind::replicated) return static_cast<double>(p.sched.steps) * p.time_s;
+  return forward_seconds(p.tick_steps(), r, p.prefetch);
+}
 }  // namespace detail
 
-// The gathered term and the per-unit costs for one parsed policy.
+// The ledger and the time model for one parsed policy under the request's schedule.
 inline stack_plan plan_stack(const stack& st, const parsed_policy& pol, const plan_request& rq) {
   if (rq.world_size == 0) throw_error("world size must be at least 1 (got 0)");
-  validate(rq.work);
-  const std::size_t n = rq.world_size;
-  const policy_values& v = pol.values;
+  rq.sched.validate(rq.world_size);
   stack_plan p;
-  p.policy = v.name;
-  // Shards: every DiT parameter, bf16, 1/N per rank (FULL_SHARD); T5 sharded the same way (t5_fsdp).
-  const std::size_t dit_shards = detail::shard_of(st.total_dit(), n), t5_shards = detail::shard_of(st.text_encoder, n);
-  (v.offload ? p.host_bytes : p.details["shards.dit"]) += dit_shards;
-  (v.offload ? p.host_bytes : p.details["shards.text_encoder"]) += t5_shards;
-  p.terms["shards"] = v.offload ? 0 : dit_shards + t5_shards;
-  p.details["resident.vae"] = detail::bytes_of(st.vae);
-  p.terms["resident"] = p.details["resident.vae"];
-  p.host_bytes += detail::bytes_of(st.audio_encoder_host);
+  p.policy = pol.values.name;
+  p.sched = rq.sched;
+  p.world_size = rq.world_size;
+  p.work = rendered(st, rq.work);
+  const detail::cache_sizes caches = detail::caches_of(st, p.work);
+  p.streamed_tokens = caches.streamed_tokens;
+  p.cond_tokens = caches.cond_tokens;
+  p.noisy_cache_slots = caches.noisy_slots;
+  p.cond_cache_slots = caches.cond_slots;
+  p.noisy_cache_bytes = caches.noisy_bytes;
+  p.cond_cache_bytes = caches.cond_bytes;
 
-  std::size_t gathered = 0;
-  const std::size_t depth = v.prefetch_depth;
-  if (v.full) {
-    gathered = detail::bytes_of(st.total_dit());
-    p.details["gathered.all"] = gathered;
-  } else if (pol.fsdp) {  // root kept for the whole forward; current block + the one prefetched
-    count block = 0;
-    for (const auto& u : st.units) block = std::max(block, u.block ? u.params : 0);
-    p.details["gathered.root"] = detail::bytes_of(st.root_params());
-    p.details["gathered.blocks"] = 2 * detail::bytes_of(block);
-    gathered = p.details["gathered.root"] + p.details["gathered.blocks"];
-  } else if (pol.chunk_bytes) {  // K+1 chunk buffers; a chunk is at least one whole row
-    p.effective_chunk = detail::effective_chunk(st, *pol.chunk_bytes);
-    gathered = (depth + 1) * p.effective_chunk;
-    p.details["gathered.chunks"] = gathered;
-  } else {
-    const count unit = v.granularity == unshard_granularity::subunit ? st.largest_subunit : detail::largest_streamed(st);
-    gathered = (depth + 1) * detail::bytes_of(unit);
-    p.details["gathered.ring"] = gathered;
-  }
-  p.terms["gathered"] = gathered;
-  detail::add_activation_terms(st, rq.work, p);
-  p.details["kv_cache.causal"] = detail::kv_cache_bytes(st, rq.work);
-  p.terms["kv_cache"] = p.details["kv_cache.causal"];
+  p.host_bytes = detail::add_stored_terms(st, pol, rq, p.shared_details);
+  detail::add_gathered_terms(st, pol, p.shared_details, p.effective_chunk);
+  p.per_forward_details = detail::forward_details(st, caches);
+  const rank_ledger busiest = p.rank(0);
+  p.terms = busiest.terms;
+  p.details = busiest.details;
+  p.forwards_per_tick = std::max<std::size_t>(busiest.forwards, 1);
 
-  // Time of one DiT forward (one denoising step of one streamed block).
-  p.steps = detail::forward_steps(st, pol, rq, p.effective_chunk);
-  p.prefetch = pol.fsdp ? 1 : depth;
+  // Time of one DiT forward (one denoising step of one streamed block), then of a block.
+  p.steps = detail::forward_steps(st, pol, rq, caches, p.effective_chunk);
+  p.prefetch = pol.fsdp ? 1 : pol.values.prefetch_depth;
   for (const auto& c : p.steps) p.chunks += pol.chunk_bytes && c.gather_bytes + c.h2d_bytes > 0 ? 1 : 0;
-  p.time_s = forward_seconds(p.steps, time_rates::of(rq.device, rq.link), p.prefetch);
+  const time_rates rates = time_rates::of(rq.device, rq.link);
+  p.time_s = forward_seconds(p.steps, rates, p.prefetch);
+  p.block_s = detail::block_seconds(p, rates);
+  p.frames_per_s = static_cast<double>(video_frames_per_latent_frame * static_cast<std::size_t>(p.work.frames_per_block)) / p.block_s;
   return p;
 }
 

@@ -14,17 +14,22 @@
 namespace unshard::liveavatar {
 
 // One streamed block of Live Avatar's causal pipeline (causal_s2v_pipeline.py, wan_s2v_14B_modified.py).
+// width x height is what was asked for (Live Avatar's --size); the stack renders it (`rendered`).
 struct workload {
   count width = 720, height = 400;  // pixels; infinite_inference_multi_gpu.sh --size 720*400
   count frames_per_block = 3;       // latent frames per streamed block (num_frames_per_block)
   count ref_frames = 1;             // reference image latent
-  count kv_cache_tokens = 0;        // _initialize_kv_cache: kv_cache_size=13500 (s2v preset)
-  count cond_cache_tokens = 0;      // cond_k/cond_v: 2800 (s2v preset)
+  count kv_cache_tokens = 0;        // slots of one step's noisy cache; 0: one clip (4 blocks), as the model's
+  count cond_cache_tokens = 0;      // slots of the cond cache; 0: exactly the cond tokens, as the model's
   count context_tokens = 512;       // text_len
 };
 
 // Latent tokens of one frame: VAE stride 8, patch 2 (resolution checked divisible by 16).
 inline count frame_tokens(const workload& w) { return (w.height / 16) * (w.width / 16); }
+
+// Tokens one streamed forward runs through the blocks: only the block's noisy frames (vectors
+// README §3.6); reference and motion tokens went through the sink, into the cond cache.
+inline count streamed_tokens(const workload& w) { return w.frames_per_block * frame_tokens(w); }
 
 // Frame-pack motion tokens: the latest frame at 1x2x2, 2 frames at 2x4x4, 16 frames at 4x8x8;
 // the strided convolutions floor (50x90 latent -> 12x22 and 6x11 tokens per packed frame).
@@ -32,6 +37,9 @@ inline count framepack_tokens(const workload& w) {
   const count lh = w.height / 8, lw = w.width / 8;
   return (lh / 2) * (lw / 2) + 1 * (lh / 4) * (lw / 4) + 4 * (lh / 8) * (lw / 8);
 }
+
+// The cond tokens the sink caches: the reference frame and the frame-packed motion (2,640 at 704x384).
+inline count cond_tokens(const workload& w) { return w.ref_frames * frame_tokens(w) + framepack_tokens(w); }
 
 inline void validate(const workload& w) {
   if (w.width <= 0 || w.height <= 0 || w.width % 16 || w.height % 16)
@@ -58,8 +66,8 @@ struct stack {
   count vae = 0;                    // on the GPU, unsharded (Wan2_1_VAE(device=self.device))
   count audio_encoder_host = 0;     // wav2vec2: AudioEncoder(device='cpu') stays in host memory
   bool causal_kv = false;
+  bool renders_by_area = false;     // Live Avatar: --size is an area the pipeline fits the image into
   std::optional<::unshard::s2v_config> s2v_model;  // the S2V model's own config: its modules size the KV cache
-  count tokens_per_block_extra = 0; // reference + motion tokens beside the noisy frames (per frame tokens)
   count total_dit() const {
     count t = 0;
     for (const auto& u : units) t += u.params;
@@ -131,6 +139,7 @@ inline stack liveavatar_stack(const s2v_config& s) {
   st.vae = vae_params({});
   st.audio_encoder_host = wav2vec2_params({});
   st.causal_kv = true;
+  st.renders_by_area = true;
   return st;
 }
 
@@ -148,6 +157,23 @@ inline stack wan_stack(const wan_config& c, const std::string& name) {
   st.text_encoder = t5_encoder_params({});
   st.vae = vae_params({});
   return st;
+}
+
+// The workload at the size the stack computes on. Live Avatar fits the requested size as an area
+// (get_size_less_than_area: 720x400 renders at 704x384); a Wan t2v run takes it as given.
+inline workload rendered(const stack& st, workload w) {
+  if (w.width <= 0 || w.height <= 0) throw_error("resolution ", w.width, "x", w.height, " must be positive");
+  if (st.renders_by_area) {
+    const ::unshard::pixel_size r = ::unshard::s2v_render_size(w.width, w.height);
+    // The frame packer's 4x bucket has an 8x8 latent kernel: 64x64 pixels is the smallest video.
+    if (r.width < 64 || r.height < 64)
+      throw_error("resolution ", w.width, "x", w.height, " renders at ", r.width, "x", r.height,
+                  " (Live Avatar's get_size_less_than_area), below the 64x64 pixels the frame packer needs");
+    w.width = r.width;
+    w.height = r.height;
+  }
+  validate(w);
+  return w;
 }
 
 }  // namespace unshard::liveavatar
