@@ -11,3 +11,9 @@ if(UNSHARD_BUILD_EXAMPLES)
                                                 ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
   set_tests_properties(cli_unshard_dit_process PROPERTIES LABELS process TIMEOUT 300)
 endif()
+if(UNSHARD_BUILD_EXAMPLES)
+  # The denoising loop's steps schedule with one process per rank (issue 12).
+  add_test(NAME cli_unshard_avatar_denoise_process COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/avatar_denoise_process.sh
+                                                           ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
+  set_tests_properties(cli_unshard_avatar_denoise_process PROPERTIES LABELS process TIMEOUT 300)
+endif()

@@ -15,6 +15,10 @@ expect 2 "--clips must be at least 1" -- "${base[@]}" --clips 0
 expect 2 "--world-size must be at least 1" -- "${base[@]}" --world-size 0
 expect 2 "--schedule applies to --denoise only" -- --config "$cfg" --weights "$w" --inputs "$w" --out "$tmp/o" --schedule steps
 expect 2 "--size must be WxH" -- "${base[@]}" --size 720
+python3 -c "import json,sys; c=json.load(open('$cfg')); c['streaming']['kv_cache']['k/v']=[1,50,4,16]; json.dump(c,open('$tmp/small.json','w'))"
+expect 1 "noisy cache of 50 tokens is not a positive multiple of the block's 96 tokens" -- "${base[@]/$cfg/$tmp/small.json}"
+python3 -c "import json,sys; c=json.load(open('$cfg')); c['scheduler']['shift']=-1; json.dump(c,open('$tmp/shift.json','w'))"
+expect 1 "'shift' must be a positive number" -- "${base[@]/$cfg/$tmp/shift.json}"
 expect 0 "schedule steps, 3 steps, world size 2" -- "${base[@]}" --steps 3 --world-size 2 --shift 5
 expect 1 "missing input tensor 'input.clip1.block0.noise'" -- "${base[@]}" --clips 2
 expect 1 "missing input tensor 'input.clip0.block0.noise'" -- "${base[@]/$w/$data/liveavatar_tiny_a.safetensors}"
