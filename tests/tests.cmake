@@ -49,3 +49,7 @@ foreach(src ${unshard_compile_fail_sources})
   set_tests_properties(compile_fail_${name} PROPERTIES PASS_REGULAR_EXPRESSION "${expected_regex}" LABELS compile_fail)
 endforeach()
 unshard_add_test(test_host_collectives test_host_collectives.cpp)
+if(UNSHARD_BUILD_EXAMPLES)
+  # Every tool's --help; unshard-plan --policy auto's short listing (issue 14's CLI habits).
+  add_test(NAME cli_help COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/help.sh ${CMAKE_BINARY_DIR}/bin)
+endif()

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/progress.hpp"
 #include "unshard/io/checkpoint.hpp"
 #include "unshard/io/safetensors_writer.hpp"
 #include "unshard/models/liveavatar/calls.hpp"
@@ -78,7 +79,7 @@ template <weight_source S>
 void run_stream(const s2v_model& m, const S& weights, const run_settings& rs, const s2v_stream_spec& spec,
                 const checkpoint& inputs, safetensors_writer& out) {
   const s2v_geometry& g = m.geometry();
-  s2v_stream<> stream(m, weights, session_options_of(rs));
+  s2v_stream<> stream = cli::while_loading("unshard-avatar", m, [&] { return s2v_stream<>(m, weights, session_options_of(rs)); });
   for (const s2v_call_spec& c : spec.calls) {
     const auto t0 = std::chrono::steady_clock::now();
     const auto collect = [&](std::size_t rank, const s2v_state& s) {
@@ -278,14 +279,15 @@ bool denoise_with(const s2v_model& m, const S& weights, const run_settings& rs, 
   if (d.process) {
     const auto job = process_job::from_environment();
     opt.world_size = rs.world_size_given ? rs.world_size : 0;  // 0: the job's WORLD_SIZE
-    process_session<s2v_model> s(m, weights, job->world(), opt);
+    process_session<s2v_model> s =
+        cli::while_loading("unshard-avatar", m, [&] { return process_session<s2v_model>(m, weights, job->world(), opt); });
     const loop_timing t = run_loop_on(s, m, loop, sink, blocks, d.all_steps, write);
     std::printf("%s\n", s.peak_line().c_str());
     if (s.rank() == 0) print_timing(t, s.plan(), loop.sampler.steps);
     std::fflush(stdout);
     return s.rank() == 0;
   }
-  session<s2v_model> s(m, weights, opt);
+  session<s2v_model> s = cli::while_loading("unshard-avatar", m, [&] { return session<s2v_model>(m, weights, opt); });
   const loop_timing t = run_loop_on(s, m, loop, sink, blocks, d.all_steps, write);
   cli::print_rank_peaks(s);
   print_timing(t, s.plan(), loop.sampler.steps);
@@ -485,7 +487,7 @@ int run_demo_denoise(const cli::options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return unshard::cli::run_tool("unshard-avatar", usage, [&] {
+  return unshard::cli::run_tool("unshard-avatar", usage, argc, argv, [&] {
     const unshard::cli::options o(argc, argv,
                                   {"--config", "--weights", "--lora", "--lora-alpha", "--inputs", "--out", "--world-size",
                                    "--policy", "--dtype", "--gemm", "--budget", "--schedule", "--seed", "--backend",

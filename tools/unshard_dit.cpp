@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/progress.hpp"
 #include "unshard/io/checkpoint.hpp"
 #include "unshard/io/safetensors_writer.hpp"
 #include "unshard/models/wan/model.hpp"
@@ -92,7 +93,7 @@ template <weight_source S>
 dit_outputs run_sharded(const wan_model& m, const S& weights, const run_settings& rs, const tensor_view& x,
                         const tensor_view& t, const tensor_view& ctx) {
   const session_options opt = session_options_of(rs);
-  session<wan_model> s(m, weights, opt);
+  session<wan_model> s = cli::while_loading("unshard-dit", m, [&] { return session<wan_model>(m, weights, opt); });
   dit_outputs out;
   out.world_size = opt.world_size;
   const auto t0 = std::chrono::steady_clock::now();
@@ -122,7 +123,8 @@ dit_outputs run_process(const wan_model& m, const S& weights, const run_settings
   const auto job = process_job::from_environment();
   session_options opt = session_options_of(rs);
   opt.world_size = rs.world_size_given ? rs.world_size : 0;  // 0: the job's WORLD_SIZE
-  process_session<wan_model> s(m, weights, job->world(), opt);
+  process_session<wan_model> s =
+      cli::while_loading("unshard-dit", m, [&] { return process_session<wan_model>(m, weights, job->world(), opt); });
   dit_outputs out;
   out.writer = s.rank() == 0;
   out.world_size = s.world_size();
@@ -245,7 +247,7 @@ int run_demo(const cli::options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return unshard::cli::run_tool("unshard-dit", usage, [&] {
+  return unshard::cli::run_tool("unshard-dit", usage, argc, argv, [&] {
     const unshard::cli::options o(argc, argv,
                                   {"--config", "--weights", "--inputs", "--out", "--world-size", "--policy", "--dtype",
                                    "--gemm", "--budget", "--trace", "--backend"},

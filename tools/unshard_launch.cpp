@@ -181,5 +181,5 @@ int launch(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return unshard::cli::run_tool("unshard-launch", usage, [&] { return launch(argc, argv); });
+  return unshard::cli::run_tool("unshard-launch", usage, argc, argv, [&] { return launch(argc, argv); });
 }

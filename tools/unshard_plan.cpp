@@ -21,7 +21,10 @@ using namespace unshard::liveavatar;
 constexpr const char* usage =
     "unshard-plan --model liveavatar-14b|CONFIG.json --world-size N --device-memory SIZE [--reserve SIZE] "
     "[--policy NAME|fsdp|auto] [--schedule steps|replicated] [--steps S] [--t5 device|host] [--resolution WxH] "
-    "[--frames N] [--device-profile NAME] [--link-profile NAME] [--profiles FILE] [--timeline FILE.json] [--json]";
+    "[--frames N] [--device-profile NAME] [--link-profile NAME] [--profiles FILE] [--timeline FILE.json] [--json] "
+    "[--verbose]\n"
+    "  --policy auto searches the policies under both schedules (or the --schedule given) and lists the 10 fastest\n"
+    "  that fit, then the best one rank by rank; --verbose prints every candidate in full; --json one document";
 
 constexpr double gib = 1024.0 * 1024.0 * 1024.0;
 
@@ -199,6 +202,23 @@ void print_text(const settings& s, const stack_plan& p, std::FILE* out) {
                  p.effective_chunk / (1024.0 * 1024.0), p.chunks);
 }
 
+// `auto` without --verbose: one line per candidate for the best few that fit, a count of the rest, and
+// the per-rank detail of the best one (at most 60 lines for any world size up to 32).
+void print_candidates(const settings& s, const std::vector<stack_plan>& fits, std::FILE* out) {
+  constexpr std::size_t shown = 10;
+  if (fits.empty()) return;
+  std::fprintf(out, "%zu configurations fit, fastest first:\n", fits.size());
+  std::fprintf(out, "  %-36s %-10s %9s %5s %9s %9s\n", "policy", "schedule", "peak GiB", "fits", "s/block", "frames/s");
+  for (std::size_t i = 0; i < fits.size() && i < shown; ++i) {
+    const stack_plan& p = fits[i];
+    std::fprintf(out, "  %-36s %-10s %9.2f %5s %9.3f %9.2f\n", p.policy.c_str(), name_of(p.sched.kind), p.peak() / gib,
+                 p.peak() <= s.budget ? "yes" : "no", p.block_s, p.frames_per_s);
+  }
+  if (fits.size() > shown) std::fprintf(out, "  ... and %zu more that fit (--verbose lists every one)\n", fits.size() - shown);
+  std::fprintf(out, "the best one, rank by rank:\n");
+  print_text(s, fits.front(), out);
+}
+
 stack_plan plan_one(const settings& s, const std::string& text) {
   parsed_policy pol;
   try {
@@ -245,10 +265,11 @@ int run(const cli::options& o, const std::filesystem::path& dir) {
   const auto found = plan_auto(s.st, s.rq, s.budget, schedules_to_search(s.schedule));
   print_workload(s, *found.closest, text);
   nlohmann::json all = nlohmann::json::array();
-  for (const auto& p : found.fits) {
-    print_text(s, p, text);
-    all.push_back(to_json(s, p));
-  }
+  for (const auto& p : found.fits) all.push_back(to_json(s, p));
+  if (o.has("--verbose"))
+    for (const auto& p : found.fits) print_text(s, p, text);
+  else
+    print_candidates(s, found.fits, text);
   nlohmann::json doc{{"candidates", all}};
   if (found.fits.empty()) {
     std::fprintf(text, "no policy fits %.2f GiB per rank at world size %zu; the smallest peak is %s under %s: %s\n",
@@ -263,12 +284,12 @@ int run(const cli::options& o, const std::filesystem::path& dir) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return unshard::cli::run_tool("unshard-plan", usage, [&] {
+  return unshard::cli::run_tool("unshard-plan", usage, argc, argv, [&] {
     const unshard::cli::options o(argc, argv,
                                   {"--model", "--world-size", "--device-memory", "--reserve", "--policy", "--resolution",
                                    "--frames", "--schedule", "--steps", "--t5", "--device-profile", "--link-profile",
                                    "--profiles", "--timeline"},
-                                  {"--json"});
+                                  {"--json", "--verbose"});
     return run(o, exe_dir(argv[0]));
   });
 }

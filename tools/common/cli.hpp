@@ -89,9 +89,24 @@ void read_sharding_options(const options& o, Settings& s) {
   s.model_options.gemm = g == "blas" ? gemm_path::blas : gemm_path::portable;
 }
 
-// Runs a tool body, mapping exceptions to the exit statuses; never lets one escape.
+// --help or -h among a tool's own arguments (before a "--" that starts another program's).
+inline bool asks_for_help(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--") return false;
+    if (a == "--help" || a == "-h") return true;
+  }
+  return false;
+}
+
+// Runs a tool body, mapping exceptions to the exit statuses; never lets one escape. --help prints
+// the usage on stdout and exits 0.
 template <class Body>
-int run_tool(const char* tool, const char* usage, Body body) {
+int run_tool(const char* tool, const char* usage, int argc, char** argv, Body body) {
+  if (asks_for_help(argc, argv)) {
+    std::printf("usage: %s\n", usage);
+    return 0;
+  }
   use_one_blas_thread_per_rank();
   try {
     return body();

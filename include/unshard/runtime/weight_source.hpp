@@ -1,5 +1,6 @@
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -14,6 +15,17 @@
 #include "unshard/layer/param_spec.hpp"
 
 namespace unshard {
+
+// Weight bytes loaded so far in this process, by every rank together: a tool shows progress from it
+// while a large checkpoint loads (the count only grows; relaxed atomics cost nothing next to a read).
+struct load_progress {
+  static std::atomic<std::uint64_t>& counter() noexcept {
+    static std::atomic<std::uint64_t> bytes{0};
+    return bytes;
+  }
+  static void add(std::uint64_t bytes) noexcept { counter().fetch_add(bytes, std::memory_order_relaxed); }
+  static std::uint64_t bytes() noexcept { return counter().load(std::memory_order_relaxed); }
+};
 
 // How a stored tensor looks: what the loader checks a declared parameter against.
 struct stored_tensor {
@@ -66,6 +78,7 @@ void load_shard(const S& src, const flat_layout& layout, std::span<const param_s
     if (lo >= hi) continue;
     const std::size_t es = size_of(params[i].type);
     detail::load_elements(src, params[i], (lo - e.offset) / es, (hi - lo) / es, shard + (lo - begin));
+    load_progress::add(hi - lo);
   }
 }
 

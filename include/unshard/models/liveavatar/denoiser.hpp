@@ -96,6 +96,10 @@ class s2v_denoiser {
     messages_.resize(world_);
   }
 
+  const s2v_denoise_options& options() const noexcept { return opt_; }
+  // Whether the next denoise() also delivers every step's model output and latent (between calls).
+  void set_all_steps(bool on) noexcept { opt_.all_steps = on; }
+
   const flow_match_euler& sampler() const noexcept { return sampler_; }
   const unshard::schedule& schedule() const noexcept { return sched_; }
   std::size_t ticks_run() const noexcept { return ticks_; }
