@@ -615,6 +615,42 @@ TEST_CASE("process_world: a transfer against another collective is 'the ranks ra
   }
 }
 
+namespace {
+
+// Once every rank printed "ready" (it is inside its loop of collectives), kills `victim`; every
+// survivor must exit normally having printed "failed <first failed rank> <reason>" starting with
+// `expected`, within 3 s of the kill.
+void kill_and_check_survivors(rank_processes& procs, int n, int victim, const std::string& expected, const char* during) {
+  REQUIRE(procs.read_until(
+      [&] {
+        for (int r = 0; r < n; ++r)
+          if (!procs.has_line(static_cast<std::size_t>(r), "ready")) return false;
+        return true;
+      },
+      60));
+  ::usleep(50'000);  // well inside the loop
+  const auto killed_at = clock_type::now();
+  procs.kill_rank(static_cast<std::size_t>(victim));
+  procs.read_all(30);
+  procs.wait_all(15);
+  CHECK(WIFSIGNALED(procs.status(static_cast<std::size_t>(victim))));
+  for (int r = 0; r < n; ++r) {
+    if (r == victim) continue;
+    CAPTURE(r);
+    CAPTURE(procs.all_text(static_cast<std::size_t>(r)));
+    CHECK(exited_ok(procs.status(static_cast<std::size_t>(r))));
+    CHECK(procs.find(static_cast<std::size_t>(r), "failed").rfind(expected, 0) == 0);
+    for (const auto& line : procs.lines(static_cast<std::size_t>(r)))
+      if (line.text.rfind("failed ", 0) == 0) {
+        const double latency = std::chrono::duration<double>(line.at - killed_at).count();
+        MESSAGE("rank ", r, " reported the death of rank ", victim, " ", during, " after ", latency * 1e3, " ms");
+        CHECK(latency < 3.0);
+      }
+  }
+}
+
+}  // namespace
+
 TEST_CASE("process_world: a rank killed during transfers makes every survivor fail naming it") {
   for (auto [n, victim] : {std::pair{2, 1}, std::pair{3, 1}, std::pair{3, 0}}) {
     CAPTURE(n);
@@ -636,34 +672,8 @@ TEST_CASE("process_world: a rank killed during transfers makes every survivor fa
         std::fprintf(out, "failed %d %s\n", e.failed_rank(), e.what());
       }
     });
-    REQUIRE(procs.read_until(
-        [&] {
-          for (int r = 0; r < n; ++r)
-            if (!procs.has_line(static_cast<std::size_t>(r), "ready")) return false;
-          return true;
-        },
-        60));
-    ::usleep(50'000);  // well inside the transfer loop
-    const auto killed_at = clock_type::now();
-    procs.kill_rank(static_cast<std::size_t>(victim));
-    procs.read_all(30);
-    procs.wait_all(15);
-    CHECK(WIFSIGNALED(procs.status(static_cast<std::size_t>(victim))));
-    for (int r = 0; r < n; ++r) {
-      if (r == victim) continue;
-      CAPTURE(r);
-      CAPTURE(procs.all_text(static_cast<std::size_t>(r)));
-      CHECK(exited_ok(procs.status(static_cast<std::size_t>(r))));
-      const std::string what = procs.find(static_cast<std::size_t>(r), "failed");
-      const std::string v = std::to_string(victim);
-      CHECK(what.rfind(v + " rank " + v + " failed: its ", 0) == 0);  // its process exited / its connection broke
-      for (const auto& line : procs.lines(static_cast<std::size_t>(r)))
-        if (line.text.rfind("failed ", 0) == 0) {
-          const double latency = std::chrono::duration<double>(line.at - killed_at).count();
-          MESSAGE("rank ", r, " reported the death of rank ", victim, " during transfers after ", latency * 1e3, " ms");
-          CHECK(latency < 3.0);
-        }
-    }
+    const std::string v = std::to_string(victim);
+    kill_and_check_survivors(procs, n, victim, v + " rank " + v + " failed: its ", "during transfers");  // exited / broke
   }
 }
 
@@ -840,33 +850,8 @@ TEST_CASE("a rank killed with SIGKILL mid-run: every other rank fails naming it 
         std::fprintf(out, "failed %d %s\n", e.failed_rank(), e.what());
       }
     });
-    REQUIRE(procs.read_until(
-        [&] {
-          for (int r = 0; r < n; ++r)
-            if (!procs.has_line(static_cast<std::size_t>(r), "ready")) return false;
-          return true;
-        },
-        60));
-    ::usleep(50'000);  // well inside the forward loop
-    const auto killed_at = clock_type::now();
-    procs.kill_rank(static_cast<std::size_t>(victim));
-    procs.read_all(30);
-    procs.wait_all(15);
-    CHECK(WIFSIGNALED(procs.status(static_cast<std::size_t>(victim))));
-    for (int r = 0; r < n; ++r) {
-      if (r == victim) continue;
-      CAPTURE(r);
-      CAPTURE(procs.all_text(static_cast<std::size_t>(r)));
-      CHECK(exited_ok(procs.status(static_cast<std::size_t>(r))));
-      const std::string what = procs.find(static_cast<std::size_t>(r), "failed");
-      CHECK(what.rfind(std::to_string(victim) + " rank " + std::to_string(victim) + " failed during the forward", 0) == 0);
-      for (const auto& l : procs.lines(static_cast<std::size_t>(r)))
-        if (l.text.rfind("failed ", 0) == 0) {
-          const double latency = std::chrono::duration<double>(l.at - killed_at).count();
-          MESSAGE("rank ", r, " reported the death of rank ", victim, " after ", latency * 1e3, " ms");
-          CHECK(latency < 3.0);
-        }
-    }
+    const std::string v = std::to_string(victim);
+    kill_and_check_survivors(procs, n, victim, v + " rank " + v + " failed during the forward", "during forwards");
   }
 }
 

@@ -339,18 +339,24 @@ int run_files(const cli::options& o) {
   return 0;
 }
 
+// The demos' model: Live Avatar's structure (framepack, AdaIN audio injection, zero timestep) at a
+// size that runs in seconds on a laptop core.
+s2v_config demo_config() {
+  return s2v_config::from_json(
+      nlohmann::json{{"dim", 128}, {"ffn_dim", 256}, {"freq_dim", 64}, {"text_dim", 64}, {"text_len", 16},
+                     {"num_heads", 4}, {"num_layers", 4}, {"cond_dim", 16}, {"audio_dim", 32},
+                     {"audio_inject_layers", {0, 2}}, {"enable_adain", true}, {"zero_timestep", true},
+                     {"enable_motioner", false}, {"enable_framepack", true}, {"framepack_drop_mode", "padd"}},
+      "demo config");
+}
+
 // A small random-weight model streamed for several blocks: no file, no download, no GPU. The noisy
 // cache holds two blocks, so the stream wraps it; the last output is compared with a world-size-1
 // run of the same stream.
 int run_demo(const cli::options& o) {
   run_settings rs = settings_from(o);
   if (!o.has("--world-size")) rs.world_size = 2;
-  const s2v_config cfg = s2v_config::from_json(
-      nlohmann::json{{"dim", 128}, {"ffn_dim", 256}, {"freq_dim", 64}, {"text_dim", 64}, {"text_len", 16},
-                     {"num_heads", 4}, {"num_layers", 4}, {"cond_dim", 16}, {"audio_dim", 32},
-                     {"audio_inject_layers", {0, 2}}, {"enable_adain", true}, {"zero_timestep", true},
-                     {"enable_motioner", false}, {"enable_framepack", true}, {"framepack_drop_mode", "padd"}},
-      "demo config");
+  const s2v_config cfg = demo_config();
   s2v_workload work;
   work.latent_hw = {16, 16};
   work.context_len = 8;
@@ -433,12 +439,7 @@ int run_demo_denoise(const cli::options& o) {
   rs.model_options.record_block_outputs = false;
   if (!o.has("--world-size")) rs.world_size = 2;
   const denoise_settings d = denoise_settings_from(o);
-  const s2v_config cfg = s2v_config::from_json(
-      nlohmann::json{{"dim", 128}, {"ffn_dim", 256}, {"freq_dim", 64}, {"text_dim", 64}, {"text_len", 16},
-                     {"num_heads", 4}, {"num_layers", 4}, {"cond_dim", 16}, {"audio_dim", 32},
-                     {"audio_inject_layers", {0, 2}}, {"enable_adain", true}, {"zero_timestep", true},
-                     {"enable_motioner", false}, {"enable_framepack", true}, {"framepack_drop_mode", "padd"}},
-      "demo config");
+  const s2v_config cfg = demo_config();
   s2v_loop_spec loop;
   loop.clips = 2;
   loop.blocks_per_clip = 2;
