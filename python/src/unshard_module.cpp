@@ -69,7 +69,7 @@ std::string dims_string(std::span<const std::int64_t> d) {
   return s + (d.size() == 1 ? ",)" : ")");
 }
 
-std::string type_name(nb::handle h) { return Py_TYPE(h.ptr())->tp_name; }
+std::string py_type_name(nb::handle h) { return Py_TYPE(h.ptr())->tp_name; }
 
 // ---- tensors in -----------------------------------------------------------------------------
 
@@ -168,11 +168,11 @@ host_input host_f32(nb::handle obj, const std::string& name) {
       nb::module_ np = nb::module_::import_("numpy");
       converted = np.attr("ascontiguousarray")(obj, "dtype"_a = np.attr("float32"));
     } catch (nb::python_error& e) {
-      raise(PyExc_TypeError, name + " is a " + type_name(obj) +
+      raise(PyExc_TypeError, name + " is a " + py_type_name(obj) +
                                  ", not an array (expected a DLPack or buffer-protocol tensor, e.g. numpy or torch): " + e.what());
     }
     if (!nb::try_cast(converted, in.array, false))
-      raise(PyExc_TypeError, name + " is a " + type_name(obj) + " that could not be converted to a float32 array");
+      raise(PyExc_TypeError, name + " is a " + py_type_name(obj) + " that could not be converted to a float32 array");
     in.copied = true;  // numpy made the copy
   }
   const nb::ndarray<nb::ro>& a = in.array;
@@ -283,7 +283,7 @@ std::pair<std::int64_t, std::int64_t> parse_size_arg(nb::handle size) {
     if (p.first <= 0 || p.second <= 0) raise(PyExc_ValueError, "size must be positive, got (" + std::to_string(p.first) + ", " + std::to_string(p.second) + ")");
     return p;
   } catch (const nb::cast_error&) {
-    raise(PyExc_TypeError, "size must be 'WxH' or a (W, H) pair, got a " + type_name(size));
+    raise(PyExc_TypeError, "size must be 'WxH' or a (W, H) pair, got a " + py_type_name(size));
   }
 }
 
@@ -300,7 +300,7 @@ std::vector<std::int64_t> parse_draws(nb::handle rd, std::size_t steps, const st
   try {
     it = nb::iter(rd);
   } catch (nb::python_error&) {
-    raise(PyExc_TypeError, name + " must be a sequence of one integer per step (" + std::to_string(steps) + "), got a " + type_name(rd));
+    raise(PyExc_TypeError, name + " must be a sequence of one integer per step (" + std::to_string(steps) + "), got a " + py_type_name(rd));
   }
   std::size_t i = 0;
   for (nb::handle v : rd) {
@@ -320,7 +320,7 @@ std::vector<std::int64_t> parse_draws(nb::handle rd, std::size_t steps, const st
     const double d = PyFloat_AsDouble(v.ptr());
     if (d == -1.0 && PyErr_Occurred()) {
       PyErr_Clear();
-      raise(PyExc_TypeError, at + " is a " + type_name(v) + ", not a number");
+      raise(PyExc_TypeError, at + " is a " + py_type_name(v) + ", not a number");
     }
     if (!std::isfinite(d) || std::floor(d) != d || std::fabs(d) > 9.0e15)
       raise(PyExc_ValueError, at + " is " + nb::cast<std::string>(nb::repr(v)) + ", not an integer");
@@ -432,13 +432,26 @@ class live_avatar_denoiser {
     const checkpoint_weights base(ck);
     std::optional<checkpoint> lora_file;
     if (lora) lora_file.emplace(checkpoint::open(lora->string()));
+    // Every tensor the model needs, with its shape, before any rank starts (a rank failing to load
+    // would leave nothing usable): a missing or misshapen tensor is a ValueError naming it.
+    const auto start = [&](const auto& w) {
+      for (std::size_t l = 0; l < model_->layer_count(); ++l)
+        for (std::size_t u = 0; u < model_->layer(l).subunit_count(); ++u)
+          for (const param_spec& p : model_->layer(l).parameters(u)) {
+            const stored_tensor st = w.describe(p.name);
+            if (!(st.dims == p.dims))
+              throw_error(w.origin(), ": tensor '", p.name, "' has shape ", st.dims.to_string(), ", the model expects ",
+                          p.dims.to_string());
+          }
+      session_ = std::make_unique<session_t>(*model_, w, opt);
+    };
     {
       nb::gil_scoped_release release;  // each rank loads its shard
       if (lora_file) {
         const lora_weights<checkpoint_weights> merged(base, *lora_file, lora_alpha);
-        session_ = std::make_unique<session_t>(*model_, merged, opt);
+        start(merged);
       } else {
-        session_ = std::make_unique<session_t>(*model_, base, opt);
+        start(base);
       }
     }
     denoiser_ = std::make_unique<denoiser_t>(*model_, *session_, s2v_denoise_options{loop_.sampler, loop_.blocks_per_clip, false});
@@ -495,7 +508,7 @@ class live_avatar_denoiser {
     for (nb::handle item : blocks) {
       const std::string at = "blocks[" + std::to_string(k++) + "]";
       if (!nb::isinstance<nb::dict>(item))
-        raise(PyExc_TypeError, at + " is a " + type_name(item) + "; expected a dict with noise, audio, cond_states "
+        raise(PyExc_TypeError, at + " is a " + py_type_name(item) + "; expected a dict with noise, audio, cond_states "
                                     "(and optionally relative_dist, clip, block)");
       nb::dict d = nb::borrow<nb::dict>(item);
       for (auto [key, value] : d) {
@@ -788,7 +801,7 @@ NB_MODULE(_unshard, m) {
         host_input in = host_f32(array, "array");
         return reinterpret_cast<std::uintptr_t>(in.view.data());
       },
-      "array"_a,
+      "array"_a.none(),
       "The address the library reads for `array`: its own data pointer for an F32 C-contiguous host array "
       "(read in place), that of a converted copy otherwise.");
 
@@ -811,11 +824,11 @@ NB_MODULE(_unshard, m) {
           "gemm"_a = "blas", "dtype"_a = "f32", "size"_a = nb::none(), "clips"_a = nb::none(),
           "blocks_per_clip"_a = nb::none(), "steps"_a = nb::none(), "shift"_a = nb::none(), "seed"_a = 0,
           "budget"_a = nb::none(), "strict"_a = false, "audio_frames"_a = nb::none(), "motion_frames"_a = nb::none())
-      .def("sink", &live_avatar_denoiser::sink, "ref_latents"_a, "motion_latents"_a, "context"_a, "audio"_a = nb::none(),
+      .def("sink", &live_avatar_denoiser::sink, "ref_latents"_a.none(), "motion_latents"_a.none(), "context"_a.none(), "audio"_a = nb::none(),
            "cond_states"_a = nb::none(),
            "The cond prefill: reference and motion latents into every step's cond cache. `context` [L <= text_len, "
            "text_dim] is held (not copied) and read by every later step.")
-      .def("denoise_block", &live_avatar_denoiser::denoise_block, "noise"_a, "audio"_a, "cond_states"_a,
+      .def("denoise_block", &live_avatar_denoiser::denoise_block, "noise"_a.none(), "audio"_a.none(), "cond_states"_a.none(),
            "relative_dist"_a = nb::none(), "clip"_a = nb::none(), "block"_a = nb::none(), "all_steps"_a = false,
            "All the steps of the next block; returns its latent [C, F, H, W] (a dict with every step's noise_pred and "
            "latent as well when all_steps=True).")

@@ -2,6 +2,7 @@
 against each other bit for bit, the input rules (in place, converted, refused) and the ledger."""
 
 import json
+import struct
 import threading
 
 import numpy as np
@@ -165,6 +166,16 @@ def test_inputs_converted_once_give_the_same_latent(denoise_case):
                              relative_dist=inputs["relative_dist"])
     assert den2._last_converted == []
     assert np.array_equal(got, base)
+    # Negative strides (a reversed view of reversed data) read the same values.
+    den4 = sunk(denoise_case)
+    reversed_noise = np.ascontiguousarray(inputs["noise"][..., ::-1])[..., ::-1]
+    got = den4.denoise_block(noise=reversed_noise, audio=inputs["audio"], cond_states=inputs["cond_states"],
+                             relative_dist=inputs["relative_dist"])
+    assert den4._last_converted == ["noise"] and np.array_equal(got, base)
+    # float16 and integer inputs are converted (different values: only checked to run).
+    got = den4.denoise_block(noise=inputs["noise"].astype(np.float16), audio=inputs["audio"].astype(np.int8),
+                             cond_states=inputs["cond_states"], relative_dist=inputs["relative_dist"])
+    assert sorted(den4._last_converted) == ["audio", "noise"] and np.isfinite(got).all()
     # Nested lists go through numpy.
     den3 = sunk(denoise_case)
     got = den3.denoise_block(noise=inputs["noise"].tolist(), audio=inputs["audio"], cond_states=inputs["cond_states"],
@@ -249,6 +260,49 @@ def test_bad_constructor_arguments(denoise_case, tmp_path):
         unshard.LiveAvatarDenoiser(bad, denoise_case.weights)
 
 
+def _rewrite_safetensors(src, dst, drop=(), add=None):
+    """Copies src to dst without the tensors named in `drop`, with `add` ({name: float32 array}) added."""
+    blob = src.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header, base = json.loads(blob[8 : 8 + n]), 8 + n
+    out_header, chunks, offset = {}, [], 0
+    for name, t in header.items():
+        if name == "__metadata__" or name in drop:
+            continue
+        begin, end = t["data_offsets"]
+        chunks.append(blob[base + begin : base + end])
+        out_header[name] = dict(t, data_offsets=[offset, offset + end - begin])
+        offset += end - begin
+    for name, a in (add or {}).items():
+        data = np.ascontiguousarray(a, dtype=np.float32).tobytes()
+        out_header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    h = json.dumps(out_header).encode()
+    h += b" " * (-len(h) % 8)
+    dst.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(chunks))
+
+
+def test_weights_unknown_and_missing_tensors(denoise_case, tmp_path):
+    extra = tmp_path / "extra.safetensors"
+    _rewrite_safetensors(denoise_case.weights, extra, add={"extra.weight": np.zeros(2, np.float32)})
+    with pytest.warns(UserWarning, match="unknown tensor 'extra.weight' ignored"):
+        den = unshard.LiveAvatarDenoiser(denoise_case.config, extra)
+    den.sink(**denoise_case.sink_inputs())
+    check_block(denoise_case, den.denoise_block(**denoise_case.block_inputs(0, 0)), 0, 0, all_steps=False)
+    with pytest.raises(ValueError, match=r"unknown tensor 'extra.weight' \(strict=True\)"):
+        unshard.LiveAvatarDenoiser(denoise_case.config, extra, strict=True)
+    missing = tmp_path / "missing.safetensors"
+    _rewrite_safetensors(denoise_case.weights, missing, drop={"head.head.weight"})
+    with pytest.raises(ValueError, match="missing tensor 'head.head.weight'"):
+        unshard.LiveAvatarDenoiser(denoise_case.config, missing, world_size=2)
+    bad = tmp_path / "misshapen.safetensors"
+    _rewrite_safetensors(denoise_case.weights, bad, drop={"head.head.bias"},
+                         add={"head.head.bias": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match=r"tensor 'head.head.bias' has shape \[3\], the model expects"):
+        unshard.LiveAvatarDenoiser(denoise_case.config, bad)
+
+
 def test_a_plain_s2v_config_takes_live_avatars_defaults_and_the_keywords(denoise_case, tmp_path):
     plain = tmp_path / "config.json"
     plain.write_text(json.dumps(json.loads(denoise_case.config.read_text())["model"]))
@@ -271,9 +325,13 @@ def test_a_plain_s2v_config_takes_live_avatars_defaults_and_the_keywords(denoise
         latent = den.denoise_block(**{k: rng.standard_normal(shapes[k], dtype=np.float32) for k in ("noise", "audio", "cond_states")})
         assert latent.shape == den.latent_shape == (16, 3, 16, 16) and np.isfinite(latent).all()
     assert den.next_block == (1, 1)
-    # The config's streaming section wins over the defaults; explicit keywords over both.
+    assert unshard.LiveAvatarDenoiser(plain, denoise_case.weights, size=(256, 128)).loop["latent_hw"] == (16, 32)
+    # The config's streaming section wins over the defaults, explicit keywords over both; its
+    # kv_cache sizes stay, so another size must fit them.
     assert make(denoise_case).loop["latent_hw"] == (8, 16)
-    assert make(denoise_case, size=(256, 128)).loop["latent_hw"] == (16, 32)
+    assert make(denoise_case, steps=2).steps == 2
+    with pytest.raises(ValueError, match="noisy cache of 192 tokens is not a positive multiple of the block's 384"):
+        make(denoise_case, size=(256, 128))
 
 
 # ---- the ledger ------------------------------------------------------------------------------
