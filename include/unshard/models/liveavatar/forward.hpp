@@ -30,6 +30,52 @@
 
 namespace unshard::detail {
 
+// Self-attention of every query row and head over two key segments: n1 rows of k1/v1 then n2 rows of
+// k2/v2, all rows of width heads*head_dim (Live Avatar's noisy cache + cond keys; n2 = 0 for one
+// segment). Exact softmax in f32. On the blas path a head's scores come from GEMMs for
+// attention_block_rows query rows at a time, softmax rows in place, then P·V as GEMMs: the same math
+// as attention_row_two_segments in another summation order (about 1e-7 relative), and an order of
+// magnitude faster than one query row at a time. `scores`: attention_scratch_floats(path, n1 + n2).
+inline void s2v_attention_two_segments(gemm_path path, const float* q, std::size_t n_queries, const float* k1,
+                                              const float* v1, std::size_t n1, const float* k2, const float* v2,
+                                              std::size_t n2, std::size_t heads, std::size_t head_dim, float* scores,
+                                              float* out) {
+  const std::size_t ld = heads * head_dim, n = n1 + n2;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+#if defined(UNSHARD_HAVE_CBLAS)
+  if (attention_uses_blas(path) && n > 0) {
+    const auto i = [](std::size_t v) { return static_cast<int>(v); };
+    for (std::size_t h = 0; h < heads; ++h) {
+      const std::size_t col = h * head_dim;
+      for (std::size_t r0 = 0; r0 < n_queries; r0 += attention_block_rows) {
+        const std::size_t m = std::min(attention_block_rows, n_queries - r0);
+        const float* qh = q + r0 * ld + col;
+        float* oh = out + r0 * ld + col;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i(m), i(n1), i(head_dim), scale, qh, i(ld), k1 + col, i(ld),
+                    0.0f, scores, i(n));
+        if (n2)
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i(m), i(n2), i(head_dim), scale, qh, i(ld), k2 + col,
+                      i(ld), 0.0f, scores + n1, i(n));
+        for (std::size_t r = 0; r < m; ++r) softmax_in_place(scores + r * n, n);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, i(m), i(head_dim), i(n1), 1.0f, scores, i(n), v1 + col,
+                    i(ld), 0.0f, oh, i(ld));
+        if (n2)
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, i(m), i(head_dim), i(n2), 1.0f, scores + n1, i(n),
+                      v2 + col, i(ld), 1.0f, oh, i(ld));
+      }
+    }
+    return;
+  }
+#endif
+  for (std::size_t t = 0; t < n_queries; ++t)
+    for (std::size_t h = 0; h < heads; ++h) {
+      const std::size_t col = h * head_dim;
+      attention_row_two_segments(q + t * ld + col, k1 + col, v1 + col, n1, k2 + col, v2 + col, n2, ld, head_dim, scale,
+                                 scores, out + t * ld + col);
+    }
+}
+
+
 // y[rows, N] = x[rows, in] · Wᵀ + b: the one entry point of every linear map of the model, over
 // whole views or streamed chunks of W (see linear_params).
 template <param_source P>
@@ -331,7 +377,7 @@ void s2v_self_attn_forward(const s2v_geometry& g, std::size_t block, P& p, s2v_s
     s.set_cond_end(std::max(s.cond_end(), S));
     s2v_rope_rows(g, s.q, S, s.rope_cos, s.rope_sin);
     s2v_rope_rows(g, s.k, S, s.rope_cos, s.rope_sin);
-    multi_head_attention(s.q, S, s.k, s.v, S, g.heads, g.head_dim, s.scores, s.attn);
+    s2v_attention_two_segments(g.gemm, s.q, S, s.k, s.v, S, s.k, s.v, 0, g.heads, g.head_dim, s.scores, s.attn);
   } else {
     s2v_rope_rows(g, s.q, S, s.rope_cos, s.rope_sin);
     s2v_rope_rows(g, s.k, S, s.rope_cos, s.rope_sin);
@@ -345,13 +391,8 @@ void s2v_self_attn_forward(const s2v_geometry& g, std::size_t block, P& p, s2v_s
     const float* cv = s.cond_v + block * g.cond_slots * D;
     std::copy_n(ck, nc * D, s.cond_k_rope);
     s2v_rope_rows(g, s.cond_k_rope, nc, s.rope_cond_cos, s.rope_cond_sin);
-    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(g.head_dim)));
-    for (std::size_t t = 0; t < S; ++t)
-      for (std::size_t h = 0; h < g.heads; ++h) {
-        const std::size_t col = h * g.head_dim;
-        attention_row_two_segments(s.q + t * D + col, nk + col, nv + col, s.call.active_slots, s.cond_k_rope + col,
-                                   cv + col, nc, D, g.head_dim, scale, s.scores, s.attn + t * D + col);
-      }
+    s2v_attention_two_segments(g.gemm, s.q, S, nk, nv, s.call.active_slots, s.cond_k_rope, cv, nc, g.heads, g.head_dim,
+                               s.scores, s.attn);
   }
   s2v_linear(g, s.attn, S, D, p, a.o.weight, a.o.bias, s.proj);
   s2v_gated_residual(g, s, 2);

@@ -15,6 +15,7 @@
 
 #include "unshard/core/error.hpp"
 #include "unshard/core/memory_category.hpp"
+#include "unshard/kernels/host/attention.hpp"
 #include "unshard/layer/model.hpp"
 #include "unshard/models/liveavatar/geometry.hpp"
 #include "unshard/models/wan/state.hpp"
@@ -71,7 +72,7 @@ struct s2v_state {
   float* attn = nullptr;           // [S, D]
   float* proj = nullptr;           // [S, D]
   float* ffn_hidden = nullptr;     // [S, ffn_dim]
-  float* scores = nullptr;         // [max_keys]
+  float* scores = nullptr;         // [max_keys], or [attention_block_rows, max_keys] on the blas path
   float* head_out = nullptr;       // [L, patch_out]
   float* audio_feat = nullptr;     // [T, C_a] weighted wav2vec2 features, time-major
   float* audio_cols = nullptr;     // [n_tok + 1, T, 3 max(C_a, D/2)] causal-conv input vectors
@@ -151,7 +152,7 @@ inline std::vector<s2v_buffer_entry> s2v_buffer_table(const s2v_geometry& g) {
       {"attn", S * D, mc::workspace, &st::attn},
       {"proj", S * D, mc::workspace, &st::proj},
       {"ffn_hidden", S * g.ffn_dim, mc::workspace, &st::ffn_hidden},
-      {"scores", g.max_keys(), mc::workspace, &st::scores},
+      {"scores", attention_scratch_floats(g.gemm, g.max_keys()), mc::workspace, &st::scores},
       {"head_out", g.block_tokens * g.patch_out, mc::workspace, &st::head_out},
       {"audio.feat", g.audio_t * g.audio_dim, mc::workspace, &st::audio_feat},
       {"audio.cols", (g.audio_tokens + 1) * g.audio_t * 3 * std::max(g.audio_dim, D / 2), mc::workspace,
