@@ -195,6 +195,18 @@ class rank_processes {
 
 bool exited_ok(int status) { return WIFEXITED(status) && WEXITSTATUS(status) == 0; }
 
+// Waits for every rank to finish; each must exit normally having printed "bad 0" (no mismatched byte).
+void expect_every_rank_clean(rank_processes& procs, std::size_t n) {
+  procs.read_all(120);
+  procs.wait_all(30);
+  for (std::size_t r = 0; r < n; ++r) {
+    CAPTURE(r);
+    CAPTURE(procs.all_text(r));
+    CHECK(exited_ok(procs.status(r)));
+    CHECK(procs.find(r, "bad") == "0");
+  }
+}
+
 std::vector<float> toy_input(const toy_config& c) {
   std::vector<float> x(c.tokens * c.dim);
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 0.8f;
@@ -434,14 +446,7 @@ TEST_CASE("process_world: all_gather out of place and in place, gather_range, br
       w.barrier();
       std::fprintf(out, "bad %d\n", bad);
     });
-    procs.read_all(120);
-    procs.wait_all(30);
-    for (std::size_t r = 0; r < n; ++r) {
-      CAPTURE(r);
-      CAPTURE(procs.all_text(r));
-      CHECK(exited_ok(procs.status(r)));
-      CHECK(procs.find(r, "bad") == "0");
-    }
+    expect_every_rank_clean(procs, n);
   }
 }
 
@@ -569,14 +574,7 @@ TEST_CASE("process_world: transfer between every pair of processes, 0 B to 1 MiB
       w.barrier();
       std::fprintf(out, "bad %d\n", bad);
     });
-    procs.read_all(120);
-    procs.wait_all(30);
-    for (std::size_t r = 0; r < n; ++r) {
-      CAPTURE(r);
-      CAPTURE(procs.all_text(r));
-      CHECK(exited_ok(procs.status(r)));
-      CHECK(procs.find(r, "bad") == "0");
-    }
+    expect_every_rank_clean(procs, n);
   }
 }
 
