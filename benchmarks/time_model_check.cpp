@@ -23,7 +23,7 @@
 
 #include "unshard/io/checkpoint.hpp"
 #include "unshard/kernels/host/gemm.hpp"
-#include "unshard/models/toy/toy_model.hpp"
+#include "toy_layer/toy_model.hpp"
 #include "unshard/models/wan/model.hpp"
 #include "unshard/plan/time_model.hpp"
 #include "unshard/policy/parse_policy.hpp"

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "unshard/models/toy/toy_model.hpp"
+#include "toy_layer/toy_model.hpp"
 #include "unshard/policy/parse_policy.hpp"
 #include "unshard/runtime/session.hpp"
 

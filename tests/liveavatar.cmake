@@ -10,8 +10,19 @@ if(UNSHARD_BUILD_EXAMPLES)
 endif()
 if(UNSHARD_BUILD_EXAMPLES)
   # The denoising loop (issue 12): errors, both schedules' outputs, the demo.
+  set(_avatar_cuda "")
+  if(UNSHARD_ENABLE_CUDA)
+    set(_avatar_cuda cuda)
+  endif()
   add_test(NAME cli_unshard_avatar_denoise COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/avatar_denoise.sh
-                                                   ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
+                                                   ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data ${_avatar_cuda})
   add_test(NAME cli_unshard_avatar_demo_denoise COMMAND ${CMAKE_BINARY_DIR}/bin/unshard-avatar --demo --denoise --world-size 3
                                                         --policy chunked:64KiB+prefetch:1)
+endif()
+if(UNSHARD_BUILD_EXAMPLES AND UNSHARD_ENABLE_CUDA)
+  # unshard-avatar --backend cuda against the references and the host (issue 13); skipped (77)
+  # without a GPU.
+  add_test(NAME gpu_s2v_avatar_cuda COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/s2v_avatar_cuda.sh
+                                            ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
+  set_tests_properties(gpu_s2v_avatar_cuda PROPERTIES LABELS gpu SKIP_RETURN_CODE 77 TIMEOUT 600)
 endif()

@@ -10,7 +10,7 @@
 
 #include "unshard/core/size_literals.hpp"
 #include "unshard/io/checkpoint.hpp"
-#include "unshard/models/toy/toy_model.hpp"
+#include "toy_layer/toy_model.hpp"
 #include "unshard/models/wan/model.hpp"
 #include "unshard/policy/chunked_unshard.hpp"
 #include "unshard/policy/compose.hpp"

@@ -2,11 +2,15 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <set>
+#include <vector>
 
 #include "unshard/core/dtype.hpp"
 #include "unshard/core/flat_layout.hpp"
+#include "unshard/core/trace.hpp"
+#include "unshard/core/trace_spans.hpp"
 #include "unshard/core/tracking_allocator.hpp"
 
 using namespace unshard;
@@ -107,4 +111,77 @@ TEST_CASE("tracking allocator counts by category, records the peak and refuses a
   CHECK(z.data() != nullptr);
   a.set_cap(1024);
   CHECK_THROWS_AS(a.allocate(1, memory_category::workspace), out_of_memory);
+}
+
+namespace {
+// A device stream as the trace sees it: host callbacks enqueued now, run later in order (what
+// cudaLaunchHostFunc does on a GPU that is far behind the host).
+struct deferred_callbacks {
+  std::vector<std::pair<void (*)(void*), void*>> queued;
+  void launch(void (*f)(void*), void* p) { queued.emplace_back(f, p); }
+  void run_all() {
+    for (auto& [f, p] : queued) f(p);
+    queued.clear();
+  }
+};
+
+// One traced operation as cuda_stream enqueues it: begin callback, the work, end callback.
+void traced_op(trace_spans& spans, deferred_callbacks& stream, std::uint32_t unit, std::size_t bytes) {
+  trace_spans::span* s = spans.open();
+  if (!s) return;
+  stream.launch(trace_spans::span::stamp_begin, s);
+  s->set(trace_kind::gather, unit, bytes);
+  stream.launch(trace_spans::span::write_end, s);
+}
+}  // namespace
+
+TEST_CASE("trace spans: a span whose callbacks are pending is never overwritten; the overflow is counted") {
+  // More operations in flight than slots: a ring that wraps would hand slot 0 to operation 1024
+  // while operation 0's end callback has not run, so both callbacks would record unit 1024 and
+  // unit 0 would vanish without a count.
+  trace_recorder rec;
+  trace_spans spans(&rec, 2);
+  deferred_callbacks stream;
+  const std::size_t ops = trace_spans::default_capacity + 6;
+  for (std::size_t i = 0; i < ops; ++i) traced_op(spans, stream, static_cast<std::uint32_t>(i), 100 + i);
+  CHECK(spans.pending() == trace_spans::default_capacity);
+  CHECK(rec.dropped() == 6);
+  stream.run_all();
+  const auto entries = rec.entries();
+  REQUIRE(entries.size() + rec.dropped() == ops);
+  std::set<std::uint32_t> units;
+  for (const trace_entry& e : entries) {
+    CHECK(e.rank == 2);
+    CHECK(e.bytes == 100 + e.unit);  // each entry is the operation it was opened for
+    CHECK(e.begin <= e.end);
+    units.insert(e.unit);
+  }
+  CHECK(units.size() == entries.size());  // no operation recorded twice
+  CHECK(*units.rbegin() == trace_spans::default_capacity - 1);
+
+  // Once the callbacks ran, every slot is free again and tracing resumes.
+  CHECK(spans.pending() == 0);
+  traced_op(spans, stream, 9999, 9999 + 100);
+  stream.run_all();
+  CHECK(rec.entries().back().unit == 9999);
+  CHECK(rec.dropped() == 6);
+}
+
+TEST_CASE("trace spans: off without a recorder; a span whose begin could not be enqueued is given back") {
+  trace_spans off(nullptr, 0);
+  CHECK_FALSE(off.enabled());
+  CHECK(off.open() == nullptr);
+
+  trace_recorder rec;
+  trace_spans spans(&rec, 0, 2);
+  trace_spans::span* a = spans.open();
+  REQUIRE(a != nullptr);
+  trace_spans::cancel(a);  // cuda_stream: cudaLaunchHostFunc failed, no callback will touch it
+  CHECK(spans.pending() == 0);
+  CHECK(spans.open() != nullptr);
+  CHECK(spans.open() != nullptr);
+  CHECK(spans.open() == nullptr);  // both slots pending: dropped, counted
+  CHECK(rec.dropped() == 1);
+  rec.clear();
+  CHECK(rec.dropped() == 0);
 }

@@ -6,11 +6,55 @@
 #include <thread>
 #include <vector>
 
+#include "unshard/backend/host/host_backend.hpp"
 #include "unshard/backend/host/host_stream.hpp"
 #include "unshard/backend/host/host_world.hpp"
-#include "unshard/runtime/trace.hpp"
+#include "unshard/backend/process/process_backend.hpp"
+#include "unshard/core/trace.hpp"
 
 using namespace unshard;
+
+namespace concept_checks {  // named, not anonymous: members only the concepts look at are "used"
+// A stream with everything but gather_range, chunked unshard's collective: the scheduler calls it
+// whatever the backend, so the concept refuses the backend up front.
+struct stream_without_gather_range {
+  void copy(std::byte*, const std::byte*, std::size_t, std::uint32_t = 0) {}
+  void all_gather(const std::byte*, std::byte*, std::size_t, std::uint32_t) {}
+  void transfer(std::size_t, std::size_t, const std::byte*, std::byte*, std::size_t, std::uint32_t = 0) {}
+  void record(host_event&) {}
+  void wait(host_event&) {}
+  void synchronize() {}
+};
+struct backend_without_gather_range {
+  using world = host_world;
+  using stream = stream_without_gather_range;
+  using event = host_event;
+  using memory = memory_spaces<host_memory>;
+  static constexpr const char* name = "partial";
+  static std::unique_ptr<stream> compute_stream(world&, std::size_t, trace_recorder*) { return {}; }
+  static std::unique_ptr<stream> comm_stream(world&, std::size_t, trace_recorder*) { return {}; }
+};
+// A host backend that forgot to say where its memory is.
+struct backend_without_memory {
+  using world = host_world;
+  using stream = host_stream;
+  using event = host_event;
+  static constexpr const char* name = "no memory";
+  static std::unique_ptr<stream> compute_stream(world&, std::size_t, trace_recorder*) { return {}; }
+  static std::unique_ptr<stream> comm_stream(world&, std::size_t, trace_recorder*) { return {}; }
+};
+}  // namespace concept_checks
+
+static_assert(!backend<concept_checks::backend_without_gather_range>);
+static_assert(!backend<concept_checks::backend_without_memory>);
+// The optional capabilities, by name: the host backends have no memory of their own and load in place.
+static_assert(!has_device_backing<host_backend> && !has_host_backing<host_backend> && !has_copy_to_device<host_backend>);
+static_assert(has_local_world<host_backend> && !knows_own_rank<host_backend> && !has_failure_reason<host_backend>);
+static_assert(!has_local_world<process_backend> && knows_own_rank<process_backend>);
+// Host compute is synchronous: the runtime times it with host clocks, not device spans.
+static_assert(!has_device_spans<host_backend> && !has_device_spans<process_backend>);
+// A host model's state (declares no space) is reachable on the host backends only through host memory.
+static_assert(reaches_state<host_backend, int> && reaches_state<process_backend, int>);
 
 namespace {
 template <class F>

@@ -141,10 +141,11 @@ TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer"
               const param_views& p = params[l][sub];
               whole_params wp(p);
               std::vector<float> q(S * D), k(S * D);
-              detail::s2v_linear(g, s.norm, S, D, wp, lay.attn.q.weight, lay.attn.q.bias, q.data());
-              detail::s2v_linear(g, s.norm, S, D, wp, lay.attn.k.weight, lay.attn.k.bias, k.data());
-              detail::s2v_rms_rows(g, q.data(), S, p[lay.attn.norm_q]);
-              detail::s2v_rms_rows(g, k.data(), S, p[lay.attn.norm_k]);
+              host_ops ops{g.gemm};
+              ops.linear(s.norm, S, D, wp, lay.attn.q.weight, lay.attn.q.bias, q.data());
+              ops.linear(s.norm, S, D, wp, lay.attn.k.weight, lay.attn.k.bias, k.data());
+              ops.rms_norm(q.data(), S, D, g.eps, p[lay.attn.norm_q]);
+              ops.rms_norm(k.data(), S, D, g.eps, p[lay.attn.norm_k]);
               cmp.check_rows(P + "block.0.q_norm", q.data());
               cmp.check_rows(P + "block.0.k_norm", k.data());
             }
@@ -349,10 +350,10 @@ TEST_CASE("S2V self-attention over two key segments: the BLAS path equals the ro
     for (auto* v : {&q, &k1, &v1, &k2, &v2})
       for (float& x : *v) x = rnd();  // |scores| <= d/sqrt(d) = 4: differences stay near f32 rounding of the scores
     std::vector<float> fast(nq * ld), slow(nq * ld), scratch(attention_scratch_floats(gemm_path::blas, n1 + n2));
-    detail::s2v_attention_two_segments(gemm_path::blas, q.data(), nq, k1.data(), v1.data(), n1, k2.data(), v2.data(), n2,
-                                       heads, d, scratch.data(), fast.data());
-    detail::s2v_attention_two_segments(gemm_path::portable, q.data(), nq, k1.data(), v1.data(), n1, k2.data(), v2.data(),
-                                       n2, heads, d, scratch.data(), slow.data());
+    attention_two_segments(gemm_path::blas, q.data(), nq, k1.data(), v1.data(), n1, k2.data(), v2.data(), n2, heads, d,
+                           scratch.data(), fast.data());
+    attention_two_segments(gemm_path::portable, q.data(), nq, k1.data(), v1.data(), n1, k2.data(), v2.data(), n2, heads,
+                           d, scratch.data(), slow.data());
     double diff = 0, scale = 0;
     for (std::size_t i = 0; i < fast.size(); ++i) {
       diff = std::max(diff, static_cast<double>(std::fabs(fast[i] - slow[i])));

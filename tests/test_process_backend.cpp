@@ -28,7 +28,7 @@
 #include "unshard/backend/net/launch_env.hpp"
 #include "unshard/backend/net/rendezvous.hpp"
 #include "unshard/backend/process/process_world.hpp"
-#include "unshard/models/toy/toy_model.hpp"
+#include "toy_layer/toy_model.hpp"
 #include "unshard/policy/parse_policy.hpp"
 #include "unshard/runtime/process_session.hpp"
 #include "unshard/runtime/reference_forward.hpp"

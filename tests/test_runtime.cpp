@@ -8,7 +8,7 @@
 #include <new>
 #include <vector>
 
-#include "unshard/models/toy/toy_model.hpp"
+#include "toy_layer/toy_model.hpp"
 #include "unshard/policy/compose.hpp"
 #include "unshard/policy/full_unshard.hpp"
 #include "unshard/policy/offload.hpp"

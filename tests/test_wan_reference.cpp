@@ -94,7 +94,7 @@ struct wan_run {
   }
 };
 
-// The rule of CONVENTIONS.md: max|got - ref| <= 1e-5 * max(1, max|ref|), per tensor.
+// The rule of docs/conventions.md: max|got - ref| <= 1e-5 * max(1, max|ref|), per tensor.
 struct checker {
   std::ostringstream report;
   double worst_ratio = 0.0;

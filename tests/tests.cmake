@@ -31,6 +31,8 @@ if(UNSHARD_BUILD_EXAMPLES)
   add_test(NAME cli_unshard_dit_errors COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/dit_errors.sh
                                                ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
   add_test(NAME cli_unshard_dit_demo COMMAND ${CMAKE_BINARY_DIR}/bin/unshard-dit --demo --world-size 3)
+  add_test(NAME cli_unshard_dit_block_outputs COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/dit_block_outputs.sh
+                                                      ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
 endif()
 unshard_add_test(test_plan_liveavatar test_plan_liveavatar.cpp)
 if(UNSHARD_BUILD_EXAMPLES)

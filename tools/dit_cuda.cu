@@ -44,7 +44,8 @@ dit_cuda_outputs run_one_rank(const wan_cuda_model& m, const S& weights, session
             [&](std::size_t rank, const wan_cuda_state& st) {
               if (rank != 0) return;
               out.output = m.copy_output(st);
-              for (std::size_t i = 0; i < m.geometry().num_layers; ++i) out.blocks.push_back(m.copy_block_output(st, i));
+              if (m.geometry().record_block_outputs)  // only with --block-outputs
+                for (std::size_t i = 0; i < m.geometry().num_layers; ++i) out.blocks.push_back(m.copy_block_output(st, i));
             });
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("%s\n", s.peak_line().c_str());
@@ -64,7 +65,8 @@ dit_cuda_outputs run(const wan_cuda_model& m, const S& weights, const session_op
             [&](std::size_t rank, const wan_cuda_state& st) {
               if (rank != 0) return;
               out.output = m.copy_output(st);  // waits for rank 0's compute stream
-              for (std::size_t i = 0; i < m.geometry().num_layers; ++i) out.blocks.push_back(m.copy_block_output(st, i));
+              if (m.geometry().record_block_outputs)  // only with --block-outputs
+                for (std::size_t i = 0; i < m.geometry().num_layers; ++i) out.blocks.push_back(m.copy_block_output(st, i));
             });
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   cli::print_rank_peaks(s);

@@ -14,7 +14,7 @@ namespace unshard::tools {
 
 struct dit_cuda_outputs {
   std::vector<float> output;               // [C_out, F', H', W']
-  std::vector<std::vector<float>> blocks;  // each [S, D]
+  std::vector<std::vector<float>> blocks;  // each [S, D]; empty unless record_block_outputs (--block-outputs)
   double seconds = 0;
   bool writer = true;                      // this process holds rank 0's outputs
   std::size_t world_size = 1;

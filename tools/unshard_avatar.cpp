@@ -11,7 +11,11 @@
 #include <string>
 #include <vector>
 
+#include "common/avatar_loop.hpp"
 #include "common/cli.hpp"
+#if defined(UNSHARD_AVATAR_CUDA)
+#include "avatar_cuda.hpp"
+#endif
 #include "common/progress.hpp"
 #include "unshard/io/checkpoint.hpp"
 #include "unshard/io/safetensors_writer.hpp"
@@ -29,6 +33,10 @@
 
 namespace {
 using namespace unshard;
+using tools::add_result;
+using tools::loop_timing;
+using tools::print_timing;
+using tools::run_loop_on;
 
 constexpr const char* usage =
     "unshard-avatar --config CONFIG.json --weights FILE.safetensors|INDEX.json [--lora LORA.safetensors "
@@ -36,14 +44,17 @@ constexpr const char* usage =
     "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--strict]\n"
     "       unshard-avatar --demo [--world-size N] [--policy POLICY] [--dtype f32|bf16]\n"
     "       unshard-avatar --denoise --config C --weights W --inputs I --out O [--world-size N] [--schedule steps|replicated]\n"
-    "                      [--policy P] [--all-steps] [--seed N] [--backend host|process] [--size WxH --clips N\n"
+    "                      [--policy P] [--all-steps] [--seed N] [--backend host|process|cuda [--compute f32|bf16]] [--size WxH --clips N\n"
     "                      --blocks-per-clip N --steps N --shift X] (and --lora, --dtype, --gemm, --budget, --strict)\n"
     "       unshard-avatar --demo --denoise [--world-size N] [--schedule steps|replicated] [--policy P]\n"
     "  --denoise runs Live Avatar's denoising loop (sink, then every block through S Euler steps) and writes\n"
     "  clip{r}.block{b}.latent (with --all-steps also clip{r}.block{b}.step{i}.noise_pred and .latent).\n"
     "  The loop's geometry comes from the config's streaming/scheduler sections; for a plain Wan2.2-S2V\n"
     "  config the options give it (defaults 720x400, 1 clip of 4 blocks, 4 steps, shift 3).\n"
-    "  --backend process: one rank per process under unshard-launch --nproc N -- unshard-avatar ...";
+    "  --backend process: one rank per process under unshard-launch --nproc N -- unshard-avatar ...\n"
+    "  --backend cuda: the ranks are the local GPUs 0..N-1 (or, under a launcher, one GPU per process:\n"
+    "  LOCAL_RANK); needs a build with -DUNSHARD_ENABLE_CUDA=ON. --compute f32 (default: the path checked\n"
+    "  against the references) or bf16 (tensor-core GEMMs, cuDNN fused attention).";
 
 struct run_settings {
   std::size_t world_size = 1;
@@ -124,19 +135,21 @@ nlohmann::json read_config_json(const std::string& path) {
 
 // The model's weights from --weights (an unknown tensor is a warning, an error under --strict), with
 // --lora merged per shard while each rank loads (runtime/lora_weights.hpp); f(weights) runs the job.
-template <class F>
-void with_weights(const cli::options& o, const s2v_model& m, std::optional<double> lora_alpha, F&& f) {
+void warn_unknown_tensors(const cli::options& o, const s2v_model& m, const checkpoint& ck) {
   const std::string weights_path = o.require("--weights");
-  const checkpoint ck = checkpoint::open(weights_path);
   for (const auto& n : unknown_tensors(m, ck, {"input.", "ref."})) {
     if (o.has("--strict")) throw error(weights_path + ": unknown tensor '" + n + "' (--strict)");
     std::fprintf(stderr, "unshard-avatar: warning: %s: unknown tensor '%s' ignored\n", weights_path.c_str(), n.c_str());
   }
-  const checkpoint_weights base(ck);
-  if (!o.has("--lora")) return f(base);
+}
+
+template <class F>
+void with_weights(const cli::options& o, const s2v_model& m, std::optional<double> lora_alpha, F&& f) {
+  const checkpoint ck = checkpoint::open(o.require("--weights"));
+  warn_unknown_tensors(o, m, ck);
+  if (!o.has("--lora")) return tools::with_s2v_weights(ck, nullptr, lora_alpha, f);
   const checkpoint lora = checkpoint::open(o.get("--lora"));
-  const lora_weights<checkpoint_weights> merged(base, lora, lora_alpha);
-  f(merged);
+  tools::with_s2v_weights(ck, &lora, lora_alpha, f);
 }
 
 // ---- --denoise: the denoising loop ----------------------------------------------------------
@@ -145,6 +158,8 @@ struct denoise_settings {
   schedule_kind schedule = schedule_kind::steps;
   bool all_steps = false;
   bool process = false;  // --backend process: this process is one rank of a launched job
+  bool cuda = false;     // --backend cuda: the ranks are GPUs
+  bool bf16_compute = false;  // --compute bf16 (cuda only)
   std::uint64_t seed = 0;
   s2v_loop_spec cli_loop;                   // Live Avatar's defaults, or the options'
   std::vector<std::string> loop_overrides;  // the loop options given explicitly
@@ -168,8 +183,17 @@ denoise_settings denoise_settings_from(const cli::options& o) {
   }
   d.all_steps = o.has("--all-steps");
   const std::string backend = o.get("--backend", "host");
-  if (backend != "host" && backend != "process") throw cli::usage_error("--backend must be host or process, got '" + backend + "'");
+  if (backend != "host" && backend != "process" && backend != "cuda")
+    throw cli::usage_error("--backend must be host, process or cuda, got '" + backend + "'");
   d.process = backend == "process";
+  d.cuda = backend == "cuda";
+  const std::string compute = o.get("--compute", "f32");
+  if (compute != "f32" && compute != "bf16") throw cli::usage_error("--compute must be f32 or bf16, got '" + compute + "'");
+  if (o.has("--compute") && !d.cuda) throw cli::usage_error("--compute applies to --backend cuda only");
+  d.bf16_compute = compute == "bf16";
+#if !defined(UNSHARD_AVATAR_CUDA)
+  if (d.cuda) throw cli::usage_error("--backend cuda: this unshard-avatar was built without CUDA (configure with -DUNSHARD_ENABLE_CUDA=ON)");
+#endif
   d.seed = o.get_count("--seed", 0);
   std::int64_t w = 720, h = 400;
   if (o.has("--size")) {
@@ -220,59 +244,35 @@ s2v_loop_spec loop_of(const nlohmann::json& config, const std::string& path, con
   return s;
 }
 
-// What rank 0 writes: one latent per block (and every step's with --all-steps), F32, the refs' shapes.
-void add_result(safetensors_writer& out, const s2v_block_result& r, const shape& dims) {
-  const std::string n = "clip" + std::to_string(r.clip) + ".block" + std::to_string(r.block);
-  out.add(n + ".latent", dims, r.latent);
-  for (std::size_t i = 0; i < r.noise_pred.size(); ++i) {
-    out.add(n + ".step" + std::to_string(i) + ".noise_pred", dims, r.noise_pred[i]);
-    out.add(n + ".step" + std::to_string(i) + ".latent", dims, r.step_latent[i]);
-  }
+session_options loop_session_options(const run_settings& rs, const denoise_settings& d, const s2v_loop_spec& loop) {
+  session_options opt = session_options_of(rs);
+  opt.schedule = d.schedule;
+  opt.steps = loop.sampler.steps;
+  return opt;
 }
 
-struct loop_timing {
-  double sink_s = 0, denoise_s = 0;
-  std::size_t ticks = 0, blocks = 0, frames_per_block = 0;
-};
-
-// The loop on any session: sink, then every block; rank 0's results go to on_result.
-template <class Session, class OnResult>
-loop_timing run_loop_on(Session& s, const s2v_model& m, const s2v_loop_spec& loop, const s2v_sink_inputs& sink,
-                        const std::vector<s2v_block>& blocks, bool all_steps, OnResult&& on_result) {
-  s2v_denoiser den(m, s, {loop.sampler, loop.blocks_per_clip, all_steps});
-  loop_timing t;
-  const auto t0 = std::chrono::steady_clock::now();
-  den.sink(sink);
-  const auto t1 = std::chrono::steady_clock::now();
-  den.denoise(blocks, on_result);
-  const auto t2 = std::chrono::steady_clock::now();
-  t.sink_s = std::chrono::duration<double>(t1 - t0).count();
-  t.denoise_s = std::chrono::duration<double>(t2 - t1).count();
-  t.ticks = den.ticks_run() - 1;
-  t.blocks = blocks.size();
-  t.frames_per_block = m.geometry().frames;
-  return t;
+#if defined(UNSHARD_AVATAR_CUDA)
+// --backend cuda: the checkpoint (and LoRA) go to the CUDA translation unit, which loads each
+// rank's slice onto its GPU.
+bool denoise_cuda(const cli::options& o, const s2v_model& m, const run_settings& rs, const denoise_settings& d,
+                  const s2v_loop_spec& loop, const checkpoint& inputs, std::optional<double> lora_alpha,
+                  safetensors_writer& out) {
+  const checkpoint ck = checkpoint::open(o.require("--weights"));
+  warn_unknown_tensors(o, m, ck);
+  std::optional<checkpoint> lora;
+  if (o.has("--lora")) lora = checkpoint::open(o.get("--lora"));
+  const s2v_sink_inputs sink = s2v_loop_sink(inputs);
+  const std::vector<s2v_block> blocks = s2v_loop_blocks(loop, inputs, d.seed);
+  tools::avatar_cuda_job job{m.config(), m.workload(), rs.model_options, &ck, lora ? &*lora : nullptr, lora_alpha, 0,
+                             loop_session_options(rs, d, loop), loop, &sink, &blocks, d.all_steps, d.bf16_compute};
+  return tools::run_denoise_cuda(job, [&](s2v_block_result&& r) { add_result(out, r, blocks.front().noise.dims()); });
 }
-
-void print_timing(const loop_timing& t, const memory_plan& plan, std::size_t steps) {
-  const double video_frames = 4.0 * static_cast<double>(t.blocks * t.frames_per_block);
-  std::fprintf(stderr,
-               "unshard-avatar: denoise: schedule %s, %zu steps, world size %zu: sink %.3f s, %zu blocks in %zu ticks, "
-               "%.4f s per tick, %.4f s per block, %.2f video frames per second\n",
-               plan.schedule.c_str(), steps, plan.world_size, t.sink_s, t.blocks, t.ticks,
-               t.ticks ? t.denoise_s / static_cast<double>(t.ticks) : 0.0, t.denoise_s / static_cast<double>(t.blocks),
-               t.denoise_s > 0 ? video_frames / t.denoise_s : 0.0);
-  std::printf("time_per_tick_s=%.6f frames_per_s=%.4f ticks=%zu denoise_s=%.6f\n",
-              t.ticks ? t.denoise_s / static_cast<double>(t.ticks) : 0.0, t.denoise_s > 0 ? video_frames / t.denoise_s : 0.0,
-              t.ticks, t.denoise_s);
-}
+#endif
 
 template <weight_source S>
 bool denoise_with(const s2v_model& m, const S& weights, const run_settings& rs, const denoise_settings& d,
                   const s2v_loop_spec& loop, const checkpoint& inputs, safetensors_writer& out) {
-  session_options opt = session_options_of(rs);
-  opt.schedule = d.schedule;
-  opt.steps = loop.sampler.steps;
+  session_options opt = loop_session_options(rs, d, loop);
   const s2v_sink_inputs sink = s2v_loop_sink(inputs);
   const std::vector<s2v_block> blocks = s2v_loop_blocks(loop, inputs, d.seed);
   const auto write = [&](s2v_block_result&& r) { add_result(out, r, blocks.front().noise.dims()); };
@@ -307,7 +307,11 @@ int run_denoise_files(const cli::options& o) {
   const s2v_model m(cfg, s2v_loop_workload(loop, inputs), rs.model_options);
   safetensors_writer out;
   bool writer = true;
-  with_weights(o, m, lora_alpha, [&](const auto& weights) { writer = denoise_with(m, weights, rs, d, loop, inputs, out); });
+#if defined(UNSHARD_AVATAR_CUDA)
+  if (d.cuda) writer = denoise_cuda(o, m, rs, d, loop, inputs, lora_alpha, out);
+#endif
+  if (!d.cuda)
+    with_weights(o, m, lora_alpha, [&](const auto& weights) { writer = denoise_with(m, weights, rs, d, loop, inputs, out); });
   if (!writer) return 0;
   out.set_metadata("producer", "unshard-avatar --denoise");
   out.write(out_path);
@@ -473,7 +477,21 @@ int run_demo_denoise(const cli::options& o) {
     }
     return latents;
   };
-  const auto sharded = run(rs.world_size, d.schedule, rs.policy.values, true);
+  // --backend cuda: the sharded run on the GPUs, checked against the sequential loop on the host.
+  const auto run_cuda = [&] {
+    std::vector<std::vector<float>> latents;
+#if defined(UNSHARD_AVATAR_CUDA)
+    session_options opt;
+    opt.world_size = rs.world_size;
+    opt.policy = rs.policy.values;
+    opt.schedule = d.schedule;
+    const tools::avatar_cuda_job job{cfg, work, rs.model_options, nullptr, nullptr, std::nullopt, 11, opt, loop, &sink,
+                                     &blocks, false, d.bf16_compute};
+    tools::run_denoise_cuda(job, [&](s2v_block_result&& r) { latents.push_back(r.latent); });
+#endif
+    return latents;
+  };
+  const auto sharded = d.cuda ? run_cuda() : run(rs.world_size, d.schedule, rs.policy.values, true);
   const auto single = run(1, schedule_kind::replicated, parse_policy("full").values, false);
   if (sharded.size() != blocks.size() || single.size() != blocks.size()) throw error("demo: a block's latent is missing");
   double max_diff = 0;
@@ -492,10 +510,11 @@ int main(int argc, char** argv) {
     const unshard::cli::options o(argc, argv,
                                   {"--config", "--weights", "--lora", "--lora-alpha", "--inputs", "--out", "--world-size",
                                    "--policy", "--dtype", "--gemm", "--budget", "--schedule", "--seed", "--backend",
-                                   "--size", "--clips", "--blocks-per-clip", "--steps", "--shift"},
+                                   "--size", "--clips", "--blocks-per-clip", "--steps", "--shift", "--compute"},
                                   {"--strict", "--demo", "--denoise", "--all-steps"});
     if (!o.has("--denoise"))
-      for (const char* k : {"--schedule", "--seed", "--backend", "--size", "--clips", "--blocks-per-clip", "--steps", "--shift", "--all-steps"})
+      for (const char* k : {"--schedule", "--seed", "--backend", "--size", "--clips", "--blocks-per-clip", "--steps", "--shift",
+                            "--all-steps", "--compute"})
         if (o.has(k)) throw cli::usage_error(std::string(k) + " applies to --denoise only");
     if (o.has("--denoise")) return o.has("--demo") ? run_demo_denoise(o) : run_denoise_files(o);
     return o.has("--demo") ? run_demo(o) : run_files(o);

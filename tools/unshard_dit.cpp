@@ -26,9 +26,13 @@ using namespace unshard;
 constexpr const char* usage =
     "unshard-dit --config CONFIG.json --weights FILE.safetensors|INDEX.json --inputs FILE.safetensors "
     "--out OUT.safetensors [--world-size N] [--policy POLICY (full|selective[:subunit]|prefetch:K|offload|chunked:SIZE|fsdp, joined by +)] "
-    "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--trace TRACE.json] [--strict] [--backend host|process|cuda]\n"
+    "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--trace TRACE.json] [--strict] [--backend host|process|cuda] "
+    "[--block-outputs|--no-block-outputs]\n"
     "       unshard-dit --demo [--world-size N] [--policy P] [--backend host|process|cuda]\n"
-    "  --backend process: one rank per process, under unshard-launch --nproc N -- unshard-dit ... (or torchrun)";
+    "  --backend process: one rank per process, under unshard-launch --nproc N -- unshard-dit ... (or torchrun)\n"
+    "  --block-outputs: also keep every block's output and write it as block.I.out (num_layers x tokens x dim f32:\n"
+    "  about 27 GB for Wan 14B at 832x480). By default only when the inputs file holds reference block outputs\n"
+    "  (ref.block.0.out: a vectors file, whose refs the outputs then match); --no-block-outputs: never";
 
 struct run_settings {
   std::size_t world_size = 1;
@@ -45,7 +49,11 @@ run_settings settings_from(const cli::options& o) {
   run_settings s;
   cli::read_sharding_options(o, s);
   s.world_size_given = o.has("--world-size");
-  s.model_options.record_block_outputs = true;
+  // Every block's output is num_layers x S x D f32 (Wan 14B at 832x480: 40 x 32760 x 5120 x 4 B,
+  // about 27 GB) in the state: on request, or by default for a vectors file (block_outputs_for).
+  if (o.has("--block-outputs") && o.has("--no-block-outputs"))
+    throw cli::usage_error("--block-outputs and --no-block-outputs exclude each other");
+  s.model_options.record_block_outputs = o.has("--block-outputs");
   s.trace_path = o.get("--trace");
   const std::string backend = o.get("--backend", "host");
   if (backend != "host" && backend != "cuda" && backend != "process")
@@ -71,6 +79,7 @@ void collect(const wan_model& m, const wan_state& st, dit_outputs& out) {
   const tensor_view o = m.output(st);
   out.output.assign(o.as<float>().begin(), o.as<float>().end());
   out.blocks.clear();
+  if (!m.geometry().record_block_outputs) return;
   for (std::size_t i = 0; i < m.geometry().num_layers; ++i) {
     const tensor_view b = m.block_output(st, i);
     out.blocks.emplace_back(b.as<float>().begin(), b.as<float>().end());
@@ -170,9 +179,12 @@ void write_outputs(const std::string& path, const wan_model& m, const dit_output
 int run_files(const cli::options& o) {
   const std::string config_path = o.require("--config"), weights_path = o.require("--weights"),
                     inputs_path = o.require("--inputs"), out_path = o.require("--out");
-  const run_settings rs = settings_from(o);
+  run_settings rs = settings_from(o);
   const wan_config cfg = wan_config::load(config_path);
   const checkpoint inputs = checkpoint::open(inputs_path);
+  // A vectors file carries the reference block outputs: the outputs then include the matching ones.
+  if (!o.has("--block-outputs") && !o.has("--no-block-outputs"))
+    rs.model_options.record_block_outputs = inputs.find("ref.block.0.out") != nullptr;
   const tensor_view x = inputs.view("input.x"), t = inputs.view("input.t"), ctx = inputs.view("input.context");
   if (x.dims().rank() != 4) throw error(inputs_path + ": input.x has shape " + x.dims().to_string() + ", expected [C,F,H,W]");
   if (ctx.dims().rank() != 2) throw error(inputs_path + ": input.context has shape " + ctx.dims().to_string() + ", expected [L,text_dim]");
@@ -235,7 +247,7 @@ int run_demo(const cli::options& o) {
     max_diff = std::max(max_diff, static_cast<double>(std::fabs(out.output[i] - want.as<float>()[i])));
   std::printf("sharded forward %.3f s; max |sharded - unsharded| = %g\n", out.seconds, max_diff);
   // The same GEMM on the same shapes is bit for bit; a BLAS on chunks of rows changes the shapes,
-  // hence the summation order (CONVENTIONS.md: 1e-6 relative); GPU against host: the f32 rule.
+  // hence the summation order (docs/conventions.md: 1e-6 relative); GPU against host: the f32 rule.
   double ref_max = 0;
   for (const float v : want.as<float>()) ref_max = std::max(ref_max, static_cast<double>(std::fabs(v)));
   if (rs.cuda) return max_diff <= 1e-5 * std::max(1.0, ref_max) ? 0 : 1;
@@ -251,7 +263,7 @@ int main(int argc, char** argv) {
     const unshard::cli::options o(argc, argv,
                                   {"--config", "--weights", "--inputs", "--out", "--world-size", "--policy", "--dtype",
                                    "--gemm", "--budget", "--trace", "--backend"},
-                                  {"--strict", "--demo"});
+                                  {"--strict", "--demo", "--block-outputs", "--no-block-outputs"});
     return o.has("--demo") ? run_demo(o) : run_files(o);
   });
 }

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/cli.hpp"
+#include "unshard/backend/cuda/reserve.hpp"
 #include "unshard/plan/liveavatar/ledger.hpp"
 #include "unshard/plan/liveavatar/search.hpp"
 
@@ -78,7 +79,7 @@ settings settings_from(const cli::options& o, const std::filesystem::path& dir) 
   std::size_t memory = 0, reserve = 0;
   try {
     memory = parse_size(o.require("--device-memory"), "--device-memory");
-    reserve = parse_size(o.get("--reserve", "1.85GiB"), "--reserve");
+    reserve = o.has("--reserve") ? parse_size(o.get("--reserve"), "--reserve") : cuda::planned_reserve_bytes;
   } catch (const cli::usage_error&) {
     throw;
   } catch (const error& e) {
@@ -117,7 +118,7 @@ settings settings_from(const cli::options& o, const std::filesystem::path& dir) 
   if (s.rq.sched.steps > max_steps)
     throw error("--steps " + o.get("--steps") + " is above the " + std::to_string(max_steps) + " denoising steps planned");
   if (memory <= reserve)
-    throw error("--device-memory " + o.get("--device-memory") + " is not above the reserve " + o.get("--reserve", "1.85GiB") +
+    throw error("--device-memory " + o.get("--device-memory") + " is not above the reserve " + o.get("--reserve", "1.85GiB (the default)") +
                 " (CUDA context and allocator): nothing left for the model");
   if (s.rq.work.frames_per_block == 0) throw error("--frames must be at least 1 (got 0)");
   if (s.rq.work.frames_per_block > max_frames)
@@ -155,7 +156,7 @@ std::string steps_text(const std::vector<std::size_t>& steps) {
   return t.empty() ? "none" : t;
 }
 
-// CONVENTIONS.md's object, plus the schedule, the block time and what the forward computes on.
+// docs/conventions.md's object, plus the schedule, the block time and what the forward computes on.
 nlohmann::json to_json(const settings& s, const stack_plan& p) {
   nlohmann::json ranks = nlohmann::json::array();
   for (std::size_t r = 0; r < s.rq.world_size; ++r) {

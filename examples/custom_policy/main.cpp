@@ -6,7 +6,7 @@
 #include <cstring>
 #include <vector>
 
-#include "unshard/models/toy/toy_model.hpp"
+#include "toy_layer/toy_model.hpp"
 #include "unshard/policy/compose.hpp"
 #include "unshard/policy/prefetch.hpp"
 #include "unshard/runtime/reference_forward.hpp"

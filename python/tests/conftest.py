@@ -72,7 +72,7 @@ def denoise_case():
 
 
 def within_rule(got, ref):
-    """CONVENTIONS: max|got - ref| <= 1e-5 * max(1, max|ref|), per tensor."""
+    """docs/conventions.md: max|got - ref| <= 1e-5 * max(1, max|ref|), per tensor."""
     got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     assert got.shape == ref.shape, (got.shape, ref.shape)
     err, tol = float(np.max(np.abs(got - ref))), 1e-5 * max(1.0, float(np.max(np.abs(ref))))

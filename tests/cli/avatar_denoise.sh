@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# unshard-avatar --denoise: bad input gets the exit status of CONVENTIONS.md (1 bad input, 2 usage)
+# unshard-avatar --denoise: bad input gets the exit status of docs/conventions.md (1 bad input, 2 usage)
 # and a message naming the culprit; then one run per schedule whose outputs are checked: the names
 # and shapes of the refs, every rank's peak line with bytes_gathered= and forwards=, and the steps
 # schedule's latents bit-identical to the replicated run's (portable GEMM).
-# Usage: avatar_denoise.sh BIN_DIR DATA_DIR
+# Usage: avatar_denoise.sh BIN_DIR DATA_DIR [cuda]
 set -u
 bin=$1/unshard-avatar; data=$2; tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; fail=0
 cfg=$data/liveavatar_denoise_a.config.json; w=$data/liveavatar_denoise_a.safetensors
@@ -15,6 +15,10 @@ expect 2 "--clips must be at least 1" -- "${base[@]}" --clips 0
 expect 2 "--world-size must be at least 1" -- "${base[@]}" --world-size 0
 expect 2 "--schedule applies to --denoise only" -- --config "$cfg" --weights "$w" --inputs "$w" --out "$tmp/o" --schedule steps
 expect 2 "--size must be WxH" -- "${base[@]}" --size 720
+expect 2 "--compute applies to --backend cuda only" -- "${base[@]}" --compute bf16
+expect 2 "--compute must be f32 or bf16" -- "${base[@]}" --backend cuda --compute f16
+# $3 = cuda when the build has the CUDA backend.
+[ "${3:-}" = cuda ] || expect 2 "this unshard-avatar was built without CUDA" -- "${base[@]}" --backend cuda
 python3 -c "import json,sys; c=json.load(open('$cfg')); c['streaming']['kv_cache']['k/v']=[1,50,4,16]; json.dump(c,open('$tmp/small.json','w'))"
 expect 1 "noisy cache of 50 tokens is not a positive multiple of the block's 96 tokens" -- "${base[@]/$cfg/$tmp/small.json}"
 python3 -c "import json,sys; c=json.load(open('$cfg')); c['scheduler']['shift']=-1; json.dump(c,open('$tmp/shift.json','w'))"

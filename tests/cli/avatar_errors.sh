@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# unshard-avatar on bad input: the exit status of CONVENTIONS.md (1 bad input, 2 usage) and a message
+# unshard-avatar on bad input: the exit status of docs/conventions.md (1 bad input, 2 usage) and a message
 # naming the culprit; never a crash. Then one good run: the peak lines and the output tensors' names
 # and shapes. Usage: avatar_errors.sh BIN_DIR DATA_DIR
 set -u

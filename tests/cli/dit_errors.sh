@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# unshard-dit on bad input: the exit status of CONVENTIONS.md (1 bad input, 2 usage) and a message
+# unshard-dit on bad input: the exit status of docs/conventions.md (1 bad input, 2 usage) and a message
 # naming the culprit; never a crash. Usage: dit_errors.sh BIN_DIR DATA_DIR
 set -u
 bin=$1/unshard-dit; data=$2; tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; fail=0

@@ -1,12 +1,17 @@
 // The CUDA backend on the GPUs of this machine (one is enough): device memory under the tracking
 // allocator, event ordering between streams, pinned and registered host memory, NCCL all-gather
-// and gather_range in place, point-to-point transfer, and abort. Without a device this executable exits 77 ("Skipped").
+// and gather_range in place, point-to-point transfer, and abort (never waiting for a call in
+// flight); copy_to_device complete for the non-blocking streams, compute spans timed on the device,
+// and the measured context + NCCL + cuBLASLt memory against the planned per-rank reserve. Each test
+// says which path it took (NCCL world size). Without a device this executable exits 77 ("Skipped").
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -17,7 +22,9 @@
 
 #include "gpu_main.hpp"
 #include "unshard/backend/cuda/cuda_backend.cuh"
+#include "unshard/backend/cuda/reserve.hpp"
 #include "unshard/core/tracking_allocator.hpp"
+#include "unshard/kernels/cuda/gemm.cuh"
 
 namespace {
 
@@ -207,6 +214,10 @@ TEST_CASE("an mmapped checkpoint range, page-locked in place, is copied to the d
 TEST_CASE("NCCL: in-place all_gather, and gather_range after a local_copy, on every local GPU") {
   cuda_world w(static_cast<std::size_t>(unshard::cuda::device_count()));
   const std::size_t world = w.size();
+  // NCCL refuses two ranks of one communicator on one GPU ("Duplicate GPU detected"), so on one GPU
+  // this is the single-rank path only; the multi-rank paths need two GPUs (test_multigpu_nccl too).
+  MESSAGE("NCCL world size ", world,
+          world == 1 ? ": single-rank all_gather/broadcast only (multi-rank paths: test_multigpu_nccl)" : "");
   constexpr std::size_t shard = 1000;  // not a multiple of anything: byte-exact placement
   const auto flat = pattern(shard * world, 3);
   on_every_rank(w, [&](std::size_t rank) {
@@ -247,6 +258,8 @@ TEST_CASE("NCCL: in-place all_gather, and gather_range after a local_copy, on ev
 TEST_CASE("transfer: every (from, to) pair of local GPUs (ncclSend/ncclRecv), from == to a device copy") {
   cuda_world w(static_cast<std::size_t>(unshard::cuda::device_count()));
   const std::size_t world = w.size();
+  MESSAGE("transfer on ", world, " GPU(s): ",
+          world == 1 ? "from == to only (a device copy; ncclSend/ncclRecv need two GPUs)" : "ncclSend/ncclRecv pairs and local copies");
   for (std::size_t bytes : {std::size_t{1}, std::size_t{1} << 20}) {
     on_every_rank(w, [&](std::size_t rank) {
       auto comm = cuda_backend::comm_stream(w, rank, nullptr);
@@ -308,4 +321,161 @@ TEST_CASE("abort: every later operation fails with rank_failure naming the faile
   CHECK_THROWS_AS(comm->synchronize(), unshard::rank_failure);
   w.abort(0, "a second failure");  // the first one stays the reported one
   CHECK_THROWS_WITH(comm->synchronize(), "rank 0 failed: injected failure");
+}
+
+TEST_CASE("a compute span is timed on the device: it ends when the kernel has run, not when it was enqueued") {
+  cuda_world w(1);
+  unshard::trace_recorder trace;
+  auto compute = cuda_backend::compute_stream(w, 0, &trace);
+  auto out = unshard::cuda::device_buffer(w.device_of(0), 1024 * sizeof(std::uint32_t));
+  REQUIRE(compute->tracing());
+  const long long cycles = 200ll * 1000 * 1000;  // ~0.1 s at 2 GHz
+  auto* span = compute->begin_span();
+  busy_then_fill<<<1, 256, 0, compute->native()>>>(out.as<std::uint32_t>(), 1024, 1u, cycles);
+  UNSHARD_CUDA_CHECK(cudaGetLastError());
+  compute->end_span(span, unshard::trace_kind::compute, 5);
+  const auto enqueued = unshard::trace_clock::now();  // the host is done long before the kernel
+  compute->synchronize();
+  const auto entries = trace.entries();
+  REQUIRE(entries.size() == 1);
+  const auto& e = entries.front();
+  CHECK(e.kind == unshard::trace_kind::compute);
+  CHECK(e.unit == 5);
+  const double span_ms = std::chrono::duration<double, std::milli>(e.end - e.begin).count();
+  const double after_enqueue_ms = std::chrono::duration<double, std::milli>(e.end - enqueued).count();
+  MESSAGE("compute span ", span_ms, " ms, ending ", after_enqueue_ms, " ms after the host enqueued it");
+  // Host times around the enqueue (the defect) give a span of microseconds ending before `enqueued`.
+  CHECK(span_ms > 20.0);
+  CHECK(after_enqueue_ms > 20.0);
+  // Tracing off: no span, nothing enqueued.
+  auto quiet = cuda_backend::compute_stream(w, 0, nullptr);
+  CHECK(quiet->begin_span() == nullptr);
+  quiet->end_span(nullptr, unshard::trace_kind::compute, 0);
+}
+
+TEST_CASE("abort does not wait for a call blocked in its enqueue") {
+  // The defect: call() held a lock across the NCCL call and abort() took it exclusively, so a call
+  // blocked in its enqueue (a launch into a stream full of kernels waiting on a dead peer) made the
+  // abort that would release those kernels wait forever. Here the "enqueue" blocks until the abort
+  // has returned (or 10 s): abort must return at once, and the call's communicator stays valid
+  // until the call leaves it.
+  cuda_world w(1);
+  std::atomic<bool> inside{false}, abort_returned{false};
+  bool comm_valid = false;
+  std::thread caller([&] {
+    try {
+      w.call(0, "a blocked enqueue", [&](ncclComm_t c) {
+        inside = true;
+        const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (!abort_returned && std::chrono::steady_clock::now() < give_up)
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        // The communicator is not freed under the call: this call still counts as its user, and
+        // only the last user out frees it.
+        comm_valid = c != nullptr && w.users_of(0) == 1;
+        return ncclSuccess;
+      });
+    } catch (const unshard::rank_failure&) {
+    }
+  });
+  while (!inside) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const auto t0 = std::chrono::steady_clock::now();
+  w.abort(0, "a peer died");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  abort_returned = true;
+  caller.join();
+  MESSAGE("abort returned after ", seconds, " s with a call in flight");
+  CHECK(seconds < 1.0);
+  CHECK(comm_valid);
+  CHECK(w.users_of(0) == 0);  // the call left; the last user freed the communicator
+  CHECK_THROWS_WITH_AS(w.poll(0, "after the abort"), "rank 0 failed: a peer died", unshard::rank_failure);
+}
+
+TEST_CASE("the per-rank reserve covers the CUDA context, NCCL's lazy buffers and cuBLASLt's kernels") {
+  // What a rank uses on its device besides what the ledger counts: the CUDA context (with the
+  // modules loaded lazily on first launch), the NCCL communicator and the buffers NCCL connects at
+  // its first collectives, cuBLASLt's handle and kernels. Measured as the device's used memory
+  // (total - free, so anything else on the card counts against the reserve too) after the context
+  // alone, then after everything else minus the test's own buffers.
+  const int devices = unshard::cuda::device_count();
+  std::vector<std::size_t> context_used(static_cast<std::size_t>(devices)), before(context_used.size());
+  const auto used = [](int d) {
+    unshard::cuda::device_guard on(d);
+    std::size_t free = 0, total = 0;
+    UNSHARD_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    return total - free;
+  };
+  for (int d = 0; d < devices; ++d) {
+    unshard::cuda::device_guard on(d);
+    UNSHARD_CUDA_CHECK(cudaFree(nullptr));  // the context
+    context_used[static_cast<std::size_t>(d)] = used(d);
+  }
+  constexpr std::size_t shard = 4 << 20;
+  std::vector<unshard::cuda::region_buffer> buffers;
+  for (int d = 0; d < devices; ++d) buffers.push_back(unshard::cuda::device_buffer(d, shard * devices + (64 << 20)));
+  for (int d = 0; d < devices; ++d) before[static_cast<std::size_t>(d)] = used(d);
+  {
+    cuda_world w(static_cast<std::size_t>(devices));
+    on_every_rank(w, [&](std::size_t rank) {
+      auto comm = cuda_backend::comm_stream(w, rank, nullptr);
+      auto compute = cuda_backend::compute_stream(w, rank, nullptr);
+      std::byte* buf = buffers[rank].data();
+      comm->all_gather(buf + rank * shard, buf, shard, 0);
+      comm->gather_range(buf, shard / 2, shard * w.size() - 3, shard, 0);
+      for (std::size_t from = 0; from < w.size(); ++from)
+        for (std::size_t to = 0; to < w.size(); ++to) comm->transfer(from, to, buf, buf + shard, 4096, 0);
+      comm->synchronize();
+      // cuBLASLt: a bf16 and an f32 linear with the GELU epilogue (loads its kernels).
+      std::byte* ws = buf + shard * w.size();
+      unshard::cuda::blaslt blas;
+      blas.set_workspace(ws, 32 << 20);
+      auto* x = reinterpret_cast<unshard::bf16*>(ws + (32 << 20));
+      auto* y = reinterpret_cast<float*>(ws + (48 << 20));
+      blas.linear(x, 64, 256, x, static_cast<const float*>(nullptr), 256, y, unshard::cuda::activation::gelu_tanh,
+                  compute->native());
+      blas.linear(y, 64, 256, y, static_cast<const float*>(nullptr), 256, y + 256 * 256,
+                  unshard::cuda::activation::gelu_tanh, compute->native());
+      compute->synchronize();
+    });
+    for (int d = 0; d < devices; ++d) {
+      const std::size_t i = static_cast<std::size_t>(d);
+      const std::size_t now = used(d), lazy = now > before[i] ? now - before[i] : 0;
+      const std::size_t per_rank = context_used[i] + lazy;
+      MESSAGE("device ", d, ": context ", context_used[i] >> 20, " MiB, NCCL + cuBLASLt after first use ", lazy >> 20,
+              " MiB, total ", per_rank >> 20, " MiB against the planned reserve of ",
+              unshard::cuda::planned_reserve_bytes >> 20, " MiB (world size ", devices, ")");
+      CHECK(per_rank <= unshard::cuda::planned_reserve_bytes);
+    }
+  }
+}
+
+TEST_CASE("copy_to_device: the bytes are on the device for the rank's non-blocking streams when it returns") {
+  // The defect: a pageable cudaMemcpy returns once the bytes are in the driver's staging buffer,
+  // before the DMA lands, and is ordered with the legacy default stream only. A reader enqueued at
+  // once on a non-blocking stream (the rank's compute or communication stream) could then see the
+  // old contents of the tail. Large pageable copies, read back at once through a non-blocking
+  // stream, several times.
+  cuda_world w(1);
+  auto compute = cuda_backend::compute_stream(w, 0, nullptr);
+  constexpr std::size_t bytes = (256u << 20) + 12345;  // not a multiple of the staging size
+  std::vector<std::byte> host = pattern(bytes, 21);
+  auto dst = unshard::cuda::device_buffer(w.device_of(0), bytes);
+  auto seen = unshard::cuda::device_buffer(w.device_of(0), bytes);
+  auto back = unshard::cuda::pinned_buffer(w.device_of(0), bytes);
+  for (unsigned round = 0; round < 3; ++round) {
+    for (std::size_t i = 0; i < bytes; i += 4096) host[i] = std::byte(static_cast<unsigned char>(round * 7 + i));
+    host[bytes - 1] = std::byte(static_cast<unsigned char>(round + 1));
+    UNSHARD_CUDA_CHECK(cudaMemset(dst.data(), 0xEE, bytes));
+    settle();
+    cuda_backend::copy_to_device(w, 0, dst.data(), host.data(), bytes);
+    // At once, on the rank's non-blocking compute stream: a device copy, then back to the host.
+    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(seen.data(), dst.data(), bytes, cudaMemcpyDeviceToDevice, compute->native()));
+    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(back.data(), seen.data(), bytes, cudaMemcpyDeviceToHost, compute->native()));
+    compute->synchronize();
+    std::size_t first_wrong = bytes;
+    for (std::size_t i = 0; i < bytes && first_wrong == bytes; ++i)
+      if (back.data()[i] != host[i]) first_wrong = i;
+    CHECK_MESSAGE(first_wrong == bytes, "round ", round, ": the compute stream saw stale bytes from offset ",
+                  first_wrong, " of ", bytes);
+  }
+  MESSAGE("copy_to_device: ", bytes, " pageable bytes through pinned staging, read at once by a non-blocking stream");
 }

@@ -111,3 +111,30 @@ TEST_CASE("unique-id exchange through a shared file: every rank gets rank 0's id
   CHECK(contains(stale, "nccl_id"));
   fs::remove_all(dir);
 }
+
+TEST_CASE("device selection of a launched rank: LOCAL_RANK when it sees all GPUs, 0 when it sees one, else an error") {
+  using unshard::cuda::device_for_local_rank;
+  // Every process sees the node's 4 GPUs (torchrun's default): rank r on GPU r.
+  for (std::size_t r = 0; r < 4; ++r) CHECK(device_for_local_rank(r, 4, 4) == static_cast<int>(r));
+  CHECK(device_for_local_rank(2, 0, 4) == 2);  // the launcher did not say how many processes per node
+  CHECK(device_for_local_rank(1, 2, 8) == 1);  // fewer processes than GPUs
+  // The launcher gave each process one GPU (CUDA_VISIBLE_DEVICES per rank): always device 0,
+  // the defect was to pick device LOCAL_RANK there, which does not exist for LOCAL_RANK > 0.
+  for (std::size_t r = 0; r < 5; ++r) CHECK(device_for_local_rank(r, 5, 1) == 0);
+  // LOCAL_RANK beyond the visible GPUs: an error naming both (a modulo would put two ranks on one
+  // GPU, which NCCL refuses later with a less helpful message).
+  const std::string beyond = message_of([] { device_for_local_rank(5, 0, 4); });
+  CHECK(contains(beyond, "LOCAL_RANK=5 but this process sees only 4 CUDA devices"));
+  CHECK(contains(beyond, "CUDA_VISIBLE_DEVICES"));
+  const std::string crowded = message_of([] { device_for_local_rank(1, 8, 4); });
+  CHECK(contains(crowded, "LOCAL_WORLD_SIZE=8 processes on this node, but each sees 4 CUDA devices"));
+  CHECK(contains(message_of([] { device_for_local_rank(0, 1, 0); }), "sees no CUDA device"));
+  // From the launch environment.
+  unshard::net::launch_env env;
+  env.rank = 6;
+  env.world_size = 8;
+  env.local_rank = 2;
+  env.local_world_size = 4;
+  CHECK(unshard::cuda::device_for(env, 4) == 2);
+  CHECK(unshard::cuda::device_for(env, 1) == 0);
+}

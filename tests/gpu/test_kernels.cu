@@ -11,7 +11,7 @@
 //    rounds it to bf16; two f32 values that close round to the same bf16 or to neighbours, so one
 //    bf16 ulp (2^-8 .. 2^-7 relative) of the reference plus the f32 bound.
 //  * attention: a reduction over n_keys in another order (tiles, online softmax rescaling):
-//    1e-5 · max(1, max|ref|), CONVENTIONS.md's f32 rule; the observed error is ~1e-6.
+//    1e-5 · max(1, max|ref|), docs/conventions.md's f32 rule; the observed error is ~1e-6.
 //  * GEMM: both sides sum K products of f32 (or exact bf16 x bf16) values in different orders;
 //    rounding errors of a length-K sum grow like sqrt(K) u32 · Σ|x_k w_k|, so the bound is
 //    8·sqrt(K)·u32·Σ_k|x_k w_k| per element (+ the GELU bound where the epilogue applies it).
@@ -281,6 +281,13 @@ TEST_CASE_TEMPLATE("blaslt::linear matches the host linear, with bias, without, 
         }
       }
   }
+  // Which path the calls took: the epilogue (bias, GELU) must have been taken at least once, or
+  // this test checked only the fallback kernel and said nothing about cuBLASLt's epilogue.
+  const cuda::blaslt_stats& ps = blas.stats();
+  MESSAGE("blaslt::linear ", storage_name<T>(), " GEMM paths: ", ps.calls, " calls, ", ps.epilogue_fused,
+          " with the epilogue fused, ", ps.epilogue_fallback, " on the fallback (", ps.heuristic_failures,
+          " heuristic failures)");
+  CHECK(ps.epilogue_fused > 0);
 }
 
 TEST_CASE("blaslt::linear_rows computes a row slice of W into its output columns, nothing else") {
@@ -324,5 +331,16 @@ TEST_CASE("blaslt::linear_rows computes a row slice of W into its output columns
     }
   CHECK_MESSAGE(outside_written == 0, "linear_rows wrote ", outside_written, " elements outside columns [50, 70)");
   expect_close<float>("linear_rows, columns [50, 70)", got_slice, ref_slice, [&](std::size_t i) { return bound_slice[i]; });
-  CHECK(blas.cached_algorithms() >= 1);
+  // Not "cached_algorithms() >= 1" (true after any call): the path each call took, said and
+  // checked. The same shape again is served from the cache: no new heuristic query.
+  const cuda::blaslt_stats before = blas.stats();
+  MESSAGE("linear_rows GEMM paths: ", before.calls, " calls, ", before.epilogue_fused, " with the bias epilogue (",
+          before.bias_realigned, " realigned), ", before.epilogue_fallback, " on the fallback; ",
+          before.heuristic_queries, " heuristic queries (", before.heuristic_failures, " failed), ",
+          blas.cached_algorithms(), " cached");
+  CHECK(before.calls == 5);
+  CHECK(before.epilogue_fused + before.epilogue_fallback == before.calls);
+  blas.linear_rows(dx.p, m, k, dw.p + 50 * k, db.p + 50, 20, 50, dz.p, n, cuda::activation::none, st.s);
+  st.sync();
+  CHECK(blas.stats().heuristic_queries == before.heuristic_queries);
 }

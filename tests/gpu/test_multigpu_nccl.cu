@@ -1,10 +1,13 @@
 // NCCL across two or more local GPUs: the per-process bootstrap (each thread plays one process, the
 // unique id broadcast through a caller-supplied exchange) and failure handling: a rank's abort ends
-// a peer's pending collective with rank_failure instead of a hang. Needs >= 2 devices: exits 77
-// ("Skipped") otherwise.
+// a peer's pending collective with rank_failure instead of a hang, and an abort never waits for a
+// peer's call blocked in its enqueue (two communicators). Needs >= 2 devices (NCCL refuses two
+// ranks of a communicator on one GPU): exits 77 ("Skipped") otherwise.
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <chrono>
 #include <future>
 #include <memory>
@@ -164,4 +167,72 @@ TEST_CASE("one process per rank: a peer that aborts without joining ends the wai
     CHECK(seconds[r] > 0.0);
     CHECK(seconds[r] < 5.0 + 10.0);
   }
+}
+
+TEST_CASE("two communicators: a rank's abort does not wait for a peer's call blocked in its enqueue") {
+  // The defect: abort() took, exclusively, a lock that every call held across its NCCL call. Rank 0
+  // blocked in an enqueue (a launch into a stream full of collectives waiting for rank 1) then kept
+  // rank 1's abort from ever releasing those collectives: a hang. Here rank 0's call blocks until
+  // rank 1's abort has returned (or 10 s).
+  cuda_world w(2);
+  std::atomic<bool> inside{false}, abort_returned{false};
+  std::thread rank0([&] {
+    try {
+      w.call(0, "a blocked enqueue", [&](ncclComm_t) {
+        inside = true;
+        const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (!abort_returned && std::chrono::steady_clock::now() < give_up)
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        return ncclSuccess;
+      });
+    } catch (const unshard::rank_failure&) {
+    }
+  });
+  while (!inside) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  double seconds = 0;
+  std::thread rank1([&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    w.abort(1, "rank 1 died");
+    seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    abort_returned = true;
+  });
+  rank1.join();
+  rank0.join();
+  MESSAGE("rank 1's abort returned after ", seconds, " s while rank 0's call was in flight");
+  CHECK(seconds < 1.0);
+  CHECK(w.users_of(0) == 0);
+  CHECK(w.users_of(1) == 0);
+  CHECK_THROWS_WITH_AS(w.poll(0, "after"), "rank 1 failed: rank 1 died", unshard::rank_failure);
+}
+
+TEST_CASE("two communicators: all-gathers enqueued without the peer end with rank_failure once the peer aborts") {
+  // The real shape of the hang: rank 0 enqueues collectives that rank 1 never joins until the
+  // launch queue is full and an enqueue blocks; rank 1 then aborts. Rank 0 must get rank_failure
+  // (revoke releases its kernels, so its blocked enqueue returns), not hang. A watchdog ends the
+  // process if it does hang, so the test fails instead of running forever.
+  cuda_world w(2);
+  std::atomic<std::size_t> enqueued{0};
+  std::string rank0_error;
+  auto rank0 = std::async(std::launch::async, [&] {
+    try {
+      auto comm = cuda_backend::comm_stream(w, 0, nullptr);
+      auto buf = unshard::cuda::device_buffer(w.device_of(0), 2 * 4096);
+      for (std::size_t i = 0; i < 100000; ++i, ++enqueued) comm->all_gather(buf.data(), buf.data(), 4096, 0);
+      comm->synchronize();
+    } catch (const unshard::rank_failure& e) {
+      rank0_error = e.what();
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // rank 0 is deep in its enqueues by now
+  const std::size_t before_abort = enqueued.load();
+  w.abort(1, "rank 1 died");
+  if (rank0.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+    std::fprintf(stderr, "FAIL: rank 0 still blocked 60 s after rank 1's abort (%zu collectives enqueued)\n",
+                 enqueued.load());
+    std::_Exit(1);
+  }
+  rank0.get();
+  MESSAGE("rank 0 had enqueued ", before_abort, " all-gathers when rank 1 aborted, ", enqueued.load(),
+          " in all; it ended with: ", rank0_error);
+  CHECK(rank0_error == "rank 1 failed: rank 1 died");
 }

@@ -1,6 +1,6 @@
 #pragma once
 // Helpers shared by the tests that check models against the official references in tests/data:
-// finding the reference files, CONVENTIONS.md's tolerance, aligned model buffers and bf16-rounded
+// finding the reference files, docs/conventions.md's tolerance, aligned model buffers and bf16-rounded
 // copies of a checkpoint's weights.
 #include <doctest/doctest.h>
 
@@ -36,7 +36,7 @@ inline std::vector<std::string> vector_files(std::string_view prefix) {
   return names;
 }
 
-// CONVENTIONS.md's rule max|got - ref| <= 1e-5 * max(1, max|ref|), as a ratio: <= 1 passes.
+// docs/conventions.md's rule max|got - ref| <= 1e-5 * max(1, max|ref|), as a ratio: <= 1 passes.
 inline double excess(std::span<const float> got, std::span<const float> ref) {
   REQUIRE(got.size() == ref.size());
   double diff = 0, scale = 1;

@@ -1,5 +1,5 @@
 #pragma once
-// Session options as the sharded tests state them: a policy string (CONVENTIONS.md) at a world size.
+// Session options as the sharded tests state them: a policy string (docs/conventions.md) at a world size.
 #include <cstddef>
 #include <string_view>
 

@@ -17,7 +17,7 @@
 
 namespace unshard::cli {
 
-// Exit statuses of CONVENTIONS.md: 1 for bad input, 2 for a usage error.
+// Exit statuses of docs/conventions.md: 1 for bad input, 2 for a usage error.
 struct usage_error : error {
   using error::error;
 };

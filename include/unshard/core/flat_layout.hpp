@@ -7,7 +7,7 @@
 #include "unshard/core/error.hpp"
 #include "unshard/core/memory_category.hpp"
 #include "unshard/core/tensor_view.hpp"
-#include "unshard/layer/param_spec.hpp"
+#include "unshard/core/param_spec.hpp"
 
 namespace unshard {
 

@@ -130,7 +130,7 @@ inline double forward_seconds(const std::vector<step_cost>& steps, const time_ra
 }
 
 // The timeline as Chrome trace JSON (Perfetto, chrome://tracing), laid out as the runtime's own
-// trace (runtime/trace.hpp): one process per rank, compute on thread 0, communication on thread 1;
+// trace (core/trace.hpp): one process per rank, compute on thread 0, communication on thread 1;
 // plus a "memory" counter per rank (that rank's constant terms and the live gathered bytes, stacked)
 // and an instant event at every free. Ranks run in lockstep (every gather is a collective), so they
 // repeat the timeline; their constant terms may differ (under the steps schedule, the KV caches).

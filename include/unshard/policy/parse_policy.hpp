@@ -37,7 +37,7 @@ inline std::size_t parse_size(std::string_view text, std::string_view what = "si
   return static_cast<std::size_t>(std::llround(bytes));
 }
 
-// The policy grammar of CONVENTIONS.md: term ('+' term)*, each kind at most once.
+// The policy grammar of docs/conventions.md: term ('+' term)*, each kind at most once.
 // `auto` is the planner's and is not accepted here; `fsdp` is parsed here, and run by the tools
 // that support it.
 struct parsed_policy {

@@ -33,8 +33,13 @@ class lane_turns {
   // rethrows the failing lane's own exception.
   struct cancelled {};
 
-  explicit lane_turns(std::size_t max_lanes) {
-    for (std::size_t i = 1; i < max_lanes; ++i) threads_.emplace_back([this, i] { helper_main(i); });
+  // on_thread_start: run first on each helper thread (a backend binds it to the rank's device).
+  explicit lane_turns(std::size_t max_lanes, std::function<void()> on_thread_start = {}) {
+    for (std::size_t i = 1; i < max_lanes; ++i)
+      threads_.emplace_back([this, i, on_thread_start] {
+        if (on_thread_start) on_thread_start();
+        helper_main(i);
+      });
   }
   ~lane_turns() {
     {

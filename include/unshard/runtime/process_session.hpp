@@ -52,7 +52,7 @@ class process_session {
   // rank computes the same plan, so every rank refuses alike.
   template <weight_source S>
   process_session(const M& m, const S& weights, world_type& world, session_options opt)
-    requires requires { world.rank(); }
+    requires knows_own_rank<B>
       : process_session(m, weights, world, world.rank(), std::move(opt)) {}
 
   // `rank` is this process's rank in the world (a cuda_world holds only its local ranks).
@@ -110,7 +110,7 @@ class process_session {
   rank_measurement measured() const { return measure(*runtime_); }
   void cap_device_memory(std::size_t cap) noexcept { runtime_->cap_device_memory(cap); }
 
-  // "rank R planned_peak_bytes=N measured_peak_bytes=M" (CONVENTIONS.md): each process prints
+  // "rank R planned_peak_bytes=N measured_peak_bytes=M" (docs/conventions.md): each process prints
   // its own line, so a launcher's combined output has every rank once.
   std::string peak_line() const {
     const auto& planned = plan_.ranks[rank()];
@@ -150,7 +150,7 @@ class process_session {
   // "rank R failed <when>: <why>", R being the rank that failed first (perhaps another process).
   rank_failure failure(const char* when, const std::exception& e) const {
     const int first = world_.failed_rank();
-    if constexpr (requires { world_.failure_reason(); })
+    if constexpr (has_failure_reason<B>)
       return rank_failure(first, detail::concat("rank ", first, " failed ", when, ": ", world_.failure_reason()));
     else
       return rank_failure(first, detail::concat("rank ", first, " failed ", when, ": ", e.what()));

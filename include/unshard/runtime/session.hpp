@@ -69,6 +69,9 @@ template <model M, backend B = host_backend>
 class session {
  public:
   using state_type = typename M::state;
+  static_assert(has_local_world<B>,
+                "session runs every rank as a thread of this process and builds B::world(world_size, link); this "
+                "backend's world spans processes: use process_session (runtime/process_session.hpp)");
 
   template <weight_source S>
   session(const M& m, const S& weights, session_options opt)

@@ -14,7 +14,7 @@
 #include "unshard/backend/cuda/memory.cuh"
 #include "unshard/backend/cuda/nccl_world.cuh"
 #include "unshard/core/device_arena.hpp"
-#include "unshard/runtime/trace.hpp"
+#include "unshard/core/trace.hpp"
 
 namespace unshard {
 
@@ -23,6 +23,8 @@ struct cuda_backend {
   using stream = cuda_stream;
   using event = cuda_event;
   static constexpr const char* name = "cuda";
+  // Shards, gathered units and the model state live in cudaMalloc memory: only kernels read them.
+  using memory = memory_spaces<cuda_device_memory>;
 
   static std::unique_ptr<stream> compute_stream(world& w, std::size_t rank, trace_recorder* t) {
     return std::make_unique<stream>(w, rank, stream_role::compute, t);
@@ -41,6 +43,8 @@ struct cuda_backend {
     w.make_current(rank);
     return cuda::device_region(w.device_of(rank), bytes);
   }
+  // Another thread working for the rank (a lane's helper thread) uses the rank's device.
+  static void bind_thread(world& w, std::size_t rank) { w.make_current(rank); }
   // The rank's offload memory: pinned, so shard copies to the device are asynchronous.
   static arena_backing host_backing(world& w, std::size_t rank, std::size_t bytes) {
     return cuda::pinned_host_region(w.device_of(rank), bytes);
@@ -49,12 +53,16 @@ struct cuda_backend {
   // Load time only, never in a forward: copies host bytes (a shard read from the checkpoint) into
   // the rank's memory and waits. Device memory cannot be written by the host directly, so the
   // runtime loads a shard into a host staging buffer and copies it over with this (rank_runtime::load_into).
+  // When it returns the bytes are on the device, for every stream (cuda::upload_to_device: a
+  // pageable cudaMemcpy would return before its DMA lands, and kernels on the rank's non-blocking
+  // streams could read the buffer first).
   static void copy_to_device(world& w, std::size_t rank, std::byte* dst, const std::byte* src, std::size_t bytes) {
     if (bytes == 0) return;
-    cuda::device_guard on(w.device_of(rank));
-    UNSHARD_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+    cuda::upload_to_device(w.device_of(rank), dst, src, bytes);
   }
 };
 static_assert(backend<cuda_backend>);
+static_assert(has_device_backing<cuda_backend> && has_host_backing<cuda_backend> && has_copy_to_device<cuda_backend> &&
+              has_local_copy<cuda_backend> && has_local_world<cuda_backend> && has_device_spans<cuda_backend>);
 
 }  // namespace unshard

@@ -13,7 +13,8 @@
 #include "unshard/backend/cuda/check.cuh"
 #include "unshard/backend/cuda/device.cuh"
 #include "unshard/backend/cuda/nccl_world.cuh"
-#include "unshard/runtime/trace.hpp"
+#include "unshard/core/trace.hpp"
+#include "unshard/core/trace_spans.hpp"
 
 namespace unshard {
 
@@ -87,7 +88,7 @@ enum class stream_role : std::uint8_t { compute, communication, copy };
 class cuda_stream {
  public:
   cuda_stream(cuda_world& world, std::size_t rank, stream_role role, trace_recorder* trace = nullptr)
-      : world_(world), rank_(rank), device_(world.device_of(rank)), role_(role), trace_(trace) {
+      : world_(world), rank_(rank), device_(world.device_of(rank)), role_(role), trace_(trace), spans_(trace, rank) {
     world.make_current(rank);  // the rank's thread stays on its device (its kernels launch there)
     int least = 0, greatest = 0;  // CUDA priorities: lower numbers are higher priority
     UNSHARD_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
@@ -215,6 +216,32 @@ class cuda_stream {
     UNSHARD_CUDA_CHECK(cudaStreamWaitEvent(stream_, e.native(), 0));
     if (copy_lane_) UNSHARD_CUDA_CHECK(cudaStreamWaitEvent(copy_lane_, e.native(), 0));
   }
+  // A span of work the caller enqueues on this stream itself (a unit's kernels: the runtime's
+  // "compute" span), timed when the GPU reaches it, not when the host enqueues it: a host callback
+  // at the stream position of begin_span stamps the begin, one at end_span's writes the entry
+  // (the same trace_spans slots as the gathers). The host returns from a unit's forward long
+  // before its kernels run, so host times around it would show enqueue times, not compute.
+  // Returns null with tracing off (or when every slot is still pending: the span is then counted
+  // as dropped); end_span(null, ...) does nothing. Spans may interleave (lanes of a tick).
+  trace_spans::span* begin_span() {
+    trace_spans::span* span = spans_.open();
+    if (!span) return nullptr;
+    cuda::device_guard on(device_);
+    const cudaError_t e = cudaLaunchHostFunc(stream_, trace_spans::span::stamp_begin, span);
+    if (e != cudaSuccess) trace_spans::cancel(span);  // no callback holds it
+    UNSHARD_CUDA_CHECK(e);
+    return span;
+  }
+  void end_span(trace_spans::span* span, trace_kind kind, std::uint32_t unit, std::size_t bytes = 0) {
+    if (!span) return;
+    span->set(kind, unit, bytes);
+    cuda::device_guard on(device_);
+    const cudaError_t e = cudaLaunchHostFunc(stream_, trace_spans::span::write_end, span);
+    if (e != cudaSuccess) trace_spans::cancel(span);  // never written: give the slot back
+    UNSHARD_CUDA_CHECK(e);
+  }
+  bool tracing() const noexcept { return spans_.enabled(); }
+
   // Native handles, for work launched outside this class (kernels, cuBLASLt) to be ordered with it.
   void record_native(cudaEvent_t e) {
     cuda::device_guard on(device_);
@@ -252,37 +279,22 @@ class cuda_stream {
 
  private:
   // Tracing: the time an operation starts and ends *on the GPU* is when the stream reaches a host
-  // callback placed before and after it (cudaLaunchHostFunc, capturable in a graph). Slots form a
-  // fixed ring, so tracing allocates nothing; with tracing off nothing is enqueued.
-  struct trace_slot {
-    cuda_stream* self = nullptr;
-    trace_clock::time_point begin{};
-    trace_kind kind{};
-    std::uint32_t unit = 0;
-    std::size_t bytes = 0;
-  };
-  static constexpr std::size_t trace_slots = 1024;
-
+  // callback placed before and after it (cudaLaunchHostFunc, capturable in a graph). A span's slot
+  // stays reserved until its end callback has run (core/trace_spans.hpp), so a stream enqueueing
+  // far ahead of the GPU drops spans (counted by the recorder) instead of overwriting pending ones.
+  // With tracing off nothing is enqueued.
   void trace_begin(cudaStream_t s) {
-    if (!trace_) return;
-    trace_slot& slot = slots_[next_slot_ % trace_slots];
-    slot.self = this;
-    UNSHARD_CUDA_CHECK(cudaLaunchHostFunc(
-        s, [](void* p) { static_cast<trace_slot*>(p)->begin = trace_clock::now(); }, &slot));
+    open_span_ = spans_.open();
+    if (!open_span_) return;
+    const cudaError_t e = cudaLaunchHostFunc(s, trace_spans::span::stamp_begin, open_span_);
+    if (e != cudaSuccess) trace_spans::cancel(std::exchange(open_span_, nullptr));  // no callback holds it
+    UNSHARD_CUDA_CHECK(e);
   }
   void trace_end(cudaStream_t s, trace_kind kind, std::uint32_t unit, std::size_t bytes) {
-    if (!trace_) return;
-    trace_slot& slot = slots_[next_slot_++ % trace_slots];
-    slot.kind = kind;
-    slot.unit = unit;
-    slot.bytes = bytes;
-    UNSHARD_CUDA_CHECK(cudaLaunchHostFunc(
-        s,
-        [](void* p) {
-          auto* t = static_cast<trace_slot*>(p);
-          t->self->trace_->add(t->self->rank_, t->kind, t->unit, t->begin, trace_clock::now(), t->bytes);
-        },
-        &slot));
+    trace_spans::span* span = std::exchange(open_span_, nullptr);
+    if (!span) return;
+    span->set(kind, unit, bytes);
+    UNSHARD_CUDA_CHECK(cudaLaunchHostFunc(s, trace_spans::span::write_end, span));
   }
 
   cuda_world& world_;
@@ -293,8 +305,8 @@ class cuda_stream {
   cudaStream_t stream_ = nullptr;
   cudaStream_t copy_lane_ = nullptr;  // communication streams only
   cudaEvent_t copy_done_ = nullptr;
-  std::array<trace_slot, trace_slots> slots_{};
-  std::uint64_t next_slot_ = 0;
+  trace_spans spans_;
+  trace_spans::span* open_span_ = nullptr;  // between trace_begin and trace_end
 };
 
 }  // namespace unshard

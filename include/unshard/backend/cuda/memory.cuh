@@ -2,8 +2,10 @@
 #include <cuda_runtime_api.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #include "unshard/backend/cuda/check.cuh"
@@ -27,7 +29,7 @@ inline arena_backing device_region(int device, std::size_t bytes) {
   const cudaError_t e = cudaMalloc(&p, n);
   if (e != cudaSuccess) {
     cudaGetLastError();
-    throw out_of_memory(detail::concat("device ", device, ": cannot reserve ", n,
+    throw out_of_memory(::unshard::detail::concat("device ", device, ": cannot reserve ", n,
                                        " bytes of device memory for the rank's arena (", cudaGetErrorName(e), ": ",
                                        cudaGetErrorString(e), ")"));
   }
@@ -46,7 +48,7 @@ inline arena_backing pinned_host_region(int device, std::size_t bytes) {
   const cudaError_t e = cudaHostAlloc(&p, n, cudaHostAllocPortable);
   if (e != cudaSuccess) {
     cudaGetLastError();
-    throw out_of_memory(detail::concat("device ", device, ": cannot pin ", n, " bytes of host memory (",
+    throw out_of_memory(::unshard::detail::concat("device ", device, ": cannot pin ", n, " bytes of host memory (",
                                        cudaGetErrorName(e), ": ", cudaGetErrorString(e),
                                        "); check `ulimit -l` and the free host memory"));
   }
@@ -85,6 +87,52 @@ class region_buffer {
 
 inline region_buffer device_buffer(int device, std::size_t bytes) { return {device_region(device, bytes), bytes}; }
 inline region_buffer pinned_buffer(int device, std::size_t bytes) { return {pinned_host_region(device, bytes), bytes}; }
+
+// Copies `bytes` of host memory (pageable: a checkpoint's shard, a std::vector) to `dst` in
+// device memory of `device`, and returns once they are there, for every stream of the device.
+//
+// Why not cudaMemcpy: from pageable memory it returns as soon as the bytes are in the driver's
+// staging buffer, before the DMA to the device has finished, and it is ordered only with the
+// legacy default stream, which the backend's streams (cudaStreamNonBlocking) do not wait for. A
+// kernel enqueued on them right after could read the destination before the copy lands. Here
+// the bytes go through pinned staging buffers (two, so the host fills one while the copy engine
+// empties the other) with cudaMemcpyAsync on a stream of our own, which is synchronised before
+// returning: complete on the device, visible to any stream enqueued afterwards.
+inline void upload_to_device(int device, std::byte* dst, const std::byte* src, std::size_t bytes,
+                             std::size_t staging_bytes = std::size_t{32} << 20) {
+  if (bytes == 0) return;
+  device_guard on(device);
+  const std::size_t piece = std::min(bytes, std::max<std::size_t>(staging_bytes, 4096));
+  struct resources {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t done[2] = {nullptr, nullptr};
+    void* staging[2] = {nullptr, nullptr};
+    ~resources() {
+      if (stream) cudaStreamSynchronize(stream);  // on an error path too: no DMA from freed memory
+      for (void* p : staging)
+        if (p) cudaFreeHost(p);
+      for (cudaEvent_t e : done)
+        if (e) cudaEventDestroy(e);
+      if (stream) cudaStreamDestroy(stream);
+    }
+  } r;
+  UNSHARD_CUDA_CHECK(cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking));
+  const int buffers = bytes > piece ? 2 : 1;
+  for (int i = 0; i < buffers; ++i) {
+    UNSHARD_CUDA_CHECK(cudaHostAlloc(&r.staging[i], piece, cudaHostAllocDefault));
+    UNSHARD_CUDA_CHECK(cudaEventCreateWithFlags(&r.done[i], cudaEventDisableTiming));
+  }
+  std::size_t i = 0;
+  for (std::size_t off = 0; off < bytes; off += piece, i ^= static_cast<std::size_t>(buffers - 1)) {
+    const std::size_t n = std::min(piece, bytes - off);
+    // The staging buffer is free again once its previous copy has run (the first use: at once).
+    UNSHARD_CUDA_CHECK(cudaEventSynchronize(r.done[i]));
+    std::memcpy(r.staging[i], src + off, n);
+    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(dst + off, r.staging[i], n, cudaMemcpyHostToDevice, r.stream));
+    UNSHARD_CUDA_CHECK(cudaEventRecord(r.done[i], r.stream));
+  }
+  UNSHARD_CUDA_CHECK(cudaStreamSynchronize(r.stream));
+}
 
 // Page-locks an existing host range, typically part of an mmapped checkpoint, so the shards can be
 // copied to the device straight from the page cache with no pinned staging copy. The range is

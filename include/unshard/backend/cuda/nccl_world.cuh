@@ -7,8 +7,8 @@
 #include <chrono>
 #include <cstddef>
 #include <cstring>
+#include <deque>
 #include <mutex>
-#include <shared_mutex>
 #include <span>
 #include <string>
 #include <thread>
@@ -45,6 +45,15 @@ struct cuda_world_options {
 // or pending operation on any local rank throws rank_failure naming the failed rank. NCCL does not
 // say *which* peer died: a remote error names the rank that observed it, unless the out-of-band
 // channel (the TCP bootstrap noticing a closed socket) called abort(peer, ...) first.
+//
+// abort() never waits for a call in flight. A call can block inside NCCL's enqueue even on a
+// non-blocking communicator (a kernel launch into a stream whose queue is full of collectives
+// waiting for a dead peer): if abort waited for it, nothing would ever release those kernels, the
+// hang the failure model forbids. So every use of a communicator (call, poll, the set-up wait)
+// counts itself in and out of the communicator's `users`, and abort, after marking the job failed,
+// frees (ncclCommAbort) only a communicator nobody is using; one that is in use it revokes
+// (ncclCommRevoke: stops its in-flight operations and releases their kernels, frees nothing), and
+// the last user to leave it frees it. No lock is held across an NCCL call.
 class cuda_world {
  public:
   // One process, `world_size` local GPUs, rank r on device r. The link is real here: a simulated
@@ -62,7 +71,7 @@ class cuda_world {
                     " CUDA device(s)");
     slot_of_.assign(size_, -1);
     for (std::size_t r = 0; r < size_; ++r) {
-      local_.push_back({r, devices[r], nullptr});
+      local_.emplace_back(r, devices[r]);
       slot_of_[r] = static_cast<int>(r);
     }
     ncclUniqueId id{};
@@ -83,7 +92,7 @@ class cuda_world {
                   visible, " CUDA device(s)");
     if (!exchange) throw_error("cuda_world: rank ", rank, ": no unique-id exchange given");
     slot_of_.assign(size_, -1);
-    local_.push_back({rank, device, nullptr});
+    local_.emplace_back(rank, device);
     slot_of_[rank] = 0;
 
     ncclUniqueId id{};
@@ -97,9 +106,11 @@ class cuda_world {
     init_local_communicators(id);
   }
 
-  // This process is the rank a launcher says (RANK, WORLD_SIZE), on the GPU LOCAL_RANK.
+  // This process is the rank a launcher says (RANK, WORLD_SIZE), on the device cuda::device_for
+  // picks (bootstrap.hpp): GPU LOCAL_RANK when the process sees all of the node's GPUs, GPU 0 when
+  // the launcher gave each process one GPU (CUDA_VISIBLE_DEVICES per rank); an error otherwise.
   cuda_world(const net::launch_env& env, const cuda::unique_id_exchange& exchange, cuda_world_options opt = {})
-      : cuda_world(env.rank, env.world_size, static_cast<int>(env.local_rank), exchange, opt) {}
+      : cuda_world(env.rank, env.world_size, cuda::device_for(env, cuda::device_count()), exchange, opt) {}
 
   ~cuda_world() { release_communicators(); }
   cuda_world(const cuda_world&) = delete;
@@ -125,10 +136,9 @@ class cuda_world {
     ncclResult_t r = ncclSuccess;
     std::string last;
     {
-      std::shared_lock lock(comms_);
-      ncclComm_t c = live_comm(rank);
-      r = f(c);
-      if (r != ncclSuccess && r != ncclInProgress) last = ncclGetLastError(c);
+      const comm_use use(*this, rank);  // no lock: abort() does not wait for this call
+      r = f(use.comm());
+      if (r != ncclSuccess && r != ncclInProgress) last = ncclGetLastError(use.comm());
     }
     if (r == ncclInProgress) return wait_ready(rank, what);
     if (r != ncclSuccess) fail(rank, what, r, last);
@@ -140,31 +150,33 @@ class cuda_world {
     ncclResult_t state = ncclSuccess;
     std::string last;
     {
-      std::shared_lock lock(comms_);
-      ncclComm_t c = live_comm(rank);
-      UNSHARD_CUDA_CHECK(ncclCommGetAsyncError(c, &state));
-      if (state != ncclSuccess && state != ncclInProgress) last = ncclGetLastError(c);
+      const comm_use use(*this, rank);
+      UNSHARD_CUDA_CHECK(ncclCommGetAsyncError(use.comm(), &state));
+      if (state != ncclSuccess && state != ncclInProgress) last = ncclGetLastError(use.comm());
     }
     if (state != ncclSuccess && state != ncclInProgress) fail(rank, what, state, last);
   }
 
   // First failure wins: records it and aborts every local communicator (ncclCommAbort also makes
-  // GPU kernels waiting on a dead peer return). Safe from any thread, at any time.
+  // GPU kernels waiting on a dead peer return). Safe from any thread, at any time, and it never
+  // waits for a call in flight (see the class comment): a communicator in use is revoked now and
+  // freed by its last user.
   void abort(std::size_t rank, const std::string& why) {
     {
       std::lock_guard lock(failure_mutex_);
       if (aborted_.load()) return;
       failed_rank_ = rank;
       failure_ = why;
-      aborted_.store(true);
+      aborted_.store(true);  // from here on no new use of any communicator begins
     }
-    std::unique_lock lock(comms_);  // waits out calls in flight; non-blocking, they end promptly
-    for (auto& l : local_)
-      if (l.comm) {
-        ncclCommAbort(l.comm);
-        l.comm = nullptr;
-      }
+    for (auto& l : local_) {
+      // abort is a user too while it looks: the communicator cannot be freed under its revoke.
+      if (l.users.fetch_add(1) > 0) revoke(l);
+      leave(l);
+    }
   }
+  // Uses of `rank`'s communicator in progress (calls, polls), for tests and diagnostics.
+  int users_of(std::size_t rank) const { return slot(rank).users.load(); }
   bool aborted() const noexcept { return aborted_.load(); }
   int failed_rank() const {
     std::lock_guard lock(failure_mutex_);
@@ -177,10 +189,53 @@ class cuda_world {
 
  private:
   struct local_rank {
+    local_rank(std::size_t r, int d) : rank(r), device(d) {}
     std::size_t rank;
     int device;
-    ncclComm_t comm;
+    std::atomic<ncclComm_t> comm{nullptr};  // null once freed
+    mutable std::atomic<int> users{0};      // uses in progress (comm_use), abort's included
   };
+
+  // One use of a rank's communicator, counted in `users` (see the class comment): the
+  // communicator is not freed before the use ends. Entering after the abort throws its failure.
+  // Sequentially consistent: either abort sees this use and leaves the free to it, or this use
+  // sees the abort and backs out.
+  class comm_use {
+   public:
+    comm_use(cuda_world& w, std::size_t rank) : w_(w), l_(w.slot_mut(rank)) {
+      l_.users.fetch_add(1);
+      if (w_.aborted_.load() || !(comm_ = l_.comm.load())) {
+        w_.leave(l_);
+        w_.throw_aborted();
+      }
+    }
+    ~comm_use() { w_.leave(l_); }
+    comm_use(const comm_use&) = delete;
+    comm_use& operator=(const comm_use&) = delete;
+    ncclComm_t comm() const noexcept { return comm_; }
+
+   private:
+    cuda_world& w_;
+    local_rank& l_;
+    ncclComm_t comm_ = nullptr;
+  };
+
+  // The end of a use: the last user out after an abort frees the communicator (exactly once: the
+  // pointer is taken by exchange).
+  void leave(local_rank& l) noexcept {
+    if (l.users.fetch_sub(1) == 1 && aborted_.load())
+      if (ncclComm_t c = l.comm.exchange(nullptr)) ncclCommAbort(c);
+  }
+  // Stops the operations of a communicator that another thread is using (maybe blocked in an
+  // enqueue) without freeing it: ncclCommRevoke (NCCL >= 2.28); before that there is no such call,
+  // and the communicator's kernels are released when its last user frees it.
+  static void revoke(local_rank& l) noexcept {
+#if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= NCCL_VERSION(2, 28, 0)
+    if (ncclComm_t c = l.comm.load()) ncclCommRevoke(c, NCCL_REVOKE_DEFAULT);
+#else
+    (void)l;
+#endif
+  }
 
   static std::vector<int> first_devices(std::size_t n) {
     std::vector<int> d(n);
@@ -197,11 +252,7 @@ class cuda_world {
     }
     return local_[static_cast<std::size_t>(slot_of_[rank])];
   }
-  // Under comms_ (shared): the communicator, or the job's failure if it was aborted.
-  ncclComm_t live_comm(std::size_t rank) const {
-    if (aborted_.load()) throw_aborted();
-    return slot(rank).comm;
-  }
+  local_rank& slot_mut(std::size_t rank) { return const_cast<local_rank&>(slot(rank)); }
 
   [[noreturn]] void fail(std::size_t rank, const char* what, ncclResult_t r, const std::string& last) {
     abort(rank, detail::concat(what, ": NCCL ", cuda::nccl_result_name(r), " (", ncclGetErrorString(r),
@@ -216,10 +267,9 @@ class cuda_world {
       ncclResult_t state = ncclSuccess;
       std::string last;
       {
-        std::shared_lock lock(comms_);
-        ncclComm_t c = live_comm(rank);
-        UNSHARD_CUDA_CHECK(ncclCommGetAsyncError(c, &state));
-        if (state != ncclSuccess && state != ncclInProgress) last = ncclGetLastError(c);
+        const comm_use use(*this, rank);
+        UNSHARD_CUDA_CHECK(ncclCommGetAsyncError(use.comm(), &state));
+        if (state != ncclSuccess && state != ncclInProgress) last = ncclGetLastError(use.comm());
       }
       if (state == ncclSuccess) return;
       if (state != ncclInProgress) fail(rank, what, state, last);
@@ -243,8 +293,9 @@ class cuda_world {
     for (auto& l : local_) {
       cuda::device_guard on(l.device);
       ncclConfig_t c = config;
-      const ncclResult_t r =
-          ncclCommInitRankConfig(&l.comm, static_cast<int>(size_), id, static_cast<int>(l.rank), &c);
+      ncclComm_t comm = nullptr;
+      const ncclResult_t r = ncclCommInitRankConfig(&comm, static_cast<int>(size_), id, static_cast<int>(l.rank), &c);
+      l.comm.store(comm);
       if (r != ncclSuccess && r != ncclInProgress && first_error == ncclSuccess) {
         first_error = r;
         failed = l.rank;
@@ -265,23 +316,28 @@ class cuda_world {
 
   // Finalizes every local communicator first and then waits for all of them, since a finalize may
   // need its local peers' (a single thread drives all local ranks here); anything wrong: abort.
+  // No call is in flight any more (the world outlives its streams' calls). After an abort every
+  // communicator is freed already, or by its last user, which has left by now.
   void release_communicators() noexcept {
-    if (aborted_.load()) return;
-    std::unique_lock lock(comms_);
+    if (aborted_.load()) {
+      for (auto& l : local_)
+        if (ncclComm_t c = l.comm.exchange(nullptr)) ncclCommAbort(c);
+      return;
+    }
     int previous = 0;
     cudaGetDevice(&previous);
     bool ok = true;
     for (auto& l : local_)
-      if (l.comm) {
+      if (ncclComm_t c = l.comm.load()) {
         cudaSetDevice(l.device);  // no device_guard: nothing may throw here
-        const ncclResult_t r = ncclCommFinalize(l.comm);
+        const ncclResult_t r = ncclCommFinalize(c);
         ok = ok && (r == ncclSuccess || r == ncclInProgress);
       }
     const auto deadline = std::chrono::steady_clock::now() + opt_.timeout;
     for (auto& l : local_) {
-      while (ok && l.comm) {
+      while (ok && l.comm.load()) {
         ncclResult_t state = ncclSuccess;
-        if (ncclCommGetAsyncError(l.comm, &state) != ncclSuccess || (state != ncclSuccess && state != ncclInProgress))
+        if (ncclCommGetAsyncError(l.comm.load(), &state) != ncclSuccess || (state != ncclSuccess && state != ncclInProgress))
           ok = false;
         if (state == ncclSuccess) break;
         if (std::chrono::steady_clock::now() > deadline) ok = false;
@@ -289,21 +345,17 @@ class cuda_world {
       }
     }
     for (auto& l : local_)
-      if (l.comm) {
-        if (ok) ncclCommDestroy(l.comm);
-        else ncclCommAbort(l.comm);
-        l.comm = nullptr;
+      if (ncclComm_t c = l.comm.exchange(nullptr)) {
+        if (ok) ncclCommDestroy(c);
+        else ncclCommAbort(c);
       }
     cudaSetDevice(previous);
   }
 
   std::size_t size_;
   cuda_world_options opt_;
-  std::vector<local_rank> local_;
-  std::vector<int> slot_of_;  // rank -> index in local_, -1 for a rank of another process
-  // Shared while an NCCL call uses a communicator, exclusive while abort or the destructor frees
-  // them: a communicator is never freed under a call.
-  mutable std::shared_mutex comms_;
+  std::deque<local_rank> local_;  // a deque: its elements (atomics) never move
+  std::vector<int> slot_of_;       // rank -> index in local_, -1 for a rank of another process
   std::atomic<bool> aborted_{false};
   mutable std::mutex failure_mutex_;
   std::size_t failed_rank_ = 0;

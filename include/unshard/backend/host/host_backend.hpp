@@ -16,6 +16,8 @@ struct host_backend {
   using stream = host_stream;
   using event = host_event;
   static constexpr const char* name = "host";
+  // The "device" arena is host memory (see tracking_allocator): host models read their state in place.
+  using memory = memory_spaces<host_memory>;
 
   static std::unique_ptr<stream> compute_stream(world& w, std::size_t rank, trace_recorder* t) {
     return std::make_unique<stream>(w, rank, stream::mode::inline_stream, t);
@@ -25,5 +27,7 @@ struct host_backend {
   }
 };
 static_assert(backend<host_backend>);
+static_assert(has_local_copy<host_backend> && has_copy_link<host_backend>);
+static_assert(has_local_world<host_backend>);
 
 }  // namespace unshard

@@ -9,7 +9,7 @@
 
 #include "unshard/backend/host/host_world.hpp"
 #include "unshard/core/error.hpp"
-#include "unshard/runtime/trace.hpp"
+#include "unshard/core/trace.hpp"
 
 namespace unshard {
 

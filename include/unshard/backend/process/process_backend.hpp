@@ -19,6 +19,8 @@ struct process_backend {
   using stream = basic_host_stream<process_world>;
   using event = host_event;
   static constexpr const char* name = "process";
+  // The "device" arena is host memory (see tracking_allocator): host models read their state in place.
+  using memory = memory_spaces<host_memory>;
 
   static std::unique_ptr<stream> compute_stream(world& w, std::size_t rank, trace_recorder* t) {
     return std::make_unique<stream>(w, rank, stream::mode::inline_stream, t);
@@ -28,5 +30,7 @@ struct process_backend {
   }
 };
 static_assert(backend<process_backend>);
+static_assert(has_local_copy<process_backend> && has_copy_link<process_backend>);
+static_assert(knows_own_rank<process_backend> && has_failure_reason<process_backend>);
 
 }  // namespace unshard

@@ -66,7 +66,7 @@ struct segmented_attention {
   std::size_t q_group_rows = 0;
   key_segment<T> seg[2];
   std::size_t heads = 0, d = 0;
-  float scale = 0.0f;
+  float scale = 0.0f;  // 0: 1/sqrt(d)
 };
 
 namespace detail {
@@ -184,7 +184,8 @@ void launch_segmented_attention(const segmented_attention<T>& p, cudaStream_t st
 
 // The general form behind flash_attention_per_frame and flash_attention_two_segments (and, with one
 // group and one segment, flash_attention). Checks the sizes, sets the host's scale 1/sqrt(d)
-// (computed in double, rounded once) and picks the compiled head width.
+// (computed in double, rounded once) unless p.scale > 0 was given, and picks the compiled head
+// width.
 template <storage_type T>
 void segmented_flash_attention(segmented_attention<T> p, cudaStream_t stream) {
   if (p.queries == 0 || p.heads == 0 || p.groups == 0) return;
@@ -196,7 +197,7 @@ void segmented_flash_attention(segmented_attention<T> p, cudaStream_t stream) {
   for (int i = 0; i < 2; ++i)
     if (p.seg[i].n > 0 && (p.seg[i].k == nullptr || p.seg[i].v == nullptr))
       throw_error("segmented_flash_attention: key segment ", i, " has ", p.seg[i].n, " keys but no k or v");
-  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.d)));
+  if (!(p.scale > 0.0f)) p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.d)));
   if (p.d <= 64)
     detail::launch_segmented_attention<64>(p, stream);
   else if (p.d <= 128)

@@ -49,7 +49,39 @@ inline unsigned blocks_for(std::size_t n, unsigned per_block, unsigned cap = 655
   return static_cast<unsigned>(b == 0 ? 1 : (b > cap ? cap : b));
 }
 
+// 16-byte vectors of a storage type: 8 bf16/f16 or 4 f32 per load. The row kernels use them when
+// a row's width is a multiple of vec_elems<T> and the pointers are 16-byte aligned.
+template <class T>
+inline constexpr unsigned vec_elems = 16 / sizeof(T);
+
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// The accumulation type of row statistics: double for f32 storage (the host's, so the f32 path
+// stays within the references' 1e-5), f32 for bf16/f16 activations (as torch's bf16 LayerNorm).
+template <class T>
+using stat_t = std::conditional_t<std::is_same_v<T, float>, double, float>;
+
 #if defined(__CUDACC__)
+// Loads vec_elems<T> elements at p (16-byte aligned) widened to f32.
+template <class T>
+__device__ inline void load_vec(const T* p, float* f) {
+  constexpr unsigned n = vec_elems<T>;
+  alignas(16) T e[n];
+  *reinterpret_cast<uint4*>(e) = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (unsigned i = 0; i < n; ++i) f[i] = to_f32(e[i]);
+}
+
+// Stores vec_elems<T> f32 values at p (16-byte aligned), rounded to T.
+template <class T>
+__device__ inline void store_vec(T* p, const float* f) {
+  constexpr unsigned n = vec_elems<T>;
+  alignas(16) T e[n];
+#pragma unroll
+  for (unsigned i = 0; i < n; ++i) e[i] = from_f32<T>(f[i]);
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(e);
+}
+
 // Sum of v over the block (every thread gets the result). `scratch` holds blockDim.x / 32
 // values; the call ends with the scratch free for reuse.
 template <class T>

@@ -4,11 +4,15 @@
 // the patch / sinusoid kernels of the embeddings and the head. Each element goes through the same
 // UNSHARD_HD function the host path uses (kernels/thread/*.hpp).
 //
-// All kernels are grid-stride loops over flat indices, vectorised by nothing but coalescing:
-// they are memory bound, and bench_kernels reports their bandwidth against the card's.
+// The Wan path's kernels are grid-stride loops over flat indices, vectorised by nothing but
+// coalescing. The ops layer's (at the end: gated_residual_rows, residual_rows, gelu_tanh_inplace,
+// silu_inplace, write_rows) load 16-byte vectors and keep index math in 32 bits or free of
+// division. All are memory bound; bench_kernels reports their bandwidth against the card's.
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <type_traits>
 
 #include "unshard/kernels/cuda/common.cuh"
 #include "unshard/kernels/thread/activation.hpp"
@@ -27,14 +31,16 @@ namespace detail {
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
 
 // y[r*ld + c] = act(y[r*ld + c] + bias[c]) for r < rows, c < cols (bias may be null; act is
-// GELU-tanh or identity): a GEMM's output columns, in place.
+// GELU-tanh or identity): a GEMM's output columns, in place. Columns from blockIdx.x/threadIdx.x,
+// rows from blockIdx.y (strided by gridDim.y): no division per element.
 template <class T, class TB>
-__global__ void bias_activation_kernel(T* y, std::size_t total, std::size_t cols, std::size_t ld, const TB* bias,
-                                       bool gelu) {
-  UNSHARD_GRID_STRIDE(i, total) {
-    const std::size_t r = i / cols, c = i % cols;
-    T& out = y[r * ld + c];
-    const float v = to_f32(out) + (bias ? to_f32(bias[c]) : 0.0f);
+__global__ void bias_activation_kernel(T* y, unsigned rows, unsigned cols, std::size_t ld, const TB* bias, bool gelu) {
+  const unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const float b = bias ? to_f32(bias[c]) : 0.0f;
+  for (unsigned r = blockIdx.y; r < rows; r += gridDim.y) {
+    T& out = y[static_cast<std::size_t>(r) * ld + c];
+    const float v = to_f32(out) + b;
     out = from_f32<T>(gelu ? gelu_tanh(v) : v);
   }
 }
@@ -106,9 +112,13 @@ inline unsigned elementwise_blocks(std::size_t n) { return blocks_for(n, element
 template <storage_type T, storage_type TB>
 void bias_activation(T* y, std::size_t rows, std::size_t cols, std::size_t ld, const TB* bias, bool gelu,
                      cudaStream_t stream) {
-  const std::size_t n = rows * cols;
-  if (n == 0) return;
-  detail::bias_activation_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(y, n, cols, ld, bias, gelu);
+  if (rows == 0 || cols == 0) return;
+  if (rows > 0xffffffffu || cols > 0xffffffffu)
+    throw_error("bias_activation: ", rows, " x ", cols, " exceeds the kernel's 32-bit indices");
+  const dim3 grid(blocks_for(cols, elementwise_threads, 0xffffffffu),
+                  static_cast<unsigned>(rows < 65535 ? rows : 65535));
+  detail::bias_activation_kernel<<<grid, elementwise_threads, 0, stream>>>(y, static_cast<unsigned>(rows),
+                                                                          static_cast<unsigned>(cols), ld, bias, gelu);
   check_launch("bias_activation");
 }
 
@@ -171,6 +181,178 @@ inline void time_sinusoid(const float* t, std::size_t dim, float* out, cudaStrea
   if (dim == 0) return;
   detail::time_sinusoid_kernel<><<<elementwise_blocks(dim), elementwise_threads, 0, stream>>>(t, dim, out);
   check_launch("time_sinusoid");
+}
+
+// --- Vectorised kernels for bf16 (and f32) activations: the ops layer's -----------------------
+//
+// Flat kernels (residual_rows, gelu_tanh_inplace, silu_inplace) walk 16-byte vectors
+// (vec_elems<T> elements) grid-stride, with a scalar tail and a scalar path for unaligned
+// pointers; per element they run the host's UNSHARD_HD function in f32 and round once to T.
+// gated_residual_rows is one block per row (the gate row is the row's modulation row, found by
+// one 32-bit division per row).
+
+namespace detail {
+
+enum class unary_op : std::uint8_t { gelu_tanh, silu };
+
+template <unary_op Op>
+__device__ inline float apply_unary(float v) {
+  if constexpr (Op == unary_op::gelu_tanh) {
+    return unshard::gelu_tanh(v);
+  } else {
+    return unshard::silu(v);
+  }
+}
+
+template <class T, unary_op Op>
+__global__ void unary_inplace_kernel(T* x, std::size_t n, bool vec) {
+  constexpr unsigned N = vec_elems<T>;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  const std::size_t first = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  std::size_t done = 0;
+  if (vec) {
+    const std::size_t nvec = n / N;
+    for (std::size_t v = first; v < nvec; v += stride) {
+      float f[N];
+      load_vec(x + v * N, f);
+#pragma unroll
+      for (unsigned e = 0; e < N; ++e) f[e] = apply_unary<Op>(f[e]);
+      store_vec(x + v * N, f);
+    }
+    done = nvec * N;
+  }
+  for (std::size_t i = done + first; i < n; i += stride) x[i] = from_f32<T>(apply_unary<Op>(to_f32(x[i])));
+}
+
+// x[i] += y[i] (f32 sum, rounded once to TX).
+template <class TX, class TY>
+__global__ void residual_flat_kernel(TX* x, const TY* y, std::size_t n, bool vec) {
+  constexpr unsigned N = vec_elems<TX>;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  const std::size_t first = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  std::size_t done = 0;
+  if constexpr (std::is_same_v<TX, TY>) {
+    if (vec) {
+      const std::size_t nvec = n / N;
+      for (std::size_t v = first; v < nvec; v += stride) {
+        float a[N], b[N];
+        load_vec(x + v * N, a);
+        load_vec(y + v * N, b);
+#pragma unroll
+        for (unsigned e = 0; e < N; ++e) a[e] = a[e] + b[e];
+        store_vec(x + v * N, a);
+      }
+      done = nvec * N;
+    }
+  }
+  for (std::size_t i = done + first; i < n; i += stride) x[i] = from_f32<TX>(to_f32(x[i]) + to_f32(y[i]));
+}
+
+// x[r, :] += y[r, :] * gate[m(r), :], one block per row. The product is rounded to f32 before the
+// add (__fmul_rn: no contraction into an FMA), as the host's gated_residual_row.
+template <class TX, class TY>
+__global__ void gated_residual_rows_kernel(TX* x, const TY* y, const float* gate, unsigned rows, unsigned d,
+                                           unsigned mod_stride, unsigned tokens_per_mod_row, bool vec) {
+  constexpr unsigned N = vec_elems<TX>;
+  for (unsigned r = blockIdx.x; r < rows; r += gridDim.x) {
+    TX* xr = x + static_cast<std::size_t>(r) * d;
+    const TY* yr = y + static_cast<std::size_t>(r) * d;
+    const float* g = gate + static_cast<std::size_t>(tokens_per_mod_row ? r / tokens_per_mod_row : 0u) * mod_stride;
+    unsigned done = 0;
+    if constexpr (std::is_same_v<TX, TY>) {
+      if (vec) {
+        const unsigned nvec = d / N;
+        for (unsigned v = threadIdx.x; v < nvec; v += blockDim.x) {
+          float a[N], b[N];
+          load_vec(xr + v * N, a);
+          load_vec(yr + v * N, b);
+#pragma unroll
+          for (unsigned e = 0; e < N; e += 4) {
+            const float4 gv = *reinterpret_cast<const float4*>(g + v * N + e);
+            a[e] = a[e] + __fmul_rn(b[e], gv.x);
+            a[e + 1] = a[e + 1] + __fmul_rn(b[e + 1], gv.y);
+            a[e + 2] = a[e + 2] + __fmul_rn(b[e + 2], gv.z);
+            a[e + 3] = a[e + 3] + __fmul_rn(b[e + 3], gv.w);
+          }
+          store_vec(xr + v * N, a);
+        }
+        done = nvec * N;
+      }
+    }
+    for (unsigned i = done + threadIdx.x; i < d; i += blockDim.x)
+      xr[i] = from_f32<TX>(to_f32(xr[i]) + __fmul_rn(to_f32(yr[i]), g[i]));
+  }
+}
+
+inline unsigned flat_blocks(std::size_t n_items) { return blocks_for(n_items, elementwise_threads, 65535u * 16u); }
+
+}  // namespace detail
+
+// x[r, :] += y[r, :] * gate[m, :] for r < rows, m = tokens_per_mod_row ? r / tokens_per_mod_row : 0,
+// gate row m at gate + m * mod_stride (f32 modulation). x and y [rows, d].
+template <storage_type TX, storage_type TY>
+void gated_residual_rows(TX* x, const TY* y, const float* gate, std::size_t mod_stride, std::size_t tokens_per_mod_row,
+                         std::size_t rows, std::size_t d, cudaStream_t stream) {
+  if (rows == 0 || d == 0) return;
+  if (rows > 0x7fffffffu || d > 0x7fffffffu || mod_stride > 0x7fffffffu || tokens_per_mod_row > 0xffffffffu)
+    throw_error("gated_residual_rows: sizes exceed the kernel's 32-bit indices");
+  const bool vec = std::is_same_v<TX, TY> && d % vec_elems<TX> == 0 && aligned16(x) && aligned16(y) && aligned16(gate) &&
+                   mod_stride % 4 == 0;
+  const unsigned grid = static_cast<unsigned>(rows < (1u << 20) ? rows : (1u << 20));
+  detail::gated_residual_rows_kernel<<<grid, elementwise_threads, 0, stream>>>(
+      x, y, gate, static_cast<unsigned>(rows), static_cast<unsigned>(d), static_cast<unsigned>(mod_stride),
+      static_cast<unsigned>(tokens_per_mod_row), vec);
+  check_launch("gated_residual_rows");
+}
+
+// x[i] += y[i] for i < n (x [rows, d] flattened: n = rows * d).
+template <storage_type TX, storage_type TY>
+void residual_rows(TX* x, const TY* y, std::size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  const bool vec = std::is_same_v<TX, TY> && aligned16(x) && aligned16(y);
+  detail::residual_flat_kernel<<<detail::flat_blocks((n + vec_elems<TX> - 1) / vec_elems<TX>), elementwise_threads, 0,
+                                 stream>>>(x, y, n, vec);
+  check_launch("residual_rows");
+}
+
+// x[i] = GELU_tanh(x[i]) for i < n, in place.
+template <storage_type T>
+void gelu_tanh_inplace(T* x, std::size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  detail::unary_inplace_kernel<T, detail::unary_op::gelu_tanh>
+      <<<detail::flat_blocks((n + vec_elems<T> - 1) / vec_elems<T>), elementwise_threads, 0, stream>>>(x, n,
+                                                                                                     aligned16(x));
+  check_launch("gelu_tanh_inplace");
+}
+
+// x[i] = SiLU(x[i]) for i < n, in place.
+template <storage_type T>
+void silu_inplace(T* x, std::size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  detail::unary_inplace_kernel<T, detail::unary_op::silu>
+      <<<detail::flat_blocks((n + vec_elems<T> - 1) / vec_elems<T>), elementwise_threads, 0, stream>>>(x, n,
+                                                                                                     aligned16(x));
+  check_launch("silu_inplace");
+}
+
+// dst[r * dst_ld + c] = src[r * src_ld + c] for r < rows, c < cols (a KV-cache write, a row slice
+// copy): one strided device-to-device copy on the stream. Same type on both sides; use convert
+// for a change of type.
+template <storage_type T>
+void write_rows(T* dst, std::size_t dst_ld, const T* src, std::size_t src_ld, std::size_t rows, std::size_t cols,
+                cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  if (cols > dst_ld || cols > src_ld)
+    throw_error("write_rows: ", cols, " columns exceed the leading dimension (dst ", dst_ld, ", src ", src_ld, ")");
+  UNSHARD_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_ld * sizeof(T), src, src_ld * sizeof(T), cols * sizeof(T), rows,
+                                       cudaMemcpyDeviceToDevice, stream));
+}
+
+// Contiguous rows: dst[0 : rows*cols) = src[0 : rows*cols).
+template <storage_type T>
+void copy_rows(T* dst, const T* src, std::size_t rows, std::size_t cols, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  UNSHARD_CUDA_CHECK(cudaMemcpyAsync(dst, src, rows * cols * sizeof(T), cudaMemcpyDeviceToDevice, stream));
 }
 
 }  // namespace unshard::cuda

@@ -1,7 +1,8 @@
 #pragma once
 // Linear layers on the device through cuBLASLt: y = x · Wᵀ + b with PyTorch's weight layout
-// W [out, in], row-major activations, f32 accumulation (CUBLAS_COMPUTE_32F: no TF32, so f32
-// inputs give an f32 GEMM), optionally GELU-tanh in the epilogue.
+// W [out, in], row-major activations, f32 accumulation (CUBLAS_COMPUTE_32F: bf16/f16 inputs run
+// on tensor cores; f32 inputs give a true f32 GEMM, no TF32), optionally GELU-tanh in the
+// epilogue (cuBLASLt's GELU epilogue is the tanh approximation, as nn.GELU(approximate='tanh')).
 //
 // The row-major problem maps onto cuBLASLt's column-major one without copies: row-major
 // y [M, ldy] is column-major yᵀ [ldy, M]; W [N, K] row-major is column-major Wᵀ [K, N], used
@@ -85,10 +86,37 @@ struct lt_preference {
 
 }  // namespace detail
 
+// Which path each linear call took: GPU tests assert on these instead of passing silently when
+// the epilogue is never fused.
+struct blaslt_stats {
+  std::size_t calls = 0;              // linear / linear_rows calls that enqueued work
+  std::size_t epilogue_fused = 0;     // bias and/or GELU applied in cuBLASLt's epilogue
+  std::size_t epilogue_fallback = 0;  // matmul without epilogue + bias_activation kernel
+  std::size_t bias_realigned = 0;     // bias copied into the 16-byte aligned scratch first
+  std::size_t activation_kernel = 0;  // f32 GELU applied by bias_activation after the matmul (by design)
+  std::size_t heuristic_queries = 0;  // cublasLtMatmulAlgoGetHeuristic calls (cache misses)
+  std::size_t heuristic_failures = 0; // of which: an error status or no algorithm (cached as "none")
+};
+
 // A cuBLASLt handle with its workspace and heuristic cache; one per rank (per stream user): not
 // thread-safe, like the handle itself.
+//
+// Precision: every matmul is CUBLAS_COMPUTE_32F with an f32 scale type. For bf16/f16 x and W that
+// is the tensor-core path with f32 accumulation; for f32 x and W it is a true f32 GEMM: TF32 is
+// never requested (CUBLAS_COMPUTE_32F_FAST_TF32 would be), so the f32 path meets the references'
+// 1e-5 rule.
+//
+// Bias epilogue alignment: cuBLASLt reads the epilogue's bias vector with 16-byte loads and
+// faults on a pointer that is not 16-byte aligned (a chunk's `bias + r0`, a scratch offset). Such
+// a bias is first copied (on the stream) into a small aligned scratch carved from the end of the
+// workspace (bias_scratch_bytes of it); a bias that does not fit there, or any heuristic failure
+// for the epilogue (NOT_SUPPORTED, INVALID_VALUE for m = 1, no result), takes the fallback: the
+// matmul without epilogue, then bias_activation. stats() counts each path.
 class blaslt {
  public:
+  // Bytes at the end of a workspace of at least 2 * this size that hold realigned biases.
+  static constexpr std::size_t bias_scratch_bytes = std::size_t{64} << 10;
+
   blaslt() { UNSHARD_CUDA_CHECK(cublasLtCreate(&handle_)); }
   ~blaslt() { cublasLtDestroy(handle_); }
   blaslt(const blaslt&) = delete;
@@ -96,22 +124,40 @@ class blaslt {
 
   // Device scratch for the matmuls (cuBLASLt recommends 32 MiB on Hopper; 0 restricts the
   // heuristic to algorithms that need none). The memory must outlive every enqueued matmul.
+  // When bytes >= 2 * bias_scratch_bytes, the last bias_scratch_bytes (256-byte aligned) hold
+  // realigned biases and the matmuls get the rest.
   void set_workspace(void* ptr, std::size_t bytes) {
-    if (ptr != workspace_ || bytes != workspace_bytes_) cache_.clear();
+    if (!ptr) bytes = 0;
+    std::byte* base = static_cast<std::byte*>(ptr);
+    void* bias = nullptr;
+    std::size_t mm_bytes = bytes;
+    if (bytes >= 2 * bias_scratch_bytes) {
+      const auto end = reinterpret_cast<std::uintptr_t>(base) + bytes;
+      const std::uintptr_t at = (end - bias_scratch_bytes) & ~std::uintptr_t{255};
+      bias = reinterpret_cast<void*>(at);
+      mm_bytes = static_cast<std::size_t>(at - reinterpret_cast<std::uintptr_t>(base));
+    }
+    if (ptr != workspace_ || mm_bytes != workspace_bytes_) cache_.clear();
     workspace_ = ptr;
-    workspace_bytes_ = ptr ? bytes : 0;
+    workspace_bytes_ = mm_bytes;
+    bias_scratch_ = bias;
   }
+  // Bytes the matmuls may use (the workspace less the bias scratch).
   std::size_t workspace_bytes() const noexcept { return workspace_bytes_; }
   cublasLtHandle_t handle() const noexcept { return handle_; }
 
+  const blaslt_stats& stats() const noexcept { return stats_; }
+  void reset_stats() noexcept { stats_ = {}; }
+
   // Output columns [n0, n0 + n_rows) of y [m, ldy]:
   //   y[:, n0 + j] = act(x[m, k] · w_rows[j, :] + b_rows[j])  for j < n_rows,
-  // w_rows = rows n0.. of W [N, k] (row-major), b_rows the same entries of the bias (nullptr: none).
-  // x and W share a type (f32, or bf16/f16 with f32 accumulation); y is f32 or that type. When no
-  // cuBLASLt algorithm takes the bias/GELU epilogue for these pointers and types (a chunk's bias
-  // slice may be only 4-byte aligned; a bf16 bias for an f32 output may not be offered), the
-  // matmul runs without it and bias_activation finishes the columns: the same result, one more
-  // pass over them.
+  // w_rows = rows n0.. of W [N, k] (row-major), b_rows the same entries of the bias (nullptr: none,
+  // any alignment). x and W share a type (f32, or bf16/f16 on tensor cores with f32 accumulation);
+  // y is f32 or that type; the bias is any storage type. The bias and (bf16/f16 inputs) GELU-tanh
+  // go into cuBLASLt's epilogue when an algorithm takes them (f32 inputs: GELU by the host's
+  // gelu_tanh in bias_activation, for the references' 1e-5); otherwise the matmul runs without
+  // and bias_activation finishes the columns (the same result, one more pass). No algorithm at
+  // all: an error naming m, n, k and the types.
   template <storage_type TX, storage_type TW, storage_type TY, storage_type TB>
   void linear_rows(const TX* x, std::size_t m, std::size_t k, const TW* w_rows, const TB* b_rows, std::size_t n_rows,
                    std::size_t n0, TY* y, std::size_t ldy, activation act, cudaStream_t stream) {
@@ -125,16 +171,45 @@ class blaslt {
     const bool bias = b_rows != nullptr, gelu = act == activation::gelu_tanh;
     const problem p{m, n_rows, k, ldy, cuda_type_of<TX>(), cuda_type_of<TY>(), cuda_type_of<TB>(),
                     alignment_of(w_rows), alignment_of(x), alignment_of(d)};
-    if (bias || gelu) {
-      const cublasLtEpilogue_t epi = gelu ? (bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU)
-                                          : CUBLASLT_EPILOGUE_BIAS;
-      if (matmul(p, epi, x, w_rows, b_rows, d, stream)) return;
+    ++stats_.calls;
+    // f32 x/W: GELU never goes into the epilogue. cuBLASLt does not document the accuracy of its
+    // GELU's tanh, and the f32 path answers to the references at 1e-5; bias_activation runs the
+    // host's gelu_tanh. The bias still fuses.
+    const bool gelu_in_epilogue = gelu && !std::is_same_v<TX, float>;
+    const bool gelu_after = gelu && !gelu_in_epilogue;
+    if (bias || gelu_in_epilogue) {
+      const cublasLtEpilogue_t epi = gelu_in_epilogue ? (bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU)
+                                                      : CUBLASLT_EPILOGUE_BIAS;
+      const TB* eb = b_rows;
+      bool usable = true;
+      if (bias && alignment_of(b_rows) < 16) {
+        const std::size_t bytes = n_rows * sizeof(TB);
+        usable = bias_scratch_ != nullptr && bytes <= bias_scratch_bytes;
+        if (usable) {
+          UNSHARD_CUDA_CHECK(cudaMemcpyAsync(bias_scratch_, b_rows, bytes, cudaMemcpyDeviceToDevice, stream));
+          eb = static_cast<const TB*>(bias_scratch_);
+        }
+      }
+      if (usable && matmul(p, epi, x, w_rows, eb, d, stream)) {
+        ++stats_.epilogue_fused;
+        if (eb != b_rows) ++stats_.bias_realigned;
+        if (gelu_after) {
+          ++stats_.activation_kernel;
+          bias_activation(d, m, n_rows, ldy, static_cast<const TB*>(nullptr), true, stream);
+        }
+        return;
+      }
     }
     if (!matmul(p, CUBLASLT_EPILOGUE_DEFAULT, x, w_rows, static_cast<const TB*>(nullptr), d, stream))
-      throw_error("linear: cuBLASLt has no algorithm for M=", m, " N=", n_rows, " K=", k, " ldy=", ldy, " (x/W type ",
-                  static_cast<int>(p.tx), ", y type ", static_cast<int>(p.ty), ", alignments W/x/y ", p.align_w, "/",
-                  p.align_x, "/", p.align_y, " bytes, workspace ", workspace_bytes_, " bytes)");
-    if (bias || gelu) bias_activation(d, m, n_rows, ldy, b_rows, gelu, stream);
+      throw_error("linear: cuBLASLt has no algorithm for m=", m, " n=", n_rows, " k=", k, " ldy=", ldy, " (x/W ",
+                  type_name(p.tx), ", y ", type_name(p.ty), ", bias ", bias ? type_name(p.tb) : "none",
+                  ", compute f32; alignments W/x/y ", p.align_w, "/", p.align_x, "/", p.align_y, " bytes, workspace ",
+                  workspace_bytes_, " bytes; last heuristic status ", static_cast<int>(last_status_), ")");
+    if (bias || gelu) {
+      if (bias || gelu_in_epilogue) ++stats_.epilogue_fallback;
+      if (gelu_after) ++stats_.activation_kernel;
+      bias_activation(d, m, n_rows, ldy, b_rows, gelu, stream);
+    }
   }
 
   // y [m, n] = act(x [m, k] · W [n, k]ᵀ + b).
@@ -144,6 +219,7 @@ class blaslt {
     linear_rows(x, m, k, w, b, n, 0, y, n, act, stream);
   }
 
+  // Problems the heuristic has been asked about (found or not).
   std::size_t cached_algorithms() const noexcept { return cache_.size(); }
 
  private:
@@ -159,11 +235,17 @@ class blaslt {
     cublasLtMatmulAlgo_t algo{};
   };
 
+  static const char* type_name(cudaDataType_t t) {
+    return t == CUDA_R_32F ? "f32" : t == CUDA_R_16BF ? "bf16" : t == CUDA_R_16F ? "f16" : "?";
+  }
+
   // Enqueues D = epi(op(W)·x [+ b]) if cuBLASLt has an algorithm for it; false (nothing enqueued)
-  // if not. The heuristic's answer, found or not, is cached per problem.
+  // if not. The heuristic's answer, found or not, is cached per problem; any heuristic status
+  // other than success (NOT_SUPPORTED, INVALID_VALUE, ...) or zero results means "no algorithm".
   template <class TX, class TY, class TB>
   bool matmul(const problem& p, cublasLtEpilogue_t epi, const TX* x, const TX* w, const TB* b, TY* d,
               cudaStream_t stream) {
+    // CUBLAS_COMPUTE_32F, scale type f32 (lt_matmul_desc): f32 accumulation, never TF32.
     detail::lt_matmul_desc desc;
     desc.set(CUBLASLT_MATMUL_DESC_TRANSA, static_cast<std::int32_t>(CUBLAS_OP_T));
     desc.set(CUBLASLT_MATMUL_DESC_TRANSB, static_cast<std::int32_t>(CUBLAS_OP_N));
@@ -189,20 +271,34 @@ class blaslt {
       int found = 0;
       const cublasStatus_t st =
           cublasLtMatmulAlgoGetHeuristic(handle_, desc.d, a.l, bl.l, c.l, c.l, pref.p, 1, &result, &found);
-      // NOT_SUPPORTED is the heuristic's "no algorithm for this combination"; anything else is an error.
-      if (st != CUBLAS_STATUS_NOT_SUPPORTED) UNSHARD_CUDA_CHECK(st);
-      it = cache_.emplace(k, cached{st == CUBLAS_STATUS_SUCCESS && found > 0, result.algo}).first;
+      ++stats_.heuristic_queries;
+      const bool ok = st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+      if (!ok) {
+        ++stats_.heuristic_failures;
+        last_status_ = st != CUBLAS_STATUS_SUCCESS ? st : CUBLAS_STATUS_NOT_SUPPORTED;
+      }
+      it = cache_.emplace(k, cached{ok, result.algo}).first;
     }
     if (!it->second.found) return false;
     const float alpha = 1.0f, beta = 0.0f;
-    UNSHARD_CUDA_CHECK(cublasLtMatmul(handle_, desc.d, &alpha, w, a.l, x, bl.l, &beta, d, c.l, d, c.l,
-                                      &it->second.algo, workspace_, workspace_bytes_, stream));
+    const cublasStatus_t st = cublasLtMatmul(handle_, desc.d, &alpha, w, a.l, x, bl.l, &beta, d, c.l, d, c.l,
+                                             &it->second.algo, workspace_, workspace_bytes_, stream);
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
+      // Rejected at launch (nothing enqueued): remember, and let the caller fall back.
+      it->second.found = false;
+      last_status_ = st;
+      return false;
+    }
+    UNSHARD_CUDA_CHECK(st);
     return true;
   }
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
+  void* bias_scratch_ = nullptr;
+  cublasStatus_t last_status_ = CUBLAS_STATUS_SUCCESS;
+  blaslt_stats stats_{};
   std::map<key, cached> cache_;
 };
 

@@ -37,7 +37,7 @@ extern "C" void openblas_set_num_threads(int) __attribute__((weak));
 namespace unshard {
 
 // Host ranks are threads that each run their own GEMMs: a multi-threaded BLAS under each would
-// oversubscribe the cores (CONVENTIONS.md measures with one BLAS thread per rank). Keeps a count
+// oversubscribe the cores (docs/conventions.md measures with one BLAS thread per rank). Keeps a count
 // the user set with OPENBLAS_NUM_THREADS.
 inline void use_one_blas_thread_per_rank() noexcept {
 #if defined(UNSHARD_HAVE_CBLAS) && (defined(__GNUC__) || defined(__clang__))

@@ -20,7 +20,7 @@ UNSHARD_HD float dot_f32(const float* a, const float* b, std::size_t n) {
   std::size_t i = 0;
   for (; i + 4 <= n; i += 4)
     for (std::size_t l = 0; l < 4; ++l) acc[l] += a[i + l] * b[i + l];
-  for (std::size_t l = 0; i < n; ++i, ++l) acc[l] += a[i] * b[i];
+  for (std::size_t l = 0; i < n && l < 4; ++i, ++l) acc[l] += a[i] * b[i];  // the tail: fewer than 4
   return (acc[0] + acc[2]) + (acc[1] + acc[3]);
 }
 
@@ -42,6 +42,32 @@ UNSHARD_HD void attention_row(const float* q, const float* k, const float* v, st
   for (std::size_t j = 0; j < n_keys; ++j) {
     const float p = scores[j];
     const float* vj = v + j * ld;
+    for (std::size_t c = 0; c < d; ++c) out[c] += p * vj[c];
+  }
+  const float inv = 1.0f / denom;
+  for (std::size_t c = 0; c < d; ++c) out[c] *= inv;
+}
+
+// softmax(q [K1; K2]ᵀ scale) [V1; V2] for one query row of one head: the keys are two segments
+// (rows ld apart each), attended as one sequence in that order. `scores` holds n1 + n2 floats.
+UNSHARD_HD void attention_row_two_segments(const float* q, const float* k1, const float* v1, std::size_t n1,
+                                           const float* k2, const float* v2, std::size_t n2, std::size_t ld,
+                                           std::size_t d, float scale, float* scores, float* out) {
+  float max_score = -INFINITY;
+  for (std::size_t j = 0; j < n1 + n2; ++j) {
+    const float* kj = j < n1 ? k1 + j * ld : k2 + (j - n1) * ld;
+    scores[j] = detail::dot_f32(q, kj, d) * scale;
+    max_score = scores[j] > max_score ? scores[j] : max_score;
+  }
+  float denom = 0.0f;
+  for (std::size_t j = 0; j < n1 + n2; ++j) {
+    scores[j] = ::expf(scores[j] - max_score);
+    denom += scores[j];
+  }
+  for (std::size_t c = 0; c < d; ++c) out[c] = 0.0f;
+  for (std::size_t j = 0; j < n1 + n2; ++j) {
+    const float p = scores[j];
+    const float* vj = j < n1 ? v1 + j * ld : v2 + (j - n1) * ld;
     for (std::size_t c = 0; c < d; ++c) out[c] += p * vj[c];
   }
   const float inv = 1.0f / denom;

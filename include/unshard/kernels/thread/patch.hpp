@@ -47,4 +47,19 @@ UNSHARD_HD void unpatchify_token(const float* vec, std::size_t c, const patch_gr
       }
 }
 
+// Output length of a causal Conv1d (kernel 3, left padding 2) with `stride` over n inputs.
+UNSHARD_HD std::size_t causal_conv_out_len(std::size_t n, std::size_t stride) { return (n - 1) / stride + 1; }
+
+// Input vector of output step t of a causal Conv1d (kernel 3, stride s) over x [T_in, C]
+// (time-major): vec[c*3 + k] = x[max(0, t*s + k - 2), c] -- the left padding repeats column 0.
+// Ordered as the Conv1d weight [O, C, 3] reshaped to [O, 3C].
+UNSHARD_HD void causal_conv_input_row(const float* x, std::size_t channels, std::size_t t, std::size_t stride,
+                                      float* vec) {
+  for (std::size_t k = 0; k < 3; ++k) {
+    const std::size_t padded = t * stride + k;
+    const float* src = x + (padded < 2 ? 0 : padded - 2) * channels;
+    for (std::size_t c = 0; c < channels; ++c) vec[c * 3 + k] = src[c];
+  }
+}
+
 }  // namespace unshard

@@ -72,12 +72,14 @@ struct s2v_denoise_options {
   bool all_steps = false;           // also deliver every step's model output and latent
 };
 
-template <class Session>
+// Model: s2v_model (host memory), or a device twin with the same calls (s2v_cuda_model): state,
+// begin_sink/begin_step/check_*, ops(state) for the Euler update, make_landing for rank 0's results.
+template <class Session, class Model = s2v_model>
 class s2v_denoiser {
  public:
-  using state = s2v_state;
+  using state = typename Model::state;
 
-  s2v_denoiser(const s2v_model& m, Session& session, const s2v_denoise_options& opt)
+  s2v_denoiser(const Model& m, Session& session, const s2v_denoise_options& opt)
       : model_(m), session_(session), opt_(opt), sampler_(opt.sampler), sched_(session.schedule()),
         world_(session.world_size()) {
     const s2v_geometry& g = m.geometry();
@@ -91,8 +93,10 @@ class s2v_denoiser {
       throw_error("liveavatar denoiser: the Euler update needs out_dim == in_dim (", g.out_dim, " vs ", g.in_dim, ")");
     latent_floats_ = g.in_dim * g.frames * g.height * g.width;
     for (std::size_t s = 0; s < g.steps; ++s) t_.emplace_back(g.frames, sampler_.timestep(s));
-    collect_noise_.assign(g.steps, std::vector<float>(latent_floats_));
-    collect_latent_.assign(g.steps, std::vector<float>(latent_floats_));
+    for (std::size_t s = 0; s < g.steps; ++s) {
+      collect_noise_.push_back(m.make_landing(latent_floats_));
+      collect_latent_.push_back(m.make_landing(latent_floats_));
+    }
     messages_.resize(world_);
   }
 
@@ -161,11 +165,11 @@ class s2v_denoiser {
         if (k < 0) continue;
         s2v_block_result& res = pending[static_cast<std::size_t>(k)];
         if (opt_.all_steps) {
-          res.noise_pred[s] = collect_noise_[s];
-          res.step_latent[s] = collect_latent_[s];
+          collect_noise_[s].read(res.noise_pred[s]);
+          collect_latent_[s].read(res.step_latent[s]);
         }
         if (s + 1 == S) {
-          res.latent = collect_latent_[s];
+          collect_latent_[s].read(res.latent);
           on_result(std::move(res));
         }
       }
@@ -214,8 +218,8 @@ class s2v_denoiser {
 
   // The Euler update in place: the lane's input latent becomes the step's output latent.
   void finish(std::size_t, std::size_t, state& st) const {
-    sampler_.step(st.call.step, std::span<float>(st.input_x, latent_floats_),
-                  std::span<const float>(st.output, latent_floats_));
+    decltype(auto) ops = model_.ops(st);
+    ops.scaled_add(st.input_x, st.output, sampler_.dt(st.call.step), latent_floats_);
   }
 
   // The transfers after `tick`, the same list on every rank, endpoints filled where this rank is
@@ -278,7 +282,7 @@ class s2v_denoiser {
     }
   }
 
-  const s2v_model& model_;
+  const Model& model_;
   Session& session_;
   s2v_denoise_options opt_;
   flow_match_euler sampler_;
@@ -286,7 +290,7 @@ class s2v_denoiser {
   std::size_t world_;
   std::size_t latent_floats_ = 0;
   std::vector<std::vector<float>> t_;  // per step: [F] copies of the step's float32 timestep
-  std::vector<std::vector<float>> collect_noise_, collect_latent_;  // rank 0's landing areas, per step
+  std::vector<typename Model::landing> collect_noise_, collect_latent_;  // rank 0's landing areas, per step
   std::vector<std::vector<transfer_message>> messages_;             // per rank (each rank thread its own)
   tensor_view context_;
   std::size_t ticks_ = 0;

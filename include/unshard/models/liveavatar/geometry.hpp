@@ -11,6 +11,7 @@
 #include "unshard/core/dtype.hpp"
 #include "unshard/core/error.hpp"
 #include "unshard/kernels/host/gemm.hpp"
+#include "unshard/kernels/thread/patch.hpp"
 #include "unshard/models/liveavatar/config.hpp"
 #include "unshard/models/wan/geometry.hpp"
 
@@ -71,7 +72,7 @@ struct s2v_geometry : wan_backbone_geometry {
 };
 
 namespace detail {
-inline std::size_t conv_out_len(std::size_t n, std::size_t stride) { return (n - 1) / stride + 1; }
+inline std::size_t conv_out_len(std::size_t n, std::size_t stride) { return causal_conv_out_len(n, stride); }
 }  // namespace detail
 
 inline s2v_geometry make_s2v_geometry(const s2v_config& c, const s2v_workload& w, const s2v_options& o) {

@@ -1,14 +1,13 @@
 #pragma once
 // Row math of the S2V model that the Wan kernels do not cover: fp16-rounded rope factors at signed
-// positions, numpy's truncated linspace (frame-pack positions), the causal conv's input vector,
-// and attention over two key segments (a KV cache and the roped cond keys) without copying them
-// together. UNSHARD_HD, so a CUDA port shares them.
+// positions and numpy's truncated linspace (frame-pack positions). UNSHARD_HD, so a CUDA port shares
+// them. (The causal conv's input vector and attention over two key segments are generic: they live
+// in kernels/thread/.)
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 
 #include "unshard/core/config.hpp"
-#include "unshard/kernels/thread/attention.hpp"
 #include "unshard/kernels/thread/rope.hpp"
 
 namespace unshard {
@@ -55,44 +54,6 @@ UNSHARD_HD std::int64_t linspace_trunc(std::size_t i, std::int64_t stop, std::si
   if (i + 1 == n) return stop;
   const double step = static_cast<double>(stop) / static_cast<double>(n - 1);
   return static_cast<std::int64_t>(static_cast<double>(i) * step);
-}
-
-// Input vector of output step t of a causal Conv1d (kernel 3, stride s) over x [T_in, C]
-// (time-major): vec[c*3 + k] = x[max(0, t*s + k - 2), c] -- the left padding repeats column 0.
-// Ordered as the Conv1d weight [O, C, 3] reshaped to [O, 3C].
-UNSHARD_HD void causal_conv_input_row(const float* x, std::size_t channels, std::size_t t, std::size_t stride,
-                                      float* vec) {
-  for (std::size_t k = 0; k < 3; ++k) {
-    const std::size_t padded = t * stride + k;
-    const float* src = x + (padded < 2 ? 0 : padded - 2) * channels;
-    for (std::size_t c = 0; c < channels; ++c) vec[c * 3 + k] = src[c];
-  }
-}
-
-// softmax(q [K1; K2]ᵀ scale) [V1; V2] for one query row of one head: the keys are two segments
-// (rows ld apart each), attended as one sequence in that order. `scores` holds n1 + n2 floats.
-UNSHARD_HD void attention_row_two_segments(const float* q, const float* k1, const float* v1, std::size_t n1,
-                                           const float* k2, const float* v2, std::size_t n2, std::size_t ld,
-                                           std::size_t d, float scale, float* scores, float* out) {
-  float max_score = -INFINITY;
-  for (std::size_t j = 0; j < n1 + n2; ++j) {
-    const float* kj = j < n1 ? k1 + j * ld : k2 + (j - n1) * ld;
-    scores[j] = detail::dot_f32(q, kj, d) * scale;
-    max_score = scores[j] > max_score ? scores[j] : max_score;
-  }
-  float denom = 0.0f;
-  for (std::size_t j = 0; j < n1 + n2; ++j) {
-    scores[j] = ::expf(scores[j] - max_score);
-    denom += scores[j];
-  }
-  for (std::size_t c = 0; c < d; ++c) out[c] = 0.0f;
-  for (std::size_t j = 0; j < n1 + n2; ++j) {
-    const float p = scores[j];
-    const float* vj = j < n1 ? v1 + j * ld : v2 + (j - n1) * ld;
-    for (std::size_t c = 0; c < d; ++c) out[c] += p * vj[c];
-  }
-  const float inv = 1.0f / denom;
-  for (std::size_t c = 0; c < d; ++c) out[c] *= inv;
 }
 
 }  // namespace unshard

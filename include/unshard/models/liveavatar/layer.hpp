@@ -22,6 +22,8 @@
 #include "unshard/models/liveavatar/geometry.hpp"
 #include "unshard/models/liveavatar/params.hpp"
 #include "unshard/models/liveavatar/state.hpp"
+#include "unshard/ops/host_ops.hpp"
+#include "unshard/ops/op_set.hpp"
 
 namespace unshard {
 
@@ -75,27 +77,35 @@ class s2v_layer {
     forward(sub, p, s);
   }
 
-  // The same forward over any parameter source (whole views, or weight chunks as they land).
+  // The same forward over any parameter source (whole views, or weight chunks as they land), on
+  // the host's ops.
   template <param_source P>
   void forward(std::size_t sub, P& p, s2v_state& s) const {
+    host_ops ops{geometry_.gemm};
+    forward(ops, sub, p, s);
+  }
+
+  // The forward over a backend's op set (ops/op_set.hpp): the one forward every backend runs.
+  template <op_set O, param_source P>
+  void forward(O& ops, std::size_t sub, P& p, s2v_state& s) const {
     const s2v_geometry& g = geometry_;
     label(sub);  // range check
     switch (kind_) {
       case s2v_layer_kind::embeddings:
-        if (sub == 0) return detail::s2v_patch_forward(g, p, s);
-        if (sub == 1) return detail::s2v_time_forward(g, p, s);
-        return detail::s2v_text_forward(g, p, s);
-      case s2v_layer_kind::frame_packer: return detail::s2v_pack_forward(g, sub, p, s);
-      case s2v_layer_kind::cond_encoder: return detail::s2v_cond_forward(g, p, s);
-      case s2v_layer_kind::audio_encoder: return detail::s2v_audio_forward(g, sub, p, s);
+        if (sub == 0) return detail::s2v_patch_forward(ops, g, p, s);
+        if (sub == 1) return detail::s2v_time_forward(ops, g, p, s);
+        return detail::s2v_text_forward(ops, g, p, s);
+      case s2v_layer_kind::frame_packer: return detail::s2v_pack_forward(ops, g, sub, p, s);
+      case s2v_layer_kind::cond_encoder: return detail::s2v_cond_forward(ops, g, p, s);
+      case s2v_layer_kind::audio_encoder: return detail::s2v_audio_forward(ops, g, sub, p, s);
       case s2v_layer_kind::block:
-        if (sub == 0) return detail::s2v_self_attn_forward(g, index_, p, s);
-        if (sub == 1) return detail::s2v_cross_attn_forward(g, index_, p, s);
-        return detail::s2v_ffn_forward(g, index_, p, s);
+        if (sub == 0) return detail::s2v_self_attn_forward(ops, g, index_, p, s);
+        if (sub == 1) return detail::s2v_cross_attn_forward(ops, g, index_, p, s);
+        return detail::s2v_ffn_forward(ops, g, index_, p, s);
       case s2v_layer_kind::injector:
-        if (sub == 0) return detail::s2v_adain_forward(g, index_, p, s);
-        return detail::s2v_injector_attn_forward(g, index_, block_, p, s);
-      case s2v_layer_kind::head: return detail::s2v_head_forward(g, p, s);
+        if (sub == 0) return detail::s2v_adain_forward(ops, g, index_, p, s);
+        return detail::s2v_injector_attn_forward(ops, g, index_, block_, p, s);
+      case s2v_layer_kind::head: return detail::s2v_head_forward(ops, g, p, s);
     }
   }
 

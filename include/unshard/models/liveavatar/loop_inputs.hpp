@@ -135,7 +135,7 @@ inline s2v_workload s2v_loop_workload(const s2v_loop_spec& s, const checkpoint& 
     const std::vector<float> mf = read_f32(inputs, "input.motion_frames");
     if (mf.size() == 2) w.motion_frames = {static_cast<std::int64_t>(mf[0]), static_cast<std::int64_t>(mf[1])};
   }
-  // A step's noisy cache holds one clip (CONVENTIONS.md) unless the config sizes it.
+  // A step's noisy cache holds one clip (docs/conventions.md) unless the config sizes it.
   w.noisy_cache_tokens = s.noisy_cache_tokens ? s.noisy_cache_tokens
                                               : static_cast<std::int64_t>(s.blocks_per_clip) * s.frames_per_block *
                                                     (w.latent_hw[0] / 2) * (w.latent_hw[1] / 2);

@@ -24,6 +24,8 @@
 #include "unshard/models/liveavatar/geometry.hpp"
 #include "unshard/models/liveavatar/layer.hpp"
 #include "unshard/models/liveavatar/state.hpp"
+#include "unshard/ops/host_ops.hpp"
+#include "unshard/ops/op_set.hpp"
 
 namespace unshard {
 
@@ -84,14 +86,20 @@ class s2v_model {
     return std::max<std::int64_t>(0, n0 - (s2v_ref_frame_position - relative_dist));
   }
 
-  // Sets up the sink: the reference frame and the motion latents, t = 0.
+  // Sets up the sink: the reference frame and the motion latents, t = 0. The inputs are host
+  // tensors of any storage dtype; `ops` places them in the state's memory (host_ops: in place).
   void begin_sink(state& s, const s2v_sink_inputs& in) const {
+    host_ops ops{geometry_.gemm};
+    begin_sink(ops, s, in);
+  }
+  template <op_set O>
+  void begin_sink(O& ops, state& s, const s2v_sink_inputs& in) const {
     const s2v_geometry& g = geometry_;
     check_sink(in);
-    copy_in(in.ref_latents, s.input_ref);
-    copy_in(in.motion_latents, s.input_motion);
-    set_context(s, in.context);
-    std::fill(s.input_t, s.input_t + g.frames, 0.0f);
+    copy_in(ops, in.ref_latents, s.input_ref);
+    copy_in(ops, in.motion_latents, s.input_motion);
+    set_context(ops, s, in.context);
+    ops.fill(s.input_t, g.frames, 0.0f);
     s.call = {};
     s.call.kind = s2v_call_kind::sink;
     s.call.tokens = g.cond_tokens;
@@ -124,17 +132,22 @@ class s2v_model {
   // Sets up one streamed call: writes noisy-cache slots [cs mod size, +L) of cache `step` and
   // attends [0, cs + L), or the whole cache once cs reaches its size; cs = block * L.
   void begin_step(state& s, const s2v_step_inputs& in) const {
+    host_ops ops{geometry_.gemm};
+    begin_step(ops, s, in);
+  }
+  template <op_set O>
+  void begin_step(O& ops, state& s, const s2v_step_inputs& in) const {
     const s2v_geometry& g = geometry_;
     check_step(in);
     if (!s.holds_step(in.step))
       throw_error("liveavatar step: this lane holds no KV cache for denoising step ", in.step,
                   " (under the steps schedule a rank holds only the caches of its own steps)");
     const std::size_t cs = in.block * g.block_tokens;
-    copy_in(in.x, s.input_x);
-    copy_in(in.t, s.input_t);
-    copy_in(in.cond_states, s.input_cond);
-    copy_in(in.audio, s.input_audio);
-    set_context(s, in.context);
+    copy_in(ops, in.x, s.input_x);
+    copy_in(ops, in.t, s.input_t);
+    copy_in(ops, in.cond_states, s.input_cond);
+    copy_in(ops, in.audio, s.input_audio);
+    set_context(ops, s, in.context);
     s.call = {};
     s.call.kind = s2v_call_kind::stream;
     s.call.tokens = g.block_tokens;
@@ -144,6 +157,21 @@ class s2v_model {
     s.call.write_slot = cs % g.noisy_slots;
     s.call.active_slots = cs >= g.noisy_slots ? g.noisy_slots : cs + g.block_tokens;
   }
+
+  // The ops that run on this model's state outside its layers (the denoiser's Euler update).
+  host_ops ops(state&) const { return host_ops{geometry_.gemm}; }
+
+  // Memory that another rank's results land in (transfers write data(); read() copies it out).
+  class landing {
+   public:
+    explicit landing(std::size_t floats) : v_(floats) {}
+    float* data() noexcept { return v_.data(); }
+    void read(std::vector<float>& out) const { out = v_; }
+
+   private:
+    std::vector<float> v_;
+  };
+  landing make_landing(std::size_t floats) const { return landing(floats); }
 
   // The streamed call's output latent [C_out, F, 2gh, 2gw] (f32), valid after the head ran.
   tensor_view output(const state& s) const {
@@ -200,12 +228,13 @@ class s2v_model {
     if (context.empty() && context.numel() > 0) throw_error("liveavatar input 'context' has no data");
   }
 
-  void set_context(state& s, const tensor_view& context) const {
+  template <op_set O>
+  void set_context(O& ops, state& s, const tensor_view& context) const {
     const s2v_geometry& g = geometry_;
     check_context(context);
     const std::size_t n = static_cast<std::size_t>(context.numel());
-    for (std::size_t i = 0; i < n; ++i) s.input_context[i] = context.load(i);
-    std::fill(s.input_context + n, s.input_context + g.text_len * g.text_dim, 0.0f);
+    ops.upload(s.input_context, context);
+    ops.fill(s.input_context + n, g.text_len * g.text_dim - n, 0.0f);
   }
 
   static std::span<const std::int64_t> strip_ones(std::span<const std::int64_t> d) {
@@ -226,10 +255,10 @@ class s2v_model {
   }
 
   // A view of the destination itself (a latent already in place) copies nothing.
-  static void copy_in(const tensor_view& v, float* dst) {
-    const std::size_t n = static_cast<std::size_t>(v.numel());
+  template <op_set O>
+  static void copy_in(O& ops, const tensor_view& v, float* dst) {
     if (v.type() == dtype::f32 && static_cast<const void*>(v.data()) == static_cast<const void*>(dst)) return;
-    for (std::size_t i = 0; i < n; ++i) dst[i] = v.load(i);
+    ops.upload(dst, v);
   }
 
   s2v_config config_;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "unshard/core/error.hpp"
+#include "unshard/kernels/thread/residual.hpp"
 
 namespace unshard {
 
@@ -40,16 +41,12 @@ class flow_match_euler {
   float timestep(std::size_t i) const { return timesteps_.at(i); }
   float dt(std::size_t i) const { return add32(sigmas_.at(i + 1), -sigmas_.at(i)); }
 
-  // x <- f32(x + f32(dt_i * v)) element by element. Written through double so that no compiler
-  // contraction into a fused multiply-add can change a bit: the double product of two floats is
-  // exact, and a double sum of two floats rounded to float is the correctly rounded float sum.
+  // x <- f32(x + f32(dt_i * v)) element by element (add_scaled: immune to FMA contraction). A
+  // backend's ops run the same update on its memory (op scaled_add).
   void step(std::size_t i, std::span<float> x, std::span<const float> v) const {
     if (x.size() != v.size()) throw_error("sampler step ", i, ": latent has ", x.size(), " values, model output ", v.size());
-    const double d = dt(i);
-    for (std::size_t k = 0; k < x.size(); ++k) {
-      const float update = static_cast<float>(d * static_cast<double>(v[k]));
-      x[k] = static_cast<float>(static_cast<double>(x[k]) + static_cast<double>(update));
-    }
+    const float d = dt(i);
+    for (std::size_t k = 0; k < x.size(); ++k) x[k] = add_scaled(x[k], v[k], d);
   }
 
  private:

@@ -102,8 +102,11 @@ struct s2v_buffer_entry {
   std::string name;
   std::size_t floats;
   memory_category category;
-  float* s2v_state::*member = nullptr;            // a single buffer, or
-  std::vector<float*> s2v_state::*list = nullptr;  // entry `index` of a per-step list
+  // (Aliases: nvcc's front end rewrites a pointer-to-member declarator with parentheses g++ warns about.)
+  using buffer_member = float* s2v_state::*;
+  using buffer_list = std::vector<float*> s2v_state::*;
+  buffer_member member = nullptr;  // a single buffer, or
+  buffer_list list = nullptr;      // entry `index` of a per-step list
   std::size_t index = 0;
   buffer_scope scope = buffer_scope::per_lane;
   std::size_t step = 0;  // per_step
@@ -177,18 +180,21 @@ inline std::vector<s2v_buffer_entry> s2v_buffer_table(const s2v_geometry& g) {
 
 inline std::vector<buffer_spec> s2v_buffer_specs(const s2v_geometry& g) { return float_buffer_specs(s2v_buffer_table(g)); }
 
-inline s2v_state make_s2v_state(const s2v_geometry& g, const buffer_set& buffers) {
+// The state's views into `buffers`. host_memory: the caches are zeroed here. Otherwise (device
+// memory) the views are all this function touches, the backend zeroes the caches, and a buffer
+// the device model did not declare (the host attention's "scores") stays null.
+inline s2v_state make_s2v_state(const s2v_geometry& g, const buffer_set& buffers, bool host_memory = true) {
   s2v_state s;
   s.noisy_k.assign(g.steps, nullptr);
   s.noisy_v.assign(g.steps, nullptr);
   for (const auto& b : s2v_buffer_table(g)) {
     // A lane holds the caches of its own steps only (the schedule decides which).
-    if (b.scope == buffer_scope::per_step && !buffers.has(b.name)) continue;
+    if ((b.scope == buffer_scope::per_step || !host_memory) && !buffers.has(b.name)) continue;
     float* p = buffers.checked_as<float>(b.name, b.floats, "liveavatar model");
     if (b.member) s.*b.member = p;
     else (s.*b.list)[b.index] = p;
     // The caches start empty: unused slots are zero, as the official torch.zeros caches.
-    if (b.category == memory_category::kv_cache) std::fill(p, p + b.floats, 0.0f);
+    if (host_memory && b.category == memory_category::kv_cache) std::fill(p, p + b.floats, 0.0f);
   }
   return s;
 }

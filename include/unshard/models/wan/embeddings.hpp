@@ -1,62 +1,61 @@
 #pragma once
 // Forward of the embeddings layer's sub-units: patch embedding (+ the rope tables of the grid),
-// time embedding and projection, text embedding. Host loops over the thread kernels; no allocation.
+// time embedding and projection, text embedding. Written once over an op set (ops/op_set.hpp):
+// every read or write of a buffer's contents is an op. No allocation.
 #include <cstddef>
-#include <type_traits>
 
-#include "unshard/kernels/host/gemm.hpp"
-#include "unshard/kernels/host/linear_params.hpp"
-#include "unshard/layer/param_source.hpp"
-#include "unshard/kernels/thread/activation.hpp"
-#include "unshard/kernels/thread/embedding.hpp"
-#include "unshard/kernels/thread/patch.hpp"
 #include "unshard/kernels/thread/rope.hpp"
+#include "unshard/layer/param_source.hpp"
 #include "unshard/models/wan/params.hpp"
 #include "unshard/models/wan/state.hpp"
+#include "unshard/ops/op_set.hpp"
 
 namespace unshard::detail {
 
 // x[S, D] = Conv3d(input.x) as a GEMM over patch vectors; also fills rope.cos/sin, which depend
-// on the grid alone (positions f, h, w of each token).
-template <param_source P>
-void wan_patch_embedding_forward(const wan_geometry& g, P& p, wan_state& s) {
+// on the grid alone (positions f, h, w of each token): host math, placed by the ops.
+template <op_set O, param_source P>
+void wan_patch_embedding_forward(O& ops, const wan_geometry& g, P& p, wan_state& s) {
   const auto lay = wan_patch_embedding_layout(g);
   check_wan_params(lay.table, p, g.storage, wan_layer_kind::embeddings, 0, "patch_embedding");
   const auto [C, F, H, W] = g.latent;
-  for (std::size_t t = 0; t < g.tokens; ++t) patchify_token(s.input_x, C, F, H, W, g.grid, t, s.patches + t * g.patch_in);
-  linear_params(s.patches, g.tokens, g.patch_in, p, lay.conv.weight, lay.conv.bias, s.x, g.gemm);
+  ops.patchify(s.input_x, C, F, H, W, g.grid, g.tokens, s.patches);
+  ops.linear(s.patches, g.tokens, g.patch_in, p, lay.conv.weight, lay.conv.bias, s.x);
 
   const std::size_t c = g.rope_pairs;
-  for (std::size_t t = 0; t < g.tokens; ++t) {
-    const std::size_t w = t % g.grid.gw, h = (t / g.grid.gw) % g.grid.gh, f = t / (g.grid.gw * g.grid.gh);
-    rope_table_row(f, h, w, c, s.rope_cos + t * c, s.rope_sin + t * c);
-  }
+  const auto tables = [&](float* cos, float* sin) {
+    for (std::size_t t = 0; t < g.tokens; ++t) {
+      const std::size_t w = t % g.grid.gw, h = (t / g.grid.gw) % g.grid.gh, f = t / (g.grid.gw * g.grid.gh);
+      rope_table_row(f, h, w, c, cos + t * c, sin + t * c);
+    }
+  };
+  ops.host_tables(s.rope_cos, s.rope_sin, g.tokens * c, as_host_fill(tables));
 }
 
-// e = time_embedding(sinusoid(t)) [D]; e0 = time_projection(e) [6, D].
-template <param_source P>
-void wan_time_forward(const wan_geometry& g, P& p, wan_state& s) {
+// e = time_embedding(sinusoid(t)) [D]; e0 = time_projection(e) [6, D]. The sinusoid lifts t to
+// float64 first, as the official code does.
+template <op_set O, param_source P>
+void wan_time_forward(O& ops, const wan_geometry& g, P& p, wan_state& s) {
   const auto lay = wan_time_layout(g);
   check_wan_params(lay.table, p, g.storage, wan_layer_kind::embeddings, 0, "time");
-  const double t = s.input_t[0];  // the official code lifts t to float64 before the sinusoid
-  for (std::size_t i = 0; i < g.freq_dim; ++i) s.time_sinusoid[i] = time_sinusoid(t, i, g.freq_dim);
-  linear_params(s.time_sinusoid, 1, g.freq_dim, p, lay.embed0.weight, lay.embed0.bias, s.time_hidden, g.gemm);
-  for (std::size_t i = 0; i < g.dim; ++i) s.time_hidden[i] = silu(s.time_hidden[i]);
-  linear_params(s.time_hidden, 1, g.dim, p, lay.embed2.weight, lay.embed2.bias, s.e, g.gemm);
+  ops.sinusoid_rows(s.input_t, 1, 1, g.freq_dim, s.time_sinusoid);
+  ops.linear(s.time_sinusoid, 1, g.freq_dim, p, lay.embed0.weight, lay.embed0.bias, s.time_hidden);
+  ops.silu(s.time_hidden, s.time_hidden, g.dim);
+  ops.linear(s.time_hidden, 1, g.dim, p, lay.embed2.weight, lay.embed2.bias, s.e);
   // time_projection = Sequential(SiLU, Linear): silu(e) reuses time_hidden, e itself stays for the head.
-  for (std::size_t i = 0; i < g.dim; ++i) s.time_hidden[i] = silu(s.e[i]);
-  linear_params(s.time_hidden, 1, g.dim, p, lay.projection.weight, lay.projection.bias, s.e0, g.gemm);
+  ops.silu(s.e, s.time_hidden, g.dim);
+  ops.linear(s.time_hidden, 1, g.dim, p, lay.projection.weight, lay.projection.bias, s.e0);
 }
 
 // ctx[text_len, D] = Lin2(GELU_tanh(Lin0(context padded with zero rows))). The padded rows are
 // embedded too (they become Lin2(GELU(b0))) and attended to: t2v applies no text mask.
-template <param_source P>
-void wan_text_embedding_forward(const wan_geometry& g, P& p, wan_state& s) {
+template <op_set O, param_source P>
+void wan_text_embedding_forward(O& ops, const wan_geometry& g, P& p, wan_state& s) {
   const auto lay = wan_text_layout(g);
   check_wan_params(lay.table, p, g.storage, wan_layer_kind::embeddings, 0, "text_embedding");
-  linear_params(s.input_context, g.text_len, g.text_dim, p, lay.embed0.weight, lay.embed0.bias, s.text_hidden, g.gemm);
-  for (std::size_t i = 0; i < g.text_len * g.dim; ++i) s.text_hidden[i] = gelu_tanh(s.text_hidden[i]);
-  linear_params(s.text_hidden, g.text_len, g.dim, p, lay.embed2.weight, lay.embed2.bias, s.ctx, g.gemm);
+  ops.linear(s.input_context, g.text_len, g.text_dim, p, lay.embed0.weight, lay.embed0.bias, s.text_hidden,
+             linear_act::gelu_tanh);
+  ops.linear(s.text_hidden, g.text_len, g.dim, p, lay.embed2.weight, lay.embed2.bias, s.ctx);
 }
 
 }  // namespace unshard::detail

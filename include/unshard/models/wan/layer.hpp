@@ -1,6 +1,7 @@
 #pragma once
 // wan_layer: one unit of the Wan DiT as the runtime sees it -- the embeddings, a block, or the
-// head -- with its sub-units, their parameters (Wan's state_dict names) and their forwards.
+// head -- with its sub-units, their parameters (Wan's state_dict names) and their forwards, written
+// once over an op set (ops/op_set.hpp): host_ops here, cuda_ops for wan_cuda_model.
 //
 //   embeddings  sub-units patch_embedding | time | text_embedding
 //   blocks.i    sub-units self_attn | cross_attn | ffn
@@ -18,6 +19,8 @@
 #include "unshard/models/wan/head.hpp"
 #include "unshard/models/wan/params.hpp"
 #include "unshard/models/wan/state.hpp"
+#include "unshard/ops/host_ops.hpp"
+#include "unshard/ops/op_set.hpp"
 
 namespace unshard {
 
@@ -52,21 +55,29 @@ class wan_layer {
     forward(sub, whole, state);
   }
 
-  // The same forward over any parameter source (whole views, or chunks as they stream in).
+  // The same forward over any parameter source (whole views, or chunks as they stream in), on the
+  // host's ops.
   template <param_source P>
   void forward(std::size_t sub, P& params, wan_state& state) const {
+    host_ops ops{geometry_.gemm};
+    forward(ops, sub, params, state);
+  }
+
+  // The forward over a backend's op set (ops/op_set.hpp): the one forward every backend runs.
+  template <op_set O, param_source P>
+  void forward(O& ops, std::size_t sub, P& params, wan_state& state) const {
     const wan_geometry& g = geometry_;
     subunit_label(sub);  // range check; allocates only to throw
     switch (kind_) {
       case wan_layer_kind::embeddings:
-        if (sub == 0) return detail::wan_patch_embedding_forward(g, params, state);
-        if (sub == 1) return detail::wan_time_forward(g, params, state);
-        return detail::wan_text_embedding_forward(g, params, state);
+        if (sub == 0) return detail::wan_patch_embedding_forward(ops, g, params, state);
+        if (sub == 1) return detail::wan_time_forward(ops, g, params, state);
+        return detail::wan_text_embedding_forward(ops, g, params, state);
       case wan_layer_kind::block:
-        if (sub == 0) return detail::wan_self_attn_forward(g, block_, params, state);
-        if (sub == 1) return detail::wan_cross_attn_forward(g, block_, params, state);
-        return detail::wan_ffn_forward(g, block_, params, state);
-      case wan_layer_kind::head: return detail::wan_head_forward(g, params, state);
+        if (sub == 0) return detail::wan_self_attn_forward(ops, g, block_, params, state);
+        if (sub == 1) return detail::wan_cross_attn_forward(ops, g, block_, params, state);
+        return detail::wan_ffn_forward(ops, g, block_, params, state);
+      case wan_layer_kind::head: return detail::wan_head_forward(ops, g, params, state);
     }
   }
 

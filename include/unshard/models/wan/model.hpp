@@ -22,6 +22,8 @@
 #include "unshard/models/wan/geometry.hpp"
 #include "unshard/models/wan/layer.hpp"
 #include "unshard/models/wan/state.hpp"
+#include "unshard/ops/host_ops.hpp"
+#include "unshard/ops/op_set.hpp"
 
 namespace unshard {
 
@@ -52,16 +54,23 @@ class wan_model {
   // (L = the workload's context length; rows up to text_len are zeroed). Any storage dtype; a
   // leading batch dimension of 1 is accepted.
   void set_inputs(state& s, const tensor_view& x, const tensor_view& t, const tensor_view& context) const {
+    host_ops ops{geometry_.gemm};
+    set_inputs(ops, s, x, t, context);
+  }
+
+  // The same through a backend's ops (host tensors in, the state's buffers wherever they live).
+  template <op_set O>
+  void set_inputs(O& ops, wan_state& s, const tensor_view& x, const tensor_view& t, const tensor_view& context) const {
     const wan_geometry& g = geometry_;
     const auto [C, F, H, W] = g.latent;
     check_input(x, {C, F, H, W}, "x");
     check_input(t, {1}, "t");
     check_input(context, {g.context_len, g.text_dim}, "context");
-    for (std::size_t i = 0; i < C * F * H * W; ++i) s.input_x[i] = x.load(i);
-    s.input_t[0] = t.load(0);
+    ops.upload(s.input_x, x);
+    ops.upload(s.input_t, t);
+    ops.upload(s.input_context, context);
     const std::size_t n = g.context_len * g.text_dim;
-    for (std::size_t i = 0; i < n; ++i) s.input_context[i] = context.load(i);
-    for (std::size_t i = n; i < g.text_len * g.text_dim; ++i) s.input_context[i] = 0.0f;
+    ops.fill(s.input_context + n, g.text_len * g.text_dim - n, 0.0f);
   }
 
   // The same from f32 spans: x holds C*F*H*W values, context L*text_dim, both row-major.

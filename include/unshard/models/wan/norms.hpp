@@ -1,24 +1,17 @@
 #pragma once
-// Norms applied to every row of a token matrix [rows, D]: the host loops of the Wan sub-units.
+// The adaLN modulation of a Wan sub-unit as the op set reads it (ops/op_set.hpp, modulation_rows):
+// t2v has one modulation row for every token.
 #include <cstddef>
 
-#include "unshard/core/tensor_view.hpp"
-#include "unshard/kernels/host/typed_storage.hpp"
-#include "unshard/kernels/thread/norm.hpp"
 #include "unshard/models/wan/geometry.hpp"
+#include "unshard/ops/op_set.hpp"
 
 namespace unshard::detail {
 
-// RMSNorm over the full width D of each of `rows` rows, in place (before the head split).
-inline void wan_rms_norm_rows(float* x, std::size_t rows, const wan_geometry& g, const tensor_view& weight) {
-  visit_storage(weight, [&](const auto* w) {
-    for (std::size_t r = 0; r < rows; ++r) rms_norm_row(x + r * g.dim, g.dim, g.eps, w, x + r * g.dim);
-  });
-}
-
-// y = LN(x)(1 + scale) + shift for every token.
-inline void wan_modulated_norm(const wan_geometry& g, const float* x, const float* shift, const float* scale, float* y) {
-  for (std::size_t t = 0; t < g.tokens; ++t) layer_norm_modulate_row(x + t * g.dim, g.dim, g.eps, shift, scale, y + t * g.dim);
+// Chunk `chunk` (D floats) of a modulation table held in `table` ([6, D] of a block, [2, D] of the
+// head), read by every token alike.
+inline modulation_rows wan_modulation(const wan_geometry& g, const float* table, std::size_t chunk) {
+  return {table + chunk * g.dim, g.dim, 0};
 }
 
 }  // namespace unshard::detail

@@ -1,6 +1,6 @@
 #pragma once
 // The planner's ledger for the Live Avatar stack: per-rank peak as named terms, under any policy of
-// CONVENTIONS.md's grammar (fsdp as Live Avatar configures it included) and either schedule, plus the
+// docs/conventions.md's grammar (fsdp as Live Avatar configures it included) and either schedule, plus the
 // time of one forward and of one denoised block.
 //
 // Schedules (schedule/schedule.hpp): under `replicated` every rank runs every denoising step, so it

@@ -1,14 +1,13 @@
 #pragma once
 // wan_cuda_model: the Wan2.1 t2v DiT on CUDA, for `unshard-dit --backend cuda`.
 //
-// It is the host wan_model's twin: the same layers (embeddings, blocks.i, head), the same
-// sub-units, the same parameter names, shapes and order (each wan_cuda_layer delegates all of that
-// to the host wan_layer), so the same unit layout, policies and ledger apply unchanged. Only the
-// forward differs -- kernels and cuBLASLt on the state's stream (models/wan/cuda/forward.cuh) --
-// and the state lives in device memory, so inputs and outputs cross with explicit copies:
+// Not a second forward: each layer is the host wan_layer, run over cuda_ops (ops/cuda_ops.cuh)
+// instead of host_ops, on buffers in device memory. Layers, sub-units, parameter names and order,
+// the buffer table and its categories are the host model's, so the same unit layout, policies and
+// ledger apply unchanged. Inputs and outputs cross with explicit copies:
 //   wan_cuda_model m(config, workload, {dtype::bf16});
 //   state = m.make_state(buffers of m.buffers(), in device memory); state.attach_stream(stream);
-//   m.set_inputs(state, x, t, context);                 (host tensors; copied to the device)
+//   m.set_inputs(state, x, t, context);                 (host tensors; uploaded on the stream)
 //   for each layer i, sub-unit j: m.layer(i).forward(j, views (device memory), state);
 //   m.copy_output(state) / m.copy_block_output(state, i) (host vectors; synchronises the stream)
 #include <cuda_runtime.h>
@@ -18,55 +17,23 @@
 #include <string>
 #include <vector>
 
+#include "unshard/backend/cuda/check.cuh"
 #include "unshard/core/error.hpp"
 #include "unshard/layer/model.hpp"
 #include "unshard/layer/param_source.hpp"
-#include "unshard/models/wan/cuda/forward.cuh"
 #include "unshard/models/wan/cuda/state.cuh"
 #include "unshard/models/wan/model.hpp"
+#include "unshard/ops/cuda_model.cuh"
+#include "unshard/ops/cuda_ops.cuh"
 
 namespace unshard {
 
-class wan_cuda_layer {
+// The host layer over cuda_ops, plus the Wan layer's own queries.
+class wan_cuda_layer : public cuda_layer<wan_layer, wan_cuda_state> {
  public:
-  wan_cuda_layer(const wan_layer& host, const wan_geometry& geometry, const wan_cuda_options& options)
-      : host_(host), geometry_(geometry), options_(options) {}
-
-  std::string name() const { return host_.name(); }
-  std::size_t subunit_count() const noexcept { return host_.subunit_count(); }
-  std::string subunit_name(std::size_t sub) const { return host_.subunit_name(sub); }
-  std::vector<param_spec> parameters(std::size_t sub) const { return host_.parameters(sub); }
-  wan_layer_kind kind() const noexcept { return host_.kind(); }
-  std::size_t block_index() const noexcept { return host_.block_index(); }
-
-  // Enqueues sub-unit `sub` on state.stream; params are device views of parameters(sub).
-  void forward(std::size_t sub, const param_views& params, wan_cuda_state& state) const {
-    whole_params whole(params);
-    forward(sub, whole, state);
-  }
-
-  template <param_source P>
-  void forward(std::size_t sub, P& params, wan_cuda_state& state) const {
-    const wan_geometry& g = geometry_;
-    if (sub >= subunit_count()) host_.subunit_name(sub);  // throws the host's out-of-range error
-    const wan_cuda_options& o = options_;
-    switch (host_.kind()) {
-      case wan_layer_kind::embeddings:
-        if (sub == 0) return detail::wan_cuda_patch_embedding_forward(g, o, params, state);
-        if (sub == 1) return detail::wan_cuda_time_forward(g, o, params, state);
-        return detail::wan_cuda_text_embedding_forward(g, o, params, state);
-      case wan_layer_kind::block:
-        if (sub == 0) return detail::wan_cuda_self_attn_forward(g, o, host_.block_index(), params, state);
-        if (sub == 1) return detail::wan_cuda_cross_attn_forward(g, o, host_.block_index(), params, state);
-        return detail::wan_cuda_ffn_forward(g, o, host_.block_index(), params, state);
-      case wan_layer_kind::head: return detail::wan_cuda_head_forward(g, o, params, state);
-    }
-  }
-
- private:
-  wan_layer host_;
-  wan_geometry geometry_;
-  wan_cuda_options options_;
+  using cuda_layer::cuda_layer;
+  wan_layer_kind kind() const noexcept { return host().kind(); }
+  std::size_t block_index() const noexcept { return host().block_index(); }
 };
 
 static_assert(layer<wan_cuda_layer, wan_cuda_state>, "wan_cuda_layer must model unshard::layer over wan_cuda_state");
@@ -78,7 +45,7 @@ class wan_cuda_model {
   wan_cuda_model(const wan_config& config, const wan_workload& workload, const wan_options& options = {},
                  const wan_cuda_options& cuda_options = {})
       : host_(config, workload, options), options_(cuda_options) {
-    for (std::size_t i = 0; i < host_.layer_count(); ++i) layers_.emplace_back(host_.layer(i), geometry(), options_);
+    for (std::size_t i = 0; i < host_.layer_count(); ++i) layers_.emplace_back(host_.layer(i));
   }
 
   const wan_config& config() const noexcept { return host_.config(); }
@@ -96,21 +63,11 @@ class wan_cuda_model {
   std::vector<buffer_spec> buffers() const { return detail::wan_cuda_buffer_specs(geometry(), options_); }
   state make_state(const buffer_set& buffers) const { return detail::make_wan_cuda_state(geometry(), options_, buffers); }
 
-  // Copies the inputs (host tensors of any storage dtype; shapes as wan_model::set_inputs checks
-  // them) into the state's device buffers on its stream, and waits for the copies.
+  // Uploads the inputs (host tensors of any storage dtype; shapes as wan_model::set_inputs checks
+  // them) into the state's device buffers on its stream, through the ops' pinned staging (the
+  // caller's tensors may go once this returns), and zero-pads the context on the device.
   void set_inputs(state& s, const tensor_view& x, const tensor_view& t, const tensor_view& context) const {
-    const wan_geometry& g = geometry();
-    const auto [C, F, H, W] = g.latent;
-    std::vector<float> hx(C * F * H * W), ht(1), hc(g.text_len * g.text_dim);
-    wan_state staging;  // the host model validates, converts and zero-pads into host memory
-    staging.input_x = hx.data();
-    staging.input_t = ht.data();
-    staging.input_context = hc.data();
-    host_.set_inputs(staging, x, t, context);
-    upload(s, s.input_x, hx);
-    upload(s, s.input_t, ht);
-    upload(s, s.input_context, hc);
-    UNSHARD_CUDA_CHECK(cudaStreamSynchronize(s.stream));
+    host_.set_inputs(s.ops, s, x, t, context);
   }
 
   void set_inputs(state& s, std::span<const float> x, float t, std::span<const float> context) const {
@@ -149,13 +106,11 @@ class wan_cuda_model {
   }
 
  private:
-  static void upload(const state& s, float* dst, const std::vector<float>& src) {
-    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(dst, src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice, s.stream));
-  }
   static std::vector<float> download(const state& s, const float* src, std::size_t n) {
     std::vector<float> out(n);
-    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(out.data(), src, n * sizeof(float), cudaMemcpyDeviceToHost, s.stream));
-    UNSHARD_CUDA_CHECK(cudaStreamSynchronize(s.stream));
+    if (n == 0) return out;
+    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(out.data(), src, n * sizeof(float), cudaMemcpyDeviceToHost, s.ops.stream()));
+    UNSHARD_CUDA_CHECK(cudaStreamSynchronize(s.ops.stream()));
     return out;
   }
 

@@ -1,114 +1,60 @@
 #pragma once
-// The activation state of the CUDA Wan forward: the host model's wan_state (same buffers, same
+// The activation state of the CUDA Wan model: the host model's wan_state (same buffers, same
 // names, same categories: the ledger plans both alike), with every pointer in device memory, plus
-// what only the device needs -- the cuBLASLt workspace, a scratch for bf16 weights widened to
-// f32, the compute stream and the cuBLASLt handle.
+// the lane's ops context (ops/cuda_ops.cuh: the stream, the cuBLASLt handle, the widening scratch).
+// The state holds buffers only; everything else a kernel needs is the context's.
 //
 // Buffers come from detail::wan_buffer_table (models/wan/state.hpp), so the two models cannot
-// disagree on a size; the host's "scores" row is dropped (flash attention keeps scores in
-// registers) and two workspace entries are added.
+// disagree on a size; the host's "scores" row is dropped (device attention keeps its scores on
+// chip) and two workspace entries are added: cuBLASLt's workspace, and the f32 scratch that a bf16
+// weight chunk and a bias slice are widened (or realigned) into.
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <concepts>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
+#include <span>
 #include <string_view>
 #include <vector>
 
-#include "unshard/kernels/cuda/gemm.cuh"
+#include "unshard/core/error.hpp"
 #include "unshard/layer/model.hpp"
 #include "unshard/models/wan/params.hpp"
 #include "unshard/models/wan/state.hpp"
+#include "unshard/ops/cuda_model.cuh"
+#include "unshard/ops/cuda_ops.cuh"
 
 namespace unshard {
 
 struct wan_cuda_options {
-  // GELU-tanh of the FFN and text embedding in the cuBLASLt epilogue (CUBLASLT_EPILOGUE_GELU_BIAS);
-  // false: a separate bias + GELU kernel running kernels/thread/activation.hpp's gelu_tanh.
-  bool gelu_in_epilogue = true;
   // cuBLASLt workspace, a declared workspace buffer (NVIDIA recommends 32 MiB on Hopper).
   std::size_t gemm_workspace_bytes = std::size_t{32} << 20;
 };
 
-struct wan_cuda_state : wan_state {
-  // bf16 storage only: one linear's weight rows widened to f32, then its bias at bias_offset
-  // floats. Activations stay f32 and cuBLASLt multiplies x and W of one type, so bf16 weights
-  // are widened (exactly) rather than x rounded to bf16: the result is then an f32 GEMM on the
-  // bf16-rounded weights, which is what CONVENTIONS.md asks a bf16 run to match.
-  float* weight_f32 = nullptr;
-  std::size_t weight_f32_bias_offset = 0;
-  std::byte* gemm_workspace = nullptr;
-  std::size_t gemm_workspace_bytes = 0;
-  // Every kernel and matmul of the forward goes here; the runtime sets it to the rank's compute
-  // stream (attach_stream). Until then: the legacy default stream.
-  cudaStream_t stream = nullptr;
-  std::shared_ptr<cuda::blaslt> blas;
-
-  // Called once by the rank runtime, on the rank's thread (its device current), with the rank's
-  // compute stream. Accepts the backend's stream type or a raw cudaStream_t.
-  template <class S>
-  void attach_stream(S& s) {
-    stream = native_stream(s);
-    blas.reset();  // re-created on this thread's device at first use
-  }
-
-  // The cuBLASLt handle, created on first use on the calling thread's current device.
-  cuda::blaslt& gemm() {
-    if (!blas) {
-      blas = std::make_shared<cuda::blaslt>();
-      blas->set_workspace(gemm_workspace, gemm_workspace_bytes);
-    }
-    return *blas;
-  }
-
- private:
-  template <class S>
-  static cudaStream_t native_stream(S& s) {
-    if constexpr (std::convertible_to<S&, cudaStream_t>) {
-      return s;
-    } else if constexpr (requires { { s.native() } -> std::convertible_to<cudaStream_t>; }) {
-      return s.native();
-    } else if constexpr (requires { { s.handle() } -> std::convertible_to<cudaStream_t>; }) {
-      return s.handle();
-    } else {
-      static_assert(requires { { s.get() } -> std::convertible_to<cudaStream_t>; },
-                    "attach_stream: the stream type exposes no cudaStream_t (native(), handle() or get())");
-      return s.get();
-    }
-  }
-};
+// The host model's buffers, in device memory, plus the lane's ops context (ops/cuda_model.cuh).
+using wan_cuda_state = cuda_state<wan_state>;
 
 namespace detail {
 
-// Floats of the widened-weight scratch: the largest linear weight plus the largest bias, over
-// every sub-unit (a row chunk of a weight is smaller still).
-struct wan_widen_sizes {
+// Floats of the widening scratch (cuda_ops' `widen`): the largest linear weight when the storage
+// is not f32 (a row chunk of a weight is smaller still), then room for the largest 1-D parameter,
+// which cuda_ops keeps 16-byte aligned at the scratch's tail (a bf16 bias widened, or an f32 bias
+// slice that starts at an odd row realigned). Each part is a multiple of 64 floats.
+inline std::size_t wan_cuda_widen_floats(const wan_geometry& g) {
   std::size_t weight = 0, bias = 0;
-};
-
-inline wan_widen_sizes wan_cuda_widen_sizes(const wan_geometry& g) {
-  wan_widen_sizes w;
-  const auto visit = [&](const wan_param_table& t) {
+  for (const wan_param_table& t :
+       {wan_patch_embedding_layout(g).table, wan_time_layout(g).table, wan_text_layout(g).table,
+        wan_self_attn_layout(g).table, wan_cross_attn_layout(g).table, wan_ffn_layout(g).table,
+        wan_head_layout(g).table})
     for (std::size_t i = 0; i < t.count; ++i) {
       const auto n = static_cast<std::size_t>(t.slots[i].dims.numel());
-      if (t.slots[i].dims.rank() == 2) w.weight = std::max(w.weight, n);  // linear weights (the conv is rank 5)
-      if (t.slots[i].dims.rank() == 1) w.bias = std::max(w.bias, n);
+      if (t.slots[i].dims.rank() == 1) bias = std::max(bias, n);
+      // linear weights, and the Conv3d weight (rank 5) read as a [D, C*pt*ph*pw] matrix; the
+      // modulation tables (rank 3) are read as they are stored
+      if (t.slots[i].dims.rank() == 2 || t.slots[i].dims.rank() == 5) weight = std::max(weight, n);
     }
-  };
-  const wan_param_table conv = wan_patch_embedding_layout(g).table;
-  for (std::size_t i = 0; i < conv.count; ++i)  // the Conv3d weight is a [D, C*pt*ph*pw] matrix
-    if (conv.slots[i].dims.rank() > 1) w.weight = std::max(w.weight, static_cast<std::size_t>(conv.slots[i].dims.numel()));
-  visit(conv);
-  visit(wan_time_layout(g).table);
-  visit(wan_text_layout(g).table);
-  visit(wan_self_attn_layout(g).table);
-  visit(wan_cross_attn_layout(g).table);
-  visit(wan_ffn_layout(g).table);
-  visit(wan_head_layout(g).table);
-  w.weight = align_up(w.weight, allocation_alignment / sizeof(float));  // the bias starts 256-byte aligned
-  return w;
+  const auto up = [](std::size_t f) { return (f + 63) / 64 * 64; };
+  return (g.storage == dtype::f32 ? 0 : up(weight)) + up(bias);
 }
 
 struct wan_cuda_extra {
@@ -117,12 +63,7 @@ struct wan_cuda_extra {
 };
 
 inline std::vector<wan_cuda_extra> wan_cuda_extra_buffers(const wan_geometry& g, const wan_cuda_options& o) {
-  std::vector<wan_cuda_extra> extra{{"gemm_workspace", o.gemm_workspace_bytes}};
-  if (g.storage != dtype::f32) {
-    const wan_widen_sizes w = wan_cuda_widen_sizes(g);
-    extra.push_back({"weight_f32", (w.weight + w.bias) * sizeof(float)});
-  }
-  return extra;
+  return {{"gemm_workspace", o.gemm_workspace_bytes}, {"weight_f32", wan_cuda_widen_floats(g) * sizeof(float)}};
 }
 
 inline bool wan_cuda_uses_buffer(std::string_view name) { return name != "scores"; }
@@ -136,6 +77,8 @@ inline std::vector<buffer_spec> wan_cuda_buffer_specs(const wan_geometry& g, con
   return specs;
 }
 
+// The state's buffer views, and its ops context built over the declared workspace buffers (the
+// stream comes later, from attach_stream).
 inline wan_cuda_state make_wan_cuda_state(const wan_geometry& g, const wan_cuda_options& o, const buffer_set& buffers) {
   wan_cuda_state s;
   for (const auto& b : wan_buffer_table(g)) {
@@ -147,19 +90,25 @@ inline wan_cuda_state make_wan_cuda_state(const wan_geometry& g, const wan_cuda_
       throw_error("wan_cuda_model: buffer '", b.name, "' is not 16-byte aligned");
     s.*b.member = reinterpret_cast<float*>(bytes.data());
   }
+  std::byte* workspace = nullptr;
+  float* widen = nullptr;
+  std::size_t workspace_bytes = 0, widen_floats = 0;
   for (const auto& e : wan_cuda_extra_buffers(g, o)) {
     if (!e.bytes) continue;
     const std::span<std::byte> bytes = buffers.bytes(e.name);
     if (bytes.size() < e.bytes)
       throw_error("wan_cuda_model: buffer '", e.name, "' has ", bytes.size(), " bytes, needs ", e.bytes);
+    if (reinterpret_cast<std::uintptr_t>(bytes.data()) % 16 != 0)
+      throw_error("wan_cuda_model: buffer '", e.name, "' is not 16-byte aligned");
     if (std::string_view(e.name) == "gemm_workspace") {
-      s.gemm_workspace = bytes.data();
-      s.gemm_workspace_bytes = e.bytes;
+      workspace = bytes.data();
+      workspace_bytes = e.bytes;
     } else {
-      s.weight_f32 = reinterpret_cast<float*>(bytes.data());
-      s.weight_f32_bias_offset = wan_cuda_widen_sizes(g).weight;
+      widen = reinterpret_cast<float*>(bytes.data());
+      widen_floats = e.bytes / sizeof(float);
     }
   }
+  s.ops = cuda_ops(nullptr, widen, widen_floats, workspace, workspace_bytes);
   return s;
 }
 

@@ -1,3 +1,6 @@
+// The toy model: a layer and a model written against unshard's `layer` and `model` concepts
+// (include/unshard/layer/). examples/toy_layer/README.md walks through it; the library's tests and
+// benchmarks run on it. It lives outside include/ because it is user code: copy it and change it.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -27,6 +30,8 @@ struct toy_config {
   std::size_t ffn_of(std::size_t block) const { return ffn + 8 * block; }
 };
 
+// The activation state: views into the buffers that toy_model::buffers() declares and the
+// runtime allocates from the tracking allocator. Layers read and write it; it owns nothing.
 struct toy_state {
   float* x = nullptr;       // [tokens, dim], the residual stream (input and output)
   float* h = nullptr;       // [tokens, max ffn], scratch
@@ -35,7 +40,10 @@ struct toy_state {
   const int* fail_at_layer = nullptr;  // tests: a layer that throws, to check failure handling
 };
 
-
+// One layer. What the `layer` concept asks: a name, sub-units (each a unit a policy may gather on
+// its own), each sub-unit's parameters in a fixed order, and a forward per sub-unit over views of
+// those parameters. The second forward, a template over a param_source, lets the layer run under
+// `chunked` too: it reads its weights through linear_params, which consumes them chunk by chunk.
 class toy_block {
  public:
   toy_block(const toy_config& c, std::size_t index) : c_(c), index_(index) {}
@@ -90,6 +98,9 @@ class toy_block {
   std::size_t index_;
 };
 
+// The model. What the `model` concept asks: its state type, its layers in forward order, the
+// non-weight buffers a forward needs (each under a memory category, so the ledger can plan it),
+// and a state made from the allocated buffers.
 class toy_model {
  public:
   using state = toy_state;

@@ -38,7 +38,8 @@ struct trace_entry {
 // What the runtime did and when, per rank: how prefetch overlap is verified (the gather of unit
 // i+1 begins before the compute of unit i ends) and what the Chrome trace shows. Storage is
 // reserved up front and add() is lock-free, so tracing never allocates on the hot path; entries
-// past the capacity are counted as dropped.
+// past the capacity are counted as dropped, and so are spans a backend could not keep (lose()):
+// a trace is either complete or says how many entries it lacks.
 class trace_recorder {
  public:
   explicit trace_recorder(std::size_t capacity = 1 << 16) : entries_(capacity) {}
@@ -49,8 +50,17 @@ class trace_recorder {
     if (i >= entries_.size()) return;
     entries_[i] = {static_cast<std::uint32_t>(rank), k, unit, b, e, bytes};
   }
-  void clear() noexcept { next_.store(0); }
-  std::size_t dropped() const noexcept { return next_.load() > entries_.size() ? next_.load() - entries_.size() : 0; }
+  // A span the caller could not record (an asynchronous backend out of pending slots, see
+  // core/trace_spans.hpp): counted, so dropped() stays the exact number of missing entries.
+  void lose() noexcept { lost_.fetch_add(1, std::memory_order_relaxed); }
+  void clear() noexcept {
+    next_.store(0);
+    lost_.store(0);
+  }
+  std::size_t dropped() const noexcept {
+    const std::size_t n = next_.load();
+    return (n > entries_.size() ? n - entries_.size() : 0) + lost_.load();
+  }
   std::vector<trace_entry> entries() const {
     const std::size_t n = std::min(next_.load(), entries_.size());
     return {entries_.begin(), entries_.begin() + static_cast<std::ptrdiff_t>(n)};
@@ -99,6 +109,7 @@ class trace_recorder {
  private:
   std::vector<trace_entry> entries_;
   std::atomic<std::size_t> next_{0};
+  std::atomic<std::size_t> lost_{0};
 };
 
 }  // namespace unshard

@@ -1,0 +1,220 @@
+#pragma once
+// s2v_cuda_model: Live Avatar's S2V DiT on a CUDA device. Not a second forward: each layer is the
+// host s2v_layer, run over cuda_ops (ops/cuda_ops.cuh) instead of host_ops, on buffers in device
+// memory. Layers, sub-units, parameter names and order, the buffer table and its categories are
+// the host model's, so the unit layout, every policy and the ledger apply unchanged.
+//
+//   s2v_cuda_model m(config, workload, {dtype::bf16});
+//   state = m.make_state(buffers of m.buffers(), in device memory); state.attach_stream(stream);
+//   m.begin_sink(state, sink inputs) / m.begin_step(state, step inputs)   (host tensors: uploaded)
+//   for each layer i, sub-unit j: m.layer(i).forward(j, views (device memory), state);
+//   m.copy_output(state)   (a host vector; waits for the state's stream)
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "unshard/backend/cuda/check.cuh"
+#include "unshard/core/error.hpp"
+#include "unshard/layer/model.hpp"
+#include "unshard/layer/param_source.hpp"
+#include "unshard/models/liveavatar/model.hpp"
+#include "unshard/ops/cuda_model.cuh"
+#include "unshard/ops/cuda_ops.cuh"
+
+namespace unshard {
+
+struct s2v_cuda_options {
+  // cuBLASLt workspace, a declared workspace buffer (NVIDIA recommends 32 MiB on Hopper).
+  std::size_t gemm_workspace_bytes = std::size_t{32} << 20;
+  // f32: the path checked against the references; bf16: tensor-core GEMMs and fused attention
+  // (ops/cuda_ops.cuh), with a declared bf16 scratch.
+  cuda_precision precision = cuda_precision::f32;
+  // bf16: the attention engine each lane gets (ops/cudnn_attention.cuh's make_cudnn_attention for
+  // cuDNN's SDPA); empty: our segmented flash kernel.
+  std::function<std::shared_ptr<bf16_attention_engine>()> attention_engine;
+};
+
+using s2v_cuda_state = cuda_state<s2v_state>;
+
+// The host layer over cuda_ops, plus the S2V layer's own queries.
+class s2v_cuda_layer : public cuda_layer<s2v_layer, s2v_cuda_state> {
+ public:
+  using cuda_layer::cuda_layer;
+  s2v_layer_kind kind() const noexcept { return host().kind(); }
+  bool fsdp_root() const noexcept { return host().fsdp_root(); }
+};
+
+static_assert(layer<s2v_cuda_layer, s2v_cuda_state>, "s2v_cuda_layer must model unshard::layer over s2v_cuda_state");
+
+namespace detail {
+
+struct s2v_weight_extents {
+  std::size_t weight = 0;  // elements of the largest weight (rank >= 2)
+  std::size_t bias = 0;    // elements of the largest 1-D parameter
+  std::size_t inner = 0;   // the largest K of a weight [N, K...]
+};
+inline s2v_weight_extents s2v_weight_extents_of(const s2v_model& m) {
+  s2v_weight_extents e;
+  for (std::size_t i = 0; i < m.layer_count(); ++i)
+    for (std::size_t j = 0; j < m.layer(i).subunit_count(); ++j)
+      for (const param_spec& p : m.layer(i).parameters(j)) {
+        const auto n = static_cast<std::size_t>(p.dims.numel());
+        if (p.dims.rank() == 1) {
+          e.bias = std::max(e.bias, n);
+        } else if (p.dims.rank() > 1) {
+          e.weight = std::max(e.weight, n);
+          e.inner = std::max(e.inner, n / static_cast<std::size_t>(p.dims[0]));
+        }
+      }
+  return e;
+}
+
+// Floats of the scratch a weight chunk and a bias slice are converted into: the largest 16-bit
+// weight widened to f32 (f32 compute), or the largest f32 weight rounded to bf16 (bf16 compute,
+// two per float), plus the largest 1-D parameter; each 64-float aligned so the bias, kept at the
+// end, starts 256-byte aligned.
+inline std::size_t s2v_cuda_widen_floats(const s2v_model& m, cuda_precision precision) {
+  const s2v_weight_extents e = s2v_weight_extents_of(m);
+  const bool f32_storage = m.geometry().storage == dtype::f32;
+  const std::size_t weight = precision == cuda_precision::bf16 ? (f32_storage ? (e.weight + 1) / 2 : 0)
+                                                               : (f32_storage ? 0 : e.weight);
+  const auto up = [](std::size_t f) { return (f + 63) / 64 * 64; };
+  return up(weight) + up(e.bias);
+}
+
+// bf16 scratch elements of the bf16 compute: the largest GEMM input (rows x K) or attention.
+inline std::size_t s2v_cuda_bf16_elems(const s2v_model& m) {
+  const s2v_geometry& g = m.geometry();
+  const std::size_t rows = std::max({g.kv_scratch_rows(), (g.audio_tokens + 1) * g.audio_t, 2 * g.frames});
+  return cuda_ops::bf16_scratch_elems(rows * s2v_weight_extents_of(m).inner, g.max_tokens(), g.max_keys(), g.dim);
+}
+
+// The host's "scores" scratch is dropped: device attention keeps its scores on chip.
+inline bool s2v_cuda_uses_buffer(std::string_view name) { return name != "scores"; }
+
+}  // namespace detail
+
+class s2v_cuda_model {
+ public:
+  using state = s2v_cuda_state;
+
+  s2v_cuda_model(const s2v_config& config, const s2v_workload& workload, const s2v_options& options = {},
+                 const s2v_cuda_options& cuda_options = {})
+      : host_(config, workload, options),
+        options_(cuda_options),
+        widen_floats_(detail::s2v_cuda_widen_floats(host_, cuda_options.precision)),
+        bf16_elems_(cuda_options.precision == cuda_precision::bf16 ? detail::s2v_cuda_bf16_elems(host_) : 0) {
+    for (std::size_t i = 0; i < host_.layer_count(); ++i) layers_.emplace_back(host_.layer(i));
+  }
+
+  const s2v_config& config() const noexcept { return host_.config(); }
+  const s2v_geometry& geometry() const noexcept { return host_.geometry(); }
+  // The host model with the same layers (planning, checks, or a reference forward on the host).
+  const s2v_model& host_model() const noexcept { return host_; }
+
+  std::size_t layer_count() const noexcept { return layers_.size(); }
+  const s2v_cuda_layer& layer(std::size_t i) const {
+    if (i >= layers_.size()) throw_error("liveavatar cuda model: layer ", i, " out of range (", layers_.size(), " layers)");
+    return layers_[i];
+  }
+
+  std::vector<buffer_spec> buffers() const {
+    std::vector<buffer_spec> specs;
+    for (const buffer_spec& b : host_.buffers())
+      if (detail::s2v_cuda_uses_buffer(b.name)) specs.push_back(b);
+    specs.push_back({"gemm_workspace", options_.gemm_workspace_bytes, memory_category::workspace});
+    specs.push_back({"weight_f32", widen_floats_ * sizeof(float), memory_category::workspace});
+    if (bf16_elems_) specs.push_back({"bf16_scratch", bf16_elems_ * sizeof(bf16), memory_category::workspace});
+    return specs;
+  }
+
+  // Views into device buffers; the caches are zeroed on the device (as the official torch.zeros).
+  state make_state(const buffer_set& buffers) const {
+    state s;
+    static_cast<s2v_state&>(s) = detail::make_s2v_state(geometry(), buffers, false);
+    for (const auto& b : detail::s2v_buffer_table(geometry()))
+      if (b.category == memory_category::kv_cache && (b.scope != buffer_scope::per_step || buffers.has(b.name)))
+        UNSHARD_CUDA_CHECK(cudaMemset(buffers.bytes(b.name).data(), 0, b.floats * sizeof(float)));
+    UNSHARD_CUDA_CHECK(cudaDeviceSynchronize());  // the zeros land before any stream reads them
+    const auto ws = buffers.bytes("gemm_workspace");
+    const auto widen = buffers.bytes("weight_f32");
+    s.ops = cuda_ops(nullptr, reinterpret_cast<float*>(widen.data()), widen_floats_, ws.data(), ws.size());
+    if (bf16_elems_) {
+      s.ops.set_precision(cuda_precision::bf16, reinterpret_cast<bf16*>(buffers.bytes("bf16_scratch").data()), bf16_elems_);
+      if (options_.attention_engine) s.ops.set_attention_engine(options_.attention_engine());
+    }
+    return s;
+  }
+
+  void begin_sink(state& s, const s2v_sink_inputs& in) const { host_.begin_sink(s.ops, s, in); }
+  void begin_step(state& s, const s2v_step_inputs& in) const { host_.begin_step(s.ops, s, in); }
+  void check_step(const s2v_step_inputs& in) const { host_.check_step(in); }
+  void check_sink(const s2v_sink_inputs& in) const { host_.check_sink(in); }
+
+  // The lane's ops context (the denoiser's Euler update runs on it).
+  cuda_ops& ops(state& s) const { return s.ops; }
+
+  // Device memory (the current device) that another rank's results land in: NCCL writes only
+  // device memory. read() copies it to the host once the transfers that wrote it have completed
+  // (the runtime synchronises its communication stream after a tick's transfers).
+  class landing {
+   public:
+    explicit landing(std::size_t floats) : floats_(floats) {
+      UNSHARD_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), std::max<std::size_t>(floats, 1) * sizeof(float)));
+    }
+    landing(landing&& o) noexcept : p_(std::exchange(o.p_, nullptr)), floats_(o.floats_) {}
+    landing& operator=(landing&&) = delete;
+    ~landing() {
+      if (p_) cudaFree(p_);
+    }
+    float* data() noexcept { return p_; }
+    // A synchronous copy to pageable memory: it returns once the bytes are on the host, and the
+    // transfers that wrote them finished before the tick returned.
+    void read(std::vector<float>& out) const {
+      out.resize(floats_);
+      UNSHARD_CUDA_CHECK(cudaMemcpy(out.data(), p_, floats_ * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+
+   private:
+    float* p_ = nullptr;
+    std::size_t floats_;
+  };
+  landing make_landing(std::size_t floats) const { return landing(floats); }
+
+  // The streamed call's output latent [C_out, F, H, W] on the host, after the state's stream ran it.
+  std::vector<float> copy_output(const state& s) const {
+    return download(s, s.output, static_cast<std::size_t>(host_.output(s).numel()));
+  }
+  // Any f32 state buffer (tests read intermediates), n floats from `device`.
+  std::vector<float> copy_buffer(const state& s, const float* device, std::size_t n) const {
+    return download(s, device, n);
+  }
+
+ private:
+  static std::vector<float> download(const state& s, const float* src, std::size_t n) {
+    std::vector<float> out(n);
+    if (n == 0) return out;
+    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(out.data(), src, n * sizeof(float), cudaMemcpyDeviceToHost, s.ops.stream()));
+    UNSHARD_CUDA_CHECK(cudaStreamSynchronize(s.ops.stream()));
+    return out;
+  }
+
+  s2v_model host_;
+  s2v_cuda_options options_;
+  std::size_t widen_floats_;
+  std::size_t bf16_elems_;
+  std::vector<s2v_cuda_layer> layers_;
+};
+
+static_assert(model<s2v_cuda_model>, "s2v_cuda_model must model unshard::model");
+
+}  // namespace unshard

@@ -1,0 +1,67 @@
+#pragma once
+// A host model's layers on a CUDA device, without a second forward: cuda_state<Buffers> is the host
+// model's state (its buffers, now device pointers) plus the lane's cuda_ops context, and
+// cuda_layer<HostLayer, State> is the host layer whose forward runs over that context. A model's
+// CUDA twin (models/liveavatar/cuda/, models/wan/cuda/) then only declares its extra buffers and
+// builds the ops context in make_state.
+#include <cuda_runtime.h>
+
+#include <concepts>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "unshard/core/memory_space.hpp"
+#include "unshard/layer/layer.hpp"
+#include "unshard/layer/param_source.hpp"
+#include "unshard/ops/cuda_ops.cuh"
+
+namespace unshard {
+
+// The host state's buffers, in device memory, plus the lane's ops context.
+template <class Buffers>
+struct cuda_state : Buffers {
+  using memory_space = cuda_device_memory;  // every buffer is device memory: only cuda_backend reaches it
+  cuda_ops ops;
+
+  // Called once by the rank runtime, on the rank's thread (its device current), with the rank's
+  // compute stream: the backend's stream type or a raw cudaStream_t.
+  template <class S>
+  void attach_stream(S& s) {
+    if constexpr (std::convertible_to<S&, cudaStream_t>) {
+      ops.set_stream(s);
+    } else {
+      static_assert(requires { { s.native() } -> std::convertible_to<cudaStream_t>; },
+                    "attach_stream: the stream type exposes no cudaStream_t (native())");
+      ops.set_stream(s.native());
+    }
+  }
+};
+
+// The host layer, its forward run over the state's ops context.
+template <class HostLayer, class State>
+class cuda_layer {
+ public:
+  explicit cuda_layer(const HostLayer& host) : host_(host) {}
+
+  const HostLayer& host() const noexcept { return host_; }
+  std::string name() const { return host_.name(); }
+  std::size_t subunit_count() const noexcept { return host_.subunit_count(); }
+  std::string subunit_name(std::size_t sub) const { return host_.subunit_name(sub); }
+  std::vector<param_spec> parameters(std::size_t sub) const { return host_.parameters(sub); }
+
+  // Enqueues sub-unit `sub` on the state's stream; params are device views of parameters(sub).
+  void forward(std::size_t sub, const param_views& params, State& s) const {
+    whole_params whole(params);
+    forward(sub, whole, s);
+  }
+  template <param_source P>
+  void forward(std::size_t sub, P& params, State& s) const {
+    host_.forward(s.ops, sub, params, s);
+  }
+
+ private:
+  HostLayer host_;
+};
+
+}  // namespace unshard
