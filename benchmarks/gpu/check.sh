@@ -89,9 +89,14 @@ missing() {
 }
 
 # --- configure + build only what runs, for this GPU only ------------------------------------------
+# The machine is offline: cuDNN frontend headers carried into shared/cudnn_frontend_include (or
+# UNSHARD_CUDNN_FRONTEND_INCLUDE) give the bf16 attention cuDNN's SDPA; else configure looks for
+# the PyPI package and says which attention it builds.
+frontend=${UNSHARD_CUDNN_FRONTEND_INCLUDE:-}
+[ -z "$frontend" ] && [ -f "$root/shared/cudnn_frontend_include/cudnn_frontend.h" ] && frontend=$root/shared/cudnn_frontend_include
 step configure 90 "sm_$arch, Release, benchmarks on" -- \
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DUNSHARD_ENABLE_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="$arch" -DUNSHARD_BUILD_BENCHMARKS=ON
+  -DCMAKE_CUDA_ARCHITECTURES="$arch" -DUNSHARD_BUILD_BENCHMARKS=ON ${frontend:+-DUNSHARD_CUDNN_FRONTEND_INCLUDE="$frontend"}
 
 gpu_tests=()
 for f in tests/gpu/test_*.cu; do gpu_tests+=("$(basename "$f" .cu)"); done

@@ -462,6 +462,13 @@ class cuda_ops {
     UNSHARD_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return static_cast<std::size_t>(v);
   }
+  // A fresh buffer at `slot` (the model just zeroed it): a shadow left by an earlier buffer that
+  // lived at the same address must not answer for it.
+  static void forget_count(const float* slot) {
+    auto& shadow = cuda_ops_detail::count_shadow::instance();
+    const std::lock_guard<std::mutex> lock(shadow.mutex);
+    shadow.values.erase(slot);
+  }
   void store_count(float* slot, std::size_t n) {
     fill(slot, 1, static_cast<float>(n));  // the device copy, exact below 2^24
     auto& shadow = cuda_ops_detail::count_shadow::instance();

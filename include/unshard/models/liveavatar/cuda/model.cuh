@@ -145,6 +145,7 @@ class s2v_cuda_model {
       if (b.category == memory_category::kv_cache && (b.scope != buffer_scope::per_step || buffers.has(b.name)))
         UNSHARD_CUDA_CHECK(cudaMemset(buffers.bytes(b.name).data(), 0, b.floats * sizeof(float)));
     UNSHARD_CUDA_CHECK(cudaDeviceSynchronize());  // the zeros land before any stream reads them
+    cuda_ops::forget_count(s.cond_end_slot);       // the cond cache is empty: its length is 0
     const auto ws = buffers.bytes("gemm_workspace");
     const auto widen = buffers.bytes("weight_f32");
     s.ops = cuda_ops(nullptr, reinterpret_cast<float*>(widen.data()), widen_floats_, ws.data(), ws.size());
