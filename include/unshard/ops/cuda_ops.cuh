@@ -28,6 +28,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "unshard/backend/cuda/check.cuh"
 #include "unshard/core/dtype.hpp"
@@ -149,39 +150,53 @@ struct count_shadow {
   }
 };
 
-// Pinned host memory that host tensors and tables cross through. One buffer, reused: before it
-// is written again, the copy that read it last must have finished (an event, not a stream sync).
+// Pinned host memory that host tensors and tables cross through: a ring of slots, each reused
+// only after the copy that last read it has finished (its event). With a slot per upload of a call
+// (a call uploads a handful of inputs and tables), the slot a call takes was last read by the
+// previous call's copy, which ran before that call's forward: the host never waits for the
+// device's forward, only for a copy already done.
 class pinned_staging {
  public:
+  static constexpr std::size_t slots = 8;
+
   pinned_staging() = default;
   pinned_staging(const pinned_staging&) = delete;
   pinned_staging& operator=(const pinned_staging&) = delete;
   ~pinned_staging() {
-    if (done_) cudaEventDestroy(done_);
-    if (data_) cudaFreeHost(data_);
+    for (slot& s : ring_) {
+      if (s.done) cudaEventDestroy(s.done);
+      if (s.data) cudaFreeHost(s.data);
+    }
   }
 
-  // `floats` of staging, free to write: grows (pinned) when needed, after the last copy drained.
+  // The next slot, at least `floats` long (grown, pinned, when needed), free to write.
   float* acquire(std::size_t floats) {
-    if (done_) UNSHARD_CUDA_CHECK(cudaEventSynchronize(done_));
-    if (floats > capacity_) {
-      if (data_) UNSHARD_CUDA_CHECK(cudaFreeHost(data_));
-      data_ = nullptr;
-      UNSHARD_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&data_), floats * sizeof(float)));
-      capacity_ = floats;
+    slot& s = ring_[next_];
+    if (s.done) UNSHARD_CUDA_CHECK(cudaEventSynchronize(s.done));
+    if (floats > s.capacity) {
+      if (s.data) UNSHARD_CUDA_CHECK(cudaFreeHost(s.data));
+      s.data = nullptr;
+      UNSHARD_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s.data), floats * sizeof(float)));
+      s.capacity = floats;
     }
-    return data_;
+    return s.data;
   }
-  // After the copies out of the staging were enqueued on `stream`.
+  // After the copies out of the slot acquire() gave were enqueued on `stream`.
   void release(cudaStream_t stream) {
-    if (!done_) UNSHARD_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
-    UNSHARD_CUDA_CHECK(cudaEventRecord(done_, stream));
+    slot& s = ring_[next_];
+    if (!s.done) UNSHARD_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+    UNSHARD_CUDA_CHECK(cudaEventRecord(s.done, stream));
+    next_ = (next_ + 1) % slots;
   }
 
  private:
-  float* data_ = nullptr;
-  std::size_t capacity_ = 0;
-  cudaEvent_t done_ = nullptr;
+  struct slot {
+    float* data = nullptr;
+    std::size_t capacity = 0;
+    cudaEvent_t done = nullptr;
+  };
+  slot ring_[slots];
+  std::size_t next_ = 0;
 };
 
 }  // namespace cuda_ops_detail
@@ -462,18 +477,28 @@ class cuda_ops {
     UNSHARD_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return static_cast<std::size_t>(v);
   }
-  // A fresh buffer at `slot` (the model just zeroed it): a shadow left by an earlier buffer that
-  // lived at the same address must not answer for it.
-  static void forget_count(const float* slot) {
+  // A fresh buffer at `slot` that the model just zeroed: its count is 0 (and a shadow left by an
+  // earlier buffer at the same address must not answer for it), known without reading the device.
+  static void reset_count(const float* slot) {
     auto& shadow = cuda_ops_detail::count_shadow::instance();
     const std::lock_guard<std::mutex> lock(shadow.mutex);
-    shadow.values.erase(slot);
+    shadow.values[slot] = 0;
   }
   void store_count(float* slot, std::size_t n) {
     fill(slot, 1, static_cast<float>(n));  // the device copy, exact below 2^24
     auto& shadow = cuda_ops_detail::count_shadow::instance();
     const std::lock_guard<std::mutex> lock(shadow.mutex);
     shadow.values[slot] = n;
+  }
+
+  // n floats of device memory at src, on the host once everything enqueued on the stream ran
+  // (outputs and intermediates read back by the models and tests; not on a forward's path).
+  std::vector<float> download(const float* src, std::size_t n) const {
+    std::vector<float> out(n);
+    if (n == 0) return out;
+    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(out.data(), src, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    UNSHARD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return out;
   }
 
   // The cuBLASLt handle, created on first use on the calling thread's current device.

@@ -145,7 +145,7 @@ class s2v_cuda_model {
       if (b.category == memory_category::kv_cache && (b.scope != buffer_scope::per_step || buffers.has(b.name)))
         UNSHARD_CUDA_CHECK(cudaMemset(buffers.bytes(b.name).data(), 0, b.floats * sizeof(float)));
     UNSHARD_CUDA_CHECK(cudaDeviceSynchronize());  // the zeros land before any stream reads them
-    cuda_ops::forget_count(s.cond_end_slot);       // the cond cache is empty: its length is 0
+    cuda_ops::reset_count(s.cond_end_slot);        // the cond cache is empty: its length is 0
     const auto ws = buffers.bytes("gemm_workspace");
     const auto widen = buffers.bytes("weight_f32");
     s.ops = cuda_ops(nullptr, reinterpret_cast<float*>(widen.data()), widen_floats_, ws.data(), ws.size());
@@ -201,13 +201,7 @@ class s2v_cuda_model {
   }
 
  private:
-  static std::vector<float> download(const state& s, const float* src, std::size_t n) {
-    std::vector<float> out(n);
-    if (n == 0) return out;
-    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(out.data(), src, n * sizeof(float), cudaMemcpyDeviceToHost, s.ops.stream()));
-    UNSHARD_CUDA_CHECK(cudaStreamSynchronize(s.ops.stream()));
-    return out;
-  }
+  static std::vector<float> download(const state& s, const float* src, std::size_t n) { return s.ops.download(src, n); }
 
   s2v_model host_;
   s2v_cuda_options options_;

@@ -106,13 +106,7 @@ class wan_cuda_model {
   }
 
  private:
-  static std::vector<float> download(const state& s, const float* src, std::size_t n) {
-    std::vector<float> out(n);
-    if (n == 0) return out;
-    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(out.data(), src, n * sizeof(float), cudaMemcpyDeviceToHost, s.ops.stream()));
-    UNSHARD_CUDA_CHECK(cudaStreamSynchronize(s.ops.stream()));
-    return out;
-  }
+  static std::vector<float> download(const state& s, const float* src, std::size_t n) { return s.ops.download(src, n); }
 
   wan_model host_;
   wan_cuda_options options_;
