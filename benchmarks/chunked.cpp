@@ -26,7 +26,7 @@ double median(std::vector<double> v) {
 struct bench_model {
   const char* name;
   nlohmann::json config;
-  wan_workload work;
+  wan::workload work;
 };
 
 std::size_t chunk_count(const std::vector<unit_layout>& units) {
@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
   std::printf("%-11s %-28s %8s %11s %13s %13s %11s %7s\n", "model", "policy", "lat_us", "forward_ms", "planned_peak",
               "gathered", "chunk", "chunks");
   for (const bench_model& bm : models) {
-    const wan_model m(wan_config::from_json(bm.config, bm.name), bm.work, {dtype::f32, gemm_path::blas, false});
+    const wan::model m(wan::config::from_json(bm.config, bm.name), bm.work, {dtype::f32, gemm_path::blas, false});
     const synthetic_weights w(m, 3);
     const auto [C, F, H, W] = bm.work.latent_shape;
     std::vector<float> x(static_cast<std::size_t>(C * F * H * W)), ctx(static_cast<std::size_t>(bm.work.context_len) * bm.config["text_dim"].get<std::size_t>());
@@ -79,9 +79,9 @@ int main(int argc, char** argv) {
         opt.world_size = world;
         opt.policy = parse_policy(pol).values;
         opt.link.latency_s = latency_us * 1e-6;
-        session<wan_model> s(m, w, opt);
-        auto prepare = [&](std::size_t, wan_state& st) { m.set_inputs(st, x, 500.f, ctx); };
-        auto finish = [](std::size_t, const wan_state&) {};
+        session<wan::model> s(m, w, opt);
+        auto prepare = [&](std::size_t, wan::state& st) { m.set_inputs(st, x, 500.f, ctx); };
+        auto finish = [](std::size_t, const wan::state&) {};
         s.forward(prepare, finish);  // warm-up
         std::vector<double> t;
         for (int r = 0; r < runs; ++r) {

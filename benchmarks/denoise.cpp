@@ -33,18 +33,18 @@ struct run_result {
 };
 
 template <weight_source W>
-run_result run_once(const s2v_model& m, const W& weights, const s2v_loop_spec& loop, const synthetic_loop_inputs& data,
+run_result run_once(const s2v::model& m, const W& weights, const s2v::loop_spec& loop, const s2v::synthetic_loop_inputs& data,
                     std::size_t world, const char* policy, schedule_kind kind) {
   session_options opt;
   opt.world_size = world;
   opt.policy = parse_policy(policy).values;
   opt.schedule = kind;
-  session<s2v_model> s(m, weights, opt);
-  s2v_denoiser den(m, s, {loop.sampler, loop.blocks_per_clip, false});
+  session<s2v::model> s(m, weights, opt);
+  s2v::denoiser den(m, s, {loop.sampler, loop.blocks_per_clip, false});
   run_result r;
   const auto t0 = std::chrono::steady_clock::now();
   den.sink(data.sink());
-  den.denoise(data.blocks(), [&](s2v_block_result&& res) { r.last_latent = std::move(res.latent); });
+  den.denoise(data.blocks(), [&](s2v::block_result&& res) { r.last_latent = std::move(res.latent); });
   r.loop_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   r.ticks = den.ticks_run();
   for (std::size_t k = 0; k < world; ++k) {
@@ -70,22 +70,22 @@ int main(int argc, char** argv) {
     }
   }
   use_one_blas_thread_per_rank();
-  const s2v_config cfg = s2v_config::from_json(
+  const s2v::config cfg = s2v::config::from_json(
       nlohmann::json{{"dim", 384}, {"ffn_dim", 1024}, {"freq_dim", 256}, {"text_dim", 128}, {"text_len", 32},
                      {"num_heads", 6}, {"num_layers", 6}, {"cond_dim", 16}, {"audio_dim", 64},
                      {"audio_inject_layers", {0, 3}}, {"enable_adain", true}, {"zero_timestep", true},
                      {"enable_motioner", false}, {"enable_framepack", true}, {"framepack_drop_mode", "padd"}},
       "bench config");
-  s2v_loop_spec loop;
+  s2v::loop_spec loop;
   loop.clips = 2;
   loop.blocks_per_clip = 4;
   loop.latent_hw = {16, 32};  // 8 x 16 tokens per frame, 384 per block of 3 frames
-  s2v_workload work;
+  s2v::workload work;
   work.latent_hw = loop.latent_hw;
   work.context_len = 16;
-  const s2v_model m(cfg, work, {dtype::f32, gemm_path::blas, false});
+  const s2v::model m(cfg, work, {dtype::f32, gemm_path::blas, false});
   const synthetic_weights weights(m, 5);
-  const synthetic_loop_inputs data(m.geometry(), loop, 16, 1);
+  const s2v::synthetic_loop_inputs data(m.geometry(), loop, 16, 1);
   std::printf("S2V dim %zu, %zu layers, %zu tokens per block, %zu clips x %zu blocks x %zu steps\n", m.geometry().dim,
               m.geometry().num_layers, m.geometry().block_tokens, loop.clips, loop.blocks_per_clip, loop.sampler.steps);
 

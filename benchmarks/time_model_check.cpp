@@ -114,7 +114,7 @@ std::vector<double> toy_layer_flops(const toy::toy_config& c) {
 
 // Embeddings (patch, text, time), blocks (self attention over L tokens, cross attention to the
 // text_len context, FFN), head.
-std::vector<double> wan_layer_flops(const wan_config& c, const wan_workload& w) {
+std::vector<double> wan_layer_flops(const wan::config& c, const wan::workload& w) {
   const double pvol = static_cast<double>(c.patch_size[0] * c.patch_size[1] * c.patch_size[2]);
   const double L = static_cast<double>(w.latent_shape[1] / c.patch_size[0] * (w.latent_shape[2] / c.patch_size[1]) *
                                        (w.latent_shape[3] / c.patch_size[2]));
@@ -287,12 +287,12 @@ int main(int argc, char** argv) {
 
   const std::string data = UNSHARD_TEST_DATA_DIR;
   const checkpoint wan_file = checkpoint::open(data + "/wan_tiny_a.safetensors");
-  const wan_config wc = wan_config::load(data + "/wan_tiny_a.config.json");
+  const wan::config wc = wan::config::load(data + "/wan_tiny_a.config.json");
   const auto xd = wan_file.at("input.x").dims;
-  const wan_workload ww{{xd[0], xd[1], xd[2], xd[3]}, wan_file.at("input.context").dims[0]};
-  const wan_model wan_m(wc, ww, {dtype::f32, gemm_path::portable, false});
+  const wan::workload ww{{xd[0], xd[1], xd[2], xd[3]}, wan_file.at("input.context").dims[0]};
+  const wan::model wan_m(wc, ww, {dtype::f32, gemm_path::portable, false});
   const checkpoint_weights wan_w(wan_file);
-  auto wan_prepare = [&](std::size_t, wan_state& st) {
+  auto wan_prepare = [&](std::size_t, wan::state& st) {
     wan_m.set_inputs(st, wan_file.view("input.x"), wan_file.view("input.t"), wan_file.view("input.context"));
   };
 

@@ -162,13 +162,13 @@ TEST_CASE("policy types: compose<chunked<64_MiB>, prefetch<2>, offload<pinned_ho
 TEST_CASE("chunked Wan DiT matches the references and the unsharded forward, portable bit for bit, BLAS within 1e-6") {
   const wan_case c = load_wan_case("wan_tiny_a");
   const checkpoint& file = c.file;
-  const wan_config& cfg = c.config;
-  const wan_workload& work = c.work;
+  const wan::config& cfg = c.config;
+  const wan::workload& work = c.work;
   const checkpoint_weights w(file);
   const auto ref_out = read_f32(file, "ref.output");
   for (gemm_path path : {gemm_path::portable, gemm_path::blas}) {
-    const wan_model m(cfg, work, {dtype::f32, path, true});
-    reference_runner<wan_model> ref(m, w);
+    const wan::model m(cfg, work, {dtype::f32, path, true});
+    reference_runner<wan::model> ref(m, w);
     set_case_inputs(m, ref.state(), file);
     ref.forward();
     const auto want = m.output(ref.state()).as<float>();
@@ -179,10 +179,10 @@ TEST_CASE("chunked Wan DiT matches the references and the unsharded forward, por
         CAPTURE(n);
         CAPTURE(static_cast<int>(path));
         const session_options opt = sharded_options(pol, n);
-        session<wan_model> s(m, w, opt);
+        session<wan::model> s(m, w, opt);
         s.cap_device_memory(s.plan().peak_bytes());
         std::vector<float> got;
-        forward_case(s, m, file, [&](std::size_t r, const wan_state& st) {
+        forward_case(s, m, file, [&](std::size_t r, const wan::state& st) {
           if (r == 0) {
             const auto o = m.output(st).as<float>();
             got.assign(o.begin(), o.end());

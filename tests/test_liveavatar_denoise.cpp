@@ -33,11 +33,11 @@ struct denoise_case {
   explicit denoise_case(const std::string& name)
       : file(checkpoint::open(data_dir + "/" + name + ".safetensors")),
         json(load_json_config(data_dir + "/" + name + ".config.json", "denoise config")),
-        config(s2v_config::from_json(json, name)), loop(parse_s2v_loop(json, name, {})) {}
+        config(s2v::config::from_json(json, name)), loop(s2v::parse_loop(json, name, {})) {}
   checkpoint file;
   nlohmann::json json;
-  s2v_config config;
-  s2v_loop_spec loop;
+  s2v::config config;
+  s2v::loop_spec loop;
 };
 
 // The public loop the schedule tests run on.
@@ -49,13 +49,13 @@ const denoise_case& the_case() {
 // The caches after the loop, under the refs' names (ref.kv.step{i}.layer0.k, ref.kv.cond.layer0.v, ...),
 // each step's from the lane that runs it, the cond cache from rank 0's.
 template <class Session>
-void collect_caches(const s2v_model& m, const Session& s, outputs& out) {
-  const s2v_geometry& g = m.geometry();
+void collect_caches(const s2v::model& m, const Session& s, outputs& out) {
+  const s2v::geometry& g = m.geometry();
   const std::size_t W = s.world_size();
   for (const bool values : {false, true}) {
     const char* kv = values ? ".v" : ".k";
     for (std::size_t i = 0; i < g.steps; ++i) {
-      const s2v_state& st = s.runtime(s.schedule().owner(i, W)).lane(s.schedule().lane_of(i, W));
+      const s2v::state& st = s.runtime(s.schedule().owner(i, W)).lane(s.schedule().lane_of(i, W));
       const auto t = m.noisy_cache(st, i, 0, values, 0, g.noisy_slots).template as<const float>();
       out["kv.step" + std::to_string(i) + ".layer0" + kv].assign(t.begin(), t.end());
     }
@@ -64,25 +64,25 @@ void collect_caches(const s2v_model& m, const Session& s, outputs& out) {
   }
 }
 
-std::string block_name(const s2v_block_result& r) {
+std::string block_name(const s2v::block_result& r) {
   return "clip" + std::to_string(r.clip) + ".block" + std::to_string(r.block);
 }
 
 // The loop on `opt`'s world under `kind`: every result rank 0 receives, under the refs' names.
-outputs run_loop(const s2v_loop_spec& loop, std::vector<s2v_block> blocks, const session_options& base,
+outputs run_loop(const s2v::loop_spec& loop, std::vector<s2v::block> blocks, const session_options& base,
                  schedule_kind kind, gemm_path gemm, bool all_steps, std::vector<rank_measurement>* measured = nullptr,
                  memory_plan* plan = nullptr, const denoise_case& c = the_case()) {
-  s2v_workload work = s2v_loop_workload(loop, c.file);
-  const s2v_model m(c.config, work, {dtype::f32, gemm});
+  s2v::workload work = s2v::loop_workload(loop, c.file);
+  const s2v::model m(c.config, work, {dtype::f32, gemm});
   const checkpoint_weights w(c.file);
   session_options opt = base;
   opt.schedule = kind;
-  session<s2v_model> s(m, w, opt);
+  session<s2v::model> s(m, w, opt);
   s.cap_device_memory(s.plan().peak_bytes());
-  s2v_denoiser den(m, s, {loop.sampler, loop.blocks_per_clip, all_steps});
-  den.sink(s2v_loop_sink(c.file));
+  s2v::denoiser den(m, s, {loop.sampler, loop.blocks_per_clip, all_steps});
+  den.sink(s2v::loop_sink(c.file));
   outputs out;
-  den.denoise(blocks, [&](s2v_block_result&& r) {
+  den.denoise(blocks, [&](s2v::block_result&& r) {
     const std::string n = block_name(r);
     out[n + ".latent"] = r.latent;
     for (std::size_t i = 0; i < r.noise_pred.size(); ++i) {
@@ -105,15 +105,15 @@ outputs run_loop(const s2v_loop_spec& loop, std::vector<s2v_block> blocks, const
   return out;
 }
 
-std::vector<s2v_block> file_blocks(const s2v_loop_spec& loop, const denoise_case& c = the_case()) {
-  return s2v_loop_blocks(loop, c.file, 7);
+std::vector<s2v::block> file_blocks(const s2v::loop_spec& loop, const denoise_case& c = the_case()) {
+  return s2v::loop_blocks(loop, c.file, 7);
 }
 
 }  // namespace
 
 TEST_CASE("sampler: timesteps, sigmas and Euler constants equal the official float32 values bit for bit") {
   const denoise_case& c = the_case();
-  const flow_match_euler f(c.loop.sampler);
+  const s2v::flow_match_euler f(c.loop.sampler);
   const std::vector<float> t = read_f32(c.file, "input.scheduler.timesteps"), sg = read_f32(c.file, "input.scheduler.sigmas");
   REQUIRE(t.size() == 4);
   REQUIRE(sg.size() == 5);
@@ -128,16 +128,16 @@ TEST_CASE("sampler: timesteps, sigmas and Euler constants equal the official flo
     CHECK(b == dt_bits[i]);
   }
   // Other step counts: the first sigma is 1, the last before 0 is the shifted sigma_min grid end.
-  const flow_match_euler two({1000, 3.0, 2});
+  const s2v::flow_match_euler two({1000, 3.0, 2});
   CHECK(two.sigmas().size() == 3);
   CHECK(two.sigmas()[0] == 1.0f);
   CHECK(two.sigmas()[1] == f.sigmas()[3]);
-  CHECK_THROWS_WITH_AS(flow_match_euler({1000, 3.0, 0}), doctest::Contains("at least 1"), error);
+  CHECK_THROWS_WITH_AS(s2v::flow_match_euler({1000, 3.0, 0}), doctest::Contains("at least 1"), error);
 }
 
 TEST_CASE("sampler: the Euler update is f32(x + f32(dt * v)), recomputed from the stored latents") {
   const denoise_case& c = the_case();
-  const flow_match_euler f(c.loop.sampler);
+  const s2v::flow_match_euler f(c.loop.sampler);
   for (std::size_t b = 0; b < 2; ++b)
     for (std::size_t i = 0; i < 4; ++i) {
       const std::string p = "ref.clip0.block" + std::to_string(b) + ".step";
@@ -150,7 +150,7 @@ TEST_CASE("sampler: the Euler update is f32(x + f32(dt * v)), recomputed from th
 }
 
 TEST_CASE("relative_dist draws depend on (seed, clip, block, step) only, within randint(4, 30)") {
-  const s2v_relative_dist_draws d(2026), e(2027);
+  const s2v::relative_dist_draws d(2026), e(2027);
   std::vector<int> seen(31, 0);
   std::size_t differ = 0;
   for (std::size_t r = 0; r < 3; ++r)
@@ -218,7 +218,7 @@ TEST_CASE("steps schedule: bit for bit the sequential loop, W = 1..5, S = 4, eve
 
 TEST_CASE("steps schedule with S = 2 and a replicated run at W = 3 equal the sequential loop") {
   const denoise_case& c = the_case();
-  s2v_loop_spec two = c.loop;
+  s2v::loop_spec two = c.loop;
   two.sampler.steps = 2;
   auto blocks = file_blocks(two);
   const outputs want = run_loop(two, blocks, sharded_options("full", 1), schedule_kind::replicated, gemm_path::portable, true);
@@ -235,13 +235,13 @@ TEST_CASE("steps schedule with S = 2 and a replicated run at W = 3 equal the seq
 
 TEST_CASE("two clips wrap every step cache: steps equals the sequential loop bit for bit") {
   const denoise_case& c = the_case();
-  s2v_loop_spec loop = c.loop;
+  s2v::loop_spec loop = c.loop;
   loop.clips = 2;
   // Clip 1 reuses clip 0's inputs with its own draws: its writes land at current_start mod size.
-  std::vector<s2v_block> blocks = file_blocks(c.loop);
-  const s2v_relative_dist_draws draws(99);
+  std::vector<s2v::block> blocks = file_blocks(c.loop);
+  const s2v::relative_dist_draws draws(99);
   for (std::size_t b = 0; b < loop.blocks_per_clip; ++b) {
-    s2v_block blk = blocks[b];
+    s2v::block blk = blocks[b];
     blk.clip = 1;
     for (std::size_t s = 0; s < blk.relative_dist.size(); ++s) blk.relative_dist[s] = draws(1, b, s);
     blocks.push_back(blk);
@@ -262,8 +262,8 @@ TEST_CASE("two clips wrap every step cache: steps equals the sequential loop bit
 
 TEST_CASE("ledger under steps: a rank holds its own steps' caches and one cond cache, none without a step") {
   const denoise_case& c = the_case();
-  const s2v_model m(c.config, s2v_loop_workload(c.loop, c.file));
-  const s2v_geometry& g = m.geometry();
+  const s2v::model m(c.config, s2v::loop_workload(c.loop, c.file));
+  const s2v::geometry& g = m.geometry();
   const std::size_t step_cache = 2 * align_up(g.num_layers * g.noisy_slots * g.dim * 4);
   const std::size_t cond_cache = 2 * align_up(g.num_layers * g.cond_slots * g.dim * 4) + align_up(4);
   const policy_values p = parse_policy("prefetch:1").values;
@@ -287,43 +287,43 @@ TEST_CASE("ledger under steps: a rank holds its own steps' caches and one cond c
 
 TEST_CASE("the denoiser refuses a block before the sink, wrong draws, and a sampler that disagrees with the caches") {
   const denoise_case& c = the_case();
-  const s2v_model m(c.config, s2v_loop_workload(c.loop, c.file));
+  const s2v::model m(c.config, s2v::loop_workload(c.loop, c.file));
   const checkpoint_weights w(c.file);
   session_options opt = sharded_options("prefetch:1", 2);
   opt.schedule = schedule_kind::steps;
-  session<s2v_model> s(m, w, opt);
+  session<s2v::model> s(m, w, opt);
   auto blocks = file_blocks(c.loop);
-  s2v_denoiser den(m, s, {c.loop.sampler, c.loop.blocks_per_clip, false});
+  s2v::denoiser den(m, s, {c.loop.sampler, c.loop.blocks_per_clip, false});
   CHECK_THROWS_WITH_AS(den.denoise_block(blocks[0]), doctest::Contains("before sink"), error);
-  den.sink(s2v_loop_sink(c.file));
+  den.sink(s2v::loop_sink(c.file));
   blocks[0].relative_dist.pop_back();
   CHECK_THROWS_WITH_AS(den.denoise_block(blocks[0]), doctest::Contains("relative_dist draws"), error);
   blocks[1].block = 7;
   CHECK_THROWS_WITH_AS(den.denoise_block(blocks[1]), doctest::Contains("past the clip"), error);
-  flow_match_config three = c.loop.sampler;
+  s2v::flow_match_config three = c.loop.sampler;
   three.steps = 3;
-  CHECK_THROWS_WITH_AS(s2v_denoiser(m, s, {three, 2, false}), doctest::Contains("noisy caches"), error);
+  CHECK_THROWS_WITH_AS(s2v::denoiser(m, s, {three, 2, false}), doctest::Contains("noisy caches"), error);
 }
 
 TEST_CASE("a rank that fails in the middle of a tick makes every rank fail with an error naming it") {
   const denoise_case& c = the_case();
-  const s2v_model m(c.config, s2v_loop_workload(c.loop, c.file));
+  const s2v::model m(c.config, s2v::loop_workload(c.loop, c.file));
   const checkpoint_weights w(c.file);
   for (const char* where : {"prepare", "transfer"}) {
     CAPTURE(where);
     session_options opt = sharded_options("chunked:4KiB+prefetch:1", 3);
     opt.schedule = schedule_kind::steps;
-    session<s2v_model> s(m, w, opt);
+    session<s2v::model> s(m, w, opt);
     std::vector<std::vector<transfer_message>> lists(3);
     const std::string what = where;
     const auto run_tick = [&] {
       s.tick(
-          [&](std::size_t r, std::size_t, s2v_state&) {
+          [&](std::size_t r, std::size_t, s2v::state&) {
             if (what == "prepare" && r == 2) throw error("injected failure on rank 2");
             return false;
           },
-          [](std::size_t, std::size_t, s2v_state&) {},
-          [&](std::size_t r, std::span<s2v_state> lanes) -> const std::vector<transfer_message>& {
+          [](std::size_t, std::size_t, s2v::state&) {},
+          [&](std::size_t r, std::span<s2v::state> lanes) -> const std::vector<transfer_message>& {
             // Rank 1 sends to rank 0; rank 2 fails while ranks 0 and 1 wait in the transfer.
             if (what == "transfer" && r == 2) throw error("injected failure on rank 2");
             lists[r] = {{1, 0, 64, r == 1 ? reinterpret_cast<const std::byte*>(lanes[0].input_x) : nullptr,

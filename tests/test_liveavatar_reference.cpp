@@ -57,7 +57,7 @@ struct comparisons {
 };
 
 // The model's parameters straight from the file (f32 views into the mapped file).
-std::vector<std::vector<param_views>> file_params(const s2v_model& m, const checkpoint& f) {
+std::vector<std::vector<param_views>> file_params(const s2v::model& m, const checkpoint& f) {
   std::vector<std::vector<param_views>> all;
   for (std::size_t l = 0; l < m.layer_count(); ++l) {
     std::vector<param_views> subs;
@@ -77,24 +77,24 @@ TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer"
   for (const std::string& name : liveavatar_files(/*denoise_loops=*/false)) {
     CAPTURE(name);
     const stream_case c = load_case(name);
-    const s2v_model m(c.config, c.work, {dtype::f32, gemm_path::portable, false});
-    const s2v_geometry& g = m.geometry();
+    const s2v::model m(c.config, c.work, {dtype::f32, gemm_path::portable, false});
+    const s2v::geometry& g = m.geometry();
     test_buffers bufs(m.buffers());
-    s2v_state s = m.make_state(bufs.set);
+    s2v::state s = m.make_state(bufs.set);
     const auto params = file_params(m, c.file);
     comparisons cmp{c.file, {}, {}};
     const std::size_t D = g.dim, Lc = g.cond_tokens, L = g.block_tokens, fs = g.frame_tokens;
     std::size_t streamed = 0;
 
-    for (const s2v_call_spec& call : c.spec.calls) {
+    for (const s2v::call_spec& call : c.spec.calls) {
       CAPTURE(call.name);
       const std::string P = "ref." + call.name + ".";
       const auto has = [&](const std::string& n) { return c.file.find(P + n) != nullptr; };
       std::size_t cs = 0;
       if (call.sink) {
-        m.begin_sink(s, s2v_sink_of(call, c.file));
+        m.begin_sink(s, s2v::sink_of(call, c.file));
       } else {
-        const s2v_step_inputs in = s2v_step_of(m, call, c.file);
+        const s2v::step_inputs in = s2v::step_of(m, call, c.file);
         m.begin_step(s, in);
         cs = s.call.current_start;
         if (c.file.find("input.cond_rope_rollout"))
@@ -103,7 +103,7 @@ TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer"
       }
       const std::size_t S = s.call.tokens;
       for (std::size_t l = 0; l < m.layer_count(); ++l) {
-        const s2v_layer& layer = m.layer(l);
+        const s2v::layer& layer = m.layer(l);
         for (std::size_t sub = 0; sub < layer.subunit_count(); ++sub) {
           const std::size_t allocs = allocation_count.load();
           layer.forward(sub, params[l][sub], s);
@@ -137,7 +137,7 @@ TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer"
           } else if (unit == "blocks.0.self_attn") {
             if (has("block.0.q_norm")) {
               // q and k after RMS, before rope: recomputed from the block's input with its own weights.
-              const auto lay = detail::s2v_self_attn_layout(g);
+              const auto lay = s2v::detail::self_attn_layout(g);
               const param_views& p = params[l][sub];
               whole_params wp(p);
               std::vector<float> q(S * D), k(S * D);
@@ -158,7 +158,7 @@ TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer"
             if (has("block.0.cross_attn.in")) cmp.check_rows(P + "block.0.cross_attn.in", s.norm);
             if (has("block.0.cross_attn.core")) cmp.check_rows(P + "block.0.cross_attn.core", s.attn);
             cmp.check_rows(P + "block.0.cross_attn.out", s.proj);
-          } else if (layer.kind() == s2v_layer_kind::block && sub == 2) {
+          } else if (layer.kind() == s2v::layer_kind::block && sub == 2) {
             const std::string b = "block." + std::to_string(layer.index()) + ".";
             if (layer.index() == 0) {
               if (has("block.0.ffn.in")) cmp.check_rows(P + "block.0.ffn.in", s.norm);
@@ -167,7 +167,7 @@ TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer"
             if (has(b + "out_pre_audio")) cmp.check_rows(P + b + "out_pre_audio", s.x);
             if (c.config.injector_of(static_cast<std::int64_t>(layer.index())) < 0 || call.sink)
               cmp.check_rows(P + b + "out", s.x);
-          } else if (layer.kind() == s2v_layer_kind::injector && !call.sink) {
+          } else if (layer.kind() == s2v::layer_kind::injector && !call.sink) {
             const std::string j = "audio_inj." + std::to_string(layer.index()) + ".";
             if (sub == 0 && has(j + "adain_out")) cmp.check_rows(P + j + "adain_out", s.norm);
             if (sub == 1) {
@@ -216,10 +216,10 @@ TEST_CASE("S2V model: every ref.* tensor of the recorded stream, layer by layer"
 
 TEST_CASE("S2V config: vectors config, flat config with official defaults, and refused flags") {
   const std::string dir = UNSHARD_TEST_DATA_DIR;
-  const s2v_config a = s2v_config::load(dir + "/liveavatar_tiny_a.config.json");
+  const s2v::config a = s2v::config::load(dir + "/liveavatar_tiny_a.config.json");
   std::ifstream in(dir + "/liveavatar_tiny_a.config.json");
   const nlohmann::json j = nlohmann::json::parse(in);
-  const s2v_config flat = s2v_config::from_json(j["model"], "flat");
+  const s2v::config flat = s2v::config::from_json(j["model"], "flat");
   CHECK(flat.dim == a.dim);
   CHECK(flat.audio_inject_layers == a.audio_inject_layers);
   // A flat Wan2.2-S2V config with only the 14B keys takes the constructor defaults elsewhere.
@@ -227,7 +227,7 @@ TEST_CASE("S2V config: vectors config, flat config with official defaults, and r
                         {"audio_dim", 1024}, {"enable_adain", true}, {"zero_timestep", true},
                         {"enable_motioner", false}, {"enable_framepack", true}, {"framepack_drop_mode", "padd"},
                         {"audio_inject_layers", {0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39}}};
-  const s2v_config big = s2v_config::from_json(s2v, "s2v.json");
+  const s2v::config big = s2v::config::from_json(s2v, "s2v.json");
   CHECK(big.text_len == 512);
   CHECK(big.text_dim == 4096);
   CHECK(big.freq_dim == 256);
@@ -237,7 +237,7 @@ TEST_CASE("S2V config: vectors config, flat config with official defaults, and r
     nlohmann::json bad = s2v;
     bad[key] = value;
     const std::string quoted = std::string("'") + key + "'";
-    CHECK_THROWS_WITH_AS(s2v_config::from_json(bad, "x.json"), doctest::Contains(quoted.c_str()), error);
+    CHECK_THROWS_WITH_AS(s2v::config::from_json(bad, "x.json"), doctest::Contains(quoted.c_str()), error);
   };
   refused("enable_motioner", true);
   refused("zero_timestep", false);
@@ -272,25 +272,25 @@ void oracle_attention(const float* q, const std::vector<const float*>& keys, con
 
 TEST_CASE("S2V ring cache: a stream longer than the noisy cache wraps it as the official model does") {
   const stream_case base = load_case("liveavatar_tiny_a");
-  s2v_workload work = base.work;
+  s2v::workload work = base.work;
   const std::size_t ring_blocks = 2;
-  const s2v_model probe(base.config, work);
+  const s2v::model probe(base.config, work);
   work.noisy_cache_tokens = static_cast<std::int64_t>(ring_blocks * probe.geometry().block_tokens);
-  const s2v_model m(base.config, work, {dtype::f32, gemm_path::portable, false});
-  const s2v_geometry& g = m.geometry();
+  const s2v::model m(base.config, work, {dtype::f32, gemm_path::portable, false});
+  const s2v::geometry& g = m.geometry();
   const std::size_t D = g.dim, L = g.block_tokens, size = g.noisy_slots, d = g.head_dim;
   test_buffers bufs(m.buffers());
-  s2v_state s = m.make_state(bufs.set);
+  s2v::state s = m.make_state(bufs.set);
   const auto params = file_params(m, base.file);
-  const s2v_call_spec& sink = base.spec.calls.front();
-  m.begin_sink(s, s2v_sink_of(sink, base.file));
+  const s2v::call_spec& sink = base.spec.calls.front();
+  m.begin_sink(s, s2v::sink_of(sink, base.file));
   for (std::size_t l = 0; l < m.layer_count(); ++l)
     for (std::size_t sub = 0; sub < m.layer(l).subunit_count(); ++sub) m.layer(l).forward(sub, params[l][sub], s);
 
-  const s2v_call_spec& a = base.spec.calls.at(1);
+  const s2v::call_spec& a = base.spec.calls.at(1);
   for (std::size_t block = 0; block < 2 * ring_blocks + 1; ++block) {
     CAPTURE(block);
-    s2v_step_inputs in = s2v_step_of(m, a, base.file);
+    s2v::step_inputs in = s2v::step_of(m, a, base.file);
     in.block = block;
     in.relative_dist = 4 + static_cast<std::int64_t>(block) * 7;
     m.begin_step(s, in);
@@ -302,7 +302,7 @@ TEST_CASE("S2V ring cache: a stream longer than the noisy cache wraps it as the 
         if (m.layer(l).name() != "blocks.0" || sub != 0) continue;
         // RoPE positions keep counting past the wrap: token 0 sits at frame cs / fs.
         std::vector<float> cos(g.rope_pairs), sin(g.rope_pairs);
-        s2v_rope_factors_row(static_cast<std::int64_t>(cs / g.frame_tokens), 0, 0, g.rope_pairs, cos.data(), sin.data());
+        s2v::rope_factors_row(static_cast<std::int64_t>(cs / g.frame_tokens), 0, 0, g.rope_pairs, cos.data(), sin.data());
         CHECK(std::equal(cos.begin(), cos.end(), s.rope_cos));
         CHECK(std::equal(sin.begin(), sin.end(), s.rope_sin));
         // The core attends the noisy cache [0, cs + L), or all of it once cs reached its size, then the cond keys.

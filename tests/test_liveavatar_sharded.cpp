@@ -33,8 +33,8 @@ namespace {
 // What a call produces, under the names unshard-avatar writes.
 using results = std::map<std::string, std::vector<float>>;
 
-void collect(const s2v_model& m, const s2v_call_spec& c, const s2v_state& s, results& out) {
-  const s2v_geometry& g = m.geometry();
+void collect(const s2v::model& m, const s2v::call_spec& c, const s2v::state& s, results& out) {
+  const s2v::geometry& g = m.geometry();
   const auto keep = [&](const std::string& n, const tensor_view& v) {
     const auto f = v.as<const float>();
     out[c.name + "." + n].assign(f.begin(), f.end());
@@ -55,12 +55,12 @@ void collect(const s2v_model& m, const s2v_call_spec& c, const s2v_state& s, res
 }
 
 template <weight_source S>
-results run_reference(const s2v_model& m, const S& w, const stream_case& c) {
-  reference_runner<s2v_model> ref(m, w);
+results run_reference(const s2v::model& m, const S& w, const stream_case& c) {
+  reference_runner<s2v::model> ref(m, w);
   results out;
   for (const auto& call : c.spec.calls) {
-    if (call.sink) m.begin_sink(ref.state(), s2v_sink_of(call, c.file));
-    else m.begin_step(ref.state(), s2v_step_of(m, call, c.file));
+    if (call.sink) m.begin_sink(ref.state(), s2v::sink_of(call, c.file));
+    else m.begin_step(ref.state(), s2v::step_of(m, call, c.file));
     ref.forward();
     collect(m, call, ref.state(), out);
   }
@@ -69,16 +69,16 @@ results run_reference(const s2v_model& m, const S& w, const stream_case& c) {
 
 // Runs the recorded stream sharded; rank `reader` hands back its results.
 template <weight_source S>
-results run_sharded(const s2v_model& m, const S& w, const stream_case& c, session_options opt, std::size_t reader) {
-  s2v_stream<> st(m, w, opt);
+results run_sharded(const s2v::model& m, const S& w, const stream_case& c, session_options opt, std::size_t reader) {
+  s2v::stream<> st(m, w, opt);
   st.runtime().cap_device_memory(st.runtime().plan().peak_bytes());
   results out;
   for (const auto& call : c.spec.calls) {
-    const auto finish = [&](std::size_t rank, const s2v_state& s) {
+    const auto finish = [&](std::size_t rank, const s2v::state& s) {
       if (rank == reader) collect(m, call, s, out);
     };
-    if (call.sink) st.sink(s2v_sink_of(call, c.file), finish);
-    else st.step(s2v_step_of(m, call, c.file), finish);
+    if (call.sink) st.sink(s2v::sink_of(call, c.file), finish);
+    else st.step(s2v::step_of(m, call, c.file), finish);
   }
   const auto& plan = st.runtime().plan();
   for (std::size_t r = 0; r < opt.world_size; ++r) {
@@ -99,7 +99,7 @@ bool bit_equal(const std::vector<float>& a, const std::vector<float>& b) {
 
 TEST_CASE("sharded S2V stream: every policy, world sizes 1-5, bit-identical to unsharded and within the references") {
   const stream_case c = load_case("liveavatar_tiny_a");
-  const s2v_model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const s2v::model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
   const checkpoint_weights w(c.file);
   const results want = run_reference(m, w, c);
   std::size_t compared = 0;
@@ -127,10 +127,10 @@ TEST_CASE("sharded S2V stream: every policy, world sizes 1-5, bit-identical to u
 
 TEST_CASE("S2V KV cache: the ledger plans it as its own term, from the same definitions the planner counts") {
   const stream_case c = load_case("liveavatar_tiny_a");
-  const s2v_model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
-  const s2v_geometry& g = m.geometry();
+  const s2v::model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const s2v::geometry& g = m.geometry();
   const memory_plan plan = plan_memory(m, 3, parse_policy("prefetch:1").values);
-  const s2v_counts counts = count_s2v(c.config, c.work);
+  const s2v::counts counts = s2v::counts_of(c.config, c.work);
   // cond: layers x cond slots x D x (K, V) f32; noisy the same per step.
   CHECK(counts.cond_cache_bytes == g.num_layers * g.cond_slots * g.dim * 2 * 4);
   CHECK(counts.noisy_cache_bytes == g.num_layers * g.noisy_slots * g.dim * 2 * 4);
@@ -140,8 +140,8 @@ TEST_CASE("S2V KV cache: the ledger plans it as its own term, from the same defi
   CHECK(g.noisy_slots == static_cast<std::size_t>(c.spec.kv_cache_sizes.at(0)));
 
   // The 14B at 720x400: the counts agree with the planner's inventory, derived independently.
-  const s2v_config big = liveavatar_14b_config();
-  const s2v_counts b = count_s2v(big, s2v_pipeline_workload(big, 720, 400), 2);
+  const s2v::config big = s2v::liveavatar_14b_config();
+  const s2v::counts b = s2v::counts_of(big, s2v::pipeline_workload(big, 720, 400), 2);
   liveavatar::s2v_config inv_config = liveavatar::liveavatar_14b();
   inv_config.lora_merged = true;
   const liveavatar::s2v_parts inv = liveavatar::s2v_inventory(inv_config);
@@ -155,34 +155,34 @@ TEST_CASE("S2V KV cache: the ledger plans it as its own term, from the same defi
           " GiB for one set; all 4 steps ", b.kv_cache_bytes / gib, " GiB");
   CHECK(one_set > 11.5);
   CHECK(one_set < 13.5);
-  CHECK_THROWS_AS(s2v_pipeline_workload(big, 720, 404), error);
+  CHECK_THROWS_AS(s2v::pipeline_workload(big, 720, 404), error);
 }
 
 TEST_CASE("S2V KV cache invariants: the sink owns the cond cache; a call writes only its own slots") {
   const stream_case c = load_case("liveavatar_tiny_a");
-  const s2v_model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
-  const s2v_geometry& g = m.geometry();
+  const s2v::model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const s2v::geometry& g = m.geometry();
   const checkpoint_weights w(c.file);
   const session_options opt = sharded_options("prefetch:1", 2);
-  s2v_stream<> st(m, w, opt);
+  s2v::stream<> st(m, w, opt);
   const std::size_t cond = g.num_layers * g.cond_slots * g.dim, noisy = g.num_layers * g.noisy_slots * g.dim;
   std::vector<float> cond_after_sink, cond_now, noisy_before, noisy_now;
-  const auto snapshot = [&](std::size_t rank, const s2v_state& s) {
+  const auto snapshot = [&](std::size_t rank, const s2v::state& s) {
     if (rank != 1) return;
     cond_now.assign(s.cond_k, s.cond_k + cond);
     cond_now.insert(cond_now.end(), s.cond_v, s.cond_v + cond);
     noisy_now.assign(s.noisy_k[0], s.noisy_k[0] + noisy);
     noisy_now.insert(noisy_now.end(), s.noisy_v[0], s.noisy_v[0] + noisy);
   };
-  CHECK_THROWS_WITH_AS(st.step(s2v_step_of(m, c.spec.calls.at(1), c.file)), doctest::Contains("step before sink"), error);
-  st.sink(s2v_sink_of(c.spec.calls.at(0), c.file), snapshot);
+  CHECK_THROWS_WITH_AS(st.step(s2v::step_of(m, c.spec.calls.at(1), c.file)), doctest::Contains("step before sink"), error);
+  st.sink(s2v::sink_of(c.spec.calls.at(0), c.file), snapshot);
   cond_after_sink = cond_now;
   CHECK(std::all_of(noisy_now.begin(), noisy_now.end(), [](float v) { return v == 0.0f; }));  // the sink writes no noisy slot
   for (std::size_t k = 1; k < c.spec.calls.size(); ++k) {
-    const s2v_call_spec& call = c.spec.calls[k];
+    const s2v::call_spec& call = c.spec.calls[k];
     CAPTURE(call.name);
     noisy_before = noisy_now;
-    st.step(s2v_step_of(m, call, c.file), snapshot);
+    st.step(s2v::step_of(m, call, c.file), snapshot);
     CHECK(bit_equal(cond_now, cond_after_sink));  // streamed calls never change the cond cache
     const std::size_t first = static_cast<std::size_t>(call.current_start) % g.noisy_slots;
     std::size_t changed_outside = 0, written = 0;
@@ -204,24 +204,24 @@ TEST_CASE("S2V KV cache invariants: the sink owns the cond cache; a call writes 
     for (std::size_t slot = used_end; slot < g.noisy_slots; ++slot)
       for (std::size_t e = 0; e < g.dim; ++e) REQUIRE(noisy_now[(i * g.noisy_slots + slot) * g.dim + e] == 0.0f);
   // A step for a cache the workload does not have is refused before any rank runs it.
-  s2v_step_inputs bad = s2v_step_of(m, c.spec.calls.at(1), c.file);
+  s2v::step_inputs bad = s2v::step_of(m, c.spec.calls.at(1), c.file);
   bad.step = g.steps;
   CHECK_THROWS_WITH_AS(st.step(bad), doctest::Contains("denoising step"), error);
-  st.step(s2v_step_of(m, c.spec.calls.at(1), c.file));  // and the session still runs
+  st.step(s2v::step_of(m, c.spec.calls.at(1), c.file));  // and the session still runs
 }
 
 TEST_CASE("S2V stream longer than the cache: wraps, sharded equal to unsharded") {
   stream_case c = load_case("liveavatar_tiny_a");
-  const s2v_model probe(c.config, c.work);
+  const s2v::model probe(c.config, c.work);
   c.work.noisy_cache_tokens = static_cast<std::int64_t>(2 * probe.geometry().block_tokens);
   c.work.denoising_steps = 2;
-  const s2v_model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const s2v::model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
   // sink, then blocks 0..4 at steps 0 and 1: from block 2 on every write wraps.
-  const s2v_call_spec sink = c.spec.calls.at(0), a = c.spec.calls.at(1), b = c.spec.calls.at(2);
+  const s2v::call_spec sink = c.spec.calls.at(0), a = c.spec.calls.at(1), b = c.spec.calls.at(2);
   c.spec.calls = {sink};
   for (std::int64_t block = 0; block < 5; ++block)
     for (std::size_t step = 0; step < 2; ++step) {
-      s2v_call_spec call = block % 2 ? b : a;
+      s2v::call_spec call = block % 2 ? b : a;
       call.name = "blk" + std::to_string(block) + "s" + std::to_string(step);
       call.current_start = block * static_cast<std::int64_t>(m.geometry().block_tokens);
       call.step = step;
@@ -238,9 +238,9 @@ TEST_CASE("S2V stream longer than the cache: wraps, sharded equal to unsharded")
     CHECK(bit_equal(got.at(name), v));
   }
   // The wrapped calls really differ from an unbounded cache (they no longer see block 0).
-  s2v_workload wide = c.work;
+  s2v::workload wide = c.work;
   wide.noisy_cache_tokens = static_cast<std::int64_t>(6 * m.geometry().block_tokens);
-  const s2v_model mw(c.config, wide, {dtype::f32, gemm_path::portable, true});
+  const s2v::model mw(c.config, wide, {dtype::f32, gemm_path::portable, true});
   const results unbounded = run_reference(mw, w, c);
   CHECK(bit_equal(unbounded.at("blk1s0.output"), want.at("blk1s0.output")));  // before the wrap: the same
   CHECK(!bit_equal(unbounded.at("blk2s0.output"), want.at("blk2s0.output")));
@@ -248,12 +248,12 @@ TEST_CASE("S2V stream longer than the cache: wraps, sharded equal to unsharded")
 
 TEST_CASE("S2V bf16 weights: equal an f32-compute run on the same bf16-rounded weights; sharded == unsharded") {
   const stream_case c = load_case("liveavatar_tiny_a");
-  const s2v_model m16(c.config, c.work, {dtype::bf16, gemm_path::portable, true});
+  const s2v::model m16(c.config, c.work, {dtype::bf16, gemm_path::portable, true});
   const checkpoint_weights w(c.file);
   const results want16 = run_reference(m16, w, c);
   const std::string rounded = write_bf16_rounded(c.file, "unshard_liveavatar_bf16_rounded.safetensors");
   const checkpoint rounded_file = checkpoint::open(rounded);
-  const s2v_model m32(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const s2v::model m32(c.config, c.work, {dtype::f32, gemm_path::portable, true});
   const results want32 = run_reference(m32, checkpoint_weights(rounded_file), c);
   double worst_ref = 0;
   for (const auto& [name, v] : want16) {
@@ -273,17 +273,17 @@ TEST_CASE("S2V bf16 weights: equal an f32-compute run on the same bf16-rounded w
 
 TEST_CASE("S2V checkpoint that does not match the model is refused, naming the tensor") {
   const stream_case c = load_case("liveavatar_tiny_a");
-  s2v_config other = c.config;
+  s2v::config other = c.config;
   other.audio_inject_layers.push_back(other.num_layers - 1 == other.audio_inject_layers.back() ? 1 : other.num_layers - 1);
   std::sort(other.audio_inject_layers.begin(), other.audio_inject_layers.end());
   other.audio_inject_layers.erase(std::unique(other.audio_inject_layers.begin(), other.audio_inject_layers.end()),
                                   other.audio_inject_layers.end());
-  const s2v_model m(other, c.work, {dtype::f32, gemm_path::portable, true});
+  const s2v::model m(other, c.work, {dtype::f32, gemm_path::portable, true});
   const checkpoint_weights w(c.file);
   session_options opt;
   opt.world_size = 2;
   try {
-    s2v_stream<> st(m, w, opt);
+    s2v::stream<> st(m, w, opt);
     FAIL("a checkpoint without the extra injector was accepted");
   } catch (const rank_failure& e) {
     CHECK(std::string(e.what()).find("missing tensor 'audio_injector.") != std::string::npos);
@@ -291,13 +291,13 @@ TEST_CASE("S2V checkpoint that does not match the model is refused, naming the t
 }
 
 TEST_CASE("S2V other sizes: odd grid, short motion clip, other heads and audio tokens; sharded == unsharded") {
-  const s2v_config cfg = s2v_config::from_json(
+  const s2v::config cfg = s2v::config::from_json(
       nlohmann::json{{"dim", 48}, {"ffn_dim", 80}, {"freq_dim", 16}, {"text_dim", 24}, {"text_len", 6}, {"num_heads", 3},
                      {"num_layers", 3}, {"cond_dim", 8}, {"audio_dim", 20}, {"num_audio_token", 2},
                      {"audio_inject_layers", {1}}, {"enable_adain", true}, {"zero_timestep", true},
                      {"enable_motioner", false}, {"enable_framepack", true}},
       "odd config");  // framepack_drop_mode takes the default 'drop': with all three buckets it is the same math
-  s2v_workload work;
+  s2v::workload work;
   work.latent_hw = {10, 18};  // grid 5x9; buckets 2x4 and 1x2 (floors)
   work.frames_per_block = 2;
   work.context_len = 4;
@@ -305,8 +305,8 @@ TEST_CASE("S2V other sizes: odd grid, short motion clip, other heads and audio t
   work.audio_frames = 8;
   work.noisy_cache_tokens = 0;
   work.denoising_steps = 1;
-  const s2v_model m(cfg, work, {dtype::f32, gemm_path::portable, true});
-  const s2v_geometry& g = m.geometry();
+  const s2v::model m(cfg, work, {dtype::f32, gemm_path::portable, true});
+  const s2v::geometry& g = m.geometry();
   CHECK(g.cond_tokens == 2 * 45 + 2 * 4 + 4 * 1 * 2);
   const synthetic_weights w(m, 5);
   const auto wave = [](std::size_t n, float f) {
@@ -319,14 +319,14 @@ TEST_CASE("S2V other sizes: odd grid, short motion clip, other heads and audio t
        x = wave(g.in_dim * 2 * HW, 0.05f), cond = wave(8 * 2 * HW, 0.07f), audio = wave(25 * 20 * 8, 0.11f),
        t = std::vector<float>{900.f, 300.f};
   const auto v = [](std::vector<float>& d, shape s) { return tensor_view(d.data(), dtype::f32, s); };
-  const s2v_sink_inputs sink{v(ref, {16, 1, 10, 18}), v(motion, {16, 3, 10, 18}), v(ctx, {4, 24})};
+  const s2v::sink_inputs sink{v(ref, {16, 1, 10, 18}), v(motion, {16, 3, 10, 18}), v(ctx, {4, 24})};
   const auto step = [&](std::size_t block) {
-    return s2v_step_inputs{v(x, {16, 2, 10, 18}), v(t, {2}), v(cond, {8, 2, 10, 18}), v(audio, {25, 20, 8}), v(ctx, {4, 24}),
+    return s2v::step_inputs{v(x, {16, 2, 10, 18}), v(t, {2}), v(cond, {8, 2, 10, 18}), v(audio, {25, 20, 8}), v(ctx, {4, 24}),
                            block, 0, 9};
   };
   // Unsharded: 5 blocks through a 4-block cache (the last one wraps).
   std::vector<std::vector<float>> want;
-  reference_runner<s2v_model> r(m, w);
+  reference_runner<s2v::model> r(m, w);
   m.begin_sink(r.state(), sink);
   r.forward();
   for (std::size_t b = 0; b < 5; ++b) {
@@ -337,12 +337,12 @@ TEST_CASE("S2V other sizes: odd grid, short motion clip, other heads and audio t
     for (float e : want.back()) REQUIRE(std::isfinite(e));
   }
   const session_options opt = sharded_options("selective:subunit+prefetch:2", 3);
-  s2v_stream<> st(m, w, opt);
+  s2v::stream<> st(m, w, opt);
   st.runtime().cap_device_memory(st.runtime().plan().peak_bytes());
   st.sink(sink);
   for (std::size_t b = 0; b < 5; ++b) {
     std::vector<float> got;
-    st.step(step(b), [&](std::size_t rank, const s2v_state& s) {
+    st.step(step(b), [&](std::size_t rank, const s2v::state& s) {
       if (rank == 2) got.assign(m.output(s).as<const float>().begin(), m.output(s).as<const float>().end());
     });
     CAPTURE(b);

@@ -120,8 +120,8 @@ double max_error_vs_double(const std::vector<float>& got, const std::vector<floa
 
 struct fixture {
   checkpoint base = checkpoint::open(data_dir + "/wan_tiny_a.safetensors");
-  wan_config config = wan_config::load(data_dir + "/wan_tiny_a.config.json");
-  wan_workload work;
+  wan::config config = wan::config::load(data_dir + "/wan_tiny_a.config.json");
+  wan::workload work;
   fixture() {
     const auto x = base.at("input.x").dims, ctx = base.at("input.context").dims;
     work = {{x[0], x[1], x[2], x[3]}, ctx[0]};
@@ -129,7 +129,7 @@ struct fixture {
 };
 
 // Every layer's parameters, as the loader sees them, in storage dtype `type`.
-std::vector<std::vector<param_spec>> layer_params(const wan_model& m) {
+std::vector<std::vector<param_spec>> layer_params(const wan::model& m) {
   std::vector<std::vector<param_spec>> out;
   for (std::size_t l = 0; l < m.layer_count(); ++l) {
     out.emplace_back();
@@ -165,7 +165,7 @@ void check_sharded_load(const S& src, const std::vector<std::vector<param_spec>>
 
 TEST_CASE("LoRA merged per shard equals the merge of the full weights, world sizes 1-5, f32 and bf16 storage") {
   const fixture fx;
-  const wan_model m(fx.config, fx.work, {dtype::f32, gemm_path::portable, false});
+  const wan::model m(fx.config, fx.work, {dtype::f32, gemm_path::portable, false});
   const auto modules = target_modules(fx.config.num_layers);
   // r = 6 and alpha = 5: s = 5/6 is not a power of two, so s·B really rounds.
   for (dtype lora_type : {dtype::f32, dtype::bf16}) {
@@ -197,7 +197,7 @@ TEST_CASE("LoRA merged per shard equals the merge of the full weights, world siz
         want.emplace(p.name, std::move(w));
       }
     // f32 storage: bit-equal. bf16 storage: the f32 merge rounded once.
-    const wan_model m16(fx.config, fx.work, {dtype::bf16, gemm_path::portable, false});
+    const wan::model m16(fx.config, fx.work, {dtype::bf16, gemm_path::portable, false});
     for (std::size_t n = 1; n <= 5; ++n) {
       CAPTURE(n);
       check_sharded_load(merged, layer_params(m), want, n);
@@ -209,7 +209,7 @@ TEST_CASE("LoRA merged per shard equals the merge of the full weights, world siz
 TEST_CASE("LoRA over a bf16 base: the base is widened, merged in f32, rounded once") {
   const fixture fx;
   const fs::path dir = scratch("bf16_base");
-  const wan_model m16(fx.config, fx.work, {dtype::bf16, gemm_path::portable, false});
+  const wan::model m16(fx.config, fx.work, {dtype::bf16, gemm_path::portable, false});
   const auto layers = layer_params(m16);
   {
     safetensors_writer w;
@@ -263,19 +263,19 @@ TEST_CASE("a Wan forward over the LoRA adapter equals one over a pre-merged chec
   const checkpoint lora = checkpoint::open((dir / "lora.safetensors").string());
   const checkpoint_weights base(fx.base), premerged(merged_file);
   const lora_weights<checkpoint_weights> adapter(base, lora);
-  const wan_model m(fx.config, fx.work, {dtype::f32, gemm_path::portable, false});
+  const wan::model m(fx.config, fx.work, {dtype::f32, gemm_path::portable, false});
 
   const auto run = [&](const auto& weights) {
     session_options opt;
     opt.world_size = 3;
     opt.policy = parse_policy("prefetch:1").values;
-    session<wan_model> s(m, weights, opt);
+    session<wan::model> s(m, weights, opt);
     s.cap_device_memory(s.plan().peak_bytes());
     std::vector<float> out;
-    s.forward([&](std::size_t, wan_state& st) {
+    s.forward([&](std::size_t, wan::state& st) {
       m.set_inputs(st, fx.base.view("input.x"), fx.base.view("input.t"), fx.base.view("input.context"));
     },
-              [&](std::size_t rank, const wan_state& st) {
+              [&](std::size_t rank, const wan::state& st) {
                 if (rank == 0) {
                   const auto o = m.output(st).as<float>();
                   out.assign(o.begin(), o.end());

@@ -18,8 +18,8 @@ using namespace unshard::liveavatar;
 namespace {
 constexpr double gib = 1024.0 * 1024.0 * 1024.0;
 
-wan_config tiny() {  // dim 8, ffn 16, 2 heads, 2 layers: small enough to count by hand
-  return wan_config::from_json({{"dim", 8}, {"ffn_dim", 16}, {"freq_dim", 4}, {"text_dim", 6}, {"in_dim", 4},
+wan::config tiny() {  // dim 8, ffn 16, 2 heads, 2 layers: small enough to count by hand
+  return wan::config::from_json({{"dim", 8}, {"ffn_dim", 16}, {"freq_dim", 4}, {"text_dim", 6}, {"in_dim", 4},
                                 {"out_dim", 4}, {"num_heads", 2}, {"num_layers", 2}});
 }
 
@@ -34,7 +34,7 @@ std::string message_of(auto&& f) {
 }  // namespace
 
 TEST_CASE("a tiny Wan DiT counted by hand") {
-  const wan_config c = tiny();
+  const wan::config c = tiny();
   const wan_block_parts b = wan_block(c);
   CHECK(b.self_attn == 4 * (8 * 8 + 8) + 2 * 8);  // q,k,v,o + RMSNorm q,k
   CHECK(b.ffn == (8 * 16 + 16) + (16 * 8 + 8));
@@ -82,11 +82,11 @@ TEST_CASE("the tiny ledger, term by term, per policy") {
 }
 
 TEST_CASE("Wan t2v 1.3B and 14B count to their known sizes") {
-  wan_config small = wan_config::from_json(
+  wan::config small = wan::config::from_json(
       {{"dim", 1536}, {"ffn_dim", 8960}, {"num_heads", 12}, {"num_layers", 30}});
   CHECK(wan_total(small) > 1.3e9);
   CHECK(wan_total(small) < 1.45e9);  // Wan2.1-T2V-1.3B: about 1.42e9 parameters
-  wan_config big = wan_config::from_json({{"dim", 5120}, {"ffn_dim", 13824}, {"num_heads", 40}, {"num_layers", 40}});
+  wan::config big = wan::config::from_json({{"dim", 5120}, {"ffn_dim", 13824}, {"num_heads", 40}, {"num_layers", 40}});
   CHECK(wan_total(big) > 14.0e9);
   CHECK(wan_total(big) < 14.5e9);  // Wan2.1-T2V-14B
 }
@@ -191,7 +191,7 @@ TEST_CASE("--resolution is Live Avatar's --size: get_size_less_than_area, as the
                       row{100, 100, 64, 64}, row{64, 64, 64, 64}, row{10000, 10, 1472, 64}, row{10, 10, 0, 0}}) {
     CAPTURE(r.w);
     CAPTURE(r.h);
-    CHECK(s2v_render_size(r.w, r.h) == pixel_size{r.rw, r.rh});
+    CHECK(s2v::render_size(r.w, r.h) == s2v::pixel_size{r.rw, r.rh});
   }
 }
 

@@ -301,7 +301,7 @@ TEST_CASE("multi_head_attention loops heads over [S, heads*d] rows") {
 }
 
 TEST_CASE("wan_config: Wan's config.json, defaults, and errors naming key and file") {
-  const auto tiny = wan_config::load(UNSHARD_TEST_DATA_DIR "/wan_tiny_a.config.json");
+  const auto tiny = wan::config::load(UNSHARD_TEST_DATA_DIR "/wan_tiny_a.config.json");
   CHECK(tiny.dim == 128);
   CHECK(tiny.ffn_dim == 384);
   CHECK(tiny.num_heads == 4);
@@ -310,7 +310,7 @@ TEST_CASE("wan_config: Wan's config.json, defaults, and errors naming key and fi
   CHECK(tiny.eps == 1e-6);
 
   // Wan2.1-T2V-14B's config.json omits text_dim, patch_size, qk_norm, cross_attn_norm, window_size.
-  const auto big = wan_config::from_json(nlohmann::json::parse(R"({"_class_name": "WanModel", "dim": 5120,
+  const auto big = wan::config::from_json(nlohmann::json::parse(R"({"_class_name": "WanModel", "dim": 5120,
       "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256, "in_dim": 16, "model_type": "t2v", "num_heads": 40,
       "num_layers": 40, "out_dim": 16, "text_len": 512})"));
   CHECK(big.text_dim == 4096);
@@ -318,11 +318,11 @@ TEST_CASE("wan_config: Wan's config.json, defaults, and errors naming key and fi
   CHECK(big.qk_norm);
   CHECK(big.cross_attn_norm);
   CHECK(big.head_dim() == 128);
-  const auto defaults = wan_config::from_json(nlohmann::json::object());
+  const auto defaults = wan::config::from_json(nlohmann::json::object());
   CHECK(defaults.dim == 2048);
   CHECK(defaults.num_layers == 32);
 
-  const auto parse = [](const char* text) { return wan_config::from_json(nlohmann::json::parse(text), "c.json"); };
+  const auto parse = [](const char* text) { return wan::config::from_json(nlohmann::json::parse(text), "c.json"); };
   CHECK_THROWS_WITH_AS(parse(R"({"window_size": [4, 4]})"),
                        "wan config 'c.json': key 'window_size' is [4,4]: window_size local attention is not "
                        "supported (only [-1,-1], global attention)",
@@ -340,15 +340,15 @@ TEST_CASE("wan_config: Wan's config.json, defaults, and errors naming key and fi
                        error);
   CHECK_THROWS_WITH_AS(parse(R"({"patch_size": [1, 2]})"),
                        "wan config 'c.json': key 'patch_size' must be an array of 3 integers, got [1,2]", error);
-  CHECK_THROWS_WITH_AS(wan_config::load("/nonexistent/config.json"),
+  CHECK_THROWS_WITH_AS(wan::config::load("/nonexistent/config.json"),
                        "wan config '/nonexistent/config.json': cannot open the file", error);
 }
 
-TEST_CASE("wan_model: layers, sub-units, parameter names and buffers follow the config") {
-  auto cfg = wan_config::load(UNSHARD_TEST_DATA_DIR "/wan_tiny_a.config.json");
+TEST_CASE("wan::model: layers, sub-units, parameter names and buffers follow the config") {
+  auto cfg = wan::config::load(UNSHARD_TEST_DATA_DIR "/wan_tiny_a.config.json");
   cfg.num_layers = 3;
   cfg.qk_norm = false;  // norm_q/norm_k disappear from the declarations
-  const wan_model m(cfg, {{16, 5, 11, 7}, 3}, {dtype::bf16, gemm_path::portable, true});
+  const wan::model m(cfg, {{16, 5, 11, 7}, 3}, {dtype::bf16, gemm_path::portable, true});
   REQUIRE(m.layer_count() == 5);
   CHECK(m.layer(0).name() == "embeddings");
   CHECK(m.layer(2).name() == "blocks.1");
@@ -390,10 +390,10 @@ TEST_CASE("wan_model: layers, sub-units, parameter names and buffers follow the 
   CHECK(find("input.context").bytes == 16 * 64 * 4);
   CHECK(find("output").bytes == 16 * 5 * 10 * 6 * 4);
 
-  CHECK_THROWS_WITH_AS(wan_model(cfg, {{8, 5, 11, 7}, 3}), "wan workload: latent has 8 channels but the config's in_dim is 16",
+  CHECK_THROWS_WITH_AS(wan::model(cfg, {{8, 5, 11, 7}, 3}), "wan workload: latent has 8 channels but the config's in_dim is 16",
                        error);
-  CHECK_THROWS_WITH_AS(wan_model(cfg, {{16, 5, 11, 7}, 17}),
+  CHECK_THROWS_WITH_AS(wan::model(cfg, {{16, 5, 11, 7}, 17}),
                        "wan workload: context length 17 is outside [0, text_len = 16]", error);
-  CHECK_THROWS_WITH_AS(wan_model(cfg, {{16, 5, 1, 7}, 3}),
+  CHECK_THROWS_WITH_AS(wan::model(cfg, {{16, 5, 1, 7}, 3}),
                        "wan workload: latent H=1 is smaller than the patch size 2", error);
 }

@@ -53,13 +53,13 @@ struct param_store {
 
 // One model, its buffers, state and every sub-unit's parameter views, built before the forward.
 struct wan_run {
-  wan_model model;
+  wan::model model;
   test_buffers buffers;
-  wan_state state;
+  wan::state state;
   param_store params;
   std::vector<std::vector<param_views>> views;  // [layer][sub-unit]
 
-  wan_run(const wan_config& cfg, const safetensors_file& f, const wan_options& opts, weights w)
+  wan_run(const wan::config& cfg, const safetensors_file& f, const wan::options& opts, weights w)
       : model(cfg, workload_of(f), opts), buffers(model.buffers()), state(model.make_state(buffers.set)),
         params{f, w, {}} {
     for (std::size_t i = 0; i < model.layer_count(); ++i) {
@@ -73,7 +73,7 @@ struct wan_run {
     model.set_inputs(state, f.view("input.x"), f.view("input.t"), f.view("input.context"));
   }
 
-  static wan_workload workload_of(const safetensors_file& f) {
+  static wan::workload workload_of(const safetensors_file& f) {
     const shape& x = f.at("input.x").dims;
     REQUIRE(x.rank() == 4);
     return {{x[0], x[1], x[2], x[3]}, f.at("input.context").dims[0]};
@@ -116,11 +116,11 @@ struct checker {
 };
 
 // Compares every ref.* tensor the model exposes with `f`, for one run with f32 weights.
-void check_against_refs(const std::string& name, const wan_config& cfg, gemm_path path) {
+void check_against_refs(const std::string& name, const wan::config& cfg, gemm_path path) {
   const safetensors_file f(std::string(UNSHARD_TEST_DATA_DIR) + "/" + name + ".safetensors");
   wan_run run(cfg, f, {dtype::f32, path, true}, weights::f32);
-  const wan_geometry& g = run.model.geometry();
-  const wan_state& s = run.state;
+  const wan::geometry& g = run.model.geometry();
+  const wan::state& s = run.state;
   checker check;
   const auto ref = [&](const std::string& n) { return f.view(n); };
   const auto has = [&](const std::string& n) { return f.find(n) != nullptr; };
@@ -176,20 +176,20 @@ void check_against_refs(const std::string& name, const wan_config& cfg, gemm_pat
 
 }  // namespace
 
-TEST_CASE("wan_model matches the official references, portable GEMM") {
+TEST_CASE("wan::model matches the official references, portable GEMM") {
   const auto files = wan_vector_files();
   REQUIRE(!files.empty());
   for (const auto& name : files) check_against_refs(name, config_for(name), gemm_path::portable);
 }
 
-TEST_CASE("wan_model matches the official references, BLAS GEMM") {
+TEST_CASE("wan::model matches the official references, BLAS GEMM") {
   for (const auto& name : wan_vector_files()) check_against_refs(name, config_for(name), gemm_path::blas);
 }
 
 TEST_CASE("bf16 weights match an f32 run on bf16-rounded weights") {
   for (const auto& name : wan_vector_files()) {
     const safetensors_file f(std::string(UNSHARD_TEST_DATA_DIR) + "/" + name + ".safetensors");
-    const wan_config cfg = config_for(name);
+    const wan::config cfg = config_for(name);
     for (const gemm_path path : {gemm_path::portable, gemm_path::blas}) {
       wan_run bf16_run(cfg, f, {dtype::bf16, path, true}, weights::bf16);
       wan_run rounded(cfg, f, {dtype::f32, path, true}, weights::bf16_rounded_f32);
@@ -199,12 +199,12 @@ TEST_CASE("bf16 weights match an f32 run on bf16-rounded weights") {
       // The f32 run on rounded weights plays the reference; every activation that survives the
       // forward is compared.
       checker against_rounded;
-      const wan_model& m = rounded.model;
-      const wan_geometry& g = m.geometry();
+      const wan::model& m = rounded.model;
+      const wan::geometry& g = m.geometry();
       const auto f32_view = [](float* p, std::size_t n) {
         return tensor_view(p, dtype::f32, shape{static_cast<std::int64_t>(n)});
       };
-      const wan_state &sb = bf16_run.state, &sr = rounded.state;
+      const wan::state &sb = bf16_run.state, &sr = rounded.state;
       against_rounded("output", sb.output, m.output(sr));
       for (std::size_t i = 0; i < g.num_layers; ++i)
         against_rounded("block." + std::to_string(i) + ".out", sb.block_outputs + i * g.tokens * g.dim,
@@ -229,7 +229,7 @@ TEST_CASE("bf16 weights match an f32 run on bf16-rounded weights") {
   }
 }
 
-TEST_CASE("wan_model rejects parameter views that differ from its declarations, naming the parameter") {
+TEST_CASE("wan::model rejects parameter views that differ from its declarations, naming the parameter") {
   const std::string name = wan_vector_files().front();
   const safetensors_file f(std::string(UNSHARD_TEST_DATA_DIR) + "/" + name + ".safetensors");
   wan_run run(config_for(name), f, {}, weights::f32);
@@ -240,5 +240,5 @@ TEST_CASE("wan_model rejects parameter views that differ from its declarations, 
   CHECK_THROWS_WITH_AS(run.model.layer(1).forward(1, run.views[1][0], run.state),
                        doctest::Contains("wan sub-unit 'blocks.0.cross_attn': got "), error);
   CHECK_THROWS_WITH_AS(run.model.set_inputs(run.state, f.view("input.context"), f.view("input.t"), f.view("input.x")),
-                       doctest::Contains("wan_model::set_inputs: input 'x' has shape ["), error);
+                       doctest::Contains("wan::model::set_inputs: input 'x' has shape ["), error);
 }

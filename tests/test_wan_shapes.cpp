@@ -21,7 +21,7 @@ using vec = std::vector<double>;
 using params = std::map<std::string, vec>;
 
 struct naive_wan {
-  const wan_config& c;
+  const wan::config& c;
   const params& p;
 
   const vec& at(const std::string& n) const { return p.at(n); }
@@ -205,8 +205,8 @@ struct naive_wan {
   }
 };
 
-void check_shape_case(const wan_config& cfg, std::array<std::int64_t, 4> latent, std::int64_t L, dtype storage) {
-  const wan_model m(cfg, {latent, L}, {storage, gemm_path::portable, false});
+void check_shape_case(const wan::config& cfg, std::array<std::int64_t, 4> latent, std::int64_t L, dtype storage) {
+  const wan::model m(cfg, {latent, L}, {storage, gemm_path::portable, false});
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
 
@@ -248,7 +248,7 @@ void check_shape_case(const wan_config& cfg, std::array<std::int64_t, 4> latent,
     arena.emplace_back(b.bytes);
     buffers.add(b.name, arena.back());
   }
-  wan_state s = m.make_state(buffers);
+  wan::state s = m.make_state(buffers);
   m.set_inputs(s, x, t, context);
   for (std::size_t i = 0; i < m.layer_count(); ++i)
     for (std::size_t j = 0; j < m.layer(i).subunit_count(); ++j) m.layer(i).forward(j, views[i][j], s);
@@ -272,8 +272,8 @@ void check_shape_case(const wan_config& cfg, std::array<std::int64_t, 4> latent,
 
 }  // namespace
 
-TEST_CASE("wan_model matches a plain double forward on shapes the vectors do not cover") {
-  wan_config cfg;
+TEST_CASE("wan::model matches a plain double forward on shapes the vectors do not cover") {
+  wan::config cfg;
   cfg.dim = 96;
   cfg.num_heads = 2;  // head_dim 48: rope pairs 24 -> sections 8, 8, 8
   cfg.ffn_dim = 160;

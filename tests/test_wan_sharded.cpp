@@ -31,7 +31,7 @@ struct outputs {
   std::vector<std::vector<float>> blocks;
 };
 
-outputs collect(const wan_model& m, const wan_state& st) {
+outputs collect(const wan::model& m, const wan::state& st) {
   outputs o;
   const auto out = m.output(st).as<float>();
   o.output.assign(out.begin(), out.end());
@@ -43,8 +43,8 @@ outputs collect(const wan_model& m, const wan_state& st) {
 }
 
 template <weight_source S>
-outputs run_reference(const wan_model& m, const S& w, const checkpoint& in) {
-  reference_runner<wan_model> ref(m, w);
+outputs run_reference(const wan::model& m, const S& w, const checkpoint& in) {
+  reference_runner<wan::model> ref(m, w);
   set_case_inputs(m, ref.state(), in);
   ref.forward();
   return collect(m, ref.state());
@@ -55,7 +55,7 @@ outputs run_reference(const wan_model& m, const S& w, const checkpoint& in) {
 TEST_CASE("sharded Wan DiT: every policy, world sizes 1-5, equals the unsharded forward and the references") {
   const wan_case c = load_wan_case("wan_tiny_a");
   for (gemm_path path : {gemm_path::portable, gemm_path::blas}) {
-    const wan_model m(c.config, c.work, {dtype::f32, path, true});
+    const wan::model m(c.config, c.work, {dtype::f32, path, true});
     const checkpoint_weights w(c.file);
     const outputs want = run_reference(m, w, c.file);
     const auto ref_out = read_f32(c.file, "ref.output");
@@ -66,10 +66,10 @@ TEST_CASE("sharded Wan DiT: every policy, world sizes 1-5, equals the unsharded 
         CAPTURE(pol);
         CAPTURE(n);
         CAPTURE(static_cast<int>(path));
-        session<wan_model> s(m, w, sharded_options(pol, n));
+        session<wan::model> s(m, w, sharded_options(pol, n));
         s.cap_device_memory(s.plan().peak_bytes());
         outputs got;
-        forward_case(s, m, c.file, [&](std::size_t rank, const wan_state& st) {
+        forward_case(s, m, c.file, [&](std::size_t rank, const wan::state& st) {
           if (rank == n - 1) got = collect(m, st);
         });
         CHECK(std::memcmp(got.output.data(), want.output.data(), want.output.size() * 4) == 0);
@@ -85,7 +85,7 @@ TEST_CASE("sharded Wan DiT: every policy, world sizes 1-5, equals the unsharded 
 
 TEST_CASE("each rank reads only its shard: bytes read per rank are the model's bytes / N (plus resident)") {
   const wan_case c = load_wan_case("wan_tiny_a");
-  const wan_model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const wan::model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
   std::size_t model_bytes = 0;
   for (std::size_t l = 0; l < m.layer_count(); ++l)
     for (std::size_t s = 0; s < m.layer(l).subunit_count(); ++s)
@@ -97,7 +97,7 @@ TEST_CASE("each rank reads only its shard: bytes read per rank are the model's b
     session_options opt;
     opt.world_size = n;
     opt.policy = values_of<selective_unshard<per_block, 0>>();  // nothing resident: every byte sharded
-    session<wan_model> s(m, w, opt);
+    session<wan::model> s(m, w, opt);
     CHECK(file.bytes_read() == model_bytes);  // all ranks together read the model exactly once
     MESSAGE("world ", n, ": ", file.bytes_read() / n, " bytes read per rank of ", model_bytes);
   }
@@ -105,19 +105,19 @@ TEST_CASE("each rank reads only its shard: bytes read per rank are the model's b
 
 TEST_CASE("bf16 weights: sharded run equals an f32-compute run on the same bf16-rounded weights") {
   const wan_case c = load_wan_case("wan_tiny_a");
-  const wan_model m16(c.config, c.work, {dtype::bf16, gemm_path::portable, true});
+  const wan::model m16(c.config, c.work, {dtype::bf16, gemm_path::portable, true});
   const checkpoint_weights w(c.file);
   const outputs want16 = run_reference(m16, w, c.file);
   // The same weights rounded to bf16, written as f32: an f32 model over them is the comparison.
   const std::string rounded = write_bf16_rounded(c.file, "unshard_wan_bf16_rounded.safetensors");
   const checkpoint rounded_file = checkpoint::open(rounded);
-  const wan_model m32(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const wan::model m32(c.config, c.work, {dtype::f32, gemm_path::portable, true});
   const outputs want32 = run_reference(m32, checkpoint_weights(rounded_file), c.file);
   CHECK(excess(want16.output, want32.output) <= 1.0);
   const session_options opt = sharded_options("offload+prefetch:1", 3);
-  session<wan_model> s(m16, w, opt);
+  session<wan::model> s(m16, w, opt);
   outputs got;
-  forward_case(s, m16, c.file, [&](std::size_t rank, const wan_state& st) {
+  forward_case(s, m16, c.file, [&](std::size_t rank, const wan::state& st) {
     if (rank == 0) got = collect(m16, st);
   });
   CHECK(std::memcmp(got.output.data(), want16.output.data(), got.output.size() * 4) == 0);
@@ -130,15 +130,15 @@ TEST_CASE("bf16 weights: sharded run equals an f32-compute run on the same bf16-
 
 TEST_CASE("a checkpoint that does not match the model is refused, naming the tensor") {
   const wan_case c = load_wan_case("wan_tiny_a");
-  wan_config other = c.config;
+  wan::config other = c.config;
   other.ffn_dim += 8;
-  const wan_model m(other, c.work, {dtype::f32, gemm_path::portable, true});
+  const wan::model m(other, c.work, {dtype::f32, gemm_path::portable, true});
   const checkpoint_weights w(c.file);
   session_options opt;
   opt.world_size = 2;
   // Which rank trips first (over ffn.0.weight or ffn.0.bias) is a race; both name the tensor.
   try {
-    session<wan_model> s(m, w, opt);
+    session<wan::model> s(m, w, opt);
     FAIL("a mismatched checkpoint was accepted");
   } catch (const rank_failure& e) {
     const std::string what = e.what();

@@ -17,17 +17,17 @@
 namespace unshard::tools {
 
 struct avatar_cuda_job {
-  s2v_config config;
-  s2v_workload workload;
-  s2v_options model_options;
+  s2v::config config;
+  s2v::workload workload;
+  s2v::options model_options;
   const checkpoint* weights = nullptr;  // null: synthetic weights of synthetic_seed (the demo)
   const checkpoint* lora = nullptr;     // merged into each rank's slice while it loads
   std::optional<double> lora_alpha;
   std::uint64_t synthetic_seed = 0;
   session_options options;
-  s2v_loop_spec loop;
-  const s2v_sink_inputs* sink = nullptr;
-  const std::vector<s2v_block>* blocks = nullptr;
+  s2v::loop_spec loop;
+  const s2v::sink_inputs* sink = nullptr;
+  const std::vector<s2v::block>* blocks = nullptr;
   bool all_steps = false;
   bool bf16_compute = false;  // --compute bf16: tensor-core GEMMs and fused attention (else the f32 path)
 };
@@ -36,6 +36,6 @@ struct avatar_cuda_job {
 // launcher (RANK set), as this process's rank of the job on GPU LOCAL_RANK, NCCL bootstrapped over
 // MASTER_ADDR:MASTER_PORT. Prints every rank's peak line and rank 0's timing; on_result receives
 // rank 0's blocks in order. Returns whether this process holds rank 0.
-bool run_denoise_cuda(const avatar_cuda_job& job, const std::function<void(s2v_block_result&&)>& on_result);
+bool run_denoise_cuda(const avatar_cuda_job& job, const std::function<void(s2v::block_result&&)>& on_result);
 
 }  // namespace unshard::tools

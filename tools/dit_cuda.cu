@@ -1,4 +1,4 @@
-// unshard-dit --backend cuda: the Wan DiT as wan_cuda_model under session<_, cuda_backend>.
+// unshard-dit --backend cuda: the Wan DiT as wan::cuda_model under session<_, cuda_backend>.
 // The only CUDA translation unit of unshard-dit (nvcc compiles it; unshard_dit.cpp stays C++).
 #include "dit_cuda.hpp"
 
@@ -29,19 +29,19 @@ void write_trace(Session& s, const std::string& trace_path) {
 // Under a launcher: this process is one rank, on GPU LOCAL_RANK; the ncclUniqueId travels over the
 // TCP rendezvous at MASTER_ADDR:MASTER_PORT.
 template <weight_source S>
-dit_cuda_outputs run_one_rank(const wan_cuda_model& m, const S& weights, session_options opt, const tensor_view& x,
+dit_cuda_outputs run_one_rank(const wan::cuda_model& m, const S& weights, session_options opt, const tensor_view& x,
                               const tensor_view& t, const tensor_view& ctx, const std::string& trace_path) {
   const net::launch_env env = net::read_launch_env();
   net::rendezvous rv(env);
   cuda_world world(env, cuda::exchange_over(rv));
   opt.world_size = 0;  // the job's
-  process_session<wan_cuda_model, cuda_backend> s(m, weights, world, env.rank, opt);
+  process_session<wan::cuda_model, cuda_backend> s(m, weights, world, env.rank, opt);
   dit_cuda_outputs out;
   out.writer = s.rank() == 0;
   out.world_size = s.world_size();
   const auto t0 = std::chrono::steady_clock::now();
-  s.forward([&](std::size_t, wan_cuda_state& st) { m.set_inputs(st, x, t, ctx); },
-            [&](std::size_t rank, const wan_cuda_state& st) {
+  s.forward([&](std::size_t, wan::cuda_state& st) { m.set_inputs(st, x, t, ctx); },
+            [&](std::size_t rank, const wan::cuda_state& st) {
               if (rank != 0) return;
               out.output = m.copy_output(st);
               if (m.geometry().record_block_outputs)  // only with --block-outputs
@@ -55,14 +55,14 @@ dit_cuda_outputs run_one_rank(const wan_cuda_model& m, const S& weights, session
 }
 
 template <weight_source S>
-dit_cuda_outputs run(const wan_cuda_model& m, const S& weights, const session_options& opt, const tensor_view& x,
+dit_cuda_outputs run(const wan::cuda_model& m, const S& weights, const session_options& opt, const tensor_view& x,
                      const tensor_view& t, const tensor_view& ctx, const std::string& trace_path) {
   if (launched_as_one_rank()) return run_one_rank(m, weights, opt, x, t, ctx, trace_path);
-  session<wan_cuda_model, cuda_backend> s(m, weights, opt);
+  session<wan::cuda_model, cuda_backend> s(m, weights, opt);
   dit_cuda_outputs out;
   const auto t0 = std::chrono::steady_clock::now();
-  s.forward([&](std::size_t, wan_cuda_state& st) { m.set_inputs(st, x, t, ctx); },
-            [&](std::size_t rank, const wan_cuda_state& st) {
+  s.forward([&](std::size_t, wan::cuda_state& st) { m.set_inputs(st, x, t, ctx); },
+            [&](std::size_t rank, const wan::cuda_state& st) {
               if (rank != 0) return;
               out.output = m.copy_output(st);  // waits for rank 0's compute stream
               if (m.geometry().record_block_outputs)  // only with --block-outputs
@@ -79,17 +79,17 @@ dit_cuda_outputs run(const wan_cuda_model& m, const S& weights, const session_op
 
 bool launched_as_one_rank() { return std::getenv("RANK") != nullptr || std::getenv("SLURM_PROCID") != nullptr; }
 
-dit_cuda_outputs run_dit_cuda(const wan_config& cfg, const wan_workload& work, const wan_options& model_options,
+dit_cuda_outputs run_dit_cuda(const wan::config& cfg, const wan::workload& work, const wan::options& model_options,
                               const checkpoint& ck, const session_options& opt, const tensor_view& x,
                               const tensor_view& t, const tensor_view& ctx, const std::string& trace_path) {
-  const wan_cuda_model m(cfg, work, model_options);
+  const wan::cuda_model m(cfg, work, model_options);
   return run(m, checkpoint_weights(ck), opt, x, t, ctx, trace_path);
 }
 
-dit_cuda_outputs run_dit_cuda(const wan_config& cfg, const wan_workload& work, const wan_options& model_options,
+dit_cuda_outputs run_dit_cuda(const wan::config& cfg, const wan::workload& work, const wan::options& model_options,
                               std::uint64_t seed, const session_options& opt, const tensor_view& x,
                               const tensor_view& t, const tensor_view& ctx, const std::string& trace_path) {
-  const wan_cuda_model m(cfg, work, model_options);
+  const wan::cuda_model m(cfg, work, model_options);
   return run(m, synthetic_weights(m, seed), opt, x, t, ctx, trace_path);  // the host model's names: its values
 }
 

@@ -1,6 +1,6 @@
 #pragma once
 // unshard-dit's CUDA path (tools/dit_cuda.cu, compiled by nvcc when UNSHARD_ENABLE_CUDA=ON): the
-// Wan DiT as wan_cuda_model, sharded across GPUs by session<wan_cuda_model, cuda_backend>.
+// Wan DiT as wan::cuda_model, sharded across GPUs by session<wan::cuda_model, cuda_backend>.
 #include <string>
 #include <vector>
 
@@ -28,10 +28,10 @@ bool launched_as_one_rank();
 // GPUs (ranks 0..N-1 on devices 0..N-1) in this process, or, under a launcher, as this process's
 // rank of the job; prints the rank peak lines; rank 0 writes the trace if trace_path is not empty.
 // x, t and ctx are host tensors.
-dit_cuda_outputs run_dit_cuda(const wan_config& cfg, const wan_workload& work, const wan_options& model_options,
+dit_cuda_outputs run_dit_cuda(const wan::config& cfg, const wan::workload& work, const wan::options& model_options,
                               const checkpoint& weights, const session_options& opt, const tensor_view& x,
                               const tensor_view& t, const tensor_view& ctx, const std::string& trace_path);
-dit_cuda_outputs run_dit_cuda(const wan_config& cfg, const wan_workload& work, const wan_options& model_options,
+dit_cuda_outputs run_dit_cuda(const wan::config& cfg, const wan::workload& work, const wan::options& model_options,
                               std::uint64_t synthetic_seed, const session_options& opt, const tensor_view& x,
                               const tensor_view& t, const tensor_view& ctx, const std::string& trace_path);
 

@@ -59,7 +59,7 @@ constexpr const char* usage =
 struct run_settings {
   std::size_t world_size = 1;
   parsed_policy policy;
-  s2v_options model_options;
+  s2v::options model_options;
   std::size_t budget = 0;
   bool world_size_given = false;
 };
@@ -87,13 +87,13 @@ shape tokens_shape(std::size_t rows, std::size_t dim) {
 
 // Runs every call of the recorded stream; rank 0's results go into `out`.
 template <weight_source S>
-void run_stream(const s2v_model& m, const S& weights, const run_settings& rs, const s2v_stream_spec& spec,
+void run_stream(const s2v::model& m, const S& weights, const run_settings& rs, const s2v::stream_spec& spec,
                 const checkpoint& inputs, safetensors_writer& out) {
-  const s2v_geometry& g = m.geometry();
-  s2v_stream<> stream = cli::while_loading("unshard-avatar", m, [&] { return s2v_stream<>(m, weights, session_options_of(rs)); });
-  for (const s2v_call_spec& c : spec.calls) {
+  const s2v::geometry& g = m.geometry();
+  s2v::stream<> stream = cli::while_loading("unshard-avatar", m, [&] { return s2v::stream<>(m, weights, session_options_of(rs)); });
+  for (const s2v::call_spec& c : spec.calls) {
     const auto t0 = std::chrono::steady_clock::now();
-    const auto collect = [&](std::size_t rank, const s2v_state& s) {
+    const auto collect = [&](std::size_t rank, const s2v::state& s) {
       if (rank != 0) return;
       for (std::size_t i = 0; i < g.num_layers; ++i) {
         const tensor_view b = m.block_output(s, i);
@@ -110,8 +110,8 @@ void run_stream(const s2v_model& m, const S& weights, const run_settings& rs, co
           out.add(c.name + ".kv." + std::to_string(i) + (values ? ".v" : ".k"), kv, slots.as<const float>());
         }
     };
-    if (c.sink) stream.sink(s2v_sink_of(c, inputs), collect);
-    else stream.step(s2v_step_of(m, c, inputs), collect);
+    if (c.sink) stream.sink(s2v::sink_of(c, inputs), collect);
+    else stream.step(s2v::step_of(m, c, inputs), collect);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::fprintf(stderr, "unshard-avatar: call '%s' (%s) %.3f s\n", c.name.c_str(), c.sink ? "sink" : "streamed", secs);
   }
@@ -130,12 +130,12 @@ std::optional<double> lora_alpha_of(const cli::options& o) {
 
 nlohmann::json read_config_json(const std::string& path) {
   std::ifstream in(path);
-  return nlohmann::json::parse(in);  // s2v_config::load has already refused invalid JSON
+  return nlohmann::json::parse(in);  // s2v::config::load has already refused invalid JSON
 }
 
 // The model's weights from --weights (an unknown tensor is a warning, an error under --strict), with
 // --lora merged per shard while each rank loads (runtime/lora_weights.hpp); f(weights) runs the job.
-void warn_unknown_tensors(const cli::options& o, const s2v_model& m, const checkpoint& ck) {
+void warn_unknown_tensors(const cli::options& o, const s2v::model& m, const checkpoint& ck) {
   const std::string weights_path = o.require("--weights");
   for (const auto& n : unknown_tensors(m, ck, {"input.", "ref."})) {
     if (o.has("--strict")) throw error(weights_path + ": unknown tensor '" + n + "' (--strict)");
@@ -144,7 +144,7 @@ void warn_unknown_tensors(const cli::options& o, const s2v_model& m, const check
 }
 
 template <class F>
-void with_weights(const cli::options& o, const s2v_model& m, std::optional<double> lora_alpha, F&& f) {
+void with_weights(const cli::options& o, const s2v::model& m, std::optional<double> lora_alpha, F&& f) {
   const checkpoint ck = checkpoint::open(o.require("--weights"));
   warn_unknown_tensors(o, m, ck);
   if (!o.has("--lora")) return tools::with_s2v_weights(ck, nullptr, lora_alpha, f);
@@ -161,7 +161,7 @@ struct denoise_settings {
   bool cuda = false;     // --backend cuda: the ranks are GPUs
   bool bf16_compute = false;  // --compute bf16 (cuda only)
   std::uint64_t seed = 0;
-  s2v_loop_spec cli_loop;                   // Live Avatar's defaults, or the options'
+  s2v::loop_spec cli_loop;                   // Live Avatar's defaults, or the options'
   std::vector<std::string> loop_overrides;  // the loop options given explicitly
 };
 
@@ -208,7 +208,7 @@ denoise_settings denoise_settings_from(const cli::options& o) {
     if (x == std::string::npos || *e1 || *e2 || w <= 0 || h <= 0) throw cli::usage_error("--size must be WxH (e.g. 720x400), got '" + v + "'");
   }
   try {
-    d.cli_loop = s2v_default_loop(w, h);
+    d.cli_loop = s2v::default_loop(w, h);
   } catch (const error& e) {
     throw cli::usage_error(e.what());
   }
@@ -228,7 +228,7 @@ denoise_settings denoise_settings_from(const cli::options& o) {
 // The config's loop (streaming/scheduler sections), with the loop options given explicitly on top;
 // a plain Wan2.2-S2V config takes the options' (or Live Avatar's defaults).
 // The loop options given explicitly, over `s`.
-void apply_loop_options(s2v_loop_spec& s, const denoise_settings& d) {
+void apply_loop_options(s2v::loop_spec& s, const denoise_settings& d) {
   for (const std::string& k : d.loop_overrides) {
     if (k == "--size") s.latent_hw = d.cli_loop.latent_hw;
     if (k == "--clips") s.clips = d.cli_loop.clips;
@@ -238,13 +238,13 @@ void apply_loop_options(s2v_loop_spec& s, const denoise_settings& d) {
   }
 }
 
-s2v_loop_spec loop_of(const nlohmann::json& config, const std::string& path, const denoise_settings& d) {
-  s2v_loop_spec s = parse_s2v_loop(config, path, d.cli_loop);
+s2v::loop_spec loop_of(const nlohmann::json& config, const std::string& path, const denoise_settings& d) {
+  s2v::loop_spec s = s2v::parse_loop(config, path, d.cli_loop);
   apply_loop_options(s, d);
   return s;
 }
 
-session_options loop_session_options(const run_settings& rs, const denoise_settings& d, const s2v_loop_spec& loop) {
+session_options loop_session_options(const run_settings& rs, const denoise_settings& d, const s2v::loop_spec& loop) {
   session_options opt = session_options_of(rs);
   opt.schedule = d.schedule;
   opt.steps = loop.sampler.steps;
@@ -254,40 +254,40 @@ session_options loop_session_options(const run_settings& rs, const denoise_setti
 #if defined(UNSHARD_AVATAR_CUDA)
 // --backend cuda: the checkpoint (and LoRA) go to the CUDA translation unit, which loads each
 // rank's slice onto its GPU.
-bool denoise_cuda(const cli::options& o, const s2v_model& m, const run_settings& rs, const denoise_settings& d,
-                  const s2v_loop_spec& loop, const checkpoint& inputs, std::optional<double> lora_alpha,
+bool denoise_cuda(const cli::options& o, const s2v::model& m, const run_settings& rs, const denoise_settings& d,
+                  const s2v::loop_spec& loop, const checkpoint& inputs, std::optional<double> lora_alpha,
                   safetensors_writer& out) {
   const checkpoint ck = checkpoint::open(o.require("--weights"));
   warn_unknown_tensors(o, m, ck);
   std::optional<checkpoint> lora;
   if (o.has("--lora")) lora = checkpoint::open(o.get("--lora"));
-  const s2v_sink_inputs sink = s2v_loop_sink(inputs);
-  const std::vector<s2v_block> blocks = s2v_loop_blocks(loop, inputs, d.seed);
+  const s2v::sink_inputs sink = s2v::loop_sink(inputs);
+  const std::vector<s2v::block> blocks = s2v::loop_blocks(loop, inputs, d.seed);
   tools::avatar_cuda_job job{m.config(), m.workload(), rs.model_options, &ck, lora ? &*lora : nullptr, lora_alpha, 0,
                              loop_session_options(rs, d, loop), loop, &sink, &blocks, d.all_steps, d.bf16_compute};
-  return tools::run_denoise_cuda(job, [&](s2v_block_result&& r) { add_result(out, r, blocks.front().noise.dims()); });
+  return tools::run_denoise_cuda(job, [&](s2v::block_result&& r) { add_result(out, r, blocks.front().noise.dims()); });
 }
 #endif
 
 template <weight_source S>
-bool denoise_with(const s2v_model& m, const S& weights, const run_settings& rs, const denoise_settings& d,
-                  const s2v_loop_spec& loop, const checkpoint& inputs, safetensors_writer& out) {
+bool denoise_with(const s2v::model& m, const S& weights, const run_settings& rs, const denoise_settings& d,
+                  const s2v::loop_spec& loop, const checkpoint& inputs, safetensors_writer& out) {
   session_options opt = loop_session_options(rs, d, loop);
-  const s2v_sink_inputs sink = s2v_loop_sink(inputs);
-  const std::vector<s2v_block> blocks = s2v_loop_blocks(loop, inputs, d.seed);
-  const auto write = [&](s2v_block_result&& r) { add_result(out, r, blocks.front().noise.dims()); };
+  const s2v::sink_inputs sink = s2v::loop_sink(inputs);
+  const std::vector<s2v::block> blocks = s2v::loop_blocks(loop, inputs, d.seed);
+  const auto write = [&](s2v::block_result&& r) { add_result(out, r, blocks.front().noise.dims()); };
   if (d.process) {
     const auto job = process_job::from_environment();
     opt.world_size = rs.world_size_given ? rs.world_size : 0;  // 0: the job's WORLD_SIZE
-    process_session<s2v_model> s =
-        cli::while_loading("unshard-avatar", m, [&] { return process_session<s2v_model>(m, weights, job->world(), opt); });
+    process_session<s2v::model> s =
+        cli::while_loading("unshard-avatar", m, [&] { return process_session<s2v::model>(m, weights, job->world(), opt); });
     const loop_timing t = run_loop_on(s, m, loop, sink, blocks, d.all_steps, write);
     std::printf("%s\n", s.peak_line().c_str());
     if (s.rank() == 0) print_timing(t, s.plan(), loop.sampler.steps);
     std::fflush(stdout);
     return s.rank() == 0;
   }
-  session<s2v_model> s = cli::while_loading("unshard-avatar", m, [&] { return session<s2v_model>(m, weights, opt); });
+  session<s2v::model> s = cli::while_loading("unshard-avatar", m, [&] { return session<s2v::model>(m, weights, opt); });
   const loop_timing t = run_loop_on(s, m, loop, sink, blocks, d.all_steps, write);
   cli::print_rank_peaks(s);
   print_timing(t, s.plan(), loop.sampler.steps);
@@ -301,10 +301,10 @@ int run_denoise_files(const cli::options& o) {
   rs.model_options.record_block_outputs = false;
   const denoise_settings d = denoise_settings_from(o);
   const std::optional<double> lora_alpha = lora_alpha_of(o);
-  const s2v_config cfg = s2v_config::load(config_path);
-  const s2v_loop_spec loop = loop_of(read_config_json(config_path), config_path, d);
+  const s2v::config cfg = s2v::config::load(config_path);
+  const s2v::loop_spec loop = loop_of(read_config_json(config_path), config_path, d);
   const checkpoint inputs = checkpoint::open(inputs_path);
-  const s2v_model m(cfg, s2v_loop_workload(loop, inputs), rs.model_options);
+  const s2v::model m(cfg, s2v::loop_workload(loop, inputs), rs.model_options);
   safetensors_writer out;
   bool writer = true;
 #if defined(UNSHARD_AVATAR_CUDA)
@@ -324,14 +324,14 @@ int run_files(const cli::options& o) {
   o.require("--weights");
   const run_settings rs = settings_from(o);
   const std::optional<double> lora_alpha = lora_alpha_of(o);
-  const s2v_config cfg = s2v_config::load(config_path);
+  const s2v::config cfg = s2v::config::load(config_path);
   const checkpoint inputs = checkpoint::open(inputs_path);
-  const s2v_stream_spec spec = parse_s2v_stream(read_config_json(config_path), config_path, inputs);
+  const s2v::stream_spec spec = s2v::parse_stream(read_config_json(config_path), config_path, inputs);
   std::set<std::string> names;
   for (const auto& c : spec.calls)
     if (!names.insert(c.name).second) throw error(config_path + ": two calls are named '" + c.name + "'");
-  const s2v_model m(cfg, s2v_workload_of(spec, inputs), rs.model_options);
-  s2v_check_calls(m, spec, inputs);  // every call's inputs, before any rank starts
+  const s2v::model m(cfg, s2v::workload_of(spec, inputs), rs.model_options);
+  s2v::check_calls(m, spec, inputs);  // every call's inputs, before any rank starts
   safetensors_writer out;
   const auto t0 = std::chrono::steady_clock::now();
   with_weights(o, m, lora_alpha, [&](const auto& weights) { run_stream(m, weights, rs, spec, inputs, out); });
@@ -345,8 +345,8 @@ int run_files(const cli::options& o) {
 
 // The demos' model: Live Avatar's structure (framepack, AdaIN audio injection, zero timestep) at a
 // size that runs in seconds on a laptop core.
-s2v_config demo_config() {
-  return s2v_config::from_json(
+s2v::config demo_config() {
+  return s2v::config::from_json(
       nlohmann::json{{"dim", 128}, {"ffn_dim", 256}, {"freq_dim", 64}, {"text_dim", 64}, {"text_len", 16},
                      {"num_heads", 4}, {"num_layers", 4}, {"cond_dim", 16}, {"audio_dim", 32},
                      {"audio_inject_layers", {0, 2}}, {"enable_adain", true}, {"zero_timestep", true},
@@ -360,14 +360,14 @@ s2v_config demo_config() {
 int run_demo(const cli::options& o) {
   run_settings rs = settings_from(o);
   if (!o.has("--world-size")) rs.world_size = 2;
-  const s2v_config cfg = demo_config();
-  s2v_workload work;
+  const s2v::config cfg = demo_config();
+  s2v::workload work;
   work.latent_hw = {16, 16};
   work.context_len = 8;
   work.noisy_cache_tokens = 2 * 3 * 64;  // two blocks: block 2 on wraps the ring
   work.denoising_steps = 2;
-  const s2v_model m(cfg, work, rs.model_options);
-  const s2v_geometry& g = m.geometry();
+  const s2v::model m(cfg, work, rs.model_options);
+  const s2v::geometry& g = m.geometry();
   const synthetic_weights weights(m, 11);
   const auto wave = [](std::size_t n, float f, float a) {
     std::vector<float> v(n);
@@ -377,10 +377,10 @@ int run_demo(const cli::options& o) {
   const std::size_t HW = g.height * g.width;
   std::vector<float> ref = wave(g.in_dim * HW, 0.011f, 1.f), motion = wave(16 * g.motion_latent_frames * HW, 0.007f, 1.f),
                      ctx = wave(8 * g.text_dim, 0.05f, 0.5f), cond = wave(g.cond_dim * g.frames * HW, 0.013f, 0.3f),
-                     audio = wave(s2v_audio_layers * g.audio_dim * g.audio_frames, 0.021f, 1.f);
+                     audio = wave(s2v::audio_layers * g.audio_dim * g.audio_frames, 0.021f, 1.f);
   const auto view = [](std::vector<float>& v, shape d) { return tensor_view(v.data(), dtype::f32, d); };
   const auto i64 = [](std::size_t v) { return static_cast<std::int64_t>(v); };
-  const s2v_sink_inputs sink{view(ref, {i64(g.in_dim), 1, i64(g.height), i64(g.width)}),
+  const s2v::sink_inputs sink{view(ref, {i64(g.in_dim), 1, i64(g.height), i64(g.width)}),
                              view(motion, {16, i64(g.motion_latent_frames), i64(g.height), i64(g.width)}),
                              view(ctx, {8, i64(g.text_dim)})};
   const std::size_t blocks = 4;
@@ -389,7 +389,7 @@ int run_demo(const cli::options& o) {
   std::printf("unshard-avatar demo: S2V dim %zu, %zu blocks + %zu audio injectors, %zu tokens per block, %zu cond tokens,"
               " world size %zu, policy %s\n", g.dim, g.num_layers, g.injectors, g.block_tokens, g.cond_tokens,
               rs.world_size, rs.policy.values.name.c_str());
-  const s2v_counts counts = count_s2v(cfg, work);
+  const s2v::counts counts = s2v::counts_of(cfg, work);
   std::printf("parameters %lld (blocks %lld, outside blocks %lld, of which audio injectors %lld); KV cache %zu bytes "
               "(cond %zu + %zu steps x %zu)\n", static_cast<long long>(counts.total), static_cast<long long>(counts.blocks),
               static_cast<long long>(counts.outside_blocks), static_cast<long long>(counts.injectors), counts.kv_cache_bytes,
@@ -399,20 +399,20 @@ int run_demo(const cli::options& o) {
     session_options opt;
     opt.world_size = world;
     opt.policy = policy;
-    s2v_stream<> stream(m, weights, opt);
+    s2v::stream<> stream(m, weights, opt);
     stream.sink(sink);
-    s2v_relative_dist_generator relative_dist(2026);
+    s2v::relative_dist_generator relative_dist(2026);
     std::vector<float> x = wave(g.in_dim * g.frames * HW, 0.017f, 1.f), last;
     for (std::size_t b = 0; b < blocks; ++b) {
       const auto t0 = std::chrono::steady_clock::now();
       for (std::size_t i = 0; i < g.steps; ++i) {
         std::vector<float> t(g.frames, static_cast<float>(sigmas[i]));
-        s2v_step_inputs in{view(x, {i64(g.in_dim), i64(g.frames), i64(g.height), i64(g.width)}),
+        s2v::step_inputs in{view(x, {i64(g.in_dim), i64(g.frames), i64(g.height), i64(g.width)}),
                            view(t, {i64(g.frames)}),
                            view(cond, {i64(g.cond_dim), i64(g.frames), i64(g.height), i64(g.width)}),
-                           view(audio, {i64(s2v_audio_layers), i64(g.audio_dim), i64(g.audio_frames)}),
+                           view(audio, {i64(s2v::audio_layers), i64(g.audio_dim), i64(g.audio_frames)}),
                            sink.context, b, i, relative_dist()};
-        stream.step(in, [&](std::size_t rank, const s2v_state& s) {
+        stream.step(in, [&](std::size_t rank, const s2v::state& s) {
           if (rank != 0) return;
           const auto out = m.output(s).as<const float>();
           last.assign(out.begin(), out.end());
@@ -443,23 +443,23 @@ int run_demo_denoise(const cli::options& o) {
   rs.model_options.record_block_outputs = false;
   if (!o.has("--world-size")) rs.world_size = 2;
   const denoise_settings d = denoise_settings_from(o);
-  const s2v_config cfg = demo_config();
-  s2v_loop_spec loop;
+  const s2v::config cfg = demo_config();
+  s2v::loop_spec loop;
   loop.clips = 2;
   loop.blocks_per_clip = 2;
   loop.latent_hw = {16, 16};
   apply_loop_options(loop, d);
-  s2v_workload work;
+  s2v::workload work;
   work.latent_hw = loop.latent_hw;
   work.context_len = 8;
   work.noisy_cache_tokens = static_cast<std::int64_t>(loop.blocks_per_clip) * 3 * (loop.latent_hw[0] / 2) * (loop.latent_hw[1] / 2);
   work.denoising_steps = static_cast<std::int64_t>(loop.sampler.steps);
-  const s2v_model m(cfg, work, rs.model_options);
-  const s2v_geometry& g = m.geometry();
+  const s2v::model m(cfg, work, rs.model_options);
+  const s2v::geometry& g = m.geometry();
   const synthetic_weights weights(m, 11);
-  const synthetic_loop_inputs inputs(g, loop, 8, d.seed);
-  const s2v_sink_inputs& sink = inputs.sink();
-  const std::vector<s2v_block>& blocks = inputs.blocks();
+  const s2v::synthetic_loop_inputs inputs(g, loop, 8, d.seed);
+  const s2v::sink_inputs& sink = inputs.sink();
+  const std::vector<s2v::block>& blocks = inputs.blocks();
   std::printf("unshard-avatar demo --denoise: S2V dim %zu, %zu blocks, %zu tokens per block; %zu clips x %zu blocks x %zu "
               "steps, schedule %s, world size %zu, policy %s\n", g.dim, g.num_layers, g.block_tokens, loop.clips,
               loop.blocks_per_clip, loop.sampler.steps, name_of(d.schedule), rs.world_size, rs.policy.values.name.c_str());
@@ -468,9 +468,9 @@ int run_demo_denoise(const cli::options& o) {
     opt.world_size = world;
     opt.policy = policy;
     opt.schedule = kind;
-    session<s2v_model> s(m, weights, opt);
+    session<s2v::model> s(m, weights, opt);
     std::vector<std::vector<float>> latents;
-    const loop_timing t = run_loop_on(s, m, loop, sink, blocks, false, [&](s2v_block_result&& r) { latents.push_back(r.latent); });
+    const loop_timing t = run_loop_on(s, m, loop, sink, blocks, false, [&](s2v::block_result&& r) { latents.push_back(r.latent); });
     if (verbose) {
       cli::print_rank_peaks(s);
       print_timing(t, s.plan(), loop.sampler.steps);
@@ -487,7 +487,7 @@ int run_demo_denoise(const cli::options& o) {
     opt.schedule = d.schedule;
     const tools::avatar_cuda_job job{cfg, work, rs.model_options, nullptr, nullptr, std::nullopt, 11, opt, loop, &sink,
                                      &blocks, false, d.bf16_compute};
-    tools::run_denoise_cuda(job, [&](s2v_block_result&& r) { latents.push_back(r.latent); });
+    tools::run_denoise_cuda(job, [&](s2v::block_result&& r) { latents.push_back(r.latent); });
 #endif
     return latents;
   };

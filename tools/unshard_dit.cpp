@@ -38,7 +38,7 @@ struct run_settings {
   std::size_t world_size = 1;
   bool world_size_given = false;
   parsed_policy policy;
-  wan_options model_options;
+  wan::options model_options;
   std::size_t budget = 0;
   std::string trace_path;
   bool cuda = false;  // --backend cuda: ranks are the local GPUs 0..N-1
@@ -75,7 +75,7 @@ struct dit_outputs {
 };
 
 // What rank 0 keeps of a forward.
-void collect(const wan_model& m, const wan_state& st, dit_outputs& out) {
+void collect(const wan::model& m, const wan::state& st, dit_outputs& out) {
   const tensor_view o = m.output(st);
   out.output.assign(o.as<float>().begin(), o.as<float>().end());
   out.blocks.clear();
@@ -99,15 +99,15 @@ template <class Session>
 void write_trace(Session& s, const std::string& path);
 
 template <weight_source S>
-dit_outputs run_sharded(const wan_model& m, const S& weights, const run_settings& rs, const tensor_view& x,
+dit_outputs run_sharded(const wan::model& m, const S& weights, const run_settings& rs, const tensor_view& x,
                         const tensor_view& t, const tensor_view& ctx) {
   const session_options opt = session_options_of(rs);
-  session<wan_model> s = cli::while_loading("unshard-dit", m, [&] { return session<wan_model>(m, weights, opt); });
+  session<wan::model> s = cli::while_loading("unshard-dit", m, [&] { return session<wan::model>(m, weights, opt); });
   dit_outputs out;
   out.world_size = opt.world_size;
   const auto t0 = std::chrono::steady_clock::now();
-  s.forward([&](std::size_t, wan_state& st) { m.set_inputs(st, x, t, ctx); },
-            [&](std::size_t rank, const wan_state& st) {
+  s.forward([&](std::size_t, wan::state& st) { m.set_inputs(st, x, t, ctx); },
+            [&](std::size_t rank, const wan::state& st) {
               if (rank == 0) collect(m, st, out);
             });
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -127,19 +127,19 @@ void write_trace(Session& s, const std::string& path) {
 // or Slurm); the ranks meet at MASTER_ADDR:MASTER_PORT and gather over TCP. Each prints its own
 // peak line; rank 0 keeps the outputs (and writes the trace, if asked).
 template <weight_source S>
-dit_outputs run_process(const wan_model& m, const S& weights, const run_settings& rs, const tensor_view& x,
+dit_outputs run_process(const wan::model& m, const S& weights, const run_settings& rs, const tensor_view& x,
                         const tensor_view& t, const tensor_view& ctx) {
   const auto job = process_job::from_environment();
   session_options opt = session_options_of(rs);
   opt.world_size = rs.world_size_given ? rs.world_size : 0;  // 0: the job's WORLD_SIZE
-  process_session<wan_model> s =
-      cli::while_loading("unshard-dit", m, [&] { return process_session<wan_model>(m, weights, job->world(), opt); });
+  process_session<wan::model> s =
+      cli::while_loading("unshard-dit", m, [&] { return process_session<wan::model>(m, weights, job->world(), opt); });
   dit_outputs out;
   out.writer = s.rank() == 0;
   out.world_size = s.world_size();
   const auto t0 = std::chrono::steady_clock::now();
-  s.forward([&](std::size_t, wan_state& st) { m.set_inputs(st, x, t, ctx); },
-            [&](std::size_t rank, const wan_state& st) {
+  s.forward([&](std::size_t, wan::state& st) { m.set_inputs(st, x, t, ctx); },
+            [&](std::size_t rank, const wan::state& st) {
               if (rank == 0) collect(m, st, out);
             });
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -152,7 +152,7 @@ dit_outputs run_process(const wan_model& m, const S& weights, const run_settings
 // --backend cuda: the same forward on the local GPUs (tools/dit_cuda.cu); W is the checkpoint or
 // the demo's synthetic seed.
 template <class W>
-dit_outputs run_cuda(const wan_model& m, const wan_workload& work, const W& weights, const run_settings& rs,
+dit_outputs run_cuda(const wan::model& m, const wan::workload& work, const W& weights, const run_settings& rs,
                      const tensor_view& x, const tensor_view& t, const tensor_view& ctx) {
 #if defined(UNSHARD_DIT_CUDA)
   tools::dit_cuda_outputs r = tools::run_dit_cuda(m.config(), work, rs.model_options, weights,
@@ -166,9 +166,9 @@ dit_outputs run_cuda(const wan_model& m, const wan_workload& work, const W& weig
 
 shape dims_of(std::initializer_list<std::int64_t> d) { return shape(d); }
 
-void write_outputs(const std::string& path, const wan_model& m, const dit_outputs& out) {
+void write_outputs(const std::string& path, const wan::model& m, const dit_outputs& out) {
   safetensors_writer w;
-  const tensor_view o(const_cast<float*>(out.output.data()), dtype::f32, m.output(wan_state{}).dims());
+  const tensor_view o(const_cast<float*>(out.output.data()), dtype::f32, m.output(wan::state{}).dims());
   w.add("output", o.dims(), out.output);
   const auto S = static_cast<std::int64_t>(m.geometry().tokens), D = static_cast<std::int64_t>(m.geometry().dim);
   for (std::size_t i = 0; i < out.blocks.size(); ++i) w.add("block." + std::to_string(i) + ".out", dims_of({S, D}), out.blocks[i]);
@@ -180,7 +180,7 @@ int run_files(const cli::options& o) {
   const std::string config_path = o.require("--config"), weights_path = o.require("--weights"),
                     inputs_path = o.require("--inputs"), out_path = o.require("--out");
   run_settings rs = settings_from(o);
-  const wan_config cfg = wan_config::load(config_path);
+  const wan::config cfg = wan::config::load(config_path);
   const checkpoint inputs = checkpoint::open(inputs_path);
   // A vectors file carries the reference block outputs: the outputs then include the matching ones.
   if (!o.has("--block-outputs") && !o.has("--no-block-outputs"))
@@ -188,8 +188,8 @@ int run_files(const cli::options& o) {
   const tensor_view x = inputs.view("input.x"), t = inputs.view("input.t"), ctx = inputs.view("input.context");
   if (x.dims().rank() != 4) throw error(inputs_path + ": input.x has shape " + x.dims().to_string() + ", expected [C,F,H,W]");
   if (ctx.dims().rank() != 2) throw error(inputs_path + ": input.context has shape " + ctx.dims().to_string() + ", expected [L,text_dim]");
-  const wan_workload work{{x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]}, ctx.dims()[0]};
-  const wan_model m(cfg, work, rs.model_options);
+  const wan::workload work{{x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]}, ctx.dims()[0]};
+  const wan::model m(cfg, work, rs.model_options);
   const checkpoint ck = checkpoint::open(weights_path);
   for (const auto& n : unknown_tensors(m, ck, {"input.", "ref."})) {
     if (o.has("--strict")) throw error(weights_path + ": unknown tensor '" + n + "' (--strict)");
@@ -210,12 +210,12 @@ int run_files(const cli::options& o) {
 int run_demo(const cli::options& o) {
   run_settings rs = settings_from(o);
   if (!o.has("--world-size") && !rs.process) rs.world_size = 4;
-  const wan_config cfg = wan_config::from_json(
+  const wan::config cfg = wan::config::from_json(
       nlohmann::json{{"dim", 256}, {"ffn_dim", 1024}, {"freq_dim", 64}, {"text_dim", 128}, {"text_len", 32},
                      {"in_dim", 16}, {"out_dim", 16}, {"num_heads", 4}, {"num_layers", 6}},
       "demo config");
-  const wan_workload work{{16, 4, 16, 16}, 20};
-  const wan_model m(cfg, work, rs.model_options);
+  const wan::workload work{{16, 4, 16, 16}, 20};
+  const wan::model m(cfg, work, rs.model_options);
   const synthetic_weights weights(m, 7);
   std::vector<float> xs(16 * 4 * 16 * 16), cs(20 * 128);
   for (std::size_t i = 0; i < xs.size(); ++i) xs[i] = std::sin(0.013f * static_cast<float>(i));
@@ -238,7 +238,7 @@ int run_demo(const cli::options& o) {
                           : rs.process ? run_process(m, weights, rs, x, t, ctx)
                                        : run_sharded(m, weights, rs, x, t, ctx);
   if (!out.writer) return 0;  // rank 0 of a process job checks the result
-  reference_runner<wan_model> ref(m, weights);
+  reference_runner<wan::model> ref(m, weights);
   m.set_inputs(ref.state(), x, t, ctx);
   ref.forward();
   const tensor_view want = m.output(ref.state());

@@ -67,7 +67,7 @@ workload parse_resolution(const std::string& text, workload w) {
 
 stack load_model(const std::string& name) {
   if (name == "liveavatar-14b") return liveavatar_stack(liveavatar_14b());
-  if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return wan_stack(wan_config::load(name), name);
+  if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return wan_stack(wan::config::load(name), name);
   throw error("unknown model '" + name + "': expected the preset liveavatar-14b or a Wan CONFIG.json");
 }
 

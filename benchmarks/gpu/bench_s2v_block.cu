@@ -1,6 +1,6 @@
 // One Live Avatar 14B block on one GPU, timed forward: the S2V model's own block (self-attention over
 // the noisy cache + cond keys, text cross-attention, FFN) and its audio injector, run by
-// s2v_cuda_model (the host forward over cuda_ops) at Live Avatar's 704x384 geometry: dim 5120, 40
+// s2v::cuda_model (the host forward over cuda_ops) at Live Avatar's 704x384 geometry: dim 5120, 40
 // heads, ffn 13824, 3,168 query tokens of a block attending to a full noisy cache of 4 blocks
 // (12,672 slots) plus the cond tokens (15,312 keys in all), bf16 weights with synthetic values,
 // --compute bf16 (default: tensor-core GEMMs, cuDNN SDPA) or f32.
@@ -56,7 +56,7 @@ struct device_params {
   std::vector<std::unique_ptr<device_block>> memory;
   std::vector<std::vector<param_views>> views;  // [layer][sub-unit]
 
-  explicit device_params(const s2v_cuda_model& m) {
+  explicit device_params(const s2v::cuda_model& m) {
     const synthetic_weights w(m, 7, 0.02f);
     for (std::size_t l = 0; l < m.layer_count(); ++l) {
       views.emplace_back();
@@ -98,26 +98,26 @@ int main(int argc, char** argv) {
   const double peak = std::atof(arg(argc, argv, "--peak-tflops", "989").c_str());
   const std::string out_path = arg(argc, argv, "--out", UNSHARD_BENCH_RESULTS_DIR "/gpu_s2v_block.csv");
   try {
-    s2v_config cfg = liveavatar_14b_config();
+    s2v::config cfg = s2v::liveavatar_14b_config();
     cfg.num_layers = 1;
     cfg.audio_inject_layers = {0};
-    s2v_workload work;
+    s2v::workload work;
     work.latent_hw = {48, 88};  // 704x384 / 8
     work.context_len = 512;
     work.denoising_steps = 1;
     const bool bf16_compute = arg(argc, argv, "--compute", "bf16") == "bf16";
-    s2v_cuda_options cuda_options;
+    s2v::cuda_options cuda_options;
     cuda_options.precision = bf16_compute ? cuda_precision::bf16 : cuda_precision::f32;
     cuda_options.attention_engine = make_cudnn_attention;
-    const s2v_cuda_model m(cfg, work, {dtype::bf16, gemm_path::portable, false}, cuda_options);
-    const s2v_geometry& g = m.geometry();
+    const s2v::cuda_model m(cfg, work, {dtype::bf16, gemm_path::portable, false}, cuda_options);
+    const s2v::geometry& g = m.geometry();
     std::vector<std::unique_ptr<device_block>> memory;
     buffer_set buffers;
     for (const auto& b : m.buffers()) {
       memory.push_back(std::make_unique<device_block>(b.bytes));
       buffers.add(b.name, {memory.back()->p, b.bytes});
     }
-    s2v_cuda_state st = m.make_state(buffers);
+    s2v::cuda_state st = m.make_state(buffers);
     cudaStream_t stream = nullptr;
     UNSHARD_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     st.attach_stream(stream);
@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
     const std::size_t HW = g.height * g.width;
     std::vector<float> ref = wave(g.in_dim * HW, 0.011f, 1.f), motion = wave(16 * g.motion_latent_frames * HW, 0.007f, 1.f),
                        ctx = wave(512 * g.text_dim, 0.05f, 0.5f), cond = wave(g.cond_dim * g.frames * HW, 0.013f, 0.3f),
-                       audio = wave(s2v_audio_layers * g.audio_dim * g.audio_frames, 0.021f, 1.f),
+                       audio = wave(s2v::audio_layers * g.audio_dim * g.audio_frames, 0.021f, 1.f),
                        x = wave(g.in_dim * g.frames * HW, 0.017f, 1.f), t(g.frames, 500.f);
     const auto view = [](std::vector<float>& v, shape d) { return tensor_view(v.data(), dtype::f32, d); };
     const tensor_view context = view(ctx, {512, i64(g.text_dim)});
@@ -145,7 +145,7 @@ int main(int argc, char** argv) {
     for (std::size_t b = 0; b < blocks; ++b) {
       m.begin_step(st, {view(x, {i64(g.in_dim), i64(g.frames), i64(g.height), i64(g.width)}), view(t, {i64(g.frames)}),
                         view(cond, {i64(g.cond_dim), i64(g.frames), i64(g.height), i64(g.width)}),
-                        view(audio, {i64(s2v_audio_layers), i64(g.audio_dim), i64(g.audio_frames)}), context, b, 0, 30});
+                        view(audio, {i64(s2v::audio_layers), i64(g.audio_dim), i64(g.audio_frames)}), context, b, 0, 30});
       run_all();
     }
     UNSHARD_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -156,8 +156,8 @@ int main(int argc, char** argv) {
     // Layer 4 is blocks.0, layer 5 its audio injector (embeddings, packer, cond, audio encoder first).
     std::size_t block_layer = 0, injector_layer = 0;
     for (std::size_t l = 0; l < m.layer_count(); ++l) {
-      if (m.layer(l).kind() == s2v_layer_kind::block) block_layer = l;
-      if (m.layer(l).kind() == s2v_layer_kind::injector) injector_layer = l;
+      if (m.layer(l).kind() == s2v::layer_kind::block) block_layer = l;
+      if (m.layer(l).kind() == s2v::layer_kind::injector) injector_layer = l;
     }
     cudaEvent_t a, b;
     UNSHARD_CUDA_CHECK(cudaEventCreate(&a));

@@ -47,9 +47,9 @@ using namespace nb::literals;
 
 namespace {
 
-using unshard::s2v_model;
-using session_t = unshard::session<s2v_model>;
-using denoiser_t = unshard::s2v_denoiser<session_t>;
+namespace s2v = unshard::s2v;
+using session_t = unshard::session<s2v::model>;
+using denoiser_t = s2v::denoiser<session_t>;
 
 [[noreturn]] void raise(PyObject* type, const std::string& message) {
   PyErr_SetString(type, message.c_str());
@@ -367,7 +367,7 @@ class live_avatar_denoiser {
         }
       }
     }
-    s2v_options mo;
+    s2v::options mo;
     mo.storage = parse_dtype(dtype);
     if (gemm != "blas" && gemm != "portable") raise(PyExc_ValueError, "gemm must be 'blas' or 'portable', got '" + gemm + "'");
     mo.gemm = gemm == "blas" ? gemm_path::blas : gemm_path::portable;
@@ -380,11 +380,11 @@ class live_avatar_denoiser {
     // The loop: the config's streaming/scheduler sections, else Live Avatar's defaults at `size`;
     // the keywords given explicitly on top (as unshard-avatar --denoise's options).
     const nlohmann::json root = load_json_config(config, "liveavatar config");
-    const s2v_config cfg = s2v_config::from_json(root, config.string());
+    const s2v::config cfg = s2v::config::from_json(root, config.string());
     std::int64_t w = 720, h = 400;
     const bool size_given = size.is_valid() && !size.is_none();
     if (size_given) std::tie(w, h) = parse_size_arg(size);
-    s2v_loop_spec fallback = s2v_default_loop(w, h);
+    s2v::loop_spec fallback = s2v::default_loop(w, h);
     fallback.clips = positive_count(clips, fallback.clips, "clips");
     fallback.blocks_per_clip = positive_count(blocks_per_clip, fallback.blocks_per_clip, "blocks_per_clip");
     fallback.sampler.steps = positive_count(steps, fallback.sampler.steps, "steps");
@@ -392,7 +392,7 @@ class live_avatar_denoiser {
       if (!(*shift > 0) || !std::isfinite(*shift)) raise(PyExc_ValueError, "shift must be a positive number");
       fallback.sampler.shift = *shift;
     }
-    loop_ = parse_s2v_loop(root, config.string(), fallback);
+    loop_ = s2v::parse_loop(root, config.string(), fallback);
     if (size_given) loop_.latent_hw = fallback.latent_hw;
     if (clips) loop_.clips = fallback.clips;
     if (blocks_per_clip) loop_.blocks_per_clip = fallback.blocks_per_clip;
@@ -404,7 +404,7 @@ class live_avatar_denoiser {
     // text_len (any L <= text_len rows are accepted at sink()), 4 audio columns per latent frame
     // and Live Avatar's 73/19 motion frames unless given, a noisy cache of one clip unless the
     // config sizes it.
-    s2v_workload work;
+    s2v::workload work;
     work.latent_hw = loop_.latent_hw;
     work.frames_per_block = loop_.frames_per_block;
     work.context_len = cfg.text_len;
@@ -418,8 +418,8 @@ class live_avatar_denoiser {
         loop_.noisy_cache_tokens ? loop_.noisy_cache_tokens : static_cast<std::int64_t>(loop_.blocks_per_clip) * block_tokens;
     work.cond_cache_tokens = loop_.cond_cache_tokens;
     work.denoising_steps = static_cast<std::int64_t>(loop_.sampler.steps);
-    model_ = std::make_unique<s2v_model>(cfg, work, mo);
-    const flow_match_euler check_sampler(loop_.sampler);  // refuses a bad sampler before any rank starts
+    model_ = std::make_unique<s2v::model>(cfg, work, mo);
+    const s2v::flow_match_euler check_sampler(loop_.sampler);  // refuses a bad sampler before any rank starts
     (void)check_sampler;
 
     const checkpoint ck = checkpoint::open(weights.string());
@@ -454,31 +454,31 @@ class live_avatar_denoiser {
         start(base);
       }
     }
-    denoiser_ = std::make_unique<denoiser_t>(*model_, *session_, s2v_denoise_options{loop_.sampler, loop_.blocks_per_clip, false});
+    denoiser_ = std::make_unique<denoiser_t>(*model_, *session_, s2v::denoise_options{loop_.sampler, loop_.blocks_per_clip, false});
   }
 
   // ---- calls ----
 
   void sink(nb::handle ref_latents, nb::handle motion_latents, nb::handle context, nb::handle audio, nb::handle cond_states) {
     std::unique_lock lock = enter();
-    const unshard::s2v_geometry& g = model_->geometry();
+    const s2v::geometry& g = model_->geometry();
     std::vector<std::string> converted;
     host_input ref = input(ref_latents, "ref_latents", converted), motion = input(motion_latents, "motion_latents", converted),
                ctx = input(context, "context", converted);
     expect_shape(ref, {i64(g.in_dim), 1, i64(g.height), i64(g.width)}, "[C, 1, H, W]", "ref_latents");
-    expect_shape(motion, {i64(unshard::s2v_pack_channels), i64(g.motion_latent_frames), i64(g.height), i64(g.width)},
+    expect_shape(motion, {i64(s2v::pack_channels), i64(g.motion_latent_frames), i64(g.height), i64(g.width)},
                  "[16, motion latent frames, H, W]", "motion_latents");
     check_context(ctx);
     // The official _forward_sink is passed them but reads only x's spatial size: checked, not used.
     if (audio.is_valid() && !audio.is_none()) {
       host_input a = input(audio, "audio", converted);
-      expect_shape(a, {i64(unshard::s2v_audio_layers), i64(g.audio_dim), i64(g.audio_frames)}, "[25, audio_dim, audio frames]", "audio");
+      expect_shape(a, {i64(s2v::audio_layers), i64(g.audio_dim), i64(g.audio_frames)}, "[25, audio_dim, audio frames]", "audio");
     }
     if (cond_states.is_valid() && !cond_states.is_none()) {
       host_input c = input(cond_states, "cond_states", converted);
       expect_shape(c, {i64(g.cond_dim), i64(g.frames), i64(g.height), i64(g.width)}, "[cond_dim, F, H, W]", "cond_states");
     }
-    const unshard::s2v_sink_inputs in{ref.view, motion.view, ctx.view};
+    const s2v::sink_inputs in{ref.view, motion.view, ctx.view};
     run([&] { denoiser_->sink(in); });
     context_ = std::move(ctx);  // every step reads it: held (not copied) until the next sink
     sunk_ = true;
@@ -492,7 +492,7 @@ class live_avatar_denoiser {
     std::size_t next = next_;
     block_inputs b = block_of(noise, audio, cond_states, relative_dist, clip, block, "", next, converted);
     require_sink();
-    std::vector<unshard::s2v_block_result> results = run_blocks(std::span<const unshard::s2v_block>(&b.block, 1), all_steps);
+    std::vector<s2v::block_result> results = run_blocks(std::span<const s2v::block>(&b.block, 1), all_steps);
     next_ = next;
     last_converted_ = std::move(converted);
     return result_object(std::move(results.front()), all_steps);
@@ -536,9 +536,9 @@ class live_avatar_denoiser {
     nb::list out;
     if (inputs.empty()) return out;
     require_sink();
-    std::vector<unshard::s2v_block> list;
+    std::vector<s2v::block> list;
     for (const block_inputs& b : inputs) list.push_back(b.block);
-    std::vector<unshard::s2v_block_result> results = run_blocks(list, all_steps);
+    std::vector<s2v::block_result> results = run_blocks(list, all_steps);
     next_ = next;
     last_converted_ = std::move(converted);
     for (auto& r : results) out.append(result_object(std::move(r), all_steps));
@@ -585,19 +585,19 @@ class live_avatar_denoiser {
   }
 
   nb::dict input_shapes() const {
-    const unshard::s2v_geometry& g = model_->geometry();
+    const s2v::geometry& g = model_->geometry();
     nb::dict d;
     d["noise"] = nb::make_tuple(g.in_dim, g.frames, g.height, g.width);
     d["cond_states"] = nb::make_tuple(g.cond_dim, g.frames, g.height, g.width);
-    d["audio"] = nb::make_tuple(unshard::s2v_audio_layers, g.audio_dim, g.audio_frames);
+    d["audio"] = nb::make_tuple(s2v::audio_layers, g.audio_dim, g.audio_frames);
     d["ref_latents"] = nb::make_tuple(g.in_dim, 1, g.height, g.width);
-    d["motion_latents"] = nb::make_tuple(unshard::s2v_pack_channels, g.motion_latent_frames, g.height, g.width);
+    d["motion_latents"] = nb::make_tuple(s2v::pack_channels, g.motion_latent_frames, g.height, g.width);
     d["context"] = nb::make_tuple(g.text_len, g.text_dim);
     return d;
   }
 
   nb::dict loop() const {
-    const unshard::s2v_geometry& g = model_->geometry();
+    const s2v::geometry& g = model_->geometry();
     nb::dict d;
     d["clips"] = loop_.clips;
     d["blocks_per_clip"] = loop_.blocks_per_clip;
@@ -638,7 +638,7 @@ class live_avatar_denoiser {
   }
   const std::vector<std::string>& last_converted() const { return last_converted_; }
   std::string repr() const {
-    const unshard::s2v_geometry& g = model_->geometry();
+    const s2v::geometry& g = model_->geometry();
     return "LiveAvatarDenoiser(world_size=" + std::to_string(session_->world_size()) + ", policy='" + session_->plan().policy +
            "', schedule='" + schedule() + "', steps=" + std::to_string(g.steps) + ", latent=(" + std::to_string(g.in_dim) + ", " +
            std::to_string(g.frames) + ", " + std::to_string(g.height) + ", " + std::to_string(g.width) + "), next clip " +
@@ -648,7 +648,7 @@ class live_avatar_denoiser {
  private:
   struct block_inputs {
     host_input noise, audio, cond;
-    unshard::s2v_block block;
+    s2v::block block;
   };
 
   static std::int64_t i64(std::size_t v) { return static_cast<std::int64_t>(v); }
@@ -670,7 +670,7 @@ class live_avatar_denoiser {
   }
 
   void check_context(const host_input& ctx) const {
-    const unshard::s2v_geometry& g = model_->geometry();
+    const s2v::geometry& g = model_->geometry();
     const auto d = strip_ones(ctx.dims);
     if (d.size() != 2 || d[1] != i64(g.text_dim) || d[0] > i64(g.text_len) || d[0] < 1)
       raise(PyExc_ValueError, "context has shape " + dims_string(ctx.dims) + ", expected (L, " + std::to_string(g.text_dim) +
@@ -687,7 +687,7 @@ class live_avatar_denoiser {
   block_inputs block_of(nb::handle noise, nb::handle audio, nb::handle cond_states, nb::handle relative_dist,
                         std::optional<std::size_t> clip, std::optional<std::size_t> block, const std::string& at,
                         std::size_t& next, std::vector<std::string>& converted) const {
-    const unshard::s2v_geometry& g = model_->geometry();
+    const s2v::geometry& g = model_->geometry();
     const std::size_t bpc = loop_.blocks_per_clip;
     const auto name = [&](const char* key) { return at.empty() ? std::string(key) : at + "['" + key + "']"; };
     block_inputs b;
@@ -695,7 +695,7 @@ class live_avatar_denoiser {
     b.audio = input(audio, name("audio"), converted);
     b.cond = input(cond_states, name("cond_states"), converted);
     expect_shape(b.noise, {i64(g.in_dim), i64(g.frames), i64(g.height), i64(g.width)}, "[C, F, H, W]", name("noise"));
-    expect_shape(b.audio, {i64(unshard::s2v_audio_layers), i64(g.audio_dim), i64(g.audio_frames)}, "[25, audio_dim, audio frames]",
+    expect_shape(b.audio, {i64(s2v::audio_layers), i64(g.audio_dim), i64(g.audio_frames)}, "[25, audio_dim, audio frames]",
                  name("audio"));
     expect_shape(b.cond, {i64(g.cond_dim), i64(g.frames), i64(g.height), i64(g.width)}, "[cond_dim, F, H, W]", name("cond_states"));
     // Either counter defaults to the stream's next block: block b of clip r = next // bpc; a clip
@@ -719,11 +719,11 @@ class live_avatar_denoiser {
     return b;
   }
 
-  std::vector<unshard::s2v_block_result> run_blocks(std::span<const unshard::s2v_block> blocks, bool all_steps) {
-    std::vector<unshard::s2v_block_result> results;
+  std::vector<s2v::block_result> run_blocks(std::span<const s2v::block> blocks, bool all_steps) {
+    std::vector<s2v::block_result> results;
     results.reserve(blocks.size());
     denoiser_->set_all_steps(all_steps);
-    run([&] { denoiser_->denoise(blocks, [&](unshard::s2v_block_result&& r) { results.push_back(std::move(r)); }); });
+    run([&] { denoiser_->denoise(blocks, [&](s2v::block_result&& r) { results.push_back(std::move(r)); }); });
     if (results.size() != blocks.size())
       raise(PyExc_RuntimeError, "LiveAvatarDenoiser: " + std::to_string(results.size()) + " results for " +
                                     std::to_string(blocks.size()) + " blocks");
@@ -743,7 +743,7 @@ class live_avatar_denoiser {
     }
   }
 
-  nb::object result_object(unshard::s2v_block_result&& r, bool all_steps) const {
+  nb::object result_object(s2v::block_result&& r, bool all_steps) const {
     const auto d = model_->geometry().output_shape();
     nb::object latent = to_numpy(std::move(r.latent), d);
     if (!all_steps) return latent;
@@ -760,12 +760,12 @@ class live_avatar_denoiser {
   }
 
   // Destroyed in reverse: the denoiser, then the session (joins the rank threads), then the model.
-  std::unique_ptr<s2v_model> model_;
+  std::unique_ptr<s2v::model> model_;
   std::unique_ptr<session_t> session_;
   std::unique_ptr<denoiser_t> denoiser_;
-  unshard::s2v_loop_spec loop_;
+  s2v::loop_spec loop_;
   std::uint64_t seed_;
-  unshard::s2v_relative_dist_draws draws_;
+  s2v::relative_dist_draws draws_;
   host_input context_;  // the sink's context: every step reads it
   std::size_t next_ = 0;  // the next block's position in the stream: clip next_ / bpc, block next_ % bpc
   bool sunk_ = false;

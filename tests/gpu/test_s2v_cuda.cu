@@ -1,4 +1,4 @@
-// Live Avatar's S2V DiT on the device (s2v_cuda_model: the host forward over cuda_ops) against the
+// Live Avatar's S2V DiT on the device (s2v::cuda_model: the host forward over cuda_ops) against the
 // official references and the host model, call by call over every recorded stream of tests/data:
 //  * f32 weights: every streamed call's output within the rule max|got - ref| <= 1e-5 max(1, max|ref|)
 //    against ref.<call>.output, and the cond cache against the host's after the sink;
@@ -62,10 +62,10 @@ std::vector<std::vector<param_views>> load_params(const Model& m, const checkpoi
 }
 
 struct device_run {
-  s2v_cuda_model model;
+  s2v::cuda_model model;
   std::vector<std::unique_ptr<device_block>> memory;
   buffer_set buffers;
-  s2v_cuda_state state;
+  s2v::cuda_state state;
   std::vector<std::vector<param_views>> params;
   cudaStream_t stream = nullptr;
 
@@ -97,9 +97,9 @@ struct device_run {
 };
 
 struct host_run {
-  s2v_model model;
+  s2v::model model;
   test_buffers bufs;
-  s2v_state state;
+  s2v::state state;
   std::vector<std::vector<std::byte>> memory;
   std::vector<std::vector<param_views>> params;
 
@@ -140,17 +140,17 @@ TEST_CASE("s2v on CUDA: every recorded stream against the references (f32) and t
       const stream_case c = load_case(name);
       device_run dev(c, storage);
       host_run host(c, storage);
-      const s2v_geometry& g = host.model.geometry();
+      const s2v::geometry& g = host.model.geometry();
       double worst_ref = 0, worst_host = 0;
       std::size_t streamed = 0;
-      for (const s2v_call_spec& call : c.spec.calls) {
+      for (const s2v::call_spec& call : c.spec.calls) {
         CAPTURE(call.name);
         if (call.sink) {
-          const s2v_sink_inputs in = s2v_sink_of(call, c.file);
+          const s2v::sink_inputs in = s2v::sink_of(call, c.file);
           dev.model.begin_sink(dev.state, in);
           host.model.begin_sink(host.state, in);
         } else {
-          const s2v_step_inputs in = s2v_step_of(host.model, call, c.file);
+          const s2v::step_inputs in = s2v::step_of(host.model, call, c.file);
           dev.model.begin_step(dev.state, in);
           host.model.begin_step(host.state, in);
         }

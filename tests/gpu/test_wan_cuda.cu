@@ -1,7 +1,7 @@
 // The CUDA Wan model against the official references (tests/data/wan_*.safetensors), as
 // tests/test_wan_reference.cpp checks the host model: every ref.* tensor the model produces, with
 // docs/conventions.md's rule max|got - ref| <= 1e-5 · max(1, max|ref|) per tensor (f32 weights; the
-// model is the host wan_layer run over cuda_ops, GELU a separate pass of the host's gelu_tanh); bf16
+// model is the host wan::layer run over cuda_ops, GELU a separate pass of the host's gelu_tanh); bf16
 // weights against an f32 run on bf16-rounded weights under the same rule; the layer/parameter/buffer
 // declarations equal to the host model's (so the same unit layout, policies and ledger apply); and
 // the model run by the session on the CUDA backend under full, prefetch:1 and chunked unshard.
@@ -68,14 +68,14 @@ tensor_view upload_param(const safetensors_file& f, const param_spec& spec, weig
 
 // One CUDA model, its device buffers and state, every sub-unit's device parameter views.
 struct wan_cuda_run {
-  wan_cuda_model model;
+  wan::cuda_model model;
   std::vector<std::unique_ptr<device_block>> memory;
   buffer_set buffers;
-  wan_cuda_state state;
+  wan::cuda_state state;
   std::vector<std::vector<param_views>> views;  // [layer][sub-unit]
   cudaStream_t stream = nullptr;
 
-  wan_cuda_run(const wan_config& cfg, const safetensors_file& f, const wan_options& opts, const wan_cuda_options& copts,
+  wan_cuda_run(const wan::config& cfg, const safetensors_file& f, const wan::options& opts, const wan::cuda_options& copts,
                weights w)
       : model(cfg, workload_of(f), opts, copts) {
     for (const auto& b : model.buffers()) {
@@ -102,7 +102,7 @@ struct wan_cuda_run {
     }
   }
 
-  static wan_workload workload_of(const safetensors_file& f) {
+  static wan::workload workload_of(const safetensors_file& f) {
     const shape& x = f.at("input.x").dims;
     REQUIRE(x.rank() == 4);
     return {{x[0], x[1], x[2], x[3]}, f.at("input.context").dims[0]};
@@ -144,11 +144,11 @@ struct checker {
   }
 };
 
-void check_against_refs(const std::string& name, const wan_config& cfg, const wan_cuda_options& copts = {}) {
+void check_against_refs(const std::string& name, const wan::config& cfg, const wan::cuda_options& copts = {}) {
   const safetensors_file f(std::string(UNSHARD_TEST_DATA_DIR) + "/" + name + ".safetensors");
   wan_cuda_run run(cfg, f, {dtype::f32, gemm_path::portable, true}, copts, weights::f32);
-  const wan_geometry& g = run.model.geometry();
-  const wan_cuda_state& s = run.state;
+  const wan::geometry& g = run.model.geometry();
+  const wan::cuda_state& s = run.state;
   checker check;
   const auto ref = [&](const std::string& n) { return f.view(n); };
   const auto has = [&](const std::string& n) { return f.find(n) != nullptr; };
@@ -208,13 +208,13 @@ void check_against_refs(const std::string& name, const wan_config& cfg, const wa
 
 }  // namespace
 
-TEST_CASE("wan_cuda_model declares the host model's layers, parameters and buffers") {
+TEST_CASE("wan::cuda_model declares the host model's layers, parameters and buffers") {
   for (const auto& name : wan_vector_files()) {
     const safetensors_file f(std::string(UNSHARD_TEST_DATA_DIR) + "/" + name + ".safetensors");
     for (const dtype storage : {dtype::f32, dtype::bf16}) {
-      const wan_options opts{storage, gemm_path::portable, true};
-      const wan_cuda_model cm(config_for(name), wan_cuda_run::workload_of(f), opts);
-      const wan_model& hm = cm.host_model();
+      const wan::options opts{storage, gemm_path::portable, true};
+      const wan::cuda_model cm(config_for(name), wan_cuda_run::workload_of(f), opts);
+      const wan::model& hm = cm.host_model();
       REQUIRE(cm.layer_count() == hm.layer_count());
       for (std::size_t i = 0; i < cm.layer_count(); ++i) {
         CHECK(cm.layer(i).name() == hm.layer(i).name());
@@ -249,21 +249,21 @@ TEST_CASE("wan_cuda_model declares the host model's layers, parameters and buffe
   }
 }
 
-TEST_CASE("wan_cuda_model matches the official references") {
+TEST_CASE("wan::cuda_model matches the official references") {
   const auto files = wan_vector_files();
   REQUIRE(!files.empty());
   for (const auto& name : files) check_against_refs(name, config_for(name));
 }
 
-TEST_CASE("wan_cuda_model: bf16 weights match an f32 run on bf16-rounded weights") {
+TEST_CASE("wan::cuda_model: bf16 weights match an f32 run on bf16-rounded weights") {
   for (const auto& name : wan_vector_files()) {
     const safetensors_file f(std::string(UNSHARD_TEST_DATA_DIR) + "/" + name + ".safetensors");
-    const wan_config cfg = config_for(name);
+    const wan::config cfg = config_for(name);
     wan_cuda_run bf16_run(cfg, f, {dtype::bf16, gemm_path::portable, true}, {}, weights::bf16);
     wan_cuda_run rounded(cfg, f, {dtype::f32, gemm_path::portable, true}, {}, weights::bf16_rounded_f32);
     bf16_run.forward();
     rounded.forward();
-    const wan_geometry& g = rounded.model.geometry();
+    const wan::geometry& g = rounded.model.geometry();
     const auto as_view = [](std::vector<float>& v) {
       return tensor_view(v.data(), dtype::f32, shape{static_cast<std::int64_t>(v.size())});
     };
@@ -291,7 +291,7 @@ TEST_CASE("wan_cuda_model: bf16 weights match an f32 run on bf16-rounded weights
   }
 }
 
-TEST_CASE("wan_cuda_model rejects parameter views that differ from its declarations, naming the parameter") {
+TEST_CASE("wan::cuda_model rejects parameter views that differ from its declarations, naming the parameter") {
   const std::string name = wan_vector_files().front();
   const safetensors_file f(std::string(UNSHARD_TEST_DATA_DIR) + "/" + name + ".safetensors");
   wan_cuda_run run(config_for(name), f, {}, {}, weights::f32);
@@ -309,13 +309,13 @@ TEST_CASE("wan_cuda_model rejects parameter views that differ from its declarati
 // within one device (the test says so); the NCCL paths at world size >= 2 on one GPU cannot run
 // (NCCL refuses two ranks of a communicator on one device), so they are covered with two GPUs
 // here and by test_multigpu_nccl.
-TEST_CASE("session<wan_cuda_model, cuda_backend> on every visible GPU matches the references, peak within the plan") {
+TEST_CASE("session<wan::cuda_model, cuda_backend> on every visible GPU matches the references, peak within the plan") {
   const std::string name = wan_vector_files().front();
   const std::string path = std::string(UNSHARD_TEST_DATA_DIR) + "/" + name + ".safetensors";
   const safetensors_file f(path);
   const checkpoint ck = checkpoint::open(path);
   const checkpoint_weights weights(ck);
-  const wan_cuda_model m(config_for(name), wan_cuda_run::workload_of(f), {dtype::f32, gemm_path::portable, true});
+  const wan::cuda_model m(config_for(name), wan_cuda_run::workload_of(f), {dtype::f32, gemm_path::portable, true});
   const auto world = static_cast<std::size_t>(cuda::device_count());
   MESSAGE("world size ", world, world == 1 ? " (one GPU: the all-gathers are single-rank NCCL calls; the multi-rank "
                                              "NCCL paths run only with two or more GPUs)"
@@ -324,13 +324,13 @@ TEST_CASE("session<wan_cuda_model, cuda_backend> on every visible GPU matches th
     session_options opt;
     opt.world_size = world;
     opt.policy = parse_policy(policy).values;
-    session<wan_cuda_model, cuda_backend> s(m, weights, opt);
+    session<wan::cuda_model, cuda_backend> s(m, weights, opt);
     std::size_t cap = 0;
     for (std::size_t r = 0; r < world; ++r) cap = std::max(cap, s.plan().ranks[r].peak());
     s.cap_device_memory(cap);
     std::vector<float> output;
-    s.forward([&](std::size_t, wan_cuda_state& st) { m.set_inputs(st, f.view("input.x"), f.view("input.t"), f.view("input.context")); },
-              [&](std::size_t, const wan_cuda_state& st) { output = m.copy_output(st); });
+    s.forward([&](std::size_t, wan::cuda_state& st) { m.set_inputs(st, f.view("input.x"), f.view("input.t"), f.view("input.context")); },
+              [&](std::size_t, const wan::cuda_state& st) { output = m.copy_output(st); });
     checker check;
     check(std::string(policy) + ": ref.output", output, f.view("ref.output"));
     for (std::size_t r = 0; r < world; ++r) CHECK(s.measured(r).peak_bytes <= s.plan().ranks[r].peak());

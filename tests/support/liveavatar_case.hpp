@@ -17,9 +17,9 @@ namespace unshard::testing {
 struct stream_case {
   checkpoint file;
   nlohmann::json config_json;  // the whole vectors config: the model and the stream
-  s2v_config config;
-  s2v_stream_spec spec;
-  s2v_workload work;
+  s2v::config config;
+  s2v::stream_spec spec;
+  s2v::workload work;
 };
 
 // The Live Avatar files of tests/data of each kind: recorded streams (call by call, README §4) and
@@ -37,9 +37,9 @@ inline std::vector<std::string> liveavatar_files(bool denoise_loops) {
 inline stream_case load_case(const std::string& name) {
   stream_case c{checkpoint::open(data_dir + "/" + name + ".safetensors"), {}, {}, {}, {}};
   c.config_json = load_json_config(data_dir + "/" + name + ".config.json", "liveavatar config");
-  c.config = s2v_config::from_json(c.config_json, name);
-  c.spec = parse_s2v_stream(c.config_json, name, c.file);
-  c.work = s2v_workload_of(c.spec, c.file);
+  c.config = s2v::config::from_json(c.config_json, name);
+  c.spec = s2v::parse_stream(c.config_json, name, c.file);
+  c.work = s2v::workload_of(c.spec, c.file);
   return c;
 }
 

@@ -15,14 +15,14 @@ namespace unshard::testing {
 
 inline std::vector<std::string> wan_vector_files() { return vector_files("wan_"); }
 
-inline wan_config config_for(const std::string& name) {
-  return wan_config::load(data_dir + "/" + name + ".config.json");
+inline wan::config config_for(const std::string& name) {
+  return wan::config::load(data_dir + "/" + name + ".config.json");
 }
 
 struct wan_case {
   checkpoint file;
-  wan_config config;
-  wan_workload work;
+  wan::config config;
+  wan::workload work;
 };
 
 // The workload comes from the file's inputs: x [C, F, H, W] and context [text tokens, text_dim].

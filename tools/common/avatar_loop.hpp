@@ -19,7 +19,7 @@
 namespace unshard::tools {
 
 // What rank 0 writes: one latent per block (and every step's with --all-steps), F32, the refs' shapes.
-inline void add_result(safetensors_writer& out, const s2v_block_result& r, const shape& dims) {
+inline void add_result(safetensors_writer& out, const s2v::block_result& r, const shape& dims) {
   const std::string n = "clip" + std::to_string(r.clip) + ".block" + std::to_string(r.block);
   out.add(n + ".latent", dims, r.latent);
   for (std::size_t i = 0; i < r.noise_pred.size(); ++i) {
@@ -35,9 +35,9 @@ struct loop_timing {
 
 // The loop on any session: sink, then every block; rank 0's results go to on_result.
 template <class Session, class Model, class OnResult>
-loop_timing run_loop_on(Session& s, const Model& m, const s2v_loop_spec& loop, const s2v_sink_inputs& sink,
-                        const std::vector<s2v_block>& blocks, bool all_steps, OnResult&& on_result) {
-  s2v_denoiser den(m, s, {loop.sampler, loop.blocks_per_clip, all_steps});
+loop_timing run_loop_on(Session& s, const Model& m, const s2v::loop_spec& loop, const s2v::sink_inputs& sink,
+                        const std::vector<s2v::block>& blocks, bool all_steps, OnResult&& on_result) {
+  s2v::denoiser den(m, s, {loop.sampler, loop.blocks_per_clip, all_steps});
   loop_timing t;
   const auto t0 = std::chrono::steady_clock::now();
   den.sink(sink);

@@ -20,9 +20,9 @@
 #include "unshard/models/liveavatar/geometry.hpp"
 #include "unshard/models/liveavatar/model.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
-struct s2v_call_spec {
+struct call_spec {
   std::string name;
   bool sink = false;
   std::string x, t, context, ref_latents, motion_latents, cond_states, audio;  // tensor names
@@ -32,14 +32,14 @@ struct s2v_call_spec {
   std::array<std::int64_t, 2> motion_frames{73, 19};
 };
 
-struct s2v_stream_spec {
-  std::vector<s2v_call_spec> calls;
+struct stream_spec {
+  std::vector<s2v::call_spec> calls;
   std::vector<std::int64_t> kv_cache_sizes;  // [noisy, cond] when the inputs give them
 };
 
 namespace detail {
 
-inline std::string s2v_tensor_name(const nlohmann::json& kw, const char* key, const std::string& call,
+inline std::string tensor_name(const nlohmann::json& kw, const char* key, const std::string& call,
                                    const std::string& source) {
   const auto it = kw.find(key);
   if (it == kw.end()) throw_error(source, ": call '", call, "' has no forward_kwargs.", key);
@@ -49,7 +49,7 @@ inline std::string s2v_tensor_name(const nlohmann::json& kw, const char* key, co
   return n;
 }
 
-inline std::int64_t s2v_exact_integer(float v, const std::string& what) {
+inline std::int64_t exact_integer(float v, const std::string& what) {
   if (!std::isfinite(v) || std::floor(v) != v) throw_error(what, " holds ", v, ", not an integer");
   return static_cast<std::int64_t>(v);
 }
@@ -57,11 +57,11 @@ inline std::int64_t s2v_exact_integer(float v, const std::string& what) {
 }  // namespace detail
 
 // Parses `streaming.calls` of a vectors config and resolves the integer arguments against `inputs`.
-inline s2v_stream_spec parse_s2v_stream(const nlohmann::json& root, const std::string& source, const checkpoint& inputs) {
+inline s2v::stream_spec parse_stream(const nlohmann::json& root, const std::string& source, const checkpoint& inputs) {
   const auto st = root.find("streaming");
   if (st == root.end() || !st->is_object() || !st->contains("calls") || !(*st)["calls"].is_array())
     throw_error(source, ": no streaming.calls list (the calls to run)");
-  s2v_stream_spec spec;
+  s2v::stream_spec spec;
   std::size_t streamed = 0;
   const auto& calls = (*st)["calls"];
   const std::vector<float> starts = inputs.find("input.current_start") ? read_f32(inputs, "input.current_start") : std::vector<float>{};
@@ -71,20 +71,20 @@ inline s2v_stream_spec parse_s2v_stream(const nlohmann::json& root, const std::s
     if (!c.is_object() || !c.contains("name") || !c["name"].is_string() || !c.contains("forward_kwargs") ||
         !c["forward_kwargs"].is_object())
       throw_error(source, ": streaming.calls[", i, "] needs a name and forward_kwargs");
-    s2v_call_spec s;
+    s2v::call_spec s;
     s.name = c["name"].get<std::string>();
     const auto& kw = c["forward_kwargs"];
     s.sink = (c.contains("method") && c["method"] == "_forward_sink") ||
              (kw.contains("sink_flag") && kw["sink_flag"].is_boolean() && kw["sink_flag"].get<bool>());
-    s.context = detail::s2v_tensor_name(kw, "context", s.name, source);
+    s.context = detail::tensor_name(kw, "context", s.name, source);
     if (s.sink) {
-      s.ref_latents = detail::s2v_tensor_name(kw, "ref_latents", s.name, source);
-      s.motion_latents = detail::s2v_tensor_name(kw, "motion_latents", s.name, source);
+      s.ref_latents = detail::tensor_name(kw, "ref_latents", s.name, source);
+      s.motion_latents = detail::tensor_name(kw, "motion_latents", s.name, source);
     } else {
-      s.x = detail::s2v_tensor_name(kw, "x", s.name, source);
-      s.t = detail::s2v_tensor_name(kw, "t", s.name, source);
-      s.cond_states = detail::s2v_tensor_name(kw, "cond_states", s.name, source);
-      s.audio = detail::s2v_tensor_name(kw, "audio_input", s.name, source);
+      s.x = detail::tensor_name(kw, "x", s.name, source);
+      s.t = detail::tensor_name(kw, "t", s.name, source);
+      s.cond_states = detail::tensor_name(kw, "cond_states", s.name, source);
+      s.audio = detail::tensor_name(kw, "audio_input", s.name, source);
     }
     if (kw.contains("motion_frames")) {
       const auto& mf = kw["motion_frames"];
@@ -92,11 +92,11 @@ inline s2v_stream_spec parse_s2v_stream(const nlohmann::json& root, const std::s
         throw_error(source, ": call '", s.name, "': forward_kwargs.motion_frames must be [video, latent] frames");
       s.motion_frames = {mf[0].get<std::int64_t>(), mf[1].get<std::int64_t>()};
     }
-    if (i < starts.size()) s.current_start = detail::s2v_exact_integer(starts[i], "input.current_start[" + std::to_string(i) + "]");
+    if (i < starts.size()) s.current_start = detail::exact_integer(starts[i], "input.current_start[" + std::to_string(i) + "]");
     else if (kw.contains("current_start") && kw["current_start"].is_number_integer()) s.current_start = kw["current_start"].get<std::int64_t>();
     if (!s.sink) {
       if (streamed < dists.size())
-        s.relative_dist = detail::s2v_exact_integer(dists[streamed], "input.relative_dist[" + std::to_string(streamed) + "]");
+        s.relative_dist = detail::exact_integer(dists[streamed], "input.relative_dist[" + std::to_string(streamed) + "]");
       else if (c.contains("relative_dist") && c["relative_dist"].is_number_integer()) s.relative_dist = c["relative_dist"].get<std::int64_t>();
       else throw_error(source, ": streamed call '", s.name, "' has no relative_dist (input.relative_dist or the call's JSON)");
       ++streamed;
@@ -110,14 +110,14 @@ inline s2v_stream_spec parse_s2v_stream(const nlohmann::json& root, const std::s
   }
   if (spec.calls.empty()) throw_error(source, ": streaming.calls is empty");
   if (inputs.find("input.kv_cache_sizes"))
-    for (float v : read_f32(inputs, "input.kv_cache_sizes")) spec.kv_cache_sizes.push_back(detail::s2v_exact_integer(v, "input.kv_cache_sizes"));
+    for (float v : read_f32(inputs, "input.kv_cache_sizes")) spec.kv_cache_sizes.push_back(detail::exact_integer(v, "input.kv_cache_sizes"));
   return spec;
 }
 
 // The workload of a recorded stream: sizes from the first streamed call's tensors (or the sink's
 // reference latent), the caches from input.kv_cache_sizes, one noisy cache per step used.
-inline s2v_workload s2v_workload_of(const s2v_stream_spec& spec, const checkpoint& inputs) {
-  s2v_workload w;
+inline s2v::workload workload_of(const s2v::stream_spec& spec, const checkpoint& inputs) {
+  s2v::workload w;
   const auto named = [&](const std::string& n) -> const tensor_info& {
     const tensor_info* t = inputs.find(n);
     if (!t) throw_error(inputs.path(), ": missing input tensor '", n, "' (named by streaming.calls)");
@@ -155,38 +155,38 @@ inline s2v_workload s2v_workload_of(const s2v_stream_spec& spec, const checkpoin
 }
 
 // An input tensor a call names, or an error naming it, the call and the file.
-inline tensor_view s2v_input(const checkpoint& inputs, const std::string& name, const s2v_call_spec& c) {
+inline tensor_view input(const checkpoint& inputs, const std::string& name, const s2v::call_spec& c) {
   if (!inputs.find(name)) throw_error(inputs.path(), ": missing input tensor '", name, "' (named by call '", c.name, "')");
   return inputs.view(name);
 }
 
 // The model-side arguments of a streamed call (tensor views into `inputs`).
-inline s2v_step_inputs s2v_step_of(const s2v_model& m, const s2v_call_spec& c, const checkpoint& inputs) {
+inline s2v::step_inputs step_of(const s2v::model& m, const s2v::call_spec& c, const checkpoint& inputs) {
   const std::size_t L = m.geometry().block_tokens;
   if (c.current_start % static_cast<std::int64_t>(L) != 0)
     throw_error("call '", c.name, "': current_start ", c.current_start, " is not a multiple of the block's ", L, " tokens");
-  s2v_step_inputs in;
-  in.x = s2v_input(inputs, c.x, c);
-  in.t = s2v_input(inputs, c.t, c);
-  in.cond_states = s2v_input(inputs, c.cond_states, c);
-  in.audio = s2v_input(inputs, c.audio, c);
-  in.context = s2v_input(inputs, c.context, c);
+  s2v::step_inputs in;
+  in.x = s2v::input(inputs, c.x, c);
+  in.t = s2v::input(inputs, c.t, c);
+  in.cond_states = s2v::input(inputs, c.cond_states, c);
+  in.audio = s2v::input(inputs, c.audio, c);
+  in.context = s2v::input(inputs, c.context, c);
   in.block = static_cast<std::size_t>(c.current_start) / L;
   in.step = c.step;
   in.relative_dist = c.relative_dist;
   return in;
 }
 
-inline s2v_sink_inputs s2v_sink_of(const s2v_call_spec& c, const checkpoint& inputs) {
-  return {s2v_input(inputs, c.ref_latents, c), s2v_input(inputs, c.motion_latents, c), s2v_input(inputs, c.context, c)};
+inline s2v::sink_inputs sink_of(const s2v::call_spec& c, const checkpoint& inputs) {
+  return {s2v::input(inputs, c.ref_latents, c), s2v::input(inputs, c.motion_latents, c), s2v::input(inputs, c.context, c)};
 }
 
 // Checks every call's tensors (presence, shapes) and arguments before anything runs.
-inline void s2v_check_calls(const s2v_model& m, const s2v_stream_spec& spec, const checkpoint& inputs) {
-  for (const s2v_call_spec& c : spec.calls) {
+inline void check_calls(const s2v::model& m, const s2v::stream_spec& spec, const checkpoint& inputs) {
+  for (const s2v::call_spec& c : spec.calls) {
     try {
-      if (c.sink) m.check_sink(s2v_sink_of(c, inputs));
-      else m.check_step(s2v_step_of(m, c, inputs));
+      if (c.sink) m.check_sink(s2v::sink_of(c, inputs));
+      else m.check_step(s2v::step_of(m, c, inputs));
     } catch (const error& e) {
       const std::string what = e.what();
       if (what.starts_with(inputs.path())) throw;
@@ -195,4 +195,4 @@ inline void s2v_check_calls(const s2v_model& m, const s2v_stream_spec& spec, con
   }
 }
 
-}  // namespace unshard
+}  // namespace unshard::s2v

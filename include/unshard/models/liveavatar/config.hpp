@@ -18,9 +18,9 @@
 #include "unshard/io/json_config.hpp"
 #include "unshard/models/wan/config.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
-struct s2v_config : wan_backbone_config {
+struct config : wan::backbone_config {
   // Which cross attention the blocks use (only t2v_cross_attn is computed).
   std::string cross_attn_type = "t2v_cross_attn";
   // The S2V additions.
@@ -48,13 +48,13 @@ struct s2v_config : wan_backbone_config {
 
   void validate(const std::string& source) const;
   // `j` is a vectors config (with a `model` object) or a flat model config.
-  static s2v_config from_json(const nlohmann::json& j, const std::string& source = "<json>");
-  static s2v_config load(const std::filesystem::path& path);
+  static s2v::config from_json(const nlohmann::json& j, const std::string& source = "<json>");
+  static s2v::config load(const std::filesystem::path& path);
 };
 
 // Live Avatar's 14B: wan_s2v_14B_modified.py on top of the constructor defaults.
-inline s2v_config liveavatar_14b_config() {
-  s2v_config c;
+inline s2v::config liveavatar_14b_config() {
+  s2v::config c;
   c.dim = 5120;
   c.ffn_dim = 13824;
   c.num_heads = 40;
@@ -71,7 +71,7 @@ inline s2v_config liveavatar_14b_config() {
   return c;
 }
 
-inline void s2v_config::validate(const std::string& source) const {
+inline void s2v::config::validate(const std::string& source) const {
   const auto fail = [&](auto&&... what) { throw_error("liveavatar config '", source, "': ", what...); };
   if (dim % num_heads != 0) fail("key 'num_heads' (", num_heads, ") does not divide key 'dim' (", dim, ")");
   if (head_dim() % 2 != 0) fail("head_dim = dim / num_heads = ", head_dim(), " is odd (rope needs pairs)");
@@ -105,14 +105,14 @@ inline void s2v_config::validate(const std::string& source) const {
   }
 }
 
-inline s2v_config s2v_config::from_json(const nlohmann::json& root, const std::string& source) {
+inline s2v::config s2v::config::from_json(const nlohmann::json& root, const std::string& source) {
   require_json_object(root, "liveavatar config", source);
   const auto model = root.find("model");
   if (model != root.end() && !model->is_object())
     throw_error("liveavatar config '", source, "': key 'model' must be an object, got ", model->dump());
   const nlohmann::json& j = model != root.end() ? *model : root;
   const json_config_reader r{.j = j, .kind = "liveavatar config", .source = source};
-  s2v_config c;
+  s2v::config c;
   c.read_sizes(r);
   r.number("eps", c.eps);
   r.boolean("qk_norm", c.qk_norm);
@@ -136,8 +136,8 @@ inline s2v_config s2v_config::from_json(const nlohmann::json& root, const std::s
   return c;
 }
 
-inline s2v_config s2v_config::load(const std::filesystem::path& path) {
+inline s2v::config s2v::config::load(const std::filesystem::path& path) {
   return from_json(load_json_config(path, "liveavatar config"), path.string());
 }
 
-}  // namespace unshard
+}  // namespace unshard::s2v

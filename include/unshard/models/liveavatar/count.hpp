@@ -1,6 +1,6 @@
 #pragma once
 // Sizes of the S2V model for the planner, counted from the same module definitions the forward
-// runs (s2v_model's layers and buffers), for any config and workload: parameters per unit, and the
+// runs (s2v::model's layers and buffers), for any config and workload: parameters per unit, and the
 // KV cache (cond cache + one noisy cache per denoising step) in bytes. No separate table.
 #include <cmath>
 #include <cstddef>
@@ -12,15 +12,15 @@
 #include "unshard/core/memory_category.hpp"
 #include "unshard/models/liveavatar/model.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
-struct s2v_unit_count {
+struct unit_count {
   std::string name;      // embeddings, frame_packer, cond_encoder, audio_encoder, blocks.i, audio_injector.j, head
   std::int64_t params = 0;
 };
 
-struct s2v_counts {
-  std::vector<s2v_unit_count> units;  // forward order
+struct counts {
+  std::vector<s2v::unit_count> units;  // forward order
   std::int64_t total = 0, blocks = 0, injectors = 0, outside_blocks = 0;
   std::size_t cond_cache_bytes = 0;        // cond K + V, all layers
   std::size_t noisy_cache_bytes = 0;       // one denoising step's noisy K + V, all layers
@@ -30,10 +30,10 @@ struct s2v_counts {
 // The pipeline's workload for a video of `width` x `height` pixels (divisible by 16: VAE stride 8,
 // patch 2): latents height/8 x width/8, 3 frames per block, 4 blocks per clip in the cache, 4
 // denoising steps, a full text context.
-inline s2v_workload s2v_pipeline_workload(const s2v_config& c, std::int64_t width, std::int64_t height) {
+inline s2v::workload pipeline_workload(const s2v::config& c, std::int64_t width, std::int64_t height) {
   if (width <= 0 || height <= 0 || width % 16 != 0 || height % 16 != 0)
     throw_error("resolution ", width, "x", height, " must be positive and divisible by 16 (VAE stride 8 x patch 2)");
-  s2v_workload w;
+  s2v::workload w;
   w.latent_hw = {height / 8, width / 8};
   w.context_len = c.text_len;
   return w;
@@ -78,24 +78,24 @@ inline pixel_size size_less_than_area(std::int64_t width, std::int64_t height, s
 // The size Live Avatar renders at for `--size W*H` and a reference image of that size (what
 // unshard-plan's --resolution means): 720x400 renders at 704x384. Zero sides are possible for tiny
 // or very thin sizes; the caller refuses them.
-inline pixel_size s2v_render_size(std::int64_t width, std::int64_t height) {
+inline pixel_size render_size(std::int64_t width, std::int64_t height) {
   return size_less_than_area(width, height, width * height);
 }
 
 // Counts from the module definitions. `kv_element_bytes` is the cache dtype's size (this host
 // implementation keeps f32 caches: 4; the official bf16 caches: 2).
-inline s2v_counts count_s2v(const s2v_config& c, const s2v_workload& w, std::size_t kv_element_bytes = 4) {
-  const s2v_model m(c, w);
-  s2v_counts out;
+inline s2v::counts counts_of(const s2v::config& c, const s2v::workload& w, std::size_t kv_element_bytes = 4) {
+  const s2v::model m(c, w);
+  s2v::counts out;
   for (std::size_t l = 0; l < m.layer_count(); ++l) {
-    const s2v_layer& layer = m.layer(l);
-    s2v_unit_count u{layer.name(), 0};
+    const s2v::layer& layer = m.layer(l);
+    s2v::unit_count u{layer.name(), 0};
     for (std::size_t s = 0; s < layer.subunit_count(); ++s)
       for (const param_spec& p : layer.parameters(s)) u.params += p.dims.numel();
     out.total += u.params;
-    if (layer.kind() == s2v_layer_kind::block) out.blocks += u.params;
+    if (layer.kind() == s2v::layer_kind::block) out.blocks += u.params;
     else out.outside_blocks += u.params;
-    if (layer.kind() == s2v_layer_kind::injector) out.injectors += u.params;
+    if (layer.kind() == s2v::layer_kind::injector) out.injectors += u.params;
     out.units.push_back(std::move(u));
   }
   // The cache buffers the model declares are f32; scale to the requested element size.
@@ -110,4 +110,4 @@ inline s2v_counts count_s2v(const s2v_config& c, const s2v_workload& w, std::siz
   return out;
 }
 
-}  // namespace unshard
+}  // namespace unshard::s2v

@@ -4,11 +4,11 @@
 // loop of the official single-GPU pipeline (causal_s2v_pipeline.py generate(); vectors README
 // §7), under either schedule of the session it runs on (schedule/schedule.hpp):
 //
-//   session<s2v_model> s(model, weights, {.world_size = 4, .policy = ..., .schedule = schedule_kind::steps});
-//   s2v_denoiser den(model, s, flow_match_config{1000, 3.0, 4});
+//   session<s2v::model> s(model, weights, {.world_size = 4, .policy = ..., .schedule = schedule_kind::steps});
+//   s2v::denoiser den(model, s, flow_match_config{1000, 3.0, 4});
 //   den.sink({ref_latents, motion_latents, context});
-//   den.denoise(blocks, [&](const s2v_block_result& r) { write r.latent });   // pipelined
-//   s2v_block_result r = den.denoise_block(block);                            // one block
+//   den.denoise(blocks, [&](const s2v::block_result& r) { write r.latent });   // pipelined
+//   s2v::block_result r = den.denoise_block(block);                            // one block
 //
 // Under `steps` the blocks are pipelined: at tick t the rank of step s runs block t - s, and the
 // latent moves on to the rank of step s + 1 between ticks; the results arrive at rank 0 in block
@@ -26,13 +26,13 @@
 #include "unshard/runtime/rank_runtime.hpp"
 #include "unshard/schedule/schedule.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
 // relative_dist = random.randint(4, 30), drawn from (seed, clip, block, step) alone, never from
 // the order of the calls, so every schedule gives each call the same draw.
-class s2v_relative_dist_draws {
+class relative_dist_draws {
  public:
-  explicit s2v_relative_dist_draws(std::uint64_t seed) : seed_(seed) {}
+  explicit relative_dist_draws(std::uint64_t seed) : seed_(seed) {}
   std::int64_t operator()(std::size_t clip, std::size_t block, std::size_t step) const noexcept {
     std::uint64_t h = mix(seed_ ^ 0x5851f42d4c957f2dull);
     for (const std::uint64_t v : {std::uint64_t{clip}, std::uint64_t{block}, std::uint64_t{step}}) h = mix(h ^ mix(v + 1));
@@ -50,7 +50,7 @@ class s2v_relative_dist_draws {
 };
 
 // One block of the stream: its noise, its conditioning, where it sits, one draw per step.
-struct s2v_block {
+struct block {
   tensor_view noise;        // [C, F, H, W] the block's initial latent (a leading 1 allowed)
   tensor_view cond_states;  // [cond_dim, F, H, W]
   tensor_view audio;        // [25, C_a, audio_frames]
@@ -59,30 +59,30 @@ struct s2v_block {
   std::vector<std::int64_t> relative_dist;  // [S]: the reference roll-out draw of each step
 };
 
-struct s2v_block_result {
+struct block_result {
   std::size_t clip = 0, block = 0;
   std::vector<float> latent;                   // [C, F, H, W] after the last step
   std::vector<std::vector<float>> noise_pred;  // per step (all_steps): the model output
   std::vector<std::vector<float>> step_latent; // per step (all_steps): the latent after its Euler update
 };
 
-struct s2v_denoise_options {
+struct denoise_options {
   flow_match_config sampler{};
   std::size_t blocks_per_clip = 4;  // the noisy caches hold one clip; current_start = (r * bpc + b) * L
   bool all_steps = false;           // also deliver every step's model output and latent
 };
 
-// Model: s2v_model (host memory), or a device twin with the same calls (s2v_cuda_model): state,
+// Model: s2v::model (host memory), or a device twin with the same calls (s2v::cuda_model): state,
 // begin_sink/begin_step/check_*, ops(state) for the Euler update, make_landing for rank 0's results.
-template <class Session, class Model = s2v_model>
-class s2v_denoiser {
+template <class Session, class Model = s2v::model>
+class denoiser {
  public:
   using state = typename Model::state;
 
-  s2v_denoiser(const Model& m, Session& session, const s2v_denoise_options& opt)
+  denoiser(const Model& m, Session& session, const s2v::denoise_options& opt)
       : model_(m), session_(session), opt_(opt), sampler_(opt.sampler), sched_(session.schedule()),
         world_(session.world_size()) {
-    const s2v_geometry& g = m.geometry();
+    const s2v::geometry& g = m.geometry();
     if (opt.sampler.steps != g.steps)
       throw_error("liveavatar denoiser: the sampler has ", opt.sampler.steps, " steps but the model keeps ", g.steps,
                   " noisy caches (one per step)");
@@ -100,7 +100,7 @@ class s2v_denoiser {
     messages_.resize(world_);
   }
 
-  const s2v_denoise_options& options() const noexcept { return opt_; }
+  const s2v::denoise_options& options() const noexcept { return opt_; }
   // Whether the next denoise() also delivers every step's model output and latent (between calls).
   void set_all_steps(bool on) noexcept { opt_.all_steps = on; }
 
@@ -112,7 +112,7 @@ class s2v_denoiser {
   // cond cache, which all of its steps then read. Live Avatar runs it before clip 0 only; calling
   // it again between denoise() calls (TPP's re-run at clip 1 with a new reference) is allowed.
   // `in.context` must outlive the denoiser: every step reads it.
-  void sink(const s2v_sink_inputs& in) {
+  void sink(const s2v::sink_inputs& in) {
     model_.check_sink(in);
     context_ = in.context;
     session_.tick([&](std::size_t, std::size_t lane, state& s) {
@@ -129,20 +129,20 @@ class s2v_denoiser {
   }
 
   // One block through all its steps (S ticks under steps: no other block shares the pipeline).
-  s2v_block_result denoise_block(const s2v_block& b) {
-    s2v_block_result out;
-    denoise(std::span<const s2v_block>(&b, 1), [&](s2v_block_result&& r) { out = std::move(r); });
+  s2v::block_result denoise_block(const s2v::block& b) {
+    s2v::block_result out;
+    denoise(std::span<const s2v::block>(&b, 1), [&](s2v::block_result&& r) { out = std::move(r); });
     return out;
   }
 
-  // Every block through all its steps, pipelined under `steps`; on_result(s2v_block_result&&) is
+  // Every block through all its steps, pipelined under `steps`; on_result(s2v::block_result&&) is
   // called (on rank 0's side) as each block completes, in the order of `blocks`.
   template <class OnResult>
-  void denoise(std::span<const s2v_block> blocks, OnResult&& on_result) {
+  void denoise(std::span<const s2v::block> blocks, OnResult&& on_result) {
     if (!sunk_) throw_error("liveavatar denoiser: denoise before sink (the cond KV cache is empty; run the prefill first)");
     check_blocks(blocks);
     const std::size_t S = model_.geometry().steps;
-    std::vector<s2v_block_result> pending(blocks.size());
+    std::vector<s2v::block_result> pending(blocks.size());
     for (std::size_t k = 0; k < blocks.size(); ++k) {
       pending[k].clip = blocks[k].clip;
       pending[k].block = blocks[k].block;
@@ -163,7 +163,7 @@ class s2v_denoiser {
       for (std::size_t s = S; s-- > 0;) {
         const std::ptrdiff_t k = block_at(s, tick, blocks.size());
         if (k < 0) continue;
-        s2v_block_result& res = pending[static_cast<std::size_t>(k)];
+        s2v::block_result& res = pending[static_cast<std::size_t>(k)];
         if (opt_.all_steps) {
           collect_noise_[s].read(res.noise_pred[s]);
           collect_latent_[s].read(res.step_latent[s]);
@@ -195,13 +195,13 @@ class s2v_denoiser {
     return rank + lane * world_;
   }
 
-  bool prepare(std::size_t rank, std::size_t lane, state& st, std::size_t tick, std::span<const s2v_block> blocks) const {
+  bool prepare(std::size_t rank, std::size_t lane, state& st, std::size_t tick, std::span<const s2v::block> blocks) const {
     const std::size_t s = step_of(rank, lane, tick);
     const std::ptrdiff_t k = block_at(s, tick, blocks.size());
     if (k < 0) return false;
-    const s2v_block& b = blocks[static_cast<std::size_t>(k)];
-    const s2v_geometry& g = model_.geometry();
-    s2v_step_inputs in;
+    const s2v::block& b = blocks[static_cast<std::size_t>(k)];
+    const s2v::geometry& g = model_.geometry();
+    s2v::step_inputs in;
     // Step 0 starts from the block's noise; a later step from the latent already in the lane (its
     // own Euler update under replicated, the previous step's rank's transfer under steps).
     in.x = s == 0 ? b.noise : tensor_view(st.input_x, dtype::f32, b.noise.dims());
@@ -255,17 +255,17 @@ class s2v_denoiser {
     return out;
   }
 
-  void check_blocks(std::span<const s2v_block> blocks) const {
-    const s2v_geometry& g = model_.geometry();
+  void check_blocks(std::span<const s2v::block> blocks) const {
+    const s2v::geometry& g = model_.geometry();
     for (std::size_t k = 0; k < blocks.size(); ++k) {
-      const s2v_block& b = blocks[k];
+      const s2v::block& b = blocks[k];
       if (b.relative_dist.size() != g.steps)
         throw_error("liveavatar denoiser: block ", k, " (clip ", b.clip, " block ", b.block, ") has ",
                     b.relative_dist.size(), " relative_dist draws, expected one per step (", g.steps, ")");
       if (b.block >= opt_.blocks_per_clip)
         throw_error("liveavatar denoiser: block ", b.block, " of clip ", b.clip, " is past the clip's ",
                     opt_.blocks_per_clip, " blocks");
-      s2v_step_inputs in;
+      s2v::step_inputs in;
       in.x = b.noise;
       in.t = tensor_view(const_cast<float*>(t_[0].data()), dtype::f32, shape{static_cast<std::int64_t>(g.frames)});
       in.cond_states = b.cond_states;
@@ -284,7 +284,7 @@ class s2v_denoiser {
 
   const Model& model_;
   Session& session_;
-  s2v_denoise_options opt_;
+  s2v::denoise_options opt_;
   flow_match_euler sampler_;
   unshard::schedule sched_;
   std::size_t world_;
@@ -297,4 +297,4 @@ class s2v_denoiser {
   bool sunk_ = false;
 };
 
-}  // namespace unshard
+}  // namespace unshard::s2v

@@ -15,11 +15,11 @@
 #include "unshard/models/liveavatar/config.hpp"
 #include "unshard/models/wan/geometry.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
 // The official pipeline's stream: 3 latent frames per block, 4 blocks per clip, 4 denoising steps
 // (one noisy KV cache each), motion from 73 video frames (19 latent frames).
-struct s2v_workload {
+struct workload {
   std::array<std::int64_t, 2> latent_hw{};       // H, W of the latents (video / 8)
   std::int64_t frames_per_block = 3;             // F
   std::int64_t context_len = 0;                  // rows of text context; zero-padded to text_len
@@ -32,19 +32,19 @@ struct s2v_workload {
 
 // The Wan options: parameter dtype, GEMM path, whether each block's output (after its audio
 // injection) is kept.
-using s2v_options = wan_options;
+using options = wan::options;
 
 // CausalAudioEncoder's layer weights: wav2vec2-large's 24 layers and its input.
-inline constexpr std::size_t s2v_audio_layers = 25;
+inline constexpr std::size_t audio_layers = 25;
 // FramePackMotioner: zip_frame_buckets [1, 2, 16], 16 latent channels, kernels 1x2x2 / 2x4x4 / 4x8x8.
-inline constexpr std::size_t s2v_pack_channels = 16;
-inline constexpr std::array<std::size_t, 3> s2v_pack_frames{1, 2, 16};
-inline constexpr std::size_t s2v_pack_total_frames = 19;
+inline constexpr std::size_t pack_channels = 16;
+inline constexpr std::array<std::size_t, 3> pack_frames{1, 2, 16};
+inline constexpr std::size_t pack_total_frames = 19;
 // The official rope table covers 45000 frame positions; the reference frame sits at 30 + roll.
-inline constexpr std::int64_t s2v_rope_frames = 45000;
-inline constexpr std::int64_t s2v_ref_frame_position = 30;
+inline constexpr std::int64_t rope_frames = 45000;
+inline constexpr std::int64_t ref_frame_position = 30;
 
-struct s2v_geometry : wan_backbone_geometry {
+struct geometry : wan::backbone_geometry {
   std::size_t cond_dim, audio_dim;
   std::size_t audio_tokens;  // num_audio_token
   std::size_t injectors;
@@ -75,7 +75,7 @@ namespace detail {
 inline std::size_t conv_out_len(std::size_t n, std::size_t stride) { return causal_conv_out_len(n, stride); }
 }  // namespace detail
 
-inline s2v_geometry make_s2v_geometry(const s2v_config& c, const s2v_workload& w, const s2v_options& o) {
+inline s2v::geometry make_geometry(const s2v::config& c, const s2v::workload& w, const s2v::options& o) {
   c.validate("liveavatar model");
   const auto fail = [](auto&&... what) { throw_error("liveavatar workload: ", what...); };
   const auto [H, W] = w.latent_hw;
@@ -92,8 +92,8 @@ inline s2v_geometry make_s2v_geometry(const s2v_config& c, const s2v_workload& w
     throw_error("liveavatar model: storage dtype ", name_of(o.storage), " is not supported (f32 or bf16)");
 
   const auto z = [](std::int64_t v) { return static_cast<std::size_t>(v); };
-  s2v_geometry g{};
-  fill_backbone(g, c, o);
+  s2v::geometry g{};
+  wan::fill_backbone(g, c, o);
   g.cond_dim = z(c.cond_dim);
   g.audio_dim = z(c.audio_dim);
   g.audio_tokens = z(c.num_audio_token);
@@ -133,4 +133,4 @@ inline s2v_geometry make_s2v_geometry(const s2v_config& c, const s2v_workload& w
   return g;
 }
 
-}  // namespace unshard
+}  // namespace unshard::s2v

@@ -25,7 +25,7 @@ struct wan_block_parts {
   count total() const { return self_attn + cross_attn + ffn + norms_and_modulation; }
 };
 
-inline wan_block_parts wan_block(const wan_config& c) {
+inline wan_block_parts wan_block(const wan::config& c) {
   wan_block_parts p;
   p.self_attn = wan_attention(c.dim, c.qk_norm);
   p.cross_attn = wan_attention(c.dim, c.qk_norm);  // t2v cross attention: same shape as self attention
@@ -36,7 +36,7 @@ inline wan_block_parts wan_block(const wan_config& c) {
 }
 
 // Everything of WanModel outside `blocks`: patch/text/time embeddings, time projection, head.
-inline count wan_outside_blocks(const wan_config& c) {
+inline count wan_outside_blocks(const wan::config& c) {
   const count patch_volume = c.patch_size[0] * c.patch_size[1] * c.patch_size[2];
   const count patch_embedding = conv(c.in_dim, c.dim, patch_volume);
   const count text_embedding = linear(c.text_dim, c.dim) + linear(c.dim, c.dim);
@@ -46,12 +46,12 @@ inline count wan_outside_blocks(const wan_config& c) {
   return patch_embedding + text_embedding + time_embedding + time_projection + head;
 }
 
-inline count wan_total(const wan_config& c) { return c.num_layers * wan_block(c).total() + wan_outside_blocks(c); }
+inline count wan_total(const wan::config& c) { return c.num_layers * wan_block(c).total() + wan_outside_blocks(c); }
 
 // Elements in one row (the dimensions after the first) of the widest weight: a chunked unshard
 // never cuts a row, so this sets its smallest chunk. Rows: in-features of every Linear, in x kernel
 // volume of every Conv (patch embedding); modulations are small and stay resident.
-inline count wan_widest_row(const wan_config& c) {
+inline count wan_widest_row(const wan::config& c) {
   const count patch_volume = c.patch_size[0] * c.patch_size[1] * c.patch_size[2];
   return std::max({c.dim, c.ffn_dim, c.text_dim, c.freq_dim, c.in_dim * patch_volume});
 }
@@ -59,7 +59,7 @@ inline count wan_widest_row(const wan_config& c) {
 // The additions of WanModel_S2V / CausalWanModel_S2V (wan/modules/s2v/model_s2v.py,
 // liveavatar/models/wan/causal_model_s2v.py) and wan_s2v_14B_modified.py's values.
 struct s2v_config {
-  wan_config base;
+  wan::config base;
   count cond_dim = 16;
   count audio_dim = 1024;          // wav2vec2-large hidden size
   count audio_layers = 25;         // CausalAudioEncoder num_layers: wav2vec2-large's 24 layers + its input
@@ -100,13 +100,13 @@ struct s2v_parts {
 
 // LoRA rank r on a Linear(in,out): A (r x in) + B (out x r). peft matches "q","k","v","o" in both
 // self_attn and cross_attn of every block, and ffn.0, ffn.2.
-inline count lora_per_block(const wan_config& c, count r) {
+inline count lora_per_block(const wan::config& c, count r) {
   const count attn = 8 * (r * c.dim + c.dim * r);
   return attn + (r * c.dim + c.ffn_dim * r) + (r * c.ffn_dim + c.dim * r);
 }
 
 inline s2v_parts s2v_inventory(const s2v_config& s) {
-  const wan_config& c = s.base;
+  const wan::config& c = s.base;
   s2v_parts p;
   p.block = wan_block(c).total();
   p.blocks = c.num_layers * p.block;
@@ -133,7 +133,7 @@ inline s2v_parts s2v_inventory(const s2v_config& s) {
 // The widest row of the S2V additions too: the causal audio encoder's Conv1d(k=3) rows
 // (in x 3), the frame packer's Conv3d rows (16 x kernel volume), the injectors' Linear(dim, .).
 inline count s2v_widest_row(const s2v_config& s) {
-  const wan_config& c = s.base;
+  const wan::config& c = s.base;
   const count h = c.dim;
   return std::max({wan_widest_row(c), s.audio_dim * 3, h / 4 * 3, h / 2 * 3, static_cast<count>(s.enable_framepack ? 16 * 256 : 0),
                    s.cond_dim * c.patch_size[0] * c.patch_size[1] * c.patch_size[2]});

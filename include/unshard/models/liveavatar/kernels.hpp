@@ -10,7 +10,7 @@
 #include "unshard/core/config.hpp"
 #include "unshard/kernels/thread/rope.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
 // x rounded to the nearest IEEE binary16 value (ties to even), returned exactly as f32. Straight
 // from the double: the official rope_precompute stores float64 factors as complex32, and a detour
@@ -27,7 +27,7 @@ UNSHARD_HD float round_to_f16(double x) {
 // Rope factors of one token at (pt, ph, pw), positions possibly negative (motion tokens): pair j of
 // a section of n pairs turns by pos * 10000^(-j/n); cos and sin computed in double on |pos|, a
 // negative position taking the conjugate, then each rounded to binary16.
-UNSHARD_HD void s2v_rope_factors_row(std::int64_t pt, std::int64_t ph, std::int64_t pw, std::size_t pairs, float* cos_out,
+UNSHARD_HD void rope_factors_row(std::int64_t pt, std::int64_t ph, std::int64_t pw, std::size_t pairs, float* cos_out,
                                      float* sin_out) {
   const rope_sections s = rope_split(pairs);
   for (std::size_t i = 0; i < pairs; ++i) {
@@ -56,4 +56,4 @@ UNSHARD_HD std::int64_t linspace_trunc(std::size_t i, std::int64_t stop, std::si
   return static_cast<std::int64_t>(static_cast<double>(i) * step);
 }
 
-}  // namespace unshard
+}  // namespace unshard::s2v

@@ -27,9 +27,9 @@
 #include "unshard/models/liveavatar/denoiser.hpp"
 #include "unshard/models/liveavatar/geometry.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
-struct s2v_loop_spec {
+struct loop_spec {
   std::size_t clips = 1;
   std::size_t blocks_per_clip = 4;
   std::int64_t frames_per_block = 3;
@@ -43,12 +43,12 @@ struct s2v_loop_spec {
 
 // Live Avatar's defaults at --size WxH: the latent of the size it renders at (720x400 -> 704x384
 // -> 48x88), 4 blocks of 3 latent frames per clip, 4 steps, shift 3.
-inline s2v_loop_spec s2v_default_loop(std::int64_t width, std::int64_t height) {
-  const pixel_size r = s2v_render_size(width, height);
+inline s2v::loop_spec default_loop(std::int64_t width, std::int64_t height) {
+  const pixel_size r = s2v::render_size(width, height);
   if (r.width < 64 || r.height < 64)
     throw_error("--size ", width, "x", height, " renders at ", r.width, "x", r.height,
                 ", smaller than the frame packer's 64x64 pixels (8x8 latent)");
-  s2v_loop_spec s;
+  s2v::loop_spec s;
   s.latent_hw = {r.height / 8, r.width / 8};
   return s;
 }
@@ -76,8 +76,8 @@ inline std::int64_t cache_slots(const nlohmann::json& kv, const char* key, const
 
 // The loop of a config JSON: `streaming` and `scheduler` when present, else `fallback` (the CLI's
 // --size/--clips/... on Live Avatar's defaults). Keys present but invalid are errors naming them.
-inline s2v_loop_spec parse_s2v_loop(const nlohmann::json& root, const std::string& source, s2v_loop_spec fallback) {
-  s2v_loop_spec s = fallback;
+inline s2v::loop_spec parse_loop(const nlohmann::json& root, const std::string& source, s2v::loop_spec fallback) {
+  s2v::loop_spec s = fallback;
   if (const auto st = root.find("streaming"); st != root.end() && st->is_object()) {
     const std::string where = source + ": streaming";
     s.clips = static_cast<std::size_t>(detail::loop_int(*st, "clips", where, 1));
@@ -107,26 +107,26 @@ inline s2v_loop_spec parse_s2v_loop(const nlohmann::json& root, const std::strin
   return s;
 }
 
-inline std::string s2v_block_input(std::size_t clip, std::size_t block, const char* what) {
+inline std::string block_input(std::size_t clip, std::size_t block, const char* what) {
   return "input.clip" + std::to_string(clip) + ".block" + std::to_string(block) + "." + what;
 }
 
 // The workload the loop runs: sizes from the spec and the inputs (context length, audio columns).
-inline s2v_workload s2v_loop_workload(const s2v_loop_spec& s, const checkpoint& inputs) {
+inline s2v::workload loop_workload(const s2v::loop_spec& s, const checkpoint& inputs) {
   const auto need = [&](const std::string& n) -> const tensor_info& {
     const tensor_info* t = inputs.find(n);
     if (!t) throw_error(inputs.path(), ": missing input tensor '", n, "'");
     return *t;
   };
-  s2v_workload w;
-  const shape noise = need(s2v_block_input(0, 0, "noise")).dims;
+  s2v::workload w;
+  const shape noise = need(s2v::block_input(0, 0, "noise")).dims;
   if (noise.rank() < 4) throw_error(inputs.path(), ": input.clip0.block0.noise has shape ", noise.to_string(), ", expected [C, F, H, W]");
   w.latent_hw = s.latent_hw[0] ? s.latent_hw : std::array<std::int64_t, 2>{noise[noise.rank() - 2], noise[noise.rank() - 1]};
   w.frames_per_block = s.frames_per_block;
   const shape ctx = need("input.context").dims;
   if (ctx.rank() < 2) throw_error(inputs.path(), ": input.context has shape ", ctx.to_string(), ", expected [L, text_dim]");
   w.context_len = ctx[ctx.rank() - 2];
-  const shape audio = need(s2v_block_input(0, 0, "audio")).dims;
+  const shape audio = need(s2v::block_input(0, 0, "audio")).dims;
   w.audio_frames = audio[audio.rank() - 1];
   const shape motion = need("input.motion_latents").dims;
   if (motion.rank() < 4) throw_error(inputs.path(), ": input.motion_latents has shape ", motion.to_string());
@@ -144,7 +144,7 @@ inline s2v_workload s2v_loop_workload(const s2v_loop_spec& s, const checkpoint& 
   return w;
 }
 
-inline s2v_sink_inputs s2v_loop_sink(const checkpoint& inputs) {
+inline s2v::sink_inputs loop_sink(const checkpoint& inputs) {
   const auto view = [&](const char* n) {
     if (!inputs.find(n)) throw_error(inputs.path(), ": missing input tensor '", n, "'");
     return inputs.view(n);
@@ -153,7 +153,7 @@ inline s2v_sink_inputs s2v_loop_sink(const checkpoint& inputs) {
 }
 
 // (clip, block, step) -> draw, from input.relative_dist and input.call_clip_block_step.
-inline std::map<std::tuple<std::size_t, std::size_t, std::size_t>, std::int64_t> s2v_stored_draws(const checkpoint& inputs) {
+inline std::map<std::tuple<std::size_t, std::size_t, std::size_t>, std::int64_t> stored_draws(const checkpoint& inputs) {
   std::map<std::tuple<std::size_t, std::size_t, std::size_t>, std::int64_t> out;
   if (!inputs.find("input.relative_dist") && !inputs.find("input.call_clip_block_step")) return out;
   if (!inputs.find("input.relative_dist") || !inputs.find("input.call_clip_block_step"))
@@ -180,22 +180,22 @@ inline std::map<std::tuple<std::size_t, std::size_t, std::size_t>, std::int64_t>
 }
 
 // Every block of the loop, in stream order, with its draws: stored ones, or the seeded generator's.
-inline std::vector<s2v_block> s2v_loop_blocks(const s2v_loop_spec& s, const checkpoint& inputs, std::uint64_t seed) {
-  const auto stored = s2v_stored_draws(inputs);
-  const s2v_relative_dist_draws generated(seed);
-  std::vector<s2v_block> blocks;
+inline std::vector<s2v::block> loop_blocks(const s2v::loop_spec& s, const checkpoint& inputs, std::uint64_t seed) {
+  const auto stored = s2v::stored_draws(inputs);
+  const s2v::relative_dist_draws generated(seed);
+  std::vector<s2v::block> blocks;
   for (std::size_t r = 0; r < s.clips; ++r)
     for (std::size_t b = 0; b < s.blocks_per_clip; ++b) {
-      s2v_block blk;
+      s2v::block blk;
       blk.clip = r;
       blk.block = b;
       for (const char* what : {"noise", "cond_states", "audio"})
-        if (!inputs.find(s2v_block_input(r, b, what)))
-          throw_error(inputs.path(), ": missing input tensor '", s2v_block_input(r, b, what), "' (the loop has ", s.clips,
+        if (!inputs.find(s2v::block_input(r, b, what)))
+          throw_error(inputs.path(), ": missing input tensor '", s2v::block_input(r, b, what), "' (the loop has ", s.clips,
                       " clip(s) of ", s.blocks_per_clip, " blocks)");
-      blk.noise = inputs.view(s2v_block_input(r, b, "noise"));
-      blk.cond_states = inputs.view(s2v_block_input(r, b, "cond_states"));
-      blk.audio = inputs.view(s2v_block_input(r, b, "audio"));
+      blk.noise = inputs.view(s2v::block_input(r, b, "noise"));
+      blk.cond_states = inputs.view(s2v::block_input(r, b, "cond_states"));
+      blk.audio = inputs.view(s2v::block_input(r, b, "audio"));
       for (std::size_t i = 0; i < s.sampler.steps; ++i) {
         if (stored.empty()) {
           blk.relative_dist.push_back(generated(r, b, i));
@@ -211,4 +211,4 @@ inline std::vector<s2v_block> s2v_loop_blocks(const s2v_loop_spec& s, const chec
   return blocks;
 }
 
-}  // namespace unshard
+}  // namespace unshard::s2v

@@ -1,8 +1,8 @@
 #pragma once
-// s2v_model: Live Avatar's CausalWanModel_S2V as a sequence of unshard layers over one stream
+// s2v::model: Live Avatar's CausalWanModel_S2V as a sequence of unshard layers over one stream
 // state, driven call by call:
 //
-//   s2v_model m(s2v_config::load("config.json"), workload, {dtype::bf16, gemm_path::blas});
+//   s2v::model m(s2v::config::load("config.json"), workload, {dtype::bf16, gemm_path::blas});
 //   (allocate m.buffers(); state = m.make_state(buffers) -- the runtime does this)
 //   m.begin_sink(state, {ref_latents, motion_latents, context});   run every layer  (cond prefill)
 //   m.begin_step(state, {x, t, cond_states, audio, context, block, step, relative_dist});
@@ -27,17 +27,17 @@
 #include "unshard/ops/host_ops.hpp"
 #include "unshard/ops/op_set.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
 // The prefill ("sink"): once per clip, before any streamed call.
-struct s2v_sink_inputs {
+struct sink_inputs {
   tensor_view ref_latents;     // [C, 1, H, W] (a leading 1 allowed)
   tensor_view motion_latents;  // [16, Tm, H, W]
   tensor_view context;         // [L_txt, text_dim]
 };
 
 // One block at one denoising step.
-struct s2v_step_inputs {
+struct step_inputs {
   tensor_view x;            // [C, F, H, W] noisy latents
   tensor_view t;            // [F] (or [1, F]) per-frame timesteps
   tensor_view cond_states;  // [cond_dim, F, H, W]
@@ -48,96 +48,96 @@ struct s2v_step_inputs {
   std::int64_t relative_dist = 30;  // the official draws random.randint(4, 30) here; ours is an argument
 };
 
-class s2v_model {
+class model {
  public:
-  using state = s2v_state;
+  using state = s2v::state;
 
-  s2v_model(const s2v_config& config, const s2v_workload& workload, const s2v_options& options = {})
-      : config_(config), workload_(workload), geometry_(make_s2v_geometry(config, workload, options)) {
-    const s2v_geometry& g = geometry_;
-    layers_.emplace_back(s2v_layer_kind::embeddings, 0, 0, g);
-    layers_.emplace_back(s2v_layer_kind::frame_packer, 0, 0, g);
-    layers_.emplace_back(s2v_layer_kind::cond_encoder, 0, 0, g);
-    layers_.emplace_back(s2v_layer_kind::audio_encoder, 0, 0, g);
+  model(const s2v::config& config, const s2v::workload& workload, const s2v::options& options = {})
+      : config_(config), workload_(workload), geometry_(make_geometry(config, workload, options)) {
+    const s2v::geometry& g = geometry_;
+    layers_.emplace_back(s2v::layer_kind::embeddings, 0, 0, g);
+    layers_.emplace_back(s2v::layer_kind::frame_packer, 0, 0, g);
+    layers_.emplace_back(s2v::layer_kind::cond_encoder, 0, 0, g);
+    layers_.emplace_back(s2v::layer_kind::audio_encoder, 0, 0, g);
     for (std::size_t i = 0; i < g.num_layers; ++i) {
-      layers_.emplace_back(s2v_layer_kind::block, i, i, g);
+      layers_.emplace_back(s2v::layer_kind::block, i, i, g);
       const std::int64_t j = config.injector_of(static_cast<std::int64_t>(i));
-      if (j >= 0) layers_.emplace_back(s2v_layer_kind::injector, static_cast<std::size_t>(j), i, g);
+      if (j >= 0) layers_.emplace_back(s2v::layer_kind::injector, static_cast<std::size_t>(j), i, g);
     }
-    layers_.emplace_back(s2v_layer_kind::head, 0, 0, g);
+    layers_.emplace_back(s2v::layer_kind::head, 0, 0, g);
   }
 
-  const s2v_config& config() const noexcept { return config_; }
-  const s2v_workload& workload() const noexcept { return workload_; }
-  const s2v_geometry& geometry() const noexcept { return geometry_; }
+  const s2v::config& config() const noexcept { return config_; }
+  const s2v::workload& workload() const noexcept { return workload_; }
+  const s2v::geometry& geometry() const noexcept { return geometry_; }
 
   std::size_t layer_count() const noexcept { return layers_.size(); }
-  const s2v_layer& layer(std::size_t i) const {
+  const s2v::layer& layer(std::size_t i) const {
     if (i >= layers_.size()) throw_error("liveavatar model: layer ", i, " out of range (", layers_.size(), " layers)");
     return layers_[i];
   }
 
-  std::vector<buffer_spec> buffers() const { return detail::s2v_buffer_specs(geometry_); }
-  state make_state(const buffer_set& buffers) const { return detail::make_s2v_state(geometry_, buffers); }
+  std::vector<buffer_spec> buffers() const { return detail::buffer_specs(geometry_); }
+  state make_state(const buffer_set& buffers) const { return detail::make_state(geometry_, buffers); }
 
   // The reference roll-out of a streamed call: max(0, current_start/fs - (30 - relative_dist)).
   std::int64_t cond_rope_rollout(std::size_t current_start, std::int64_t relative_dist) const noexcept {
     const auto n0 = static_cast<std::int64_t>(current_start / geometry_.frame_tokens);
-    return std::max<std::int64_t>(0, n0 - (s2v_ref_frame_position - relative_dist));
+    return std::max<std::int64_t>(0, n0 - (s2v::ref_frame_position - relative_dist));
   }
 
   // Sets up the sink: the reference frame and the motion latents, t = 0. The inputs are host
   // tensors of any storage dtype; `ops` places them in the state's memory (host_ops: in place).
-  void begin_sink(state& s, const s2v_sink_inputs& in) const {
+  void begin_sink(state& s, const s2v::sink_inputs& in) const {
     host_ops ops{geometry_.gemm};
     begin_sink(ops, s, in);
   }
   template <op_set O>
-  void begin_sink(O& ops, state& s, const s2v_sink_inputs& in) const {
-    const s2v_geometry& g = geometry_;
+  void begin_sink(O& ops, state& s, const s2v::sink_inputs& in) const {
+    const s2v::geometry& g = geometry_;
     check_sink(in);
     copy_in(ops, in.ref_latents, s.input_ref);
     copy_in(ops, in.motion_latents, s.input_motion);
     set_context(ops, s, in.context);
     ops.fill(s.input_t, g.frames, 0.0f);
     s.call = {};
-    s.call.kind = s2v_call_kind::sink;
+    s.call.kind = s2v::call_kind::sink;
     s.call.tokens = g.cond_tokens;
   }
 
   // Throws, naming the argument, unless `in` is a valid streamed call for this workload. Touches no
   // state, so a stream can refuse a call before any rank starts it.
-  void check_step(const s2v_step_inputs& in) const {
-    const s2v_geometry& g = geometry_;
+  void check_step(const s2v::step_inputs& in) const {
+    const s2v::geometry& g = geometry_;
     if (in.step >= g.steps)
       throw_error("liveavatar step: denoising step ", in.step, " out of range (the workload has ", g.steps, " noisy caches)");
     const std::size_t cs = in.block * g.block_tokens;
     const std::int64_t roll = cond_rope_rollout(cs, in.relative_dist);
-    if (static_cast<std::int64_t>(in.block * g.frames + g.frames) > s2v_rope_frames ||
-        s2v_ref_frame_position + roll >= s2v_rope_frames)
-      throw_error("liveavatar step: block ", in.block, " is past the ", s2v_rope_frames, " rope frame positions");
+    if (static_cast<std::int64_t>(in.block * g.frames + g.frames) > s2v::rope_frames ||
+        s2v::ref_frame_position + roll >= s2v::rope_frames)
+      throw_error("liveavatar step: block ", in.block, " is past the ", s2v::rope_frames, " rope frame positions");
     check_input(in.x, {g.in_dim, g.frames, g.height, g.width}, "x");
     check_input(in.t, {g.frames}, "t");
     check_input(in.cond_states, {g.cond_dim, g.frames, g.height, g.width}, "cond_states");
-    check_input(in.audio, {s2v_audio_layers, g.audio_dim, g.audio_frames}, "audio");
+    check_input(in.audio, {s2v::audio_layers, g.audio_dim, g.audio_frames}, "audio");
     check_context(in.context);
   }
-  void check_sink(const s2v_sink_inputs& in) const {
-    const s2v_geometry& g = geometry_;
+  void check_sink(const s2v::sink_inputs& in) const {
+    const s2v::geometry& g = geometry_;
     check_input(in.ref_latents, {g.in_dim, 1, g.height, g.width}, "ref_latents");
-    check_input(in.motion_latents, {s2v_pack_channels, g.motion_latent_frames, g.height, g.width}, "motion_latents");
+    check_input(in.motion_latents, {s2v::pack_channels, g.motion_latent_frames, g.height, g.width}, "motion_latents");
     check_context(in.context);
   }
 
   // Sets up one streamed call: writes noisy-cache slots [cs mod size, +L) of cache `step` and
   // attends [0, cs + L), or the whole cache once cs reaches its size; cs = block * L.
-  void begin_step(state& s, const s2v_step_inputs& in) const {
+  void begin_step(state& s, const s2v::step_inputs& in) const {
     host_ops ops{geometry_.gemm};
     begin_step(ops, s, in);
   }
   template <op_set O>
-  void begin_step(O& ops, state& s, const s2v_step_inputs& in) const {
-    const s2v_geometry& g = geometry_;
+  void begin_step(O& ops, state& s, const s2v::step_inputs& in) const {
+    const s2v::geometry& g = geometry_;
     check_step(in);
     if (!s.holds_step(in.step))
       throw_error("liveavatar step: this lane holds no KV cache for denoising step ", in.step,
@@ -149,7 +149,7 @@ class s2v_model {
     copy_in(ops, in.audio, s.input_audio);
     set_context(ops, s, in.context);
     s.call = {};
-    s.call.kind = s2v_call_kind::stream;
+    s.call.kind = s2v::call_kind::stream;
     s.call.tokens = g.block_tokens;
     s.call.current_start = cs;
     s.call.step = in.step;
@@ -196,7 +196,7 @@ class s2v_model {
   // Slots [first, first + count) of block `layer`'s noisy K or V cache of `step`, as [count, N, d].
   tensor_view noisy_cache(const state& s, std::size_t step, std::size_t layer, bool values, std::size_t first,
                           std::size_t count) const {
-    const s2v_geometry& g = geometry_;
+    const s2v::geometry& g = geometry_;
     if (step >= g.steps || layer >= g.num_layers || first + count > g.noisy_slots)
       throw_error("liveavatar model: noisy cache step ", step, " layer ", layer, " slots [", first, ", ", first + count,
                   ") out of range (", g.steps, " steps, ", g.num_layers, " layers, ", g.noisy_slots, " slots)");
@@ -206,7 +206,7 @@ class s2v_model {
   }
   // The cond cache of block `layer`, slots [0, count), as [count, N, d] (k after RMS, not roped).
   tensor_view cond_cache(const state& s, std::size_t layer, bool values, std::size_t count) const {
-    const s2v_geometry& g = geometry_;
+    const s2v::geometry& g = geometry_;
     if (layer >= g.num_layers || count > g.cond_slots)
       throw_error("liveavatar model: cond cache layer ", layer, " slots [0, ", count, ") out of range");
     return tensor_view((values ? s.cond_v : s.cond_k) + layer * g.cond_slots * g.dim, dtype::f32, head_shape(count));
@@ -219,7 +219,7 @@ class s2v_model {
   }
 
   void check_context(const tensor_view& context) const {
-    const s2v_geometry& g = geometry_;
+    const s2v::geometry& g = geometry_;
     auto d = context.dims().dims();
     while (d.size() > 2 && d.front() == 1) d = d.subspan(1);
     if (d.size() != 2 || d[1] != static_cast<std::int64_t>(g.text_dim) || d[0] > static_cast<std::int64_t>(g.text_len))
@@ -230,7 +230,7 @@ class s2v_model {
 
   template <op_set O>
   void set_context(O& ops, state& s, const tensor_view& context) const {
-    const s2v_geometry& g = geometry_;
+    const s2v::geometry& g = geometry_;
     check_context(context);
     const std::size_t n = static_cast<std::size_t>(context.numel());
     ops.upload(s.input_context, context);
@@ -261,12 +261,12 @@ class s2v_model {
     ops.upload(dst, v);
   }
 
-  s2v_config config_;
-  s2v_workload workload_;
-  s2v_geometry geometry_;
-  std::vector<s2v_layer> layers_;
+  s2v::config config_;
+  s2v::workload workload_;
+  s2v::geometry geometry_;
+  std::vector<s2v::layer> layers_;
 };
 
-static_assert(model<s2v_model>, "s2v_model must model unshard::model");
+static_assert(unshard::model<s2v::model>, "s2v::model must model unshard::model");
 
-}  // namespace unshard
+}  // namespace unshard::s2v

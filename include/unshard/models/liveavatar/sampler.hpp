@@ -17,7 +17,7 @@
 #include "unshard/core/error.hpp"
 #include "unshard/kernels/thread/residual.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
 struct flow_match_config {
   std::int64_t num_train_timesteps = 1000;
@@ -83,4 +83,4 @@ class flow_match_euler {
   std::vector<float> timesteps_, sigmas_;
 };
 
-}  // namespace unshard
+}  // namespace unshard::s2v

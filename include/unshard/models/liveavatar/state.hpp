@@ -20,13 +20,13 @@
 #include "unshard/models/liveavatar/geometry.hpp"
 #include "unshard/models/wan/state.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
-enum class s2v_call_kind { none, sink, stream };
+enum class call_kind { none, sink, stream };
 
-// One call of the stream, as prepare() sets it (see s2v_model::begin_sink / begin_step).
-struct s2v_call {
-  s2v_call_kind kind = s2v_call_kind::none;
+// One call of the stream, as prepare() sets it (see s2v::model::begin_sink / begin_step).
+struct call {
+  s2v::call_kind kind = s2v::call_kind::none;
   std::size_t tokens = 0;          // sequence length: Lc (sink) or L (streamed)
   std::size_t current_start = 0;   // streamed: first token of the block in the stream (not wrapped)
   std::size_t write_slot = 0;      // current_start mod noisy cache size
@@ -35,7 +35,7 @@ struct s2v_call {
   std::int64_t roll = 0;           // reference-frame roll-out of this call's cond positions
 };
 
-struct s2v_state {
+struct state {
   // inputs (activations)
   float* input_x = nullptr;        // [C, F, H, W] noisy latents
   float* input_cond = nullptr;     // [cond_dim, F, H, W] cond states
@@ -89,7 +89,7 @@ struct s2v_state {
   std::vector<float*> noisy_k;     // per step: [num_layers, noisy_slots, D] roped
   std::vector<float*> noisy_v;
 
-  s2v_call call;                   // the call about to run (set by prepare)
+  s2v::call call;                   // the call about to run (set by prepare)
 
   std::size_t cond_end() const noexcept { return static_cast<std::size_t>(*cond_end_slot); }
   void set_cond_end(std::size_t n) noexcept { *cond_end_slot = static_cast<float>(n); }
@@ -98,13 +98,13 @@ struct s2v_state {
 
 namespace detail {
 
-struct s2v_buffer_entry {
+struct buffer_entry {
   std::string name;
   std::size_t floats;
   memory_category category;
   // (Aliases: nvcc's front end rewrites a pointer-to-member declarator with parentheses g++ warns about.)
-  using buffer_member = float* s2v_state::*;
-  using buffer_list = std::vector<float*> s2v_state::*;
+  using buffer_member = float* s2v::state::*;
+  using buffer_list = std::vector<float*> s2v::state::*;
   buffer_member member = nullptr;  // a single buffer, or
   buffer_list list = nullptr;      // entry `index` of a per-step list
   std::size_t index = 0;
@@ -112,22 +112,22 @@ struct s2v_buffer_entry {
   std::size_t step = 0;  // per_step
 };
 
-inline std::vector<s2v_buffer_entry> s2v_buffer_table(const s2v_geometry& g) {
+inline std::vector<buffer_entry> buffer_table(const s2v::geometry& g) {
   using mc = memory_category;
-  using st = s2v_state;
+  using st = s2v::state;
   const std::size_t S = g.max_tokens(), D = g.dim, F = g.frames, HW = g.height * g.width;
   // Patch vectors of the largest patchify: the block's latents or cond states, the reference
   // frame, or one frame-pack bucket (few tokens, long vectors: 4x has 16*4*8*8 inputs each).
-  const std::size_t C = s2v_pack_channels;
+  const std::size_t C = s2v::pack_channels;
   const std::size_t patch_floats = std::max({g.block_tokens * std::max(g.patch_in, g.cond_dim * 4),
                                              g.frame_tokens * C * 4, g.h2 * g.w2 * C * 2 * 4 * 4,
                                              4 * g.h4 * g.w4 * C * 4 * 8 * 8});
-  std::vector<s2v_buffer_entry> t = {
+  std::vector<buffer_entry> t = {
       {"input.x", g.in_dim * F * HW, mc::activations, &st::input_x},
       {"input.cond", g.cond_dim * F * HW, mc::activations, &st::input_cond},
       {"input.ref", g.in_dim * HW, mc::activations, &st::input_ref},
-      {"input.motion", s2v_pack_channels * g.motion_latent_frames * HW, mc::activations, &st::input_motion},
-      {"input.audio", s2v_audio_layers * g.audio_dim * g.audio_frames, mc::activations, &st::input_audio},
+      {"input.motion", s2v::pack_channels * g.motion_latent_frames * HW, mc::activations, &st::input_motion},
+      {"input.audio", s2v::audio_layers * g.audio_dim * g.audio_frames, mc::activations, &st::input_audio},
       {"input.t", F, mc::activations, &st::input_t},
       {"input.context", g.text_len * g.text_dim, mc::activations, &st::input_context},
       {"x", S * D, mc::activations, &st::x},
@@ -143,7 +143,7 @@ inline std::vector<s2v_buffer_entry> s2v_buffer_table(const s2v_geometry& g) {
       {"audio.global", g.audio_t3 * D, mc::activations, &st::audio_global},
       {"output", g.block_tokens * g.patch_out, mc::activations, &st::output},
       {"patches", patch_floats, mc::workspace, &st::patches},
-      {"pack_in", s2v_pack_channels * s2v_pack_frames[2] * HW, mc::workspace, &st::pack_in},
+      {"pack_in", s2v::pack_channels * s2v::pack_frames[2] * HW, mc::workspace, &st::pack_in},
       {"time_sinusoid", 2 * F * g.freq_dim, mc::workspace, &st::time_sinusoid},
       {"time_hidden", 2 * F * D, mc::workspace, &st::time_hidden},
       {"text_hidden", g.text_len * D, mc::workspace, &st::text_hidden},
@@ -178,16 +178,16 @@ inline std::vector<s2v_buffer_entry> s2v_buffer_table(const s2v_geometry& g) {
   return t;
 }
 
-inline std::vector<buffer_spec> s2v_buffer_specs(const s2v_geometry& g) { return float_buffer_specs(s2v_buffer_table(g)); }
+inline std::vector<buffer_spec> buffer_specs(const s2v::geometry& g) { return wan::detail::float_buffer_specs(buffer_table(g)); }
 
 // The state's views into `buffers`. host_memory: the caches are zeroed here. Otherwise (device
 // memory) the views are all this function touches, the backend zeroes the caches, and a buffer
 // the device model did not declare (the host attention's "scores") stays null.
-inline s2v_state make_s2v_state(const s2v_geometry& g, const buffer_set& buffers, bool host_memory = true) {
-  s2v_state s;
+inline s2v::state make_state(const s2v::geometry& g, const buffer_set& buffers, bool host_memory = true) {
+  s2v::state s;
   s.noisy_k.assign(g.steps, nullptr);
   s.noisy_v.assign(g.steps, nullptr);
-  for (const auto& b : s2v_buffer_table(g)) {
+  for (const auto& b : buffer_table(g)) {
     // A lane holds the caches of its own steps only (the schedule decides which).
     if ((b.scope == buffer_scope::per_step || !host_memory) && !buffers.has(b.name)) continue;
     float* p = buffers.checked_as<float>(b.name, b.floats, "liveavatar model");
@@ -200,4 +200,4 @@ inline s2v_state make_s2v_state(const s2v_geometry& g, const buffer_set& buffers
 }
 
 }  // namespace detail
-}  // namespace unshard
+}  // namespace unshard::s2v

@@ -4,13 +4,13 @@
 // caches are model buffers (category kv_cache) that the runtime allocated once from the tracking
 // allocator, so they persist across calls and the ledger plans them.
 //
-//   s2v_stream<> st(model, weights, {world_size, parse_policy("prefetch:1").values});
+//   s2v::stream<> st(model, weights, {world_size, parse_policy("prefetch:1").values});
 //   st.sink({ref_latents, motion_latents, context});
 //   for block b, step i: st.step({x, t, cond, audio, context, b, i, rng_relative_dist()},
-//                                [&](std::size_t rank, const s2v_state& s) { read model.output(s) });
+//                                [&](std::size_t rank, const s2v::state& s) { read model.output(s) });
 //
 // The official pipeline draws relative_dist with an unseeded random.randint(4, 30) per call;
-// s2v_relative_dist_generator is the seeded stand-in, so a run is reproducible.
+// s2v::relative_dist_generator is the seeded stand-in, so a run is reproducible.
 #include <cstddef>
 #include <cstdint>
 #include <random>
@@ -19,12 +19,12 @@
 #include "unshard/models/liveavatar/model.hpp"
 #include "unshard/runtime/session.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
 // random.randint(4, 30), seeded.
-class s2v_relative_dist_generator {
+class relative_dist_generator {
  public:
-  explicit s2v_relative_dist_generator(std::uint64_t seed) : rng_(seed) {}
+  explicit relative_dist_generator(std::uint64_t seed) : rng_(seed) {}
   std::int64_t operator()() { return std::uniform_int_distribution<std::int64_t>(4, 30)(rng_); }
 
  private:
@@ -32,42 +32,42 @@ class s2v_relative_dist_generator {
 };
 
 template <backend B = host_backend>
-class s2v_stream {
+class stream {
  public:
   template <weight_source S>
-  s2v_stream(const s2v_model& m, const S& weights, session_options options)
+  stream(const s2v::model& m, const S& weights, session_options options)
       : model_(m), session_(m, weights, std::move(options)) {}
 
-  // The cond prefill; finish(rank, const s2v_state&) runs on each rank after it.
+  // The cond prefill; finish(rank, const s2v::state&) runs on each rank after it.
   template <class Finish>
-  void sink(const s2v_sink_inputs& in, Finish&& finish) {
+  void sink(const s2v::sink_inputs& in, Finish&& finish) {
     model_.check_sink(in);
-    session_.forward([&](std::size_t, s2v_state& s) { model_.begin_sink(s, in); }, std::forward<Finish>(finish));
+    session_.forward([&](std::size_t, s2v::state& s) { model_.begin_sink(s, in); }, std::forward<Finish>(finish));
     sunk_ = true;
   }
-  void sink(const s2v_sink_inputs& in) {
-    sink(in, [](std::size_t, const s2v_state&) {});
+  void sink(const s2v::sink_inputs& in) {
+    sink(in, [](std::size_t, const s2v::state&) {});
   }
 
   // One block at one denoising step. A call before any sink is refused: the cond cache is empty.
   template <class Finish>
-  void step(const s2v_step_inputs& in, Finish&& finish) {
+  void step(const s2v::step_inputs& in, Finish&& finish) {
     if (!sunk_) throw_error("liveavatar stream: step before sink (the cond KV cache is empty; run the prefill first)");
     model_.check_step(in);
-    session_.forward([&](std::size_t, s2v_state& s) { model_.begin_step(s, in); }, std::forward<Finish>(finish));
+    session_.forward([&](std::size_t, s2v::state& s) { model_.begin_step(s, in); }, std::forward<Finish>(finish));
   }
-  void step(const s2v_step_inputs& in) {
-    step(in, [](std::size_t, const s2v_state&) {});
+  void step(const s2v::step_inputs& in) {
+    step(in, [](std::size_t, const s2v::state&) {});
   }
 
-  const s2v_model& model() const noexcept { return model_; }
-  session<s2v_model, B>& runtime() noexcept { return session_; }
-  const session<s2v_model, B>& runtime() const noexcept { return session_; }
+  const s2v::model& model() const noexcept { return model_; }
+  session<s2v::model, B>& runtime() noexcept { return session_; }
+  const session<s2v::model, B>& runtime() const noexcept { return session_; }
 
  private:
-  const s2v_model& model_;
-  session<s2v_model, B> session_;
+  const s2v::model& model_;
+  session<s2v::model, B> session_;
   bool sunk_ = false;
 };
 
-}  // namespace unshard
+}  // namespace unshard::s2v

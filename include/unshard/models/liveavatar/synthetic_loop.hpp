@@ -10,27 +10,27 @@
 #include "unshard/models/liveavatar/denoiser.hpp"
 #include "unshard/models/liveavatar/loop_inputs.hpp"
 
-namespace unshard {
+namespace unshard::s2v {
 
 class synthetic_loop_inputs {
  public:
-  synthetic_loop_inputs(const s2v_geometry& g, const s2v_loop_spec& loop, std::size_t context_len, std::uint64_t seed = 0) {
+  synthetic_loop_inputs(const s2v::geometry& g, const s2v::loop_spec& loop, std::size_t context_len, std::uint64_t seed = 0) {
     const std::size_t HW = g.height * g.width;
     storage_.reserve(3 + 3 * loop.blocks());  // views point into it: no reallocation
     sink_.ref_latents = keep(wave(g.in_dim * HW, 0.011f, 1.f), {n(g.in_dim), 1, n(g.height), n(g.width)});
-    sink_.motion_latents = keep(wave(s2v_pack_channels * g.motion_latent_frames * HW, 0.007f, 1.f),
-                                {n(s2v_pack_channels), n(g.motion_latent_frames), n(g.height), n(g.width)});
+    sink_.motion_latents = keep(wave(s2v::pack_channels * g.motion_latent_frames * HW, 0.007f, 1.f),
+                                {n(s2v::pack_channels), n(g.motion_latent_frames), n(g.height), n(g.width)});
     sink_.context = keep(wave(context_len * g.text_dim, 0.05f, 0.5f), {n(context_len), n(g.text_dim)});
-    const s2v_relative_dist_draws draws(seed);
+    const s2v::relative_dist_draws draws(seed);
     for (std::size_t k = 0; k < loop.blocks(); ++k) {
-      s2v_block b;
+      s2v::block b;
       b.clip = k / loop.blocks_per_clip;
       b.block = k % loop.blocks_per_clip;
       const float f = 0.001f * static_cast<float>(k);  // every block its own inputs
       b.noise = keep(wave(g.in_dim * g.frames * HW, 0.017f + f, 1.f), {n(g.in_dim), n(g.frames), n(g.height), n(g.width)});
       b.cond_states = keep(wave(g.cond_dim * g.frames * HW, 0.013f + f, 0.3f), {n(g.cond_dim), n(g.frames), n(g.height), n(g.width)});
-      b.audio = keep(wave(s2v_audio_layers * g.audio_dim * g.audio_frames, 0.021f + f, 1.f),
-                     {n(s2v_audio_layers), n(g.audio_dim), n(g.audio_frames)});
+      b.audio = keep(wave(s2v::audio_layers * g.audio_dim * g.audio_frames, 0.021f + f, 1.f),
+                     {n(s2v::audio_layers), n(g.audio_dim), n(g.audio_frames)});
       for (std::size_t i = 0; i < loop.sampler.steps; ++i) b.relative_dist.push_back(draws(b.clip, b.block, i));
       blocks_.push_back(std::move(b));
     }
@@ -38,8 +38,8 @@ class synthetic_loop_inputs {
   synthetic_loop_inputs(const synthetic_loop_inputs&) = delete;
   synthetic_loop_inputs& operator=(const synthetic_loop_inputs&) = delete;
 
-  const s2v_sink_inputs& sink() const noexcept { return sink_; }
-  const std::vector<s2v_block>& blocks() const noexcept { return blocks_; }
+  const s2v::sink_inputs& sink() const noexcept { return sink_; }
+  const std::vector<s2v::block>& blocks() const noexcept { return blocks_; }
 
  private:
   static std::int64_t n(std::size_t v) { return static_cast<std::int64_t>(v); }
@@ -54,8 +54,8 @@ class synthetic_loop_inputs {
   }
 
   std::vector<std::vector<float>> storage_;
-  s2v_sink_inputs sink_;
-  std::vector<s2v_block> blocks_;
+  s2v::sink_inputs sink_;
+  std::vector<s2v::block> blocks_;
 };
 
-}  // namespace unshard
+}  // namespace unshard::s2v

@@ -18,17 +18,17 @@
 #include "unshard/models/wan/state.hpp"
 #include "unshard/ops/op_set.hpp"
 
-namespace unshard::detail {
+namespace unshard::wan::detail {
 
 template <op_set O, param_source P>
-void wan_self_attn_forward(O& ops, const wan_geometry& g, std::size_t block, P& p, wan_state& s) {
-  const auto lay = wan_self_attn_layout(g);
-  check_wan_params(lay.table, p, g.storage, wan_layer_kind::block, block, "self_attn");
+void self_attn_forward(O& ops, const wan::geometry& g, std::size_t block, P& p, wan::state& s) {
+  const auto lay = self_attn_layout(g);
+  check_params(lay.table, p, g.storage, wan::layer_kind::block, block, "self_attn");
   const std::size_t S = g.tokens, D = g.dim;
   ops.add_param_rows(s.modulation, p.whole(lay.modulation), s.e0, 1, 6 * D, 6 * D, 6 * D);
 
-  ops.layer_norm_modulate(s.x, s.norm, S, D, g.eps, wan_modulation(g, s.modulation, 0),
-                          wan_modulation(g, s.modulation, 1));
+  ops.layer_norm_modulate(s.x, s.norm, S, D, g.eps, modulation(g, s.modulation, 0),
+                          modulation(g, s.modulation, 1));
   ops.linear(s.norm, S, D, p, lay.q.weight, lay.q.bias, s.q);
   ops.linear(s.norm, S, D, p, lay.k.weight, lay.k.bias, s.k);
   ops.linear(s.norm, S, D, p, lay.v.weight, lay.v.bias, s.v);
@@ -40,13 +40,13 @@ void wan_self_attn_forward(O& ops, const wan_geometry& g, std::size_t block, P& 
   ops.rope(s.k, S, g.heads, g.head_dim, s.rope_cos, s.rope_sin);
   ops.grouped_attention(s.q, S, {s.k, s.v, S}, g.heads, g.head_dim, 1, s.scores, s.attn);
   ops.linear(s.attn, S, D, p, lay.o.weight, lay.o.bias, s.proj);
-  ops.gated_residual(s.x, s.proj, wan_modulation(g, s.modulation, 2), S, D);
+  ops.gated_residual(s.x, s.proj, modulation(g, s.modulation, 2), S, D);
 }
 
 template <op_set O, param_source P>
-void wan_cross_attn_forward(O& ops, const wan_geometry& g, std::size_t block, P& p, wan_state& s) {
-  const auto lay = wan_cross_attn_layout(g);
-  check_wan_params(lay.table, p, g.storage, wan_layer_kind::block, block, "cross_attn");
+void cross_attn_forward(O& ops, const wan::geometry& g, std::size_t block, P& p, wan::state& s) {
+  const auto lay = cross_attn_layout(g);
+  check_params(lay.table, p, g.storage, wan::layer_kind::block, block, "cross_attn");
   const std::size_t S = g.tokens, D = g.dim, L = g.text_len;
 
   const float* in = s.x;  // norm3 is Identity without cross_attn_norm
@@ -68,17 +68,17 @@ void wan_cross_attn_forward(O& ops, const wan_geometry& g, std::size_t block, P&
 }
 
 template <op_set O, param_source P>
-void wan_ffn_forward(O& ops, const wan_geometry& g, std::size_t block, P& p, wan_state& s) {
-  const auto lay = wan_ffn_layout(g);
-  check_wan_params(lay.table, p, g.storage, wan_layer_kind::block, block, "ffn");
+void ffn_forward(O& ops, const wan::geometry& g, std::size_t block, P& p, wan::state& s) {
+  const auto lay = ffn_layout(g);
+  check_params(lay.table, p, g.storage, wan::layer_kind::block, block, "ffn");
   const std::size_t S = g.tokens, D = g.dim;
 
-  ops.layer_norm_modulate(s.x, s.norm, S, D, g.eps, wan_modulation(g, s.modulation, 3),
-                          wan_modulation(g, s.modulation, 4));
+  ops.layer_norm_modulate(s.x, s.norm, S, D, g.eps, modulation(g, s.modulation, 3),
+                          modulation(g, s.modulation, 4));
   ops.linear(s.norm, S, D, p, lay.fc0.weight, lay.fc0.bias, s.ffn_hidden, linear_act::gelu_tanh);
   ops.linear(s.ffn_hidden, S, g.ffn_dim, p, lay.fc2.weight, lay.fc2.bias, s.proj);
-  ops.gated_residual(s.x, s.proj, wan_modulation(g, s.modulation, 5), S, D);
+  ops.gated_residual(s.x, s.proj, modulation(g, s.modulation, 5), S, D);
   if (g.record_block_outputs) ops.copy(s.block_outputs + block * S * D, s.x, S * D);
 }
 
-}  // namespace unshard::detail
+}  // namespace unshard::wan::detail

@@ -16,11 +16,11 @@
 #include "unshard/core/error.hpp"
 #include "unshard/io/json_config.hpp"
 
-namespace unshard {
+namespace unshard::wan {
 
 // The Wan backbone's hyper-parameters, with WanModel.__init__'s defaults: shared by Wan's own
 // model and the models built on the same backbone (Live Avatar's S2V).
-struct wan_backbone_config {
+struct backbone_config {
   std::int64_t dim = 2048;
   std::int64_t ffn_dim = 8192;
   std::int64_t freq_dim = 256;
@@ -54,18 +54,18 @@ struct wan_backbone_config {
   }
 };
 
-struct wan_config : wan_backbone_config {
+struct config : wan::backbone_config {
   std::string model_type = "t2v";
 
   // Throws unless the configuration describes a model this implementation computes exactly;
   // `source` (a file name) goes into the message.
   void validate(const std::string& source) const;
 
-  static wan_config from_json(const nlohmann::json& j, const std::string& source = "<json>");
-  static wan_config load(const std::filesystem::path& path);
+  static wan::config from_json(const nlohmann::json& j, const std::string& source = "<json>");
+  static wan::config load(const std::filesystem::path& path);
 };
 
-inline void wan_config::validate(const std::string& source) const {
+inline void wan::config::validate(const std::string& source) const {
   const auto fail = [&](auto&&... what) { throw_error("wan config '", source, "': ", what...); };
   if (model_type != "t2v")
     fail("key 'model_type' is '", model_type, "': only Wan's t2v model is supported (i2v/flf2v/vace add image inputs)");
@@ -81,10 +81,10 @@ inline void wan_config::validate(const std::string& source) const {
   if (!(eps > 0.0)) fail("key 'eps' must be a positive number, got ", eps);
 }
 
-inline wan_config wan_config::from_json(const nlohmann::json& j, const std::string& source) {
+inline wan::config wan::config::from_json(const nlohmann::json& j, const std::string& source) {
   require_json_object(j, "wan config", source);
   const json_config_reader r{.j = j, .kind = "wan config", .source = source, .sized_array_errors = true};
-  wan_config c;
+  wan::config c;
   r.string("model_type", c.model_type);
   c.read_sizes(r);
   r.boolean("qk_norm", c.qk_norm);
@@ -94,8 +94,8 @@ inline wan_config wan_config::from_json(const nlohmann::json& j, const std::stri
   return c;
 }
 
-inline wan_config wan_config::load(const std::filesystem::path& path) {
+inline wan::config wan::config::load(const std::filesystem::path& path) {
   return from_json(load_json_config(path, "wan config"), path.string());
 }
 
-}  // namespace unshard
+}  // namespace unshard::wan

@@ -12,14 +12,14 @@
 #include "unshard/kernels/thread/patch.hpp"
 #include "unshard/models/wan/config.hpp"
 
-namespace unshard {
+namespace unshard::wan {
 
-struct wan_workload {
+struct workload {
   std::array<std::int64_t, 4> latent_shape{};  // [C, F, H, W] of the input latent
   std::int64_t context_len = 0;                // L rows of text context; zero-padded to text_len
 };
 
-struct wan_options {
+struct options {
   // dtype of every parameter, norms and modulations included (f32 or bf16), as FSDP's
   // param_dtype casts them all; compute is always f32, so no parameter needs to stay f32.
   dtype storage = dtype::f32;
@@ -28,11 +28,11 @@ struct wan_options {
 };
 
 // The official rope tables (rope_params(1024, ...)) cover grid positions below 1024.
-inline constexpr std::int64_t wan_rope_positions = 1024;
+inline constexpr std::int64_t rope_positions = 1024;
 
 // The sizes and numerics every Wan-family DiT shares (the plain Wan model, Live Avatar's S2V),
 // filled from the backbone config and the options by fill_backbone().
-struct wan_backbone_geometry {
+struct backbone_geometry {
   std::size_t dim, ffn_dim, freq_dim, text_dim, text_len, in_dim, out_dim;
   std::size_t heads, head_dim, rope_pairs, num_layers;
   double eps;
@@ -42,7 +42,7 @@ struct wan_backbone_geometry {
   bool record_block_outputs;
 };
 
-inline void fill_backbone(wan_backbone_geometry& g, const wan_backbone_config& c, const wan_options& o) {
+inline void fill_backbone(wan::backbone_geometry& g, const wan::backbone_config& c, const wan::options& o) {
   const auto z = [](std::int64_t v) { return static_cast<std::size_t>(v); };
   g.dim = z(c.dim);
   g.ffn_dim = z(c.ffn_dim);
@@ -63,7 +63,7 @@ inline void fill_backbone(wan_backbone_geometry& g, const wan_backbone_config& c
   g.record_block_outputs = o.record_block_outputs;
 }
 
-struct wan_geometry : wan_backbone_geometry {
+struct geometry : wan::backbone_geometry {
   std::array<std::size_t, 4> latent;  // [C, F, H, W]
   std::size_t context_len;
   patch_grid grid;
@@ -80,8 +80,8 @@ struct wan_geometry : wan_backbone_geometry {
   }
 };
 
-inline wan_geometry make_wan_geometry(const wan_config& c, const wan_workload& w, const wan_options& o) {
-  c.validate("wan_model");
+inline wan::geometry make_geometry(const wan::config& c, const wan::workload& w, const wan::options& o) {
+  c.validate("wan::model");
   const auto& l = w.latent_shape;
   const char* axes[4] = {"C", "F", "H", "W"};
   for (std::size_t i = 0; i < 4; ++i)
@@ -93,17 +93,17 @@ inline wan_geometry make_wan_geometry(const wan_config& c, const wan_workload& w
     if (cells < 1)
       throw_error("wan workload: latent ", axes[i + 1], "=", l[i + 1], " is smaller than the patch size ",
                   c.patch_size[i]);
-    if (cells > wan_rope_positions)
-      throw_error("wan workload: ", cells, " patches along ", axes[i + 1], " exceed the ", wan_rope_positions,
+    if (cells > wan::rope_positions)
+      throw_error("wan workload: ", cells, " patches along ", axes[i + 1], " exceed the ", wan::rope_positions,
                   " rope positions of Wan");
   }
   if (w.context_len < 0 || w.context_len > c.text_len)
     throw_error("wan workload: context length ", w.context_len, " is outside [0, text_len = ", c.text_len, "]");
   if (o.storage != dtype::f32 && o.storage != dtype::bf16)
-    throw_error("wan_model: storage dtype ", name_of(o.storage), " is not supported (f32 or bf16)");
+    throw_error("wan::model: storage dtype ", name_of(o.storage), " is not supported (f32 or bf16)");
 
   const auto z = [](std::int64_t v) { return static_cast<std::size_t>(v); };
-  wan_geometry g{};
+  wan::geometry g{};
   fill_backbone(g, c, o);
   g.latent = {z(l[0]), z(l[1]), z(l[2]), z(l[3])};
   g.context_len = z(w.context_len);
@@ -116,4 +116,4 @@ inline wan_geometry make_wan_geometry(const wan_config& c, const wan_workload& w
   return g;
 }
 
-}  // namespace unshard
+}  // namespace unshard::wan

@@ -1,7 +1,7 @@
 #pragma once
-// wan_layer: one unit of the Wan DiT as the runtime sees it -- the embeddings, a block, or the
+// wan::layer: one unit of the Wan DiT as the runtime sees it -- the embeddings, a block, or the
 // head -- with its sub-units, their parameters (Wan's state_dict names) and their forwards, written
-// once over an op set (ops/op_set.hpp): host_ops here, cuda_ops for wan_cuda_model.
+// once over an op set (ops/op_set.hpp): host_ops here, cuda_ops for wan::cuda_model.
 //
 //   embeddings  sub-units patch_embedding | time | text_embedding
 //   blocks.i    sub-units self_attn | cross_attn | ffn
@@ -22,35 +22,35 @@
 #include "unshard/ops/host_ops.hpp"
 #include "unshard/ops/op_set.hpp"
 
-namespace unshard {
+namespace unshard::wan {
 
-class wan_layer {
+class layer {
  public:
-  wan_layer(wan_layer_kind kind, std::size_t block_index, const wan_geometry& geometry)
+  layer(wan::layer_kind kind, std::size_t block_index, const wan::geometry& geometry)
       : kind_(kind), block_(block_index), geometry_(geometry) {}
 
-  wan_layer_kind kind() const noexcept { return kind_; }
+  wan::layer_kind kind() const noexcept { return kind_; }
   std::size_t block_index() const noexcept { return block_; }  // meaningful for blocks only
 
   std::string name() const {
     switch (kind_) {
-      case wan_layer_kind::embeddings: return "embeddings";
-      case wan_layer_kind::block: return "blocks." + std::to_string(block_);
-      case wan_layer_kind::head: break;
+      case wan::layer_kind::embeddings: return "embeddings";
+      case wan::layer_kind::block: return "blocks." + std::to_string(block_);
+      case wan::layer_kind::head: break;
     }
     return "head";
   }
 
-  std::size_t subunit_count() const noexcept { return kind_ == wan_layer_kind::head ? 1 : 3; }
+  std::size_t subunit_count() const noexcept { return kind_ == wan::layer_kind::head ? 1 : 3; }
 
   std::string subunit_name(std::size_t sub) const { return subunit_label(sub); }
 
   std::vector<param_spec> parameters(std::size_t sub) const {
-    return detail::wan_param_specs(table(sub), detail::wan_param_prefix(kind_, block_), geometry_.storage);
+    return detail::param_specs(table(sub), detail::param_prefix(kind_, block_), geometry_.storage);
   }
 
   // Runs sub-unit `sub` on the state; params are the views of parameters(sub), in that order.
-  void forward(std::size_t sub, const param_views& params, wan_state& state) const {
+  void forward(std::size_t sub, const param_views& params, wan::state& state) const {
     whole_params whole(params);
     forward(sub, whole, state);
   }
@@ -58,26 +58,26 @@ class wan_layer {
   // The same forward over any parameter source (whole views, or chunks as they stream in), on the
   // host's ops.
   template <param_source P>
-  void forward(std::size_t sub, P& params, wan_state& state) const {
+  void forward(std::size_t sub, P& params, wan::state& state) const {
     host_ops ops{geometry_.gemm};
     forward(ops, sub, params, state);
   }
 
   // The forward over a backend's op set (ops/op_set.hpp): the one forward every backend runs.
   template <op_set O, param_source P>
-  void forward(O& ops, std::size_t sub, P& params, wan_state& state) const {
-    const wan_geometry& g = geometry_;
+  void forward(O& ops, std::size_t sub, P& params, wan::state& state) const {
+    const wan::geometry& g = geometry_;
     subunit_label(sub);  // range check; allocates only to throw
     switch (kind_) {
-      case wan_layer_kind::embeddings:
-        if (sub == 0) return detail::wan_patch_embedding_forward(ops, g, params, state);
-        if (sub == 1) return detail::wan_time_forward(ops, g, params, state);
-        return detail::wan_text_embedding_forward(ops, g, params, state);
-      case wan_layer_kind::block:
-        if (sub == 0) return detail::wan_self_attn_forward(ops, g, block_, params, state);
-        if (sub == 1) return detail::wan_cross_attn_forward(ops, g, block_, params, state);
-        return detail::wan_ffn_forward(ops, g, block_, params, state);
-      case wan_layer_kind::head: return detail::wan_head_forward(ops, g, params, state);
+      case wan::layer_kind::embeddings:
+        if (sub == 0) return detail::patch_embedding_forward(ops, g, params, state);
+        if (sub == 1) return detail::time_forward(ops, g, params, state);
+        return detail::text_embedding_forward(ops, g, params, state);
+      case wan::layer_kind::block:
+        if (sub == 0) return detail::self_attn_forward(ops, g, block_, params, state);
+        if (sub == 1) return detail::cross_attn_forward(ops, g, block_, params, state);
+        return detail::ffn_forward(ops, g, block_, params, state);
+      case wan::layer_kind::head: return detail::head_forward(ops, g, params, state);
     }
   }
 
@@ -89,35 +89,35 @@ class wan_layer {
     constexpr const char* embeddings[] = {"patch_embedding", "time", "text_embedding"};
     constexpr const char* block[] = {"self_attn", "cross_attn", "ffn"};
     switch (kind_) {
-      case wan_layer_kind::embeddings: return embeddings[sub];
-      case wan_layer_kind::block: return block[sub];
-      case wan_layer_kind::head: break;
+      case wan::layer_kind::embeddings: return embeddings[sub];
+      case wan::layer_kind::block: return block[sub];
+      case wan::layer_kind::head: break;
     }
     return "head";
   }
 
-  detail::wan_param_table table(std::size_t sub) const {
-    const wan_geometry& g = geometry_;
+  detail::param_table table(std::size_t sub) const {
+    const wan::geometry& g = geometry_;
     subunit_label(sub);
     switch (kind_) {
-      case wan_layer_kind::embeddings:
-        if (sub == 0) return detail::wan_patch_embedding_layout(g).table;
-        if (sub == 1) return detail::wan_time_layout(g).table;
-        return detail::wan_text_layout(g).table;
-      case wan_layer_kind::block:
-        if (sub == 0) return detail::wan_self_attn_layout(g).table;
-        if (sub == 1) return detail::wan_cross_attn_layout(g).table;
-        return detail::wan_ffn_layout(g).table;
-      case wan_layer_kind::head: break;
+      case wan::layer_kind::embeddings:
+        if (sub == 0) return detail::patch_embedding_layout(g).table;
+        if (sub == 1) return detail::time_layout(g).table;
+        return detail::text_layout(g).table;
+      case wan::layer_kind::block:
+        if (sub == 0) return detail::self_attn_layout(g).table;
+        if (sub == 1) return detail::cross_attn_layout(g).table;
+        return detail::ffn_layout(g).table;
+      case wan::layer_kind::head: break;
     }
-    return detail::wan_head_layout(g).table;
+    return detail::head_layout(g).table;
   }
 
-  wan_layer_kind kind_;
+  wan::layer_kind kind_;
   std::size_t block_;
-  wan_geometry geometry_;
+  wan::geometry geometry_;
 };
 
-static_assert(layer<wan_layer, wan_state>, "wan_layer must model unshard::layer over wan_state");
+static_assert(unshard::layer<wan::layer, wan::state>, "wan::layer must model unshard::layer over wan::state");
 
-}  // namespace unshard
+}  // namespace unshard::wan

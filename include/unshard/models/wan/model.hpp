@@ -1,8 +1,8 @@
 #pragma once
-// wan_model: the Wan2.1 t2v DiT (WanModel) as a sequence of unshard layers over one wan_state.
+// wan::model: the Wan2.1 t2v DiT (WanModel) as a sequence of unshard layers over one wan::state.
 //
 // Use:
-//   wan_model m(wan_config::load("config.json"), {{C, F, H, W}, L}, {dtype::bf16, gemm_path::blas});
+//   wan::model m(wan::config::load("config.json"), {{C, F, H, W}, L}, {dtype::bf16, gemm_path::blas});
 //   allocate every m.buffers() entry, put them in a buffer_set, state = m.make_state(buffers);
 //   m.set_inputs(state, x, t, context);
 //   for each layer i, sub-unit j: m.layer(i).forward(j, views of m.layer(i).parameters(j), state);
@@ -25,30 +25,30 @@
 #include "unshard/ops/host_ops.hpp"
 #include "unshard/ops/op_set.hpp"
 
-namespace unshard {
+namespace unshard::wan {
 
-class wan_model {
+class model {
  public:
-  using state = wan_state;
+  using state = wan::state;
 
-  wan_model(const wan_config& config, const wan_workload& workload, const wan_options& options = {})
-      : config_(config), geometry_(make_wan_geometry(config, workload, options)) {
-    layers_.emplace_back(wan_layer_kind::embeddings, 0, geometry_);
-    for (std::size_t i = 0; i < geometry_.num_layers; ++i) layers_.emplace_back(wan_layer_kind::block, i, geometry_);
-    layers_.emplace_back(wan_layer_kind::head, 0, geometry_);
+  model(const wan::config& config, const wan::workload& workload, const wan::options& options = {})
+      : config_(config), geometry_(make_geometry(config, workload, options)) {
+    layers_.emplace_back(wan::layer_kind::embeddings, 0, geometry_);
+    for (std::size_t i = 0; i < geometry_.num_layers; ++i) layers_.emplace_back(wan::layer_kind::block, i, geometry_);
+    layers_.emplace_back(wan::layer_kind::head, 0, geometry_);
   }
 
-  const wan_config& config() const noexcept { return config_; }
-  const wan_geometry& geometry() const noexcept { return geometry_; }
+  const wan::config& config() const noexcept { return config_; }
+  const wan::geometry& geometry() const noexcept { return geometry_; }
 
   std::size_t layer_count() const noexcept { return layers_.size(); }
-  const wan_layer& layer(std::size_t i) const {
-    if (i >= layers_.size()) throw_error("wan_model: layer ", i, " out of range (", layers_.size(), " layers)");
+  const wan::layer& layer(std::size_t i) const {
+    if (i >= layers_.size()) throw_error("wan::model: layer ", i, " out of range (", layers_.size(), " layers)");
     return layers_[i];
   }
 
-  std::vector<buffer_spec> buffers() const { return detail::wan_buffer_specs(geometry_); }
-  state make_state(const buffer_set& buffers) const { return detail::make_wan_state(geometry_, buffers); }
+  std::vector<buffer_spec> buffers() const { return detail::buffer_specs(geometry_); }
+  state make_state(const buffer_set& buffers) const { return detail::make_state(geometry_, buffers); }
 
   // Copies the inputs into the state: x [C, F, H, W], t [1] (or a scalar), context [L, text_dim]
   // (L = the workload's context length; rows up to text_len are zeroed). Any storage dtype; a
@@ -60,8 +60,8 @@ class wan_model {
 
   // The same through a backend's ops (host tensors in, the state's buffers wherever they live).
   template <op_set O>
-  void set_inputs(O& ops, wan_state& s, const tensor_view& x, const tensor_view& t, const tensor_view& context) const {
-    const wan_geometry& g = geometry_;
+  void set_inputs(O& ops, wan::state& s, const tensor_view& x, const tensor_view& t, const tensor_view& context) const {
+    const wan::geometry& g = geometry_;
     const auto [C, F, H, W] = g.latent;
     check_input(x, {C, F, H, W}, "x");
     check_input(t, {1}, "t");
@@ -75,12 +75,12 @@ class wan_model {
 
   // The same from f32 spans: x holds C*F*H*W values, context L*text_dim, both row-major.
   void set_inputs(state& s, std::span<const float> x, float t, std::span<const float> context) const {
-    const wan_geometry& g = geometry_;
+    const wan::geometry& g = geometry_;
     const auto [C, F, H, W] = g.latent;
     if (x.size() != C * F * H * W)
-      throw_error("wan_model::set_inputs: input 'x' has ", x.size(), " values, expected C*F*H*W = ", C * F * H * W);
+      throw_error("wan::model::set_inputs: input 'x' has ", x.size(), " values, expected C*F*H*W = ", C * F * H * W);
     if (context.size() != g.context_len * g.text_dim)
-      throw_error("wan_model::set_inputs: input 'context' has ", context.size(), " values, expected L*text_dim = ",
+      throw_error("wan::model::set_inputs: input 'context' has ", context.size(), " values, expected L*text_dim = ",
                   g.context_len, "*", g.text_dim);
     // tensor_view is a mutable view type; these are only read.
     set_inputs(s, tensor_view(const_cast<float*>(x.data()), dtype::f32, dims_of({C, F, H, W})),
@@ -97,8 +97,8 @@ class wan_model {
   // Block i's output [S, D] (f32); needs record_block_outputs.
   tensor_view block_output(const state& s, std::size_t i) const {
     if (!geometry_.record_block_outputs)
-      throw_error("wan_model: block outputs were not recorded (construct with record_block_outputs = true)");
-    if (i >= geometry_.num_layers) throw_error("wan_model: block ", i, " out of range (", geometry_.num_layers, " blocks)");
+      throw_error("wan::model: block outputs were not recorded (construct with record_block_outputs = true)");
+    if (i >= geometry_.num_layers) throw_error("wan::model: block ", i, " out of range (", geometry_.num_layers, " blocks)");
     const std::size_t n = geometry_.tokens * geometry_.dim;
     return tensor_view(s.block_outputs + i * n, dtype::f32, tokens_shape());
   }
@@ -127,16 +127,16 @@ class wan_model {
     };
     const auto got = strip(v.dims().dims()), expected = strip(w.dims());
     if (!std::equal(got.begin(), got.end(), expected.begin(), expected.end()))
-      throw_error("wan_model::set_inputs: input '", what, "' has shape ", v.dims().to_string(), ", expected ",
+      throw_error("wan::model::set_inputs: input '", what, "' has shape ", v.dims().to_string(), ", expected ",
                   w.to_string());
-    if (v.empty() && w.numel() > 0) throw_error("wan_model::set_inputs: input '", what, "' has no data");
+    if (v.empty() && w.numel() > 0) throw_error("wan::model::set_inputs: input '", what, "' has no data");
   }
 
-  wan_config config_;
-  wan_geometry geometry_;
-  std::vector<wan_layer> layers_;
+  wan::config config_;
+  wan::geometry geometry_;
+  std::vector<wan::layer> layers_;
 };
 
-static_assert(model<wan_model>, "wan_model must model unshard::model");
+static_assert(unshard::model<wan::model>, "wan::model must model unshard::model");
 
-}  // namespace unshard
+}  // namespace unshard::wan

@@ -6,12 +6,12 @@
 #include "unshard/models/wan/geometry.hpp"
 #include "unshard/ops/op_set.hpp"
 
-namespace unshard::detail {
+namespace unshard::wan::detail {
 
 // Chunk `chunk` (D floats) of a modulation table held in `table` ([6, D] of a block, [2, D] of the
 // head), read by every token alike.
-inline modulation_rows wan_modulation(const wan_geometry& g, const float* table, std::size_t chunk) {
+inline modulation_rows modulation(const wan::geometry& g, const float* table, std::size_t chunk) {
   return {table + chunk * g.dim, g.dim, 0};
 }
 
-}  // namespace unshard::detail
+}  // namespace unshard::wan::detail

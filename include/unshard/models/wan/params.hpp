@@ -16,54 +16,54 @@
 #include "unshard/layer/param_spec.hpp"
 #include "unshard/models/wan/geometry.hpp"
 
-namespace unshard {
+namespace unshard::wan {
 
-enum class wan_layer_kind { embeddings, block, head };
+enum class layer_kind { embeddings, block, head };
 
-}  // namespace unshard
+}  // namespace unshard::wan
 
-namespace unshard::detail {
+namespace unshard::wan::detail {
 
-struct wan_param_slot {
+struct param_slot {
   const char* name = "";  // suffix after the layer prefix ("" for embeddings, "blocks.i.", "head.")
   shape dims;
   bool by_rows = false;   // a GEMM weight, consumed row by row (see param_spec)
 };
 
-struct wan_param_table {
-  std::array<wan_param_slot, 16> slots{};
+struct param_table {
+  std::array<param_slot, 16> slots{};
   std::size_t count = 0;
 
   std::size_t add(const char* name, shape dims, bool by_rows = false) {
-    if (count == slots.size()) throw_error("wan_param_table: more than ", slots.size(), " parameters ('", name, "')");
+    if (count == slots.size()) throw_error("wan::param_table: more than ", slots.size(), " parameters ('", name, "')");
     slots[count] = {name, dims, by_rows};
     return count++;
   }
 };
 
-struct wan_linear_slots {
+struct linear_slots {
   std::size_t weight, bias;
 };
 
 // nn.Linear(in, out): weight [out, in], bias [out].
-inline wan_linear_slots add_linear(wan_param_table& t, const char* weight, const char* bias, std::size_t out,
+inline linear_slots add_linear(param_table& t, const char* weight, const char* bias, std::size_t out,
                                    std::size_t in) {
   const auto o = static_cast<std::int64_t>(out), i = static_cast<std::int64_t>(in);
   const std::size_t w = t.add(weight, {o, i}, true);
   return {w, t.add(bias, {o})};
 }
 
-inline constexpr std::size_t wan_no_slot = static_cast<std::size_t>(-1);
+inline constexpr std::size_t no_slot = static_cast<std::size_t>(-1);
 
 // --- embeddings -----------------------------------------------------------------------------
 
-struct wan_patch_embedding_params {
-  wan_param_table table;
-  wan_linear_slots conv;  // Conv3d weight [D, C, pt, ph, pw] used as a [D, C*pt*ph*pw] matrix
+struct patch_embedding_params {
+  param_table table;
+  linear_slots conv;  // Conv3d weight [D, C, pt, ph, pw] used as a [D, C*pt*ph*pw] matrix
 };
 
-inline wan_patch_embedding_params wan_patch_embedding_layout(const wan_geometry& g) {
-  wan_patch_embedding_params p;
+inline patch_embedding_params patch_embedding_layout(const wan::geometry& g) {
+  patch_embedding_params p;
   const auto i64 = [](std::size_t v) { return static_cast<std::int64_t>(v); };
   const std::size_t w = p.table.add("patch_embedding.weight", {i64(g.dim), i64(g.in_dim), i64(g.grid.pt),
                                                                i64(g.grid.ph), i64(g.grid.pw)}, true);
@@ -71,26 +71,26 @@ inline wan_patch_embedding_params wan_patch_embedding_layout(const wan_geometry&
   return p;
 }
 
-struct wan_time_params {
-  wan_param_table table;
-  wan_linear_slots embed0, embed2, projection;
+struct time_params {
+  param_table table;
+  linear_slots embed0, embed2, projection;
 };
 
-inline wan_time_params wan_time_layout(const wan_backbone_geometry& g) {
-  wan_time_params p;
+inline time_params time_layout(const wan::backbone_geometry& g) {
+  time_params p;
   p.embed0 = add_linear(p.table, "time_embedding.0.weight", "time_embedding.0.bias", g.dim, g.freq_dim);
   p.embed2 = add_linear(p.table, "time_embedding.2.weight", "time_embedding.2.bias", g.dim, g.dim);
   p.projection = add_linear(p.table, "time_projection.1.weight", "time_projection.1.bias", 6 * g.dim, g.dim);
   return p;
 }
 
-struct wan_text_params {
-  wan_param_table table;
-  wan_linear_slots embed0, embed2;
+struct text_params {
+  param_table table;
+  linear_slots embed0, embed2;
 };
 
-inline wan_text_params wan_text_layout(const wan_backbone_geometry& g) {
-  wan_text_params p;
+inline text_params text_layout(const wan::backbone_geometry& g) {
+  text_params p;
   p.embed0 = add_linear(p.table, "text_embedding.0.weight", "text_embedding.0.bias", g.dim, g.text_dim);
   p.embed2 = add_linear(p.table, "text_embedding.2.weight", "text_embedding.2.bias", g.dim, g.dim);
   return p;
@@ -98,15 +98,15 @@ inline wan_text_params wan_text_layout(const wan_backbone_geometry& g) {
 
 // --- block (prefix "blocks.i.") ---------------------------------------------------------------
 
-struct wan_self_attn_params {
-  wan_param_table table;
+struct self_attn_params {
+  param_table table;
   std::size_t modulation;  // [1, 6, D]
-  wan_linear_slots q, k, v, o;
-  std::size_t norm_q = wan_no_slot, norm_k = wan_no_slot;  // absent without qk_norm
+  linear_slots q, k, v, o;
+  std::size_t norm_q = no_slot, norm_k = no_slot;  // absent without qk_norm
 };
 
-inline wan_self_attn_params wan_self_attn_layout(const wan_geometry& g) {
-  wan_self_attn_params p;
+inline self_attn_params self_attn_layout(const wan::geometry& g) {
+  self_attn_params p;
   const auto D = static_cast<std::int64_t>(g.dim);
   p.modulation = p.table.add("modulation", {1, 6, D});
   p.q = add_linear(p.table, "self_attn.q.weight", "self_attn.q.bias", g.dim, g.dim);
@@ -120,15 +120,15 @@ inline wan_self_attn_params wan_self_attn_layout(const wan_geometry& g) {
   return p;
 }
 
-struct wan_cross_attn_params {
-  wan_param_table table;
-  std::size_t norm3_weight = wan_no_slot, norm3_bias = wan_no_slot;  // absent without cross_attn_norm
-  wan_linear_slots q, k, v, o;
-  std::size_t norm_q = wan_no_slot, norm_k = wan_no_slot;  // absent without qk_norm
+struct cross_attn_params {
+  param_table table;
+  std::size_t norm3_weight = no_slot, norm3_bias = no_slot;  // absent without cross_attn_norm
+  linear_slots q, k, v, o;
+  std::size_t norm_q = no_slot, norm_k = no_slot;  // absent without qk_norm
 };
 
-inline wan_cross_attn_params wan_cross_attn_layout(const wan_geometry& g) {
-  wan_cross_attn_params p;
+inline cross_attn_params cross_attn_layout(const wan::geometry& g) {
+  cross_attn_params p;
   const auto D = static_cast<std::int64_t>(g.dim);
   if (g.cross_attn_norm) {
     p.norm3_weight = p.table.add("norm3.weight", {D});
@@ -145,13 +145,13 @@ inline wan_cross_attn_params wan_cross_attn_layout(const wan_geometry& g) {
   return p;
 }
 
-struct wan_ffn_params {
-  wan_param_table table;
-  wan_linear_slots fc0, fc2;
+struct ffn_params {
+  param_table table;
+  linear_slots fc0, fc2;
 };
 
-inline wan_ffn_params wan_ffn_layout(const wan_geometry& g) {
-  wan_ffn_params p;
+inline ffn_params ffn_layout(const wan::geometry& g) {
+  ffn_params p;
   p.fc0 = add_linear(p.table, "ffn.0.weight", "ffn.0.bias", g.ffn_dim, g.dim);
   p.fc2 = add_linear(p.table, "ffn.2.weight", "ffn.2.bias", g.dim, g.ffn_dim);
   return p;
@@ -159,14 +159,14 @@ inline wan_ffn_params wan_ffn_layout(const wan_geometry& g) {
 
 // --- head (prefix "head.") --------------------------------------------------------------------
 
-struct wan_head_params {
-  wan_param_table table;
+struct head_params {
+  param_table table;
   std::size_t modulation;  // [1, 2, D]
-  wan_linear_slots head;   // [out_dim*pt*ph*pw, D]
+  linear_slots head;   // [out_dim*pt*ph*pw, D]
 };
 
-inline wan_head_params wan_head_layout(const wan_geometry& g) {
-  wan_head_params p;
+inline head_params head_layout(const wan::geometry& g) {
+  head_params p;
   p.modulation = p.table.add("modulation", {1, 2, static_cast<std::int64_t>(g.dim)});
   p.head = add_linear(p.table, "head.weight", "head.bias", g.patch_out, g.dim);
   return p;
@@ -174,7 +174,7 @@ inline wan_head_params wan_head_layout(const wan_geometry& g) {
 
 // --- declaration and checking -------------------------------------------------------------------
 
-inline std::vector<param_spec> wan_param_specs(const wan_param_table& t, const std::string& prefix, dtype storage) {
+inline std::vector<param_spec> param_specs(const param_table& t, const std::string& prefix, dtype storage) {
   std::vector<param_spec> specs;
   for (std::size_t i = 0; i < t.count; ++i)
     specs.push_back({prefix + t.slots[i].name, t.slots[i].dims, storage, t.slots[i].by_rows});
@@ -183,37 +183,37 @@ inline std::vector<param_spec> wan_param_specs(const wan_param_table& t, const s
 
 // Where a parameter name starts: "" for the embeddings (their names are top-level), "blocks.i."
 // and "head.".
-inline std::string wan_param_prefix(wan_layer_kind kind, std::size_t block) {
+inline std::string param_prefix(wan::layer_kind kind, std::size_t block) {
   switch (kind) {
-    case wan_layer_kind::block: return "blocks." + std::to_string(block) + ".";
-    case wan_layer_kind::head: return "head.";
-    case wan_layer_kind::embeddings: break;
+    case wan::layer_kind::block: return "blocks." + std::to_string(block) + ".";
+    case wan::layer_kind::head: return "head.";
+    case wan::layer_kind::embeddings: break;
   }
   return "";
 }
 
 // The views a sub-unit was handed must be exactly what it declared (count, shapes, dtype): a
 // mis-ordered gather would otherwise compute garbage silently. Allocates only to report.
-inline void check_wan_params(const wan_param_table& t, const param_views& views, dtype storage, wan_layer_kind kind,
+inline void check_params(const param_table& t, const param_views& views, dtype storage, wan::layer_kind kind,
                              std::size_t block, const char* subunit) {
   if (views.size() != t.count)
-    throw_error("wan sub-unit '", wan_param_prefix(kind, block), subunit, "': got ", views.size(),
+    throw_error("wan sub-unit '", param_prefix(kind, block), subunit, "': got ", views.size(),
                 " parameter views, declared ", t.count);
   for (std::size_t i = 0; i < t.count; ++i) {
     const tensor_view& v = views[i];
     if (v.empty() || !(v.dims() == t.slots[i].dims) || v.type() != storage)
-      throw_error("wan parameter '", wan_param_prefix(kind, block), t.slots[i].name, "': got ", name_of(v.type()), " ",
+      throw_error("wan parameter '", param_prefix(kind, block), t.slots[i].name, "': got ", name_of(v.type()), " ",
                   v.dims().to_string(), v.empty() ? " with no data" : "", ", declared ", name_of(storage), " ",
                   t.slots[i].dims.to_string());
   }
 }
-inline void check_wan_params(const wan_param_table& t, const whole_params& p, dtype storage, wan_layer_kind kind,
+inline void check_params(const param_table& t, const whole_params& p, dtype storage, wan::layer_kind kind,
                              std::size_t block, const char* subunit) {
-  check_wan_params(t, p.views(), storage, kind, block, subunit);
+  check_params(t, p.views(), storage, kind, block, subunit);
 }
 // Streamed chunks are cut by the runtime from the specs this layer declared, and the stream
 // itself checks the order they are read in: nothing more to check here.
 template <param_source P>
-void check_wan_params(const wan_param_table&, const P&, dtype, wan_layer_kind, std::size_t, const char*) {}
+void check_params(const param_table&, const P&, dtype, wan::layer_kind, std::size_t, const char*) {}
 
-}  // namespace unshard::detail
+}  // namespace unshard::wan::detail

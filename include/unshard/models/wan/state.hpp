@@ -17,9 +17,9 @@
 #include "unshard/layer/model.hpp"
 #include "unshard/models/wan/geometry.hpp"
 
-namespace unshard {
+namespace unshard::wan {
 
-struct wan_state {
+struct state {
   // inputs (activations)
   float* input_x = nullptr;        // [C, F, H, W]
   float* input_t = nullptr;        // [1] timestep
@@ -52,46 +52,46 @@ struct wan_state {
 
 namespace detail {
 
-using wan_state_member = float* wan_state::*;  // an alias: nvcc warns on the bare declarator
+using state_member = float* wan::state::*;  // an alias: nvcc warns on the bare declarator
 
-struct wan_buffer_entry {
+struct buffer_entry {
   const char* name;
   std::size_t floats;
   memory_category category;
-  wan_state_member member;
+  state_member member;
 };
 
-inline std::vector<wan_buffer_entry> wan_buffer_table(const wan_geometry& g) {
+inline std::vector<buffer_entry> buffer_table(const wan::geometry& g) {
   using mc = memory_category;
   const std::size_t S = g.tokens, D = g.dim;
-  std::vector<wan_buffer_entry> t = {
-      {"input.x", g.latent[0] * g.latent[1] * g.latent[2] * g.latent[3], mc::activations, &wan_state::input_x},
-      {"input.t", 1, mc::activations, &wan_state::input_t},
-      {"input.context", g.text_len * g.text_dim, mc::activations, &wan_state::input_context},
-      {"x", S * D, mc::activations, &wan_state::x},
-      {"e", D, mc::activations, &wan_state::e},
-      {"e0", 6 * D, mc::activations, &wan_state::e0},
-      {"ctx", g.text_len * D, mc::activations, &wan_state::ctx},
-      {"rope.cos", S * g.rope_pairs, mc::activations, &wan_state::rope_cos},
-      {"rope.sin", S * g.rope_pairs, mc::activations, &wan_state::rope_sin},
-      {"modulation", 6 * D, mc::activations, &wan_state::modulation},
-      {"output", g.patch_out * S, mc::activations, &wan_state::output},
-      {"patches", S * g.patch_in, mc::workspace, &wan_state::patches},
-      {"time_sinusoid", g.freq_dim, mc::workspace, &wan_state::time_sinusoid},
-      {"time_hidden", D, mc::workspace, &wan_state::time_hidden},
-      {"text_hidden", g.text_len * D, mc::workspace, &wan_state::text_hidden},
-      {"norm", S * D, mc::workspace, &wan_state::norm},
-      {"q", S * D, mc::workspace, &wan_state::q},
-      {"k", g.max_keys() * D, mc::workspace, &wan_state::k},
-      {"v", g.max_keys() * D, mc::workspace, &wan_state::v},
-      {"attn", S * D, mc::workspace, &wan_state::attn},
-      {"proj", S * D, mc::workspace, &wan_state::proj},
-      {"ffn_hidden", S * g.ffn_dim, mc::workspace, &wan_state::ffn_hidden},
-      {"scores", g.max_keys(), mc::workspace, &wan_state::scores},
-      {"head_out", S * g.patch_out, mc::workspace, &wan_state::head_out},
+  std::vector<buffer_entry> t = {
+      {"input.x", g.latent[0] * g.latent[1] * g.latent[2] * g.latent[3], mc::activations, &wan::state::input_x},
+      {"input.t", 1, mc::activations, &wan::state::input_t},
+      {"input.context", g.text_len * g.text_dim, mc::activations, &wan::state::input_context},
+      {"x", S * D, mc::activations, &wan::state::x},
+      {"e", D, mc::activations, &wan::state::e},
+      {"e0", 6 * D, mc::activations, &wan::state::e0},
+      {"ctx", g.text_len * D, mc::activations, &wan::state::ctx},
+      {"rope.cos", S * g.rope_pairs, mc::activations, &wan::state::rope_cos},
+      {"rope.sin", S * g.rope_pairs, mc::activations, &wan::state::rope_sin},
+      {"modulation", 6 * D, mc::activations, &wan::state::modulation},
+      {"output", g.patch_out * S, mc::activations, &wan::state::output},
+      {"patches", S * g.patch_in, mc::workspace, &wan::state::patches},
+      {"time_sinusoid", g.freq_dim, mc::workspace, &wan::state::time_sinusoid},
+      {"time_hidden", D, mc::workspace, &wan::state::time_hidden},
+      {"text_hidden", g.text_len * D, mc::workspace, &wan::state::text_hidden},
+      {"norm", S * D, mc::workspace, &wan::state::norm},
+      {"q", S * D, mc::workspace, &wan::state::q},
+      {"k", g.max_keys() * D, mc::workspace, &wan::state::k},
+      {"v", g.max_keys() * D, mc::workspace, &wan::state::v},
+      {"attn", S * D, mc::workspace, &wan::state::attn},
+      {"proj", S * D, mc::workspace, &wan::state::proj},
+      {"ffn_hidden", S * g.ffn_dim, mc::workspace, &wan::state::ffn_hidden},
+      {"scores", g.max_keys(), mc::workspace, &wan::state::scores},
+      {"head_out", S * g.patch_out, mc::workspace, &wan::state::head_out},
   };
   if (g.record_block_outputs)
-    t.push_back({"block_outputs", g.num_layers * S * D, mc::activations, &wan_state::block_outputs});
+    t.push_back({"block_outputs", g.num_layers * S * D, mc::activations, &wan::state::block_outputs});
   return t;
 }
 
@@ -109,13 +109,13 @@ std::vector<buffer_spec> float_buffer_specs(const Table& table) {
   return specs;
 }
 
-inline std::vector<buffer_spec> wan_buffer_specs(const wan_geometry& g) { return float_buffer_specs(wan_buffer_table(g)); }
+inline std::vector<buffer_spec> buffer_specs(const wan::geometry& g) { return float_buffer_specs(buffer_table(g)); }
 
-inline wan_state make_wan_state(const wan_geometry& g, const buffer_set& buffers) {
-  wan_state s;
-  for (const auto& b : wan_buffer_table(g)) s.*b.member = buffers.checked_as<float>(b.name, b.floats, "wan_model");
+inline wan::state make_state(const wan::geometry& g, const buffer_set& buffers) {
+  wan::state s;
+  for (const auto& b : buffer_table(g)) s.*b.member = buffers.checked_as<float>(b.name, b.floats, "wan::model");
   return s;
 }
 
 }  // namespace detail
-}  // namespace unshard
+}  // namespace unshard::wan

@@ -140,11 +140,11 @@ inline cache_sizes caches_of(const stack& st, const workload& w) {
   cache_sizes c;
   c.streamed_tokens = static_cast<std::size_t>(streamed_tokens(w));
   if (!st.causal_kv || !st.s2v_model) return c;
-  s2v_workload sw = s2v_pipeline_workload(*st.s2v_model, w.width, w.height);
+  s2v::workload sw = s2v::pipeline_workload(*st.s2v_model, w.width, w.height);
   sw.frames_per_block = w.frames_per_block;
-  const ::unshard::s2v_model m(*st.s2v_model, sw);
-  const s2v_geometry& g = m.geometry();
-  const s2v_counts counts = count_s2v(*st.s2v_model, sw, bf16_bytes);
+  const ::unshard::s2v::model m(*st.s2v_model, sw);
+  const s2v::geometry& g = m.geometry();
+  const s2v::counts counts = s2v::counts_of(*st.s2v_model, sw, bf16_bytes);
   c.streamed_tokens = g.block_tokens;
   c.cond_tokens = g.cond_tokens;
   c.noisy_slots = w.kv_cache_tokens ? static_cast<std::size_t>(w.kv_cache_tokens) : g.noisy_slots;

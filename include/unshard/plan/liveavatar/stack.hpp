@@ -58,7 +58,7 @@ struct dit_unit {
 // What the planner needs about the whole stack.
 struct stack {
   std::string model;
-  wan_config dit;
+  wan::config dit;
   std::vector<dit_unit> units;      // forward order
   count largest_subunit = 0;        // for selective:subunit
   count widest_row = 0;             // elements in the widest weight row (chunked's smallest chunk)
@@ -67,7 +67,7 @@ struct stack {
   count audio_encoder_host = 0;     // wav2vec2: AudioEncoder(device='cpu') stays in host memory
   bool causal_kv = false;
   bool renders_by_area = false;     // Live Avatar: --size is an area the pipeline fits the image into
-  std::optional<::unshard::s2v_config> s2v_model;  // the S2V model's own config: its modules size the KV cache
+  std::optional<::unshard::s2v::config> s2v_model;  // the S2V model's own config: its modules size the KV cache
   count total_dit() const {
     count t = 0;
     for (const auto& u : units) t += u.params;
@@ -83,9 +83,9 @@ struct stack {
 // The S2V model's configuration for the planner's Live Avatar description, so that parameters and
 // cache sizes come from the module definitions the forward runs (models/liveavatar/), not from a
 // second table. (The formulas of inventory.hpp stay as an independent cross-check in the tests.)
-inline ::unshard::s2v_config model_config_of(const s2v_config& s) {
-  ::unshard::s2v_config m = ::unshard::liveavatar_14b_config();
-  static_cast<wan_backbone_config&>(m) = s.base;  // the Wan backbone's sizes and flags, all of them
+inline ::unshard::s2v::config model_config_of(const s2v_config& s) {
+  ::unshard::s2v::config m = ::unshard::s2v::liveavatar_14b_config();
+  static_cast<wan::backbone_config&>(m) = s.base;  // the Wan backbone's sizes and flags, all of them
   m.cond_dim = s.cond_dim;
   m.audio_dim = s.audio_dim;
   m.num_audio_token = s.num_audio_token;
@@ -100,16 +100,16 @@ inline ::unshard::s2v_config model_config_of(const s2v_config& s) {
 // injector that runs after it (for unshard's own policies), the head. FSDP puts injectors in the root.
 inline stack liveavatar_stack(const s2v_config& s) {
   const s2v_parts p = s2v_inventory(s);  // LoRA factors only (zero when merged)
-  const wan_config& c = s.base;
+  const wan::config& c = s.base;
   stack st;
   st.model = "liveavatar-14b";
   st.dit = c;
   st.s2v_model = model_config_of(s);
-  const ::unshard::s2v_model m(*st.s2v_model, s2v_pipeline_workload(*st.s2v_model, 720, 400));
+  const ::unshard::s2v::model m(*st.s2v_model, s2v::pipeline_workload(*st.s2v_model, 720, 400));
   const count lora_each = c.num_layers ? p.lora / c.num_layers : 0;
   count pre = 0;
   for (std::size_t l = 0; l < m.layer_count(); ++l) {
-    const ::unshard::s2v_layer& layer = m.layer(l);
+    const ::unshard::s2v::layer& layer = m.layer(l);
     count params = 0;
     for (std::size_t sub = 0; sub < layer.subunit_count(); ++sub) {
       count sub_params = 0;
@@ -121,17 +121,17 @@ inline stack liveavatar_stack(const s2v_config& s) {
       params += sub_params;
     }
     switch (layer.kind()) {
-      case ::unshard::s2v_layer_kind::block:
+      case ::unshard::s2v::layer_kind::block:
         st.units.push_back({layer.name(), params + lora_each, false, true});
         break;
-      case ::unshard::s2v_layer_kind::injector:
-      case ::unshard::s2v_layer_kind::head:
+      case ::unshard::s2v::layer_kind::injector:
+      case ::unshard::s2v::layer_kind::head:
         if (pre) st.units.push_back({"pre", std::exchange(pre, 0), true, false});
         st.units.push_back({layer.name(), params, true, false});
         break;
       default:  // embeddings, frame packer, cond encoder, audio encoder: before the first block
         pre += params;
-        if (st.units.empty() && l + 1 < m.layer_count() && m.layer(l + 1).kind() == ::unshard::s2v_layer_kind::block)
+        if (st.units.empty() && l + 1 < m.layer_count() && m.layer(l + 1).kind() == ::unshard::s2v::layer_kind::block)
           st.units.push_back({"pre", std::exchange(pre, 0), true, false});
     }
   }
@@ -144,7 +144,7 @@ inline stack liveavatar_stack(const s2v_config& s) {
 }
 
 // Any Wan t2v config.json: the DiT alone (no audio, no causal cache), with the same T5 and VAE.
-inline stack wan_stack(const wan_config& c, const std::string& name) {
+inline stack wan_stack(const wan::config& c, const std::string& name) {
   stack st;
   st.model = name;
   st.dit = c;
@@ -164,7 +164,7 @@ inline stack wan_stack(const wan_config& c, const std::string& name) {
 inline workload rendered(const stack& st, workload w) {
   if (w.width <= 0 || w.height <= 0) throw_error("resolution ", w.width, "x", w.height, " must be positive");
   if (st.renders_by_area) {
-    const ::unshard::pixel_size r = ::unshard::s2v_render_size(w.width, w.height);
+    const ::unshard::s2v::pixel_size r = ::unshard::s2v::render_size(w.width, w.height);
     // The frame packer's 4x bucket has an 8x8 latent kernel: 64x64 pixels is the smallest video.
     if (r.width < 64 || r.height < 64)
       throw_error("resolution ", w.width, "x", w.height, " renders at ", r.width, "x", r.height,

@@ -1,10 +1,10 @@
 #pragma once
-// s2v_cuda_model: Live Avatar's S2V DiT on a CUDA device. Not a second forward: each layer is the
-// host s2v_layer, run over cuda_ops (ops/cuda_ops.cuh) instead of host_ops, on buffers in device
+// s2v::cuda_model: Live Avatar's S2V DiT on a CUDA device. Not a second forward: each layer is the
+// host s2v::layer, run over cuda_ops (ops/cuda_ops.cuh) instead of host_ops, on buffers in device
 // memory. Layers, sub-units, parameter names and order, the buffer table and its categories are
 // the host model's, so the unit layout, every policy and the ledger apply unchanged.
 //
-//   s2v_cuda_model m(config, workload, {dtype::bf16});
+//   s2v::cuda_model m(config, workload, {dtype::bf16});
 //   state = m.make_state(buffers of m.buffers(), in device memory); state.attach_stream(stream);
 //   m.begin_sink(state, sink inputs) / m.begin_step(state, step inputs)   (host tensors: uploaded)
 //   for each layer i, sub-unit j: m.layer(i).forward(j, views (device memory), state);
@@ -30,9 +30,9 @@
 #include "unshard/ops/cuda_model.cuh"
 #include "unshard/ops/cuda_ops.cuh"
 
-namespace unshard {
+namespace unshard::s2v {
 
-struct s2v_cuda_options {
+struct cuda_options {
   // cuBLASLt workspace, a declared workspace buffer (NVIDIA recommends 32 MiB on Hopper).
   std::size_t gemm_workspace_bytes = std::size_t{32} << 20;
   // f32: the path checked against the references; bf16: tensor-core GEMMs and fused attention
@@ -43,27 +43,27 @@ struct s2v_cuda_options {
   std::function<std::shared_ptr<bf16_attention_engine>()> attention_engine;
 };
 
-using s2v_cuda_state = cuda_state<s2v_state>;
+using cuda_state = unshard::cuda_state<s2v::state>;
 
 // The host layer over cuda_ops, plus the S2V layer's own queries.
-class s2v_cuda_layer : public cuda_layer<s2v_layer, s2v_cuda_state> {
+class cuda_layer : public unshard::cuda_layer<s2v::layer, s2v::cuda_state> {
  public:
-  using cuda_layer::cuda_layer;
-  s2v_layer_kind kind() const noexcept { return host().kind(); }
+  using unshard::cuda_layer<s2v::layer, s2v::cuda_state>::cuda_layer;
+  s2v::layer_kind kind() const noexcept { return host().kind(); }
   bool fsdp_root() const noexcept { return host().fsdp_root(); }
 };
 
-static_assert(layer<s2v_cuda_layer, s2v_cuda_state>, "s2v_cuda_layer must model unshard::layer over s2v_cuda_state");
+static_assert(unshard::layer<s2v::cuda_layer, s2v::cuda_state>, "s2v::cuda_layer must model unshard::layer over s2v::cuda_state");
 
 namespace detail {
 
-struct s2v_weight_extents {
+struct weight_extents {
   std::size_t weight = 0;  // elements of the largest weight (rank >= 2)
   std::size_t bias = 0;    // elements of the largest 1-D parameter
   std::size_t inner = 0;   // the largest K of a weight [N, K...]
 };
-inline s2v_weight_extents s2v_weight_extents_of(const s2v_model& m) {
-  s2v_weight_extents e;
+inline weight_extents weight_extents_of(const s2v::model& m) {
+  weight_extents e;
   for (std::size_t i = 0; i < m.layer_count(); ++i)
     for (std::size_t j = 0; j < m.layer(i).subunit_count(); ++j)
       for (const param_spec& p : m.layer(i).parameters(j)) {
@@ -82,8 +82,8 @@ inline s2v_weight_extents s2v_weight_extents_of(const s2v_model& m) {
 // weight widened to f32 (f32 compute), or the largest f32 weight rounded to bf16 (bf16 compute,
 // two per float), plus the largest 1-D parameter; each 64-float aligned so the bias, kept at the
 // end, starts 256-byte aligned.
-inline std::size_t s2v_cuda_widen_floats(const s2v_model& m, cuda_precision precision) {
-  const s2v_weight_extents e = s2v_weight_extents_of(m);
+inline std::size_t cuda_widen_floats(const s2v::model& m, cuda_precision precision) {
+  const weight_extents e = weight_extents_of(m);
   const bool f32_storage = m.geometry().storage == dtype::f32;
   const std::size_t weight = precision == cuda_precision::bf16 ? (f32_storage ? (e.weight + 1) / 2 : 0)
                                                                : (f32_storage ? 0 : e.weight);
@@ -92,37 +92,37 @@ inline std::size_t s2v_cuda_widen_floats(const s2v_model& m, cuda_precision prec
 }
 
 // bf16 scratch elements of the bf16 compute: the largest GEMM input (rows x K) or attention.
-inline std::size_t s2v_cuda_bf16_elems(const s2v_model& m) {
-  const s2v_geometry& g = m.geometry();
+inline std::size_t cuda_bf16_elems(const s2v::model& m) {
+  const s2v::geometry& g = m.geometry();
   const std::size_t rows = std::max({g.kv_scratch_rows(), (g.audio_tokens + 1) * g.audio_t, 2 * g.frames});
-  return cuda_ops::bf16_scratch_elems(rows * s2v_weight_extents_of(m).inner, g.max_tokens(), g.max_keys(), g.dim);
+  return cuda_ops::bf16_scratch_elems(rows * weight_extents_of(m).inner, g.max_tokens(), g.max_keys(), g.dim);
 }
 
 // The host's "scores" scratch is dropped: device attention keeps its scores on chip.
-inline bool s2v_cuda_uses_buffer(std::string_view name) { return name != "scores"; }
+inline bool cuda_uses_buffer(std::string_view name) { return name != "scores"; }
 
 }  // namespace detail
 
-class s2v_cuda_model {
+class cuda_model {
  public:
-  using state = s2v_cuda_state;
+  using state = s2v::cuda_state;
 
-  s2v_cuda_model(const s2v_config& config, const s2v_workload& workload, const s2v_options& options = {},
-                 const s2v_cuda_options& cuda_options = {})
+  cuda_model(const s2v::config& config, const s2v::workload& workload, const s2v::options& options = {},
+                 const s2v::cuda_options& cuda_options = {})
       : host_(config, workload, options),
         options_(cuda_options),
-        widen_floats_(detail::s2v_cuda_widen_floats(host_, cuda_options.precision)),
-        bf16_elems_(cuda_options.precision == cuda_precision::bf16 ? detail::s2v_cuda_bf16_elems(host_) : 0) {
+        widen_floats_(detail::cuda_widen_floats(host_, cuda_options.precision)),
+        bf16_elems_(cuda_options.precision == cuda_precision::bf16 ? detail::cuda_bf16_elems(host_) : 0) {
     for (std::size_t i = 0; i < host_.layer_count(); ++i) layers_.emplace_back(host_.layer(i));
   }
 
-  const s2v_config& config() const noexcept { return host_.config(); }
-  const s2v_geometry& geometry() const noexcept { return host_.geometry(); }
+  const s2v::config& config() const noexcept { return host_.config(); }
+  const s2v::geometry& geometry() const noexcept { return host_.geometry(); }
   // The host model with the same layers (planning, checks, or a reference forward on the host).
-  const s2v_model& host_model() const noexcept { return host_; }
+  const s2v::model& host_model() const noexcept { return host_; }
 
   std::size_t layer_count() const noexcept { return layers_.size(); }
-  const s2v_cuda_layer& layer(std::size_t i) const {
+  const s2v::cuda_layer& layer(std::size_t i) const {
     if (i >= layers_.size()) throw_error("liveavatar cuda model: layer ", i, " out of range (", layers_.size(), " layers)");
     return layers_[i];
   }
@@ -130,7 +130,7 @@ class s2v_cuda_model {
   std::vector<buffer_spec> buffers() const {
     std::vector<buffer_spec> specs;
     for (const buffer_spec& b : host_.buffers())
-      if (detail::s2v_cuda_uses_buffer(b.name)) specs.push_back(b);
+      if (detail::cuda_uses_buffer(b.name)) specs.push_back(b);
     specs.push_back({"gemm_workspace", options_.gemm_workspace_bytes, memory_category::workspace});
     specs.push_back({"weight_f32", widen_floats_ * sizeof(float), memory_category::workspace});
     if (bf16_elems_) specs.push_back({"bf16_scratch", bf16_elems_ * sizeof(bf16), memory_category::workspace});
@@ -140,8 +140,8 @@ class s2v_cuda_model {
   // Views into device buffers; the caches are zeroed on the device (as the official torch.zeros).
   state make_state(const buffer_set& buffers) const {
     state s;
-    static_cast<s2v_state&>(s) = detail::make_s2v_state(geometry(), buffers, false);
-    for (const auto& b : detail::s2v_buffer_table(geometry()))
+    static_cast<s2v::state&>(s) = detail::make_state(geometry(), buffers, false);
+    for (const auto& b : detail::buffer_table(geometry()))
       if (b.category == memory_category::kv_cache && (b.scope != buffer_scope::per_step || buffers.has(b.name)))
         UNSHARD_CUDA_CHECK(cudaMemset(buffers.bytes(b.name).data(), 0, b.floats * sizeof(float)));
     UNSHARD_CUDA_CHECK(cudaDeviceSynchronize());  // the zeros land before any stream reads them
@@ -156,10 +156,10 @@ class s2v_cuda_model {
     return s;
   }
 
-  void begin_sink(state& s, const s2v_sink_inputs& in) const { host_.begin_sink(s.ops, s, in); }
-  void begin_step(state& s, const s2v_step_inputs& in) const { host_.begin_step(s.ops, s, in); }
-  void check_step(const s2v_step_inputs& in) const { host_.check_step(in); }
-  void check_sink(const s2v_sink_inputs& in) const { host_.check_sink(in); }
+  void begin_sink(state& s, const s2v::sink_inputs& in) const { host_.begin_sink(s.ops, s, in); }
+  void begin_step(state& s, const s2v::step_inputs& in) const { host_.begin_step(s.ops, s, in); }
+  void check_step(const s2v::step_inputs& in) const { host_.check_step(in); }
+  void check_sink(const s2v::sink_inputs& in) const { host_.check_sink(in); }
 
   // The lane's ops context (the denoiser's Euler update runs on it).
   cuda_ops& ops(state& s) const { return s.ops; }
@@ -203,13 +203,13 @@ class s2v_cuda_model {
  private:
   static std::vector<float> download(const state& s, const float* src, std::size_t n) { return s.ops.download(src, n); }
 
-  s2v_model host_;
-  s2v_cuda_options options_;
+  s2v::model host_;
+  s2v::cuda_options options_;
   std::size_t widen_floats_;
   std::size_t bf16_elems_;
-  std::vector<s2v_cuda_layer> layers_;
+  std::vector<s2v::cuda_layer> layers_;
 };
 
-static_assert(model<s2v_cuda_model>, "s2v_cuda_model must model unshard::model");
+static_assert(unshard::model<s2v::cuda_model>, "s2v::cuda_model must model unshard::model");
 
-}  // namespace unshard
+}  // namespace unshard::s2v

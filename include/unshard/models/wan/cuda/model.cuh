@@ -1,11 +1,11 @@
 #pragma once
-// wan_cuda_model: the Wan2.1 t2v DiT on CUDA, for `unshard-dit --backend cuda`.
+// wan::cuda_model: the Wan2.1 t2v DiT on CUDA, for `unshard-dit --backend cuda`.
 //
-// Not a second forward: each layer is the host wan_layer, run over cuda_ops (ops/cuda_ops.cuh)
+// Not a second forward: each layer is the host wan::layer, run over cuda_ops (ops/cuda_ops.cuh)
 // instead of host_ops, on buffers in device memory. Layers, sub-units, parameter names and order,
 // the buffer table and its categories are the host model's, so the same unit layout, policies and
 // ledger apply unchanged. Inputs and outputs cross with explicit copies:
-//   wan_cuda_model m(config, workload, {dtype::bf16});
+//   wan::cuda_model m(config, workload, {dtype::bf16});
 //   state = m.make_state(buffers of m.buffers(), in device memory); state.attach_stream(stream);
 //   m.set_inputs(state, x, t, context);                 (host tensors; uploaded on the stream)
 //   for each layer i, sub-unit j: m.layer(i).forward(j, views (device memory), state);
@@ -26,44 +26,44 @@
 #include "unshard/ops/cuda_model.cuh"
 #include "unshard/ops/cuda_ops.cuh"
 
-namespace unshard {
+namespace unshard::wan {
 
 // The host layer over cuda_ops, plus the Wan layer's own queries.
-class wan_cuda_layer : public cuda_layer<wan_layer, wan_cuda_state> {
+class cuda_layer : public unshard::cuda_layer<wan::layer, wan::cuda_state> {
  public:
-  using cuda_layer::cuda_layer;
-  wan_layer_kind kind() const noexcept { return host().kind(); }
+  using unshard::cuda_layer<wan::layer, wan::cuda_state>::cuda_layer;
+  wan::layer_kind kind() const noexcept { return host().kind(); }
   std::size_t block_index() const noexcept { return host().block_index(); }
 };
 
-static_assert(layer<wan_cuda_layer, wan_cuda_state>, "wan_cuda_layer must model unshard::layer over wan_cuda_state");
+static_assert(unshard::layer<wan::cuda_layer, wan::cuda_state>, "wan::cuda_layer must model unshard::layer over wan::cuda_state");
 
-class wan_cuda_model {
+class cuda_model {
  public:
-  using state = wan_cuda_state;
+  using state = wan::cuda_state;
 
-  wan_cuda_model(const wan_config& config, const wan_workload& workload, const wan_options& options = {},
-                 const wan_cuda_options& cuda_options = {})
+  cuda_model(const wan::config& config, const wan::workload& workload, const wan::options& options = {},
+                 const wan::cuda_options& cuda_options = {})
       : host_(config, workload, options), options_(cuda_options) {
     for (std::size_t i = 0; i < host_.layer_count(); ++i) layers_.emplace_back(host_.layer(i));
   }
 
-  const wan_config& config() const noexcept { return host_.config(); }
-  const wan_geometry& geometry() const noexcept { return host_.geometry(); }
-  const wan_cuda_options& cuda_options() const noexcept { return options_; }
+  const wan::config& config() const noexcept { return host_.config(); }
+  const wan::geometry& geometry() const noexcept { return host_.geometry(); }
+  const wan::cuda_options& cuda_options() const noexcept { return options_; }
   // The host model with the same layers (for planning, or a reference forward on the host).
-  const wan_model& host_model() const noexcept { return host_; }
+  const wan::model& host_model() const noexcept { return host_; }
 
   std::size_t layer_count() const noexcept { return layers_.size(); }
-  const wan_cuda_layer& layer(std::size_t i) const {
-    if (i >= layers_.size()) throw_error("wan_cuda_model: layer ", i, " out of range (", layers_.size(), " layers)");
+  const wan::cuda_layer& layer(std::size_t i) const {
+    if (i >= layers_.size()) throw_error("wan::cuda_model: layer ", i, " out of range (", layers_.size(), " layers)");
     return layers_[i];
   }
 
-  std::vector<buffer_spec> buffers() const { return detail::wan_cuda_buffer_specs(geometry(), options_); }
-  state make_state(const buffer_set& buffers) const { return detail::make_wan_cuda_state(geometry(), options_, buffers); }
+  std::vector<buffer_spec> buffers() const { return detail::cuda_buffer_specs(geometry(), options_); }
+  state make_state(const buffer_set& buffers) const { return detail::make_cuda_state(geometry(), options_, buffers); }
 
-  // Uploads the inputs (host tensors of any storage dtype; shapes as wan_model::set_inputs checks
+  // Uploads the inputs (host tensors of any storage dtype; shapes as wan::model::set_inputs checks
   // them) into the state's device buffers on its stream, through the ops' pinned staging (the
   // caller's tensors may go once this returns), and zero-pads the context on the device.
   void set_inputs(state& s, const tensor_view& x, const tensor_view& t, const tensor_view& context) const {
@@ -71,11 +71,11 @@ class wan_cuda_model {
   }
 
   void set_inputs(state& s, std::span<const float> x, float t, std::span<const float> context) const {
-    const wan_geometry& g = geometry();
+    const wan::geometry& g = geometry();
     const auto [C, F, H, W] = g.latent;
     const auto i64 = [](std::size_t v) { return static_cast<std::int64_t>(v); };
     if (x.size() != C * F * H * W || context.size() != g.context_len * g.text_dim)
-      throw_error("wan_cuda_model::set_inputs: got ", x.size(), " values of x and ", context.size(),
+      throw_error("wan::cuda_model::set_inputs: got ", x.size(), " values of x and ", context.size(),
                   " of context, expected C*F*H*W = ", C * F * H * W, " and L*text_dim = ", g.context_len * g.text_dim);
     set_inputs(s, tensor_view(const_cast<float*>(x.data()), dtype::f32, shape{i64(C), i64(F), i64(H), i64(W)}),
                tensor_view(&t, dtype::f32, shape{1}),
@@ -94,10 +94,10 @@ class wan_cuda_model {
   }
   // Block i's output [S, D]; needs record_block_outputs.
   std::vector<float> copy_block_output(const state& s, std::size_t i) const {
-    const wan_geometry& g = geometry();
+    const wan::geometry& g = geometry();
     if (!g.record_block_outputs)
-      throw_error("wan_cuda_model: block outputs were not recorded (construct with record_block_outputs = true)");
-    if (i >= g.num_layers) throw_error("wan_cuda_model: block ", i, " out of range (", g.num_layers, " blocks)");
+      throw_error("wan::cuda_model: block outputs were not recorded (construct with record_block_outputs = true)");
+    if (i >= g.num_layers) throw_error("wan::cuda_model: block ", i, " out of range (", g.num_layers, " blocks)");
     return download(s, s.block_outputs + i * g.tokens * g.dim, g.tokens * g.dim);
   }
   // Any f32 state buffer (tests read intermediates: s.q, s.attn, ...), n floats from `device`.
@@ -108,11 +108,11 @@ class wan_cuda_model {
  private:
   static std::vector<float> download(const state& s, const float* src, std::size_t n) { return s.ops.download(src, n); }
 
-  wan_model host_;
-  wan_cuda_options options_;
-  std::vector<wan_cuda_layer> layers_;
+  wan::model host_;
+  wan::cuda_options options_;
+  std::vector<wan::cuda_layer> layers_;
 };
 
-static_assert(model<wan_cuda_model>, "wan_cuda_model must model unshard::model");
+static_assert(unshard::model<wan::cuda_model>, "wan::cuda_model must model unshard::model");
 
-}  // namespace unshard
+}  // namespace unshard::wan

@@ -1,10 +1,10 @@
 #pragma once
-// The activation state of the CUDA Wan model: the host model's wan_state (same buffers, same
+// The activation state of the CUDA Wan model: the host model's wan::state (same buffers, same
 // names, same categories: the ledger plans both alike), with every pointer in device memory, plus
 // the lane's ops context (ops/cuda_ops.cuh: the stream, the cuBLASLt handle, the widening scratch).
 // The state holds buffers only; everything else a kernel needs is the context's.
 //
-// Buffers come from detail::wan_buffer_table (models/wan/state.hpp), so the two models cannot
+// Buffers come from detail::buffer_table (models/wan/state.hpp), so the two models cannot
 // disagree on a size; the host's "scores" row is dropped (device attention keeps its scores on
 // chip) and two workspace entries are added: cuBLASLt's workspace, and the f32 scratch that a bf16
 // weight chunk and a bias slice are widened (or realigned) into.
@@ -24,15 +24,15 @@
 #include "unshard/ops/cuda_model.cuh"
 #include "unshard/ops/cuda_ops.cuh"
 
-namespace unshard {
+namespace unshard::wan {
 
-struct wan_cuda_options {
+struct cuda_options {
   // cuBLASLt workspace, a declared workspace buffer (NVIDIA recommends 32 MiB on Hopper).
   std::size_t gemm_workspace_bytes = std::size_t{32} << 20;
 };
 
 // The host model's buffers, in device memory, plus the lane's ops context (ops/cuda_model.cuh).
-using wan_cuda_state = cuda_state<wan_state>;
+using cuda_state = unshard::cuda_state<wan::state>;
 
 namespace detail {
 
@@ -40,12 +40,12 @@ namespace detail {
 // is not f32 (a row chunk of a weight is smaller still), then room for the largest 1-D parameter,
 // which cuda_ops keeps 16-byte aligned at the scratch's tail (a bf16 bias widened, or an f32 bias
 // slice that starts at an odd row realigned). Each part is a multiple of 64 floats.
-inline std::size_t wan_cuda_widen_floats(const wan_geometry& g) {
+inline std::size_t cuda_widen_floats(const wan::geometry& g) {
   std::size_t weight = 0, bias = 0;
-  for (const wan_param_table& t :
-       {wan_patch_embedding_layout(g).table, wan_time_layout(g).table, wan_text_layout(g).table,
-        wan_self_attn_layout(g).table, wan_cross_attn_layout(g).table, wan_ffn_layout(g).table,
-        wan_head_layout(g).table})
+  for (const param_table& t :
+       {patch_embedding_layout(g).table, time_layout(g).table, text_layout(g).table,
+        self_attn_layout(g).table, cross_attn_layout(g).table, ffn_layout(g).table,
+        head_layout(g).table})
     for (std::size_t i = 0; i < t.count; ++i) {
       const auto n = static_cast<std::size_t>(t.slots[i].dims.numel());
       if (t.slots[i].dims.rank() == 1) bias = std::max(bias, n);
@@ -57,49 +57,49 @@ inline std::size_t wan_cuda_widen_floats(const wan_geometry& g) {
   return (g.storage == dtype::f32 ? 0 : up(weight)) + up(bias);
 }
 
-struct wan_cuda_extra {
+struct cuda_extra {
   const char* name;
   std::size_t bytes;
 };
 
-inline std::vector<wan_cuda_extra> wan_cuda_extra_buffers(const wan_geometry& g, const wan_cuda_options& o) {
-  return {{"gemm_workspace", o.gemm_workspace_bytes}, {"weight_f32", wan_cuda_widen_floats(g) * sizeof(float)}};
+inline std::vector<cuda_extra> cuda_extra_buffers(const wan::geometry& g, const wan::cuda_options& o) {
+  return {{"gemm_workspace", o.gemm_workspace_bytes}, {"weight_f32", cuda_widen_floats(g) * sizeof(float)}};
 }
 
-inline bool wan_cuda_uses_buffer(std::string_view name) { return name != "scores"; }
+inline bool cuda_uses_buffer(std::string_view name) { return name != "scores"; }
 
-inline std::vector<buffer_spec> wan_cuda_buffer_specs(const wan_geometry& g, const wan_cuda_options& o) {
+inline std::vector<buffer_spec> cuda_buffer_specs(const wan::geometry& g, const wan::cuda_options& o) {
   std::vector<buffer_spec> specs;
-  for (const auto& b : wan_buffer_table(g))
-    if (wan_cuda_uses_buffer(b.name)) specs.push_back({b.name, b.floats * sizeof(float), b.category});
-  for (const auto& e : wan_cuda_extra_buffers(g, o))
+  for (const auto& b : buffer_table(g))
+    if (cuda_uses_buffer(b.name)) specs.push_back({b.name, b.floats * sizeof(float), b.category});
+  for (const auto& e : cuda_extra_buffers(g, o))
     if (e.bytes) specs.push_back({e.name, e.bytes, memory_category::workspace});
   return specs;
 }
 
 // The state's buffer views, and its ops context built over the declared workspace buffers (the
 // stream comes later, from attach_stream).
-inline wan_cuda_state make_wan_cuda_state(const wan_geometry& g, const wan_cuda_options& o, const buffer_set& buffers) {
-  wan_cuda_state s;
-  for (const auto& b : wan_buffer_table(g)) {
-    if (!wan_cuda_uses_buffer(b.name)) continue;
+inline wan::cuda_state make_cuda_state(const wan::geometry& g, const wan::cuda_options& o, const buffer_set& buffers) {
+  wan::cuda_state s;
+  for (const auto& b : buffer_table(g)) {
+    if (!cuda_uses_buffer(b.name)) continue;
     const std::span<std::byte> bytes = buffers.bytes(b.name);
     if (bytes.size() < b.floats * sizeof(float))
-      throw_error("wan_cuda_model: buffer '", b.name, "' has ", bytes.size(), " bytes, needs ", b.floats * sizeof(float));
+      throw_error("wan::cuda_model: buffer '", b.name, "' has ", bytes.size(), " bytes, needs ", b.floats * sizeof(float));
     if (reinterpret_cast<std::uintptr_t>(bytes.data()) % 16 != 0)
-      throw_error("wan_cuda_model: buffer '", b.name, "' is not 16-byte aligned");
+      throw_error("wan::cuda_model: buffer '", b.name, "' is not 16-byte aligned");
     s.*b.member = reinterpret_cast<float*>(bytes.data());
   }
   std::byte* workspace = nullptr;
   float* widen = nullptr;
   std::size_t workspace_bytes = 0, widen_floats = 0;
-  for (const auto& e : wan_cuda_extra_buffers(g, o)) {
+  for (const auto& e : cuda_extra_buffers(g, o)) {
     if (!e.bytes) continue;
     const std::span<std::byte> bytes = buffers.bytes(e.name);
     if (bytes.size() < e.bytes)
-      throw_error("wan_cuda_model: buffer '", e.name, "' has ", bytes.size(), " bytes, needs ", e.bytes);
+      throw_error("wan::cuda_model: buffer '", e.name, "' has ", bytes.size(), " bytes, needs ", e.bytes);
     if (reinterpret_cast<std::uintptr_t>(bytes.data()) % 16 != 0)
-      throw_error("wan_cuda_model: buffer '", e.name, "' is not 16-byte aligned");
+      throw_error("wan::cuda_model: buffer '", e.name, "' is not 16-byte aligned");
     if (std::string_view(e.name) == "gemm_workspace") {
       workspace = bytes.data();
       workspace_bytes = e.bytes;
@@ -113,4 +113,4 @@ inline wan_cuda_state make_wan_cuda_state(const wan_geometry& g, const wan_cuda_
 }
 
 }  // namespace detail
-}  // namespace unshard
+}  // namespace unshard::wan
