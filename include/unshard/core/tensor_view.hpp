@@ -32,8 +32,23 @@ class tensor_view {
     return {reinterpret_cast<T*>(data_), static_cast<std::size_t>(numel())};
   }
 
+  // Element i as f32. An f8e4m3 view holds codes: load() is the code's value, without the scale
+  // that lives beside the codes (unshard/quant/fp8.hpp dequantizes with it).
   float load(std::size_t i) const { return load_as_float(data_, dtype_, i); }
-  void store(std::size_t i, float v) const { store_from_float(data_, dtype_, i, v); }
+  // Stores v rounded to the view's dtype. For f8e4m3, v is stored as a code as is (no scaling), and
+  // NaN, Inf or |v| > 464 (beyond 448 after rounding) throw instead of storing a NaN code.
+  void store(std::size_t i, float v) const {
+    if (dtype_ == dtype::f8e4m3) {
+      const e4m3_conversion c = float_to_e4m3(v);
+      if (c.status != e4m3_status::ok)
+        throw_error("tensor_view: element ", i, " of an f8e4m3 tensor ", shape_.to_string(), " cannot hold ", v,
+                    c.status == e4m3_status::overflow ? " (beyond the largest e4m3 value 448 after rounding)"
+                                                      : " (not finite: an error, not a NaN code)");
+      data_[i] = static_cast<std::byte>(c.bits);
+      return;
+    }
+    store_from_float(data_, dtype_, i, v);
+  }
 
  private:
   std::byte* data_ = nullptr;

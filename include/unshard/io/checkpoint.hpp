@@ -134,6 +134,7 @@ inline std::vector<float> read_f32(const checkpoint& c, std::string_view name) {
   if (!t.type)
     throw_error("tensor '", t.name, "' in checkpoint '", c.path(), "' has dtype ", t.dtype_name,
                 ", which cannot be converted to f32");
+  if (*t.type == dtype::f8e4m3) throw error(detail::fp8_not_widened(t.name, "checkpoint '" + c.path() + "'"));
   std::vector<std::byte> raw(static_cast<std::size_t>(t.bytes));
   c.read(name, 0, raw);
   return detail::bytes_to_f32(raw, *t.type);

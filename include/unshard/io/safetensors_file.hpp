@@ -81,8 +81,18 @@ class file_mapping {
   std::size_t size_ = 0;
 };
 
-// Widens a tensor's raw bytes (of a compute dtype) to f32.
+// The message for a read_f32 of fp8 codes: they are not values until multiplied by their scales.
+inline std::string fp8_not_widened(std::string_view tensor, std::string_view where) {
+  return "tensor '" + std::string(tensor) + "' in " + std::string(where) +
+         " has dtype F8_E4M3: its codes need their scales to become values, which read_f32 does not have "
+         "(read the bytes and dequantize with unshard::quant, quant/fp8.hpp)";
+}
+
+// Widens a tensor's raw bytes (of a 16- or 32-bit compute dtype) to f32. f8e4m3 codes are refused:
+// widened without their scales they would be wrong values, silently.
 inline std::vector<float> bytes_to_f32(std::span<const std::byte> raw, dtype t) {
+  if (t == dtype::f8e4m3)
+    throw_error("f8e4m3 codes cannot be widened to f32 without their scales (see unshard/quant/fp8.hpp)");
   const std::size_t n = raw.size() / size_of(t);
   std::vector<float> out(n);
   if (t == dtype::f32) {
@@ -147,7 +157,7 @@ class safetensors_file {
     const tensor_info& t = at(name);
     if (!t.type)
       throw_error("tensor '", t.name, "' in safetensors file '", path_, "' has dtype ", t.dtype_name,
-                  ", which cannot be viewed (only F32, BF16 and F16 are supported)");
+                  ", which cannot be viewed (only F32, BF16, F16 and F8_E4M3 are supported)");
     const std::byte* p = map_.bytes().data() + t.offset;
     // Other writers may pack a 2-byte tensor before a 4-byte one; a misaligned typed view is UB.
     if (reinterpret_cast<std::uintptr_t>(p) % size_of(*t.type) != 0)
@@ -185,6 +195,7 @@ inline std::vector<float> read_f32(const safetensors_file& f, const tensor_info&
   if (!t.type)
     throw_error("tensor '", t.name, "' in safetensors file '", f.path(), "' has dtype ", t.dtype_name,
                 ", which cannot be converted to f32");
+  if (*t.type == dtype::f8e4m3) throw error(detail::fp8_not_widened(t.name, "safetensors file '" + f.path() + "'"));
   std::vector<std::byte> raw(static_cast<std::size_t>(t.bytes));
   f.read(t, 0, raw);
   return detail::bytes_to_f32(raw, *t.type);

@@ -23,8 +23,8 @@ namespace unshard {
 // One tensor entry of a safetensors header, validated against the file it came from.
 struct tensor_info {
   std::string name;
-  std::string dtype_name;     // as in the file: "F32", "BF16", "F16", "I64", "F64", ...
-  std::optional<dtype> type;  // set only for F32/BF16/F16 (the dtypes we compute with)
+  std::string dtype_name;     // as in the file: "F32", "BF16", "F16", "F8_E4M3", "I64", "F64", ...
+  std::optional<dtype> type;  // set only for F32/BF16/F16/F8_E4M3 (the dtypes we store weights in)
   shape dims;
   std::uint64_t offset = 0;  // absolute byte offset of the data in the file
   std::uint64_t bytes = 0;
@@ -54,10 +54,13 @@ inline std::uint32_t safetensors_dtype_bits(std::string_view s) noexcept {
   return 0;
 }
 
+// F8_E4M3 is the OCP "FN" variant (torch's float8_e4m3fn), the one safetensors means by that name.
+// Its tensors hold codes; their scales are separate tensors the loader pairs them with.
 inline std::optional<dtype> compute_dtype(std::string_view s) noexcept {
   if (s == "F32") return dtype::f32;
   if (s == "BF16") return dtype::bf16;
   if (s == "F16") return dtype::f16;
+  if (s == "F8_E4M3") return dtype::f8e4m3;
   return std::nullopt;
 }
 

@@ -36,14 +36,27 @@ class safetensors_writer {
     entries_.push_back(entry{std::move(name), type, dims, std::vector<std::byte>(data.begin(), data.end())});
   }
 
-  // Converts f32 values to type (round to nearest even for bf16/f16).
+  // Converts f32 values to type (round to nearest even for bf16/f16/f8e4m3). For f8e4m3 the values
+  // are stored as codes as they are (no scale is applied or written: quantize first, see
+  // quant/fp8.hpp, or add the codes as bytes); a NaN, an Inf or a value beyond 448 after rounding
+  // is an error naming the tensor and the element, never a clamp.
   void add(std::string name, const shape& dims, std::span<const float> data, dtype type = dtype::f32) {
     const std::uint64_t numel = check_new(name, dims);
     if (data.size() != numel)
       throw_error("safetensors_writer: tensor '", name, "': got ", data.size(), " values, but shape ", dims.to_string(),
                   " has ", numel, " elements");
     std::vector<std::byte> bytes(static_cast<std::size_t>(numel) * size_of(type));
-    for (std::size_t i = 0; i < data.size(); ++i) store_from_float(bytes.data(), type, i, data[i]);
+    if (type == dtype::f8e4m3) {
+      for (std::size_t i = 0; i < data.size(); ++i) {
+        const e4m3_conversion c = float_to_e4m3(data[i]);
+        if (c.status != e4m3_status::ok)
+          throw_error("safetensors_writer: tensor '", name, "': element ", i, " is ", data[i], ", which F8_E4M3 cannot hold (",
+                      c.status == e4m3_status::overflow ? "beyond 448 after rounding" : "not finite", ")");
+        bytes[i] = static_cast<std::byte>(c.bits);
+      }
+    } else {
+      for (std::size_t i = 0; i < data.size(); ++i) store_from_float(bytes.data(), type, i, data[i]);
+    }
     names_.insert(name);
     entries_.push_back(entry{std::move(name), type, dims, std::move(bytes)});
   }

@@ -20,7 +20,7 @@ class checkpoint_weights {
     const tensor_info* t = c_.find(name);
     if (!t) throw_error(c_.path(), ": missing tensor '", name, "' (the model needs it)");
     if (!t->type)
-      throw_error(c_.path(), ": tensor '", name, "' has dtype ", t->dtype_name, "; weights must be F32, BF16 or F16");
+      throw_error(c_.path(), ": tensor '", name, "' has dtype ", t->dtype_name, "; weights must be F32, BF16, F16 or F8_E4M3");
     return {*t->type, t->dims};
   }
   void read(std::string_view name, std::uint64_t offset, std::span<std::byte> dst) const { c_.read(name, offset, dst); }

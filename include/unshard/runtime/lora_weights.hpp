@@ -172,7 +172,8 @@ class lora_weights {
 
   const tensor_info& lora_tensor(const std::string& name) const {
     const tensor_info& t = lora_.at(name);
-    if (!t.type) throw_error(lora_.path(), ": LoRA tensor '", name, "' has dtype ", t.dtype_name, "; it must be F32, BF16 or F16");
+    if (!t.type || *t.type == dtype::f8e4m3)
+      throw_error(lora_.path(), ": LoRA tensor '", name, "' has dtype ", t.dtype_name, "; it must be F32, BF16 or F16");
     if (t.dims.rank() != 2) throw_error(lora_.path(), ": LoRA tensor '", name, "' has shape ", t.dims.to_string(), ", not 2-D");
     return t;
   }
@@ -212,6 +213,10 @@ class lora_weights {
         throw_error(lora_.path(), ": LoRA tensor '", a_name, "' targets no base weight: '", weight,
                     "' is not in the base weights (", e.what(), ")");
       }
+      if (base.type == dtype::f8e4m3)
+        throw_error(lora_.path(), ": LoRA for '", weight, "': the base weight in ", base_.origin(),
+                    " is f8e4m3; merging a LoRA into f8e4m3 weights is not supported yet (merge into the bf16 or f32 "
+                    "checkpoint, then quantize)");
       const shape update{b.dims[0], a.dims[1]};
       if (!(base.dims == update))
         throw_error(lora_.path(), ": LoRA for '", weight, "' is a ", update.to_string(), " update ('", b_name, "' ",

@@ -54,6 +54,11 @@ void load_elements(const S& src, const param_spec& p, std::size_t first, std::si
     src.read(p.name, first * size_of(p.type), {dst, count * size_of(p.type)});
     return;
   }
+  // f8e4m3 codes mean nothing without their scales, and quantizing needs a whole row (per-channel
+  // scales) or tensor (per-tensor): neither fits an element-wise conversion of a shard's range.
+  if (st.type == dtype::f8e4m3 || p.type == dtype::f8e4m3)
+    throw_error(src.origin(), ": tensor '", p.name, "' is stored as ", name_of(st.type), ", the model expects ",
+                name_of(p.type), ": converting to or from f8e4m3 weights is not supported by the loader yet");
   // Convert through f32 in bounded pieces (load time only; never on the forward path).
   constexpr std::size_t piece = 16384;
   std::vector<std::byte> tmp(piece * size_of(st.type));

@@ -1,5 +1,6 @@
 #pragma once
-// Host linear layer: y[M, N] = x[M, K] · W[N, K]ᵀ + b[N], x and y f32, W and b in any storage dtype.
+// Host linear layer: y[M, N] = x[M, K] · W[N, K]ᵀ + b[N], x and y f32, W and b f32, bf16 or f16
+// (f8e4m3 throws: its codes need scales a tensor_view does not carry).
 //
 // Two paths, picked at run time:
 //  * portable -- a fixed-order GEMM. Every output element is summed in an order that depends on K
@@ -198,6 +199,9 @@ inline void linear_rows(const float* x, std::size_t m, std::size_t k, const tens
   const std::size_t n_rows = wd.rank() == 0 ? 0 : static_cast<std::size_t>(wd[0]);
   if (wd.rank() == 0 || static_cast<std::size_t>(w_rows.numel()) != n_rows * k)
     throw_error("linear: weight of shape ", wd.to_string(), " is not [N, K] with K = ", k);
+  if (!b_rows.empty() && b_rows.type() == dtype::f8e4m3)
+    throw_error("linear: bias of shape ", b_rows.dims().to_string(),
+                " is f8e4m3: 1-D parameters are never quantized (keep them bf16 or f32)");
   if (!b_rows.empty() && static_cast<std::size_t>(b_rows.numel()) != n_rows)
     throw_error("linear: bias of shape ", b_rows.dims().to_string(), " does not match the ", n_rows, " weight rows");
   if (n0 + n_rows > ldy)
@@ -220,6 +224,11 @@ inline void linear_rows(const float* x, std::size_t m, std::size_t k, const tens
     case dtype::f16:
       detail::linear_portable(x, m, k, reinterpret_cast<const f16*>(w_rows.data()), n_rows, b_rows, out, ldy);
       break;
+    case dtype::f8e4m3:
+      // The codes need the weight's scales, which a tensor_view does not carry (quant/fp8.hpp's
+      // dequantize_rows is the building block for the fp8 host GEMM).
+      throw_error("linear: weight of shape ", wd.to_string(),
+                  " is f8e4m3: f8e4m3 weights are not supported by the host GEMM (linear_rows) yet");
   }
 }
 
