@@ -316,26 +316,29 @@ class cuda_ops {
     cuda::rms_norm_rope(x, rows, heads * head_dim, head_dim, 0.0, static_cast<const float*>(nullptr), cos, sin, stream_);
   }
 
-  void attention(const float* q, std::size_t n_queries, kv_segment<float> first, kv_segment<float> second,
-                 std::size_t heads, std::size_t head_dim, float*, float* out) {
+  void attention(const float* q, std::size_t n_queries, kv_segment first, kv_segment second, std::size_t heads,
+                 std::size_t head_dim, float*, float* out) {
     if (uses_sdpa()) return attention_bf16(q, n_queries, first, second, heads, head_dim, 1, out);
+    require_f32(first, "attention");
+    require_f32(second, "attention");
     cuda::segmented_attention<float> a;
     a.q = q;
     a.out = out;
     a.queries = n_queries;
-    a.seg[0] = {first.k, first.v, first.rows, 0};
-    a.seg[1] = {second.rows ? second.k : first.k, second.rows ? second.v : first.v, second.rows, 0};
+    a.seg[0] = {first.k.f32(), first.v.f32(), first.rows, 0};
+    a.seg[1] = {second.rows ? second.k.f32() : first.k.f32(), second.rows ? second.v.f32() : first.v.f32(), second.rows, 0};
     a.heads = heads;
     a.d = head_dim;
     cuda::segmented_flash_attention(a, stream_);
   }
 
-  void grouped_attention(const float* q, std::size_t n_queries, kv_segment<float> keys, std::size_t heads,
+  void grouped_attention(const float* q, std::size_t n_queries, kv_segment keys, std::size_t heads,
                          std::size_t head_dim, std::size_t groups, float*, float* out) {
     if (groups == 0 || n_queries % groups != 0 || keys.rows % groups != 0)
       throw_error("grouped_attention: ", n_queries, " queries and ", keys.rows, " keys do not split into ", groups,
                   " equal groups");
     if (uses_sdpa()) return attention_bf16(q, n_queries, keys, {}, heads, head_dim, groups, out);
+    require_f32(keys, "grouped_attention");
     const std::size_t nq = n_queries / groups, nk = keys.rows / groups;
     cuda::segmented_attention<float> a;
     a.q = q;
@@ -343,7 +346,7 @@ class cuda_ops {
     a.queries = nq;
     a.groups = groups;
     a.q_group_rows = nq;
-    a.seg[0] = {keys.k, keys.v, nk, nk};
+    a.seg[0] = {keys.k.f32(), keys.v.f32(), nk, nk};
     a.heads = heads;
     a.d = head_dim;
     cuda::segmented_flash_attention(a, stream_);
@@ -443,7 +446,18 @@ class cuda_ops {
     cuda_ops_detail::fill_kernel<><<<cuda_ops_detail::blocks(n), cuda_ops_detail::threads, 0, stream_>>>(dst, n, value);
     cuda::check_launch("fill");
   }
-  void write_cache(float* cache, const float* src, std::size_t n) { copy(cache, src, n); }
+  // The cache's own type: f32 (the f32 precision), or bf16 (the bf16 precision, as the official
+  // caches): each value rounded once, when written; the attention then reads it without a pass.
+  void write_cache(kv_cache_ref cache, const float* src, std::size_t n) {
+    if (cache.type == dtype::f32) return copy(static_cast<float*>(cache.data), src, n);
+    require_cache_type(cache.type);
+    if (n) cuda::convert(src, n, static_cast<bf16*>(cache.data), stream_);
+  }
+  void read_cache(float* dst, kv_cache_ref cache, std::size_t n) {
+    if (cache.type == dtype::f32) return copy(dst, static_cast<const float*>(cache.data), n);
+    require_cache_type(cache.type);
+    if (n) cuda::convert(static_cast<const bf16*>(cache.data), n, dst, stream_);
+  }
 
   // A host tensor of any storage dtype, widened to f32 in pinned staging and copied on the stream
   // (never a pageable cudaMemcpy racing the stream's kernels).
@@ -532,18 +546,18 @@ class cuda_ops {
 
   // Attention with q, k, v rounded to bf16: the key segments are joined while they are rounded, so
   // the engine reads one K and one V; its bf16 output is widened into `out`.
-  void attention_bf16(const float* q, std::size_t nq, kv_segment<float> first, kv_segment<float> second,
-                      std::size_t heads, std::size_t head_dim, std::size_t groups, float* out) {
+  void attention_bf16(const float* q, std::size_t nq, kv_segment first, kv_segment second, std::size_t heads,
+                      std::size_t head_dim, std::size_t groups, float* out) {
     const std::size_t w = heads * head_dim, nk = first.rows + second.rows;
     if (second.rows && groups != 1) throw_error("cuda_ops: grouped attention over two key segments");
     bf16* qb = narrow((2 * nq + 2 * nk) * w, "attention's q, k, v and output");
     bf16 *kb = qb + nq * w, *vb = kb + nk * w, *ob = vb + nk * w;
     cuda::convert(q, nq * w, qb, stream_);
-    cuda::convert(first.k, first.rows * w, kb, stream_);
-    cuda::convert(first.v, first.rows * w, vb, stream_);
+    to_bf16(first.k, first.rows * w, kb);
+    to_bf16(first.v, first.rows * w, vb);
     if (second.rows) {
-      cuda::convert(second.k, second.rows * w, kb + first.rows * w, stream_);
-      cuda::convert(second.v, second.rows * w, vb + first.rows * w, stream_);
+      to_bf16(second.k, second.rows * w, kb + first.rows * w);
+      to_bf16(second.v, second.rows * w, vb + first.rows * w);
     }
     if (engine_) {
       engine_->run(qb, nq, kb, vb, nk, heads, head_dim, groups, ob, stream_);
@@ -560,6 +574,23 @@ class cuda_ops {
       cuda::segmented_flash_attention(a, stream_);
     }
     cuda::convert(static_cast<const bf16*>(ob), nq * w, out, stream_);
+  }
+
+  // n values of r into bf16 dst: rounded from f32, or copied from a bf16 cache as they are.
+  void to_bf16(kv_rows r, std::size_t n, bf16* dst) {
+    if (n == 0) return;
+    if (r.type == dtype::f32) return cuda::convert(r.f32(), n, dst, stream_);
+    require_cache_type(r.type);
+    UNSHARD_CUDA_CHECK(cudaMemcpyAsync(dst, r.data, n * sizeof(bf16), cudaMemcpyDeviceToDevice, stream_));
+  }
+  static void require_cache_type(dtype t) {
+    if (t != dtype::bf16) throw_error("cuda_ops: a ", name_of(t), " KV cache is not supported (f32 or bf16)");
+  }
+  // Our f32 attention reads f32 rows: a bf16 cache goes with the bf16 precision (cuda_model pairs them).
+  static void require_f32(const kv_segment& s, const char* op) {
+    if (s.rows && (s.k.type != dtype::f32 || s.v.type != dtype::f32))
+      throw_error("cuda_ops: ", op, " in f32 precision over a ", name_of(s.k.type == dtype::f32 ? s.v.type : s.k.type),
+                  " KV cache (a bf16 cache needs the bf16 precision)");
   }
 
   bf16* narrow(std::size_t elems, const char* what) const {

@@ -25,6 +25,13 @@ struct host_ops {
   using value_type = float;
 
   gemm_path gemm = gemm_path::portable;
+  // f32 scratch for a bf16 KV cache's rows, widened before the f32 attention reads them:
+  // kv_widen_floats(keys) for the most keys one attention sees (null when the caches are f32).
+  float* kv_widen = nullptr;
+
+  static constexpr std::size_t kv_widen_floats(std::size_t n_keys, std::size_t width) noexcept {
+    return 2 * n_keys * width;
+  }
 
   // Scratch floats the attention ops need for `n_keys` keys (the `scores` argument).
   constexpr std::size_t attention_scratch(std::size_t n_keys) const noexcept {
@@ -74,20 +81,37 @@ struct host_ops {
       for (std::size_t h = 0; h < heads; ++h) rope_rotate_row(x + t * ld + h * head_dim, cos + t * c, sin + t * c, c);
   }
 
-  void attention(const float* q, std::size_t n_queries, kv_segment<float> first, kv_segment<float> second,
-                 std::size_t heads, std::size_t head_dim, float* scores, float* out) const {
+  void attention(const float* q, std::size_t n_queries, kv_segment first, kv_segment second, std::size_t heads,
+                 std::size_t head_dim, float* scores, float* out) const {
     if (second.rows == 0) second = {first.k, first.v, 0};  // never offset a null segment
-    attention_two_segments(gemm, q, n_queries, first.k, first.v, first.rows, second.k, second.v, second.rows, heads,
-                           head_dim, scores, out);
+    // bf16 cache rows are widened (exactly) into f32 scratch: [k1 | v1 | k2 | v2], each as needed.
+    float* widen = kv_widen;
+    const std::size_t w = heads * head_dim;
+    const auto as_f32 = [&](kv_rows r, std::size_t rows) -> const float* {
+      if (r.type == dtype::f32) return r.f32();
+      if (r.type != dtype::bf16) throw_error("host attention: ", name_of(r.type), " keys or values are not supported");
+      if (widen == nullptr) throw_error("host attention: a bf16 KV cache needs the kv_widen scratch (none given)");
+      float* dst = widen;
+      for (std::size_t i = 0; i < rows * w; ++i) dst[i] = r.as_bf16()[i].to_float();
+      widen += rows * w;
+      return dst;
+    };
+    const float* k1 = as_f32(first.k, first.rows);
+    const float* v1 = as_f32(first.v, first.rows);
+    const float* k2 = as_f32(second.k, second.rows);
+    const float* v2 = as_f32(second.v, second.rows);
+    attention_two_segments(gemm, q, n_queries, k1, v1, first.rows, k2, v2, second.rows, heads, head_dim, scores, out);
   }
 
   // Group g's n_queries / groups query rows see group g's keys.rows / groups key rows only.
-  void grouped_attention(const float* q, std::size_t n_queries, kv_segment<float> keys, std::size_t heads,
+  void grouped_attention(const float* q, std::size_t n_queries, kv_segment keys, std::size_t heads,
                          std::size_t head_dim, std::size_t groups, float* scores, float* out) const {
+    if (keys.k.type != dtype::f32 || keys.v.type != dtype::f32)
+      throw_error("host grouped_attention: keys and values must be f32 activations");
     const std::size_t ld = heads * head_dim, nq = n_queries / groups, nk = keys.rows / groups;
     for (std::size_t g = 0; g < groups; ++g)
-      multi_head_attention(q + g * nq * ld, nq, keys.k + g * nk * ld, keys.v + g * nk * ld, nk, heads, head_dim, scores,
-                           out + g * nq * ld);
+      multi_head_attention(q + g * nq * ld, nq, keys.k.f32() + g * nk * ld, keys.v.f32() + g * nk * ld, nk, heads,
+                           head_dim, scores, out + g * nq * ld);
   }
 
   void gelu_tanh(float* x, std::size_t n) const {
@@ -191,12 +215,28 @@ struct host_ops {
     const auto n = static_cast<std::size_t>(src.numel());
     for (std::size_t i = 0; i < n; ++i) dst[i] = src.load(i);
   }
-  void write_cache(float* cache, const float* src, std::size_t n) const { std::copy_n(src, n, cache); }
+  // A bf16 cache keeps each value rounded to nearest even, once, when it is written.
+  void write_cache(kv_cache_ref cache, const float* src, std::size_t n) const {
+    if (cache.type == dtype::f32) return static_cast<void>(std::copy_n(src, n, static_cast<float*>(cache.data)));
+    require_bf16_cache(cache);
+    bf16* dst = static_cast<bf16*>(cache.data);
+    for (std::size_t i = 0; i < n; ++i) dst[i] = bf16::from_float(src[i]);
+  }
+  void read_cache(float* dst, kv_cache_ref cache, std::size_t n) const {
+    if (cache.type == dtype::f32) return static_cast<void>(std::copy_n(static_cast<const float*>(cache.data), n, dst));
+    require_bf16_cache(cache);
+    const bf16* src = static_cast<const bf16*>(cache.data);
+    for (std::size_t i = 0; i < n; ++i) dst[i] = src[i].to_float();
+  }
   void host_tables(float* a, float* b, std::size_t, host_fill fill) const { fill(a, b); }
   std::size_t load_count(const float* slot) const { return static_cast<std::size_t>(*slot); }
   void store_count(float* slot, std::size_t n) const { *slot = static_cast<float>(n); }
 
  private:
+  static void require_bf16_cache(const kv_cache_ref& c) {
+    if (c.type != dtype::bf16) throw_error("host ops: a ", name_of(c.type), " KV cache is not supported (f32 or bf16)");
+  }
+
   template <param_source P>
   static std::size_t out_features(P& p, std::size_t w) {
     const shape& d = p.dims(w);

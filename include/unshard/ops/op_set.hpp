@@ -24,7 +24,8 @@
 //   patchify / unpatchify / causal_conv_inputs    convolutions as GEMMs: the GEMM's input vectors
 //   sinusoid_rows                             the timestep embedding's sinusoid
 //   mix_layers                                weighted sum of stacked layers (audio features)
-//   copy / copy_rows / fill / write_cache     moves; write_cache stores into a KV cache
+//   copy / copy_rows / fill                   moves
+//   write_cache / read_cache                  into / out of a KV cache (f32 or bf16 storage: kv_cache_ref)
 //   upload(dst, view)                         a host tensor (any storage dtype) into a buffer as f32
 //   host_tables(a, b, n, fill)                two tables computed by host math (rope cos and sin),
 //                                             placed where the backend's buffers are
@@ -58,11 +59,32 @@ struct modulation_rows {
   modulation_rows offset(std::size_t floats) const noexcept { return {first + floats, stride, tokens_per_row}; }
 };
 
+// Rows of keys or values for attention: f32 (activations, an f32 KV cache), or bf16 (a KV cache
+// stored bf16, as the official caches are). A const float* converts to it implicitly.
+struct kv_rows {
+  const void* data = nullptr;
+  dtype type = dtype::f32;
+  kv_rows() = default;
+  kv_rows(const float* p) noexcept : data(p) {}  // NOLINT: implicit, the common case
+  kv_rows(const void* p, dtype t) noexcept : data(p), type(t) {}
+  const float* f32() const noexcept { return static_cast<const float*>(data); }
+  const bf16* as_bf16() const noexcept { return static_cast<const bf16*>(data); }
+};
+
+// A place in a KV cache: its storage and element type. The model chooses the type (its
+// `kv_cache` option); the forward moves through the cache in elements, the ops convert.
+struct kv_cache_ref {
+  void* data = nullptr;
+  dtype type = dtype::f32;
+  kv_cache_ref at(std::size_t elements) const noexcept {
+    return {static_cast<std::byte*>(data) + elements * size_of(type), type};
+  }
+  operator kv_rows() const noexcept { return {data, type}; }  // NOLINT: read as attention keys/values
+};
+
 // One segment of keys and values for attention: `rows` rows of width heads*head_dim each.
-template <class T>
 struct kv_segment {
-  const T* k = nullptr;
-  const T* v = nullptr;
+  kv_rows k, v;
   std::size_t rows = 0;
 };
 
@@ -85,7 +107,7 @@ template <class O>
 concept op_set = requires { typename O::value_type; } &&
     requires(O& o, typename O::value_type* a, const typename O::value_type* ca, float* f, const float* cf,
              std::size_t n, double eps, const tensor_view& view, whole_params& p, modulation_rows mod,
-             kv_segment<typename O::value_type> seg, const patch_grid& grid, host_fill fill) {
+             kv_segment seg, kv_cache_ref cache, const patch_grid& grid, host_fill fill) {
       o.linear(ca, n, n, p, n, n, a, linear_act::none);
       o.layer_norm_modulate(ca, a, n, n, eps, mod, mod);
       o.layer_norm(ca, a, n, n, eps, view, view);
@@ -111,7 +133,8 @@ concept op_set = requires { typename O::value_type; } &&
       o.copy_rows(a, n, ca, n, n, n);
       o.fill(f, n, 0.0f);
       o.upload(f, view);
-      o.write_cache(a, ca, n);
+      o.write_cache(cache, ca, n);
+      o.read_cache(a, cache, n);
       o.host_tables(f, f, n, fill);
       { o.load_count(cf) } -> std::convertible_to<std::size_t>;
       o.store_count(f, n);

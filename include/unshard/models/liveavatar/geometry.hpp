@@ -30,9 +30,13 @@ struct workload {
   std::int64_t denoising_steps = 4;              // noisy caches (one per step)
 };
 
-// The Wan options: parameter dtype, GEMM path, whether each block's output (after its audio
-// injection) is kept.
-using options = wan::options;
+// The Wan options (parameter dtype, GEMM path, whether each block's output after its audio
+// injection is kept), and the KV caches' storage.
+struct options : wan::options {
+  // f32, or bf16 as the official caches (torch.zeros(..., dtype=bfloat16)): half the kv_cache
+  // term, each key and value rounded once when written. The CUDA model's bf16 precision uses bf16.
+  dtype kv_cache = dtype::f32;
+};
 
 // CausalAudioEncoder's layer weights: wav2vec2-large's 24 layers and its input.
 inline constexpr std::size_t audio_layers = 25;
@@ -56,6 +60,7 @@ struct geometry : wan::backbone_geometry {
   std::size_t cond_tokens;            // Lc = 2 fs + h2 w2 + 4 h4 w4
   std::size_t motion_video_frames, motion_latent_frames;
   std::size_t audio_frames, audio_t, audio_t2, audio_t3;  // input columns; lengths after prepend, conv2, conv3
+  dtype kv_type = dtype::f32;                              // the KV caches' storage (options::kv_cache)
   std::size_t noisy_slots, cond_slots, steps;
   std::size_t patch_in, patch_out;   // in_dim*4, out_dim*4
 
@@ -90,10 +95,13 @@ inline s2v::geometry make_geometry(const s2v::config& c, const s2v::workload& w,
   if (w.denoising_steps < 1) fail("denoising_steps is ", w.denoising_steps, " (must be >= 1)");
   if (o.storage != dtype::f32 && o.storage != dtype::bf16)
     throw_error("liveavatar model: storage dtype ", name_of(o.storage), " is not supported (f32 or bf16)");
+  if (o.kv_cache != dtype::f32 && o.kv_cache != dtype::bf16)
+    throw_error("liveavatar model: KV cache dtype ", name_of(o.kv_cache), " is not supported (f32 or bf16)");
 
   const auto z = [](std::int64_t v) { return static_cast<std::size_t>(v); };
   s2v::geometry g{};
   wan::fill_backbone(g, c, o);
+  g.kv_type = o.kv_cache;
   g.cond_dim = z(c.cond_dim);
   g.audio_dim = z(c.audio_dim);
   g.audio_tokens = z(c.num_audio_token);

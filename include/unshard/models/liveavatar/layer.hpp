@@ -81,7 +81,7 @@ class layer {
   // the host's ops.
   template <param_source P>
   void forward(std::size_t sub, P& p, s2v::state& s) const {
-    host_ops ops{geometry_.gemm};
+    host_ops ops{geometry_.gemm, s.kv_widen};
     forward(ops, sub, p, s);
   }
 

@@ -89,7 +89,7 @@ class model {
   // Sets up the sink: the reference frame and the motion latents, t = 0. The inputs are host
   // tensors of any storage dtype; `ops` places them in the state's memory (host_ops: in place).
   void begin_sink(state& s, const s2v::sink_inputs& in) const {
-    host_ops ops{geometry_.gemm};
+    host_ops ops{geometry_.gemm, s.kv_widen};
     begin_sink(ops, s, in);
   }
   template <op_set O>
@@ -132,7 +132,7 @@ class model {
   // Sets up one streamed call: writes noisy-cache slots [cs mod size, +L) of cache `step` and
   // attends [0, cs + L), or the whole cache once cs reaches its size; cs = block * L.
   void begin_step(state& s, const s2v::step_inputs& in) const {
-    host_ops ops{geometry_.gemm};
+    host_ops ops{geometry_.gemm, s.kv_widen};
     begin_step(ops, s, in);
   }
   template <op_set O>
@@ -159,7 +159,7 @@ class model {
   }
 
   // The ops that run on this model's state outside its layers (the denoiser's Euler update).
-  host_ops ops(state&) const { return host_ops{geometry_.gemm}; }
+  host_ops ops(state& s) const { return host_ops{geometry_.gemm, s.kv_widen}; }
 
   // Memory that another rank's results land in (transfers write data(); read() copies it out).
   class landing {
@@ -201,15 +201,16 @@ class model {
       throw_error("liveavatar model: noisy cache step ", step, " layer ", layer, " slots [", first, ", ", first + count,
                   ") out of range (", g.steps, " steps, ", g.num_layers, " layers, ", g.noisy_slots, " slots)");
     if (!s.holds_step(step)) throw_error("liveavatar model: this state holds no noisy cache for step ", step);
-    float* base = (values ? s.noisy_v : s.noisy_k)[step] + (layer * g.noisy_slots + first) * g.dim;
-    return tensor_view(base, dtype::f32, head_shape(count));
+    const kv_cache_ref c = s.kv((values ? s.noisy_v : s.noisy_k)[step], (layer * g.noisy_slots + first) * g.dim);
+    return tensor_view(c.data, c.type, head_shape(count));
   }
   // The cond cache of block `layer`, slots [0, count), as [count, N, d] (k after RMS, not roped).
   tensor_view cond_cache(const state& s, std::size_t layer, bool values, std::size_t count) const {
     const s2v::geometry& g = geometry_;
     if (layer >= g.num_layers || count > g.cond_slots)
       throw_error("liveavatar model: cond cache layer ", layer, " slots [0, ", count, ") out of range");
-    return tensor_view((values ? s.cond_v : s.cond_k) + layer * g.cond_slots * g.dim, dtype::f32, head_shape(count));
+    const kv_cache_ref c = s.kv(values ? s.cond_v : s.cond_k, layer * g.cond_slots * g.dim);
+    return tensor_view(c.data, c.type, head_shape(count));
   }
 
  private:

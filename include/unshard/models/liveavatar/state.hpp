@@ -19,6 +19,8 @@
 #include "unshard/layer/model.hpp"
 #include "unshard/models/liveavatar/geometry.hpp"
 #include "unshard/models/wan/state.hpp"
+#include "unshard/ops/host_ops.hpp"
+#include "unshard/ops/op_set.hpp"
 
 namespace unshard::s2v {
 
@@ -80,9 +82,11 @@ struct state {
   float* audio_z2 = nullptr;       // [n_tok + 1, T2, D/2]
   float* audio_z3 = nullptr;       // [n_tok + 1, T3, D] conv3 streams (global n before final_linear)
   float* adain = nullptr;          // [F, 2D] shift | scale per frame
+  float* kv_widen = nullptr;       // host, bf16 caches: [2 (noisy_slots + cond_slots), D] f32 rows
   // kv_cache: the cond cache is one per rank, shared by its lanes (the sink writes it once, every
   // step reads it); a step's noisy cache is held only by the lane that runs that step (null in
-  // the others).
+  // the others). Elements of kv_type (f32 or bf16) at these addresses: read them through kv().
+  dtype kv_type = dtype::f32;
   float* cond_k = nullptr;         // [num_layers, cond_slots, D] after RMS, not roped
   float* cond_v = nullptr;
   float* cond_end_slot = nullptr;  // [1] cond tokens cached by the sink, an exact integer (0 before it)
@@ -94,6 +98,8 @@ struct state {
   std::size_t cond_end() const noexcept { return static_cast<std::size_t>(*cond_end_slot); }
   void set_cond_end(std::size_t n) noexcept { *cond_end_slot = static_cast<float>(n); }
   bool holds_step(std::size_t step) const noexcept { return step < noisy_k.size() && noisy_k[step] != nullptr; }
+  // Element `offset` of the cache buffer at `base`, in the caches' type.
+  kv_cache_ref kv(float* base, std::size_t offset) const noexcept { return kv_cache_ref{base, kv_type}.at(offset); }
 };
 
 namespace detail {
@@ -111,6 +117,11 @@ struct buffer_entry {
   buffer_scope scope = buffer_scope::per_lane;
   std::size_t step = 0;  // per_step
 };
+
+// Floats of storage for `elements` cache values of the geometry's kv_type (buffers count floats).
+inline std::size_t kv_floats(const s2v::geometry& g, std::size_t elements) noexcept {
+  return (elements * size_of(g.kv_type) + sizeof(float) - 1) / sizeof(float);
+}
 
 inline std::vector<buffer_entry> buffer_table(const s2v::geometry& g) {
   using mc = memory_category;
@@ -164,15 +175,18 @@ inline std::vector<buffer_entry> buffer_table(const s2v::geometry& g) {
       {"audio.z2", (g.audio_tokens + 1) * g.audio_t2 * (D / 2), mc::workspace, &st::audio_z2},
       {"audio.z3", (g.audio_tokens + 1) * g.audio_t3 * D, mc::workspace, &st::audio_z3},
       {"adain", F * 2 * D, mc::workspace, &st::adain},
-      {"kv.cond.k", g.num_layers * g.cond_slots * D, mc::kv_cache, &st::cond_k, nullptr, 0, buffer_scope::per_rank},
-      {"kv.cond.v", g.num_layers * g.cond_slots * D, mc::kv_cache, &st::cond_v, nullptr, 0, buffer_scope::per_rank},
+      {"kv.cond.k", kv_floats(g, g.num_layers * g.cond_slots * D), mc::kv_cache, &st::cond_k, nullptr, 0, buffer_scope::per_rank},
+      {"kv.cond.v", kv_floats(g, g.num_layers * g.cond_slots * D), mc::kv_cache, &st::cond_v, nullptr, 0, buffer_scope::per_rank},
       {"kv.cond.end", 1, mc::kv_cache, &st::cond_end_slot, nullptr, 0, buffer_scope::per_rank},
   };
   for (std::size_t s = 0; s < g.steps; ++s) {
     const std::string step = "kv.step" + std::to_string(s);
-    t.push_back({step + ".k", g.num_layers * g.noisy_slots * D, mc::kv_cache, nullptr, &st::noisy_k, s, buffer_scope::per_step, s});
-    t.push_back({step + ".v", g.num_layers * g.noisy_slots * D, mc::kv_cache, nullptr, &st::noisy_v, s, buffer_scope::per_step, s});
+    t.push_back({step + ".k", kv_floats(g, g.num_layers * g.noisy_slots * D), mc::kv_cache, nullptr, &st::noisy_k, s, buffer_scope::per_step, s});
+    t.push_back({step + ".v", kv_floats(g, g.num_layers * g.noisy_slots * D), mc::kv_cache, nullptr, &st::noisy_v, s, buffer_scope::per_step, s});
   }
+  // The host attention widens a bf16 cache's rows to f32 first (the device reads bf16 as it is).
+  if (g.kv_type != dtype::f32)
+    t.push_back({"kv_widen", host_ops::kv_widen_floats(g.noisy_slots + g.cond_slots, D), mc::workspace, &st::kv_widen});
   if (g.record_block_outputs)
     t.push_back({"block_outputs", g.num_layers * S * D, mc::activations, &st::block_outputs});
   return t;
@@ -185,6 +199,7 @@ inline std::vector<buffer_spec> buffer_specs(const s2v::geometry& g) { return wa
 // the device model did not declare (the host attention's "scores") stays null.
 inline s2v::state make_state(const s2v::geometry& g, const buffer_set& buffers, bool host_memory = true) {
   s2v::state s;
+  s.kv_type = g.kv_type;
   s.noisy_k.assign(g.steps, nullptr);
   s.noisy_v.assign(g.steps, nullptr);
   for (const auto& b : buffer_table(g)) {

@@ -98,8 +98,18 @@ inline std::size_t cuda_bf16_elems(const s2v::model& m) {
   return cuda_ops::bf16_scratch_elems(rows * weight_extents_of(m).inner, g.max_tokens(), g.max_keys(), g.dim);
 }
 
-// The host's "scores" scratch is dropped: device attention keeps its scores on chip.
-inline bool cuda_uses_buffer(std::string_view name) { return name != "scores"; }
+// The host's "scores" scratch is dropped: device attention keeps its scores on chip; so is its
+// "kv_widen": the device reads a bf16 cache as it is.
+inline bool cuda_uses_buffer(std::string_view name) { return name != "scores" && name != "kv_widen"; }
+
+// The caches' storage follows the precision: f32 for the f32 path (our attention reads f32), bf16
+// for the bf16 path, as the official caches (half the kv_cache term; cuDNN reads them in place).
+inline s2v::options with_cache_of(s2v::options o, cuda_precision precision) {
+  if (precision == cuda_precision::f32 && o.kv_cache != dtype::f32)
+    throw_error("liveavatar cuda model: a ", name_of(o.kv_cache), " KV cache needs the bf16 precision");
+  o.kv_cache = precision == cuda_precision::bf16 ? dtype::bf16 : dtype::f32;
+  return o;
+}
 
 }  // namespace detail
 
@@ -109,7 +119,7 @@ class cuda_model {
 
   cuda_model(const s2v::config& config, const s2v::workload& workload, const s2v::options& options = {},
                  const s2v::cuda_options& cuda_options = {})
-      : host_(config, workload, options),
+      : host_(config, workload, detail::with_cache_of(options, cuda_options.precision)),
         options_(cuda_options),
         widen_floats_(detail::cuda_widen_floats(host_, cuda_options.precision)),
         bf16_elems_(cuda_options.precision == cuda_precision::bf16 ? detail::cuda_bf16_elems(host_) : 0) {
