@@ -171,6 +171,54 @@ TEST_CASE("s2v ops: attention over one and two key segments, and grouped (per-fr
                        doctest::Contains("do not split into 4 equal groups"), error);
 }
 
+// The KV cache in bf16 (the bf16 precision's caches): a write rounds each value to nearest even
+// exactly as the host does (bit-identical), a read widens exactly, and the bf16 attention reads a
+// bf16 cache segment in place next to an f32 segment. Bound of that attention against the host
+// attention over the same (rounded) keys: the bf16 path rounds q and the f32 segment too, and
+// writes a bf16 output: 2^-8 relative per value, 2e-2 of max(1, max|out|) with the softmax's sums.
+TEST_CASE("s2v ops: a bf16 KV cache: writes round as the host, reads widen exactly, bf16 attention reads it") {
+  device_ops dev;
+  const std::size_t heads = 2, hd = 64, ld = heads * hd, n1 = 48, n2 = 16, nq = 33;
+  std::vector<float> k1 = random_floats(n1 * ld, 31), v1 = random_floats(n1 * ld, 32);
+  std::vector<bf16> hk(n1 * ld), hv(n1 * ld);
+  const host_ops host{gemm_path::portable};
+  host.write_cache({hk.data(), dtype::bf16}, k1.data(), k1.size());
+  host.write_cache({hv.data(), dtype::bf16}, v1.data(), v1.size());
+
+  device_vector<float> dk1(k1), dv1(v1), back(n1 * ld);
+  device_vector<bf16> ck(n1 * ld), cv(n1 * ld);
+  dev.ops.write_cache({ck.p, dtype::bf16}, dk1.p, k1.size());
+  dev.ops.write_cache({cv.p, dtype::bf16}, dv1.p, v1.size());
+  const std::vector<bf16> gk = ck.get(dev.stream);
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < gk.size(); ++i) differ += gk[i].bits != hk[i].bits;
+  CHECK_MESSAGE(differ == 0, differ, " of ", gk.size(), " bf16 cache values differ from the host's rounding");
+
+  dev.ops.read_cache(back.p, {ck.p, dtype::bf16}, k1.size());
+  std::vector<float> widened(k1.size());
+  host.read_cache(widened.data(), {hk.data(), dtype::bf16}, k1.size());
+  expect_equal("read_cache", host_copy(back, dev), widened);
+
+  // f32 precision refuses a bf16 cache (our f32 attention reads f32 rows).
+  std::vector<float> q = random_floats(nq * ld, 33), k2 = random_floats(n2 * ld, 34), v2 = random_floats(n2 * ld, 35);
+  device_vector<float> dq(q), dk2(k2), dv2(v2), dout(nq * ld);
+  CHECK_THROWS_WITH_AS(dev.ops.attention(dq.p, nq, {kv_rows(ck.p, dtype::bf16), kv_rows(cv.p, dtype::bf16), n1},
+                                         {dk2.p, dv2.p, n2}, heads, hd, nullptr, dout.p),
+                       doctest::Contains("needs the bf16 precision"), error);
+
+  // bf16 precision: the cache segment read as it is, the f32 segment rounded while joined.
+  device_vector<bf16> scratch(cuda_ops::bf16_scratch_elems(nq, nq, n1 + n2, ld));
+  dev.ops.set_precision(cuda_precision::bf16, scratch.p, scratch.n);
+  dev.ops.attention(dq.p, nq, {kv_rows(ck.p, dtype::bf16), kv_rows(cv.p, dtype::bf16), n1}, {dk2.p, dv2.p, n2}, heads,
+                    hd, nullptr, dout.p);
+  std::vector<float> wk(n1 * ld), wv(n1 * ld), out(nq * ld), scores(host.attention_scratch(n1 + n2));
+  host.read_cache(wk.data(), {hk.data(), dtype::bf16}, wk.size());
+  host.read_cache(wv.data(), {hv.data(), dtype::bf16}, wv.size());
+  host.attention(q.data(), nq, {wk.data(), wv.data(), n1}, {k2.data(), v2.data(), n2}, heads, hd, scores.data(),
+                 out.data());
+  expect_close_rel<float>("bf16 attention over a bf16 cache", host_copy(dout, dev), out, 2e-2);
+}
+
 TEST_CASE("s2v ops: convolution inputs, patches, tables and moves are bit-identical") {
   device_ops dev;
   const host_ops host{gemm_path::portable};

@@ -214,6 +214,9 @@ class bf16_attention_engine {
                    std::size_t heads, std::size_t head_dim, std::size_t groups, bf16* out, cudaStream_t stream) = 0;
   // Which implementation ran last ("cudnn", or the fallback's name).
   virtual const char* last_impl() const = 0;
+  // The engine's device workspace: a buffer the model declared, so the ledger counts it; an engine
+  // never allocates one of its own once given this.
+  virtual void use_workspace(void* p, std::size_t bytes) = 0;
 };
 
 inline const char* name_of(cuda_precision p) noexcept { return p == cuda_precision::bf16 ? "bf16" : "f32"; }

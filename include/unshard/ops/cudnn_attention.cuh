@@ -21,6 +21,7 @@ class cudnn_attention final : public bf16_attention_engine {
                     stream);
   }
   const char* last_impl() const override { return cache_.last_impl_name(); }
+  void use_workspace(void* p, std::size_t bytes) override { cache_.use_planned_workspace(p, bytes); }
   const cuda::sdpa_plan_cache& cache() const noexcept { return cache_; }
 
  private:

@@ -96,7 +96,7 @@ class sdpa_plan_cache {
   sdpa_plan_cache() = default;
   ~sdpa_plan_cache() {
     cudaFree(scratch_);
-    cudaFree(workspace_);
+    if (!planned_workspace_) cudaFree(workspace_);
 #if defined(UNSHARD_HAVE_CUDNN_FRONTEND)
     graphs_.clear();
     if (handle_) cudnnDestroy(handle_);
@@ -108,7 +108,17 @@ class sdpa_plan_cache {
   // Allocates at least these many bytes of K/V scratch and cuDNN workspace now.
   void reserve(std::size_t scratch_bytes, std::size_t workspace_bytes) {
     grow(scratch_, scratch_bytes_, scratch_bytes, nullptr);
-    grow(workspace_, workspace_bytes_, workspace_bytes, nullptr);
+    if (!planned_workspace_) grow(workspace_, workspace_bytes_, workspace_bytes, nullptr);
+  }
+
+  // cuDNN's workspace is `bytes` at `p`, a buffer the plan declared (the model's workspace term):
+  // the cache never allocates one itself from then on, and a graph that needs more than that runs
+  // on the fallback kernel instead, with the reason (memory outside the ledger is never taken).
+  void use_planned_workspace(void* p, std::size_t bytes) {
+    if (!planned_workspace_) cudaFree(workspace_);
+    workspace_ = p;
+    workspace_bytes_ = bytes;
+    planned_workspace_ = true;
   }
 
   const sdpa_stats& stats() const noexcept { return stats_; }
@@ -290,7 +300,13 @@ class sdpa_plan_cache {
       v = vj;
       ++stats_.segments_joined;
     }
-    grow(workspace_, workspace_bytes_, static_cast<std::size_t>(e.workspace), stream);
+    const auto need = static_cast<std::size_t>(e.workspace);
+    if (planned_workspace_ && need > workspace_bytes_) {
+      reason_ = "the cuDNN graph needs " + std::to_string(need) + " bytes of workspace, the plan declared " +
+                std::to_string(workspace_bytes_);
+      return false;
+    }
+    if (!planned_workspace_) grow(workspace_, workspace_bytes_, need, stream);
     UNSHARD_CUDA_CHECK(cudnnSetStream(handle(), stream));
     std::unordered_map<std::int64_t, void*> pack{{uid_q, const_cast<bf16*>(q)},
                                                  {uid_k, const_cast<void*>(k)},
@@ -313,6 +329,7 @@ class sdpa_plan_cache {
   std::size_t scratch_bytes_ = 0;
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
+  bool planned_workspace_ = false;  // workspace_ is a planned buffer, not ours to grow or free
   sdpa_stats stats_{};
   sdpa_impl last_ = sdpa_impl::none;
   std::string reason_;

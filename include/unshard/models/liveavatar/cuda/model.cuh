@@ -41,6 +41,9 @@ struct cuda_options {
   // bf16: the attention engine each lane gets (ops/cudnn_attention.cuh's make_cudnn_attention for
   // cuDNN's SDPA); empty: our segmented flash kernel.
   std::function<std::shared_ptr<bf16_attention_engine>()> attention_engine;
+  // The engine's workspace, a declared workspace buffer (with an engine only). cuDNN's inference
+  // SDPA graphs ask for none or little; one that needs more runs on our kernel, saying why.
+  std::size_t attention_workspace_bytes = std::size_t{16} << 20;
 };
 
 using cuda_state = unshard::cuda_state<s2v::state>;
@@ -144,6 +147,8 @@ class cuda_model {
     specs.push_back({"gemm_workspace", options_.gemm_workspace_bytes, memory_category::workspace});
     specs.push_back({"weight_f32", widen_floats_ * sizeof(float), memory_category::workspace});
     if (bf16_elems_) specs.push_back({"bf16_scratch", bf16_elems_ * sizeof(bf16), memory_category::workspace});
+    if (bf16_elems_ && options_.attention_engine)
+      specs.push_back({"attention_workspace", options_.attention_workspace_bytes, memory_category::workspace});
     return specs;
   }
 
@@ -161,7 +166,12 @@ class cuda_model {
     s.ops = cuda_ops(nullptr, reinterpret_cast<float*>(widen.data()), widen_floats_, ws.data(), ws.size());
     if (bf16_elems_) {
       s.ops.set_precision(cuda_precision::bf16, reinterpret_cast<bf16*>(buffers.bytes("bf16_scratch").data()), bf16_elems_);
-      if (options_.attention_engine) s.ops.set_attention_engine(options_.attention_engine());
+      if (options_.attention_engine) {
+        std::shared_ptr<bf16_attention_engine> engine = options_.attention_engine();
+        const auto aw = buffers.bytes("attention_workspace");
+        engine->use_workspace(aw.data(), aw.size());
+        s.ops.set_attention_engine(std::move(engine));
+      }
     }
     return s;
   }
