@@ -7,6 +7,12 @@
 // model copies it into its own buffers), anything else is converted once to F32. Results are numpy
 // arrays. Library errors (unshard::error) become ValueError with the library's message; a failed
 // rank becomes RuntimeError and leaves the denoiser unusable. The GIL is released while ranks run.
+//
+// backend="cuda" (when the module is built with CUDA: cuda_denoiser.hpp/.cu, UNSHARD_PYTHON_CUDA)
+// runs the same denoiser over s2v::cuda_model, rank r on GPU devices[r]; a float32 C-contiguous
+// CUDA tensor on devices[0] is read in place (device to device into the model's buffers), a host
+// one as above; results are DLPack tensors on devices[0] that the caller owns. This unit includes
+// no CUDA header: it sees the CUDA backend only through cuda_denoiser.hpp.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/filesystem.h>
@@ -42,12 +48,15 @@
 #include "unshard/runtime/lora_weights.hpp"
 #include "unshard/runtime/session.hpp"
 
+#include "cuda_denoiser.hpp"
+
 namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace {
 
 namespace s2v = unshard::s2v;
+namespace upy = unshard::python;
 using session_t = unshard::session<s2v::model>;
 using denoiser_t = s2v::denoiser<session_t>;
 
@@ -156,8 +165,9 @@ element_reader reader_of(nb::dlpack::dtype dt) {
   return nullptr;
 }
 
-// `obj` as an F32 host tensor named `name` in every error.
-host_input host_f32(nb::handle obj, const std::string& name) {
+// `obj` as an F32 host tensor named `name` in every error. `cuda_backend`: only the message of a
+// tensor on an unsupported device changes (CUDA tensors never get here then: device_or_host_f32).
+host_input host_f32(nb::handle obj, const std::string& name, bool cuda_backend = false) {
   if (!obj.is_valid() || obj.is_none()) raise(PyExc_TypeError, name + " is None; expected an array");
   host_input in;
   if (!nb::try_cast(obj, in.array, false)) {
@@ -178,8 +188,10 @@ host_input host_f32(nb::handle obj, const std::string& name) {
   const nb::ndarray<nb::ro>& a = in.array;
   if (!host_readable(a.device_type()))
     raise(PyExc_TypeError, name + " is on a " + device_name(a.device_type()) + " device (id " + std::to_string(a.device_id()) +
-                               "); the host backend reads host memory (the CUDA backend of the S2V model is not built yet): "
-                               "pass a host array");
+                               (cuda_backend ? "); the CUDA backend reads CUDA tensors on its rank-0 device and host memory: "
+                                               "pass one of those"
+                                             : "); the host backend reads host memory: pass a host array (or use "
+                                               "backend='cuda' for CUDA tensors)"));
   if (a.ndim() > unshard::shape::max_rank)
     raise(PyExc_ValueError, name + " has " + std::to_string(a.ndim()) + " dimensions (at most " +
                                 std::to_string(unshard::shape::max_rank) + ")");
@@ -228,6 +240,82 @@ host_input host_f32(nb::handle obj, const std::string& name) {
   return in;
 }
 
+constexpr int dlpack_cuda = nb::device::cuda::value;  // kDLCUDA: device memory of one GPU
+
+// `obj` for the CUDA backend, named `name` in every error: a CUDA tensor on `device` (devices[0],
+// where rank 0 runs) that is float32 and C-contiguous is used in place, a view of its memory that
+// the ranks copy device to device into the model's buffers; a CUDA tensor otherwise (another GPU,
+// another dtype, strided) is refused, as converting it would need work on the caller's device; a
+// host tensor is read as the host backend reads it (host_f32), and the model uploads it.
+host_input device_or_host_f32(nb::handle obj, const std::string& name, int device) {
+  if (!obj.is_valid() || obj.is_none()) raise(PyExc_TypeError, name + " is None; expected an array");
+  nb::ndarray<nb::ro> a;
+  if (!nb::try_cast(obj, a, false) || a.device_type() != dlpack_cuda) return host_f32(obj, name, true);
+  const std::string what = name + " is a CUDA tensor on device " + std::to_string(a.device_id());
+  if (a.device_id() != device)
+    raise(PyExc_TypeError, what + "; this denoiser's rank 0 runs on device " + std::to_string(device) +
+                               " (devices[0]): move it there (e.g. x.to('cuda:" + std::to_string(device) +
+                               "')) or pass a host array");
+  const nb::dlpack::dtype dt = a.dtype();
+  if (!(dt.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 32 && dt.lanes == 1))
+    raise(PyExc_TypeError, what + " of dtype " + dtype_string(dt) + "; the CUDA backend reads float32 CUDA tensors (in "
+                               "place): convert it on the device (x.float()) or pass a host array (converted once)");
+  if (a.ndim() > unshard::shape::max_rank)
+    raise(PyExc_ValueError, name + " has " + std::to_string(a.ndim()) + " dimensions (at most " +
+                                std::to_string(unshard::shape::max_rank) + ")");
+  host_input in;
+  in.dims.resize(a.ndim());
+  bool contiguous = true;
+  std::int64_t expect = 1;
+  for (std::size_t i = a.ndim(); i-- > 0;) {
+    in.dims[i] = static_cast<std::int64_t>(a.shape(i));
+    if (a.shape(i) != 1 && a.stride(i) != expect) contiguous = false;
+    expect *= static_cast<std::int64_t>(a.shape(i));
+  }
+  if (!contiguous || reinterpret_cast<std::uintptr_t>(a.data()) % alignof(float) != 0)
+    raise(PyExc_TypeError, what + " that is not C-contiguous (or not 4-byte aligned); the CUDA backend reads CUDA "
+                               "tensors in place: pass x.contiguous()");
+  in.view = unshard::tensor_view(const_cast<void*>(a.data()), unshard::dtype::f32,
+                                 unshard::shape{std::span<const std::int64_t>(in.dims)});
+  in.array = std::move(a);
+  return in;
+}
+
+// stream=: the caller's CUDA stream as a cudaStream_t handle. None: 0, the legacy default stream
+// (of devices[0]); an int handle; an object with __cuda_stream__ (the CUDA stream protocol: a
+// method, or an attribute, giving (version, handle): cuda.core, CuPy >= 13) or with cuda_stream
+// (torch.cuda.Stream, e.g. torch.cuda.current_stream()).
+std::uintptr_t parse_stream(nb::handle stream) {
+  if (!stream.is_valid() || stream.is_none()) return 0;
+  nb::object handle;
+  const char* from = "stream";
+  if (PyLong_Check(stream.ptr()) && !PyBool_Check(stream.ptr())) {
+    handle = nb::borrow(stream);
+  } else if (nb::hasattr(stream, "__cuda_stream__")) {
+    nb::object p = stream.attr("__cuda_stream__");
+    if (PyCallable_Check(p.ptr())) p = p();
+    if (!nb::isinstance<nb::tuple>(p) || nb::len(p) != 2)
+      raise(PyExc_TypeError, "stream.__cuda_stream__ gave " + nb::cast<std::string>(nb::repr(p)) + ", not a (version, handle) pair");
+    handle = nb::borrow(p[1]);
+    from = "stream.__cuda_stream__()[1]";
+  } else if (nb::hasattr(stream, "cuda_stream")) {
+    handle = stream.attr("cuda_stream");
+    from = "stream.cuda_stream";
+  } else {
+    raise(PyExc_TypeError, "stream is a " + py_type_name(stream) + "; expected a cudaStream_t handle (an int) or a stream "
+                               "object with __cuda_stream__ or cuda_stream (e.g. torch.cuda.current_stream())");
+  }
+  if (!PyLong_Check(handle.ptr()) || PyBool_Check(handle.ptr()))
+    raise(PyExc_TypeError, std::string(from) + " is a " + py_type_name(handle) + ", not an integer handle");
+  const unsigned long long v = PyLong_AsUnsignedLongLong(handle.ptr());
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    raise(PyExc_ValueError, std::string(from) + " is " + nb::cast<std::string>(nb::repr(handle)) +
+                                ", not a cudaStream_t handle (a non-negative integer of at most 64 bits)");
+  }
+  return static_cast<std::uintptr_t>(v);
+}
+
 std::span<const std::int64_t> strip_ones(std::span<const std::int64_t> d) {
   while (d.size() > 1 && d.front() == 1) d = d.subspan(1);
   return d;
@@ -252,6 +340,26 @@ nb::object to_numpy(std::vector<float>&& v, const std::array<std::int64_t, 4>& d
   const std::size_t dims[4] = {static_cast<std::size_t>(d[0]), static_cast<std::size_t>(d[1]), static_cast<std::size_t>(d[2]),
                                static_cast<std::size_t>(d[3])};
   return nb::cast(array4(heap->data(), 4, dims, owner));
+}
+
+// A result buffer in device memory as a DLPack tensor (nanobind's ndarray, device cuda) that owns
+// it: the capsule frees it when the last consumer (torch.from_dlpack, cupy.from_dlpack, ...) drops it.
+nb::object to_device_array(upy::device_buffer&& b, const std::array<std::int64_t, 4>& d) {
+  struct owned {
+    float* data;
+    int device;
+  };
+  auto* o = new owned{nullptr, b.device()};
+  nb::capsule owner(o, [](void* p) noexcept {
+    auto* q = static_cast<owned*>(p);
+    upy::free_device_buffer(q->device, q->data);
+    delete q;
+  });
+  o->data = b.release();
+  const std::size_t dims[4] = {static_cast<std::size_t>(d[0]), static_cast<std::size_t>(d[1]), static_cast<std::size_t>(d[2]),
+                               static_cast<std::size_t>(d[3])};
+  using device_array4 = nb::ndarray<float, nb::ndim<4>, nb::c_contig, nb::device::cuda>;
+  return nb::cast(device_array4(o->data, 4, dims, owner, nullptr, nb::dtype<float>(), dlpack_cuda, o->device));
 }
 
 // ---- the denoiser ---------------------------------------------------------------------------
@@ -332,24 +440,86 @@ std::vector<std::int64_t> parse_draws(nb::handle rd, std::size_t steps, const st
   return out;
 }
 
+// compute=: the CUDA backend's arithmetic (unshard-avatar --compute).
+bool parse_compute_bf16(const std::string& s) {
+  if (s == "f32" || s == "float32") return false;
+  if (s == "bf16" || s == "bfloat16") return true;
+  raise(PyExc_ValueError, "compute must be 'f32' or 'bf16', got '" + s + "'");
+}
+
+// devices=: one distinct visible GPU per rank (rank r on devices[r]); None: GPUs 0..world_size-1.
+std::vector<int> parse_devices(nb::handle devices, std::size_t world_size, int visible) {
+  std::vector<int> out;
+  if (!devices.is_valid() || devices.is_none()) {
+    if (world_size > static_cast<std::size_t>(visible))
+      raise(PyExc_ValueError, "world_size=" + std::to_string(world_size) + " puts rank r on GPU r, but this process sees " +
+                                  std::to_string(visible) + " CUDA device(s); lower world_size or pass devices");
+    for (std::size_t r = 0; r < world_size; ++r) out.push_back(static_cast<int>(r));
+    return out;
+  }
+  const auto device_of = [&](nb::handle v, const std::string& at) {
+    if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
+      raise(PyExc_TypeError, at + " is a " + py_type_name(v) + ", not a device index (an int)");
+    nb::object n = nb::steal(PyNumber_Index(v.ptr()));
+    if (!n.is_valid()) throw nb::python_error();
+    const long long d = PyLong_AsLongLong(n.ptr());
+    if (d == -1 && PyErr_Occurred()) throw nb::python_error();
+    if (d < 0 || d >= visible)
+      raise(PyExc_ValueError, at + " is " + std::to_string(d) + ", but this process sees " + std::to_string(visible) +
+                                  " CUDA device(s) (0.." + std::to_string(visible - 1) + ")");
+    return static_cast<int>(d);
+  };
+  if (PyIndex_Check(devices.ptr()) && !PyBool_Check(devices.ptr())) {
+    out.push_back(device_of(devices, "devices"));
+  } else {
+    nb::object it;
+    try {
+      it = nb::iter(devices);
+    } catch (nb::python_error&) {
+      raise(PyExc_TypeError, "devices must be a sequence of device indices (one per rank), got a " + py_type_name(devices));
+    }
+    std::size_t i = 0;
+    for (nb::handle v : devices) out.push_back(device_of(v, "devices[" + std::to_string(i++) + "]"));
+  }
+  if (out.size() != world_size)
+    raise(PyExc_ValueError, "devices has " + std::to_string(out.size()) + " entr" + (out.size() == 1 ? "y" : "ies") +
+                                " but world_size is " + std::to_string(world_size) + " (one device per rank)");
+  for (std::size_t i = 0; i < out.size(); ++i)
+    for (std::size_t j = 0; j < i; ++j)
+      if (out[i] == out[j])
+        raise(PyExc_ValueError, "devices[" + std::to_string(j) + "] and devices[" + std::to_string(i) + "] are both GPU " +
+                                    std::to_string(out[i]) + " (one rank per GPU)");
+  return out;
+}
+
 class live_avatar_denoiser {
  public:
   live_avatar_denoiser(const std::filesystem::path& config, const std::filesystem::path& weights,
                        std::optional<std::filesystem::path> lora, std::optional<double> lora_alpha, std::size_t world_size,
                        const std::string& policy, const std::string& schedule, const std::string& backend, nb::handle devices,
-                       const std::string& gemm, const std::string& dtype, nb::handle size, std::optional<std::size_t> clips,
+                       std::optional<std::string> gemm, const std::string& dtype, nb::handle size, std::optional<std::size_t> clips,
                        std::optional<std::size_t> blocks_per_clip, std::optional<std::size_t> steps,
                        std::optional<double> shift, std::uint64_t seed, nb::handle budget, bool strict,
-                       std::optional<std::size_t> audio_frames, std::optional<std::pair<std::int64_t, std::int64_t>> motion_frames)
+                       std::optional<std::size_t> audio_frames, std::optional<std::pair<std::int64_t, std::int64_t>> motion_frames,
+                       const std::string& compute)
       : seed_(seed), draws_(seed) {
     using namespace unshard;
-    if (backend == "cuda")
+    const bool on_cuda = backend == "cuda";
+    if (backend != "host" && !on_cuda) raise(PyExc_ValueError, "backend must be 'host' or 'cuda', got '" + backend + "'");
+    if (on_cuda && !upy::cuda_built)
       raise(PyExc_NotImplementedError,
-            "LiveAvatarDenoiser: the CUDA backend of the S2V model is not built yet (backend='cuda'); use backend='host'");
-    if (backend != "host") raise(PyExc_ValueError, "backend must be 'host' or 'cuda', got '" + backend + "'");
-    if (devices.is_valid() && !devices.is_none())
+            "LiveAvatarDenoiser: backend='cuda', but this unshard module was built without CUDA: the CUDA backend of the "
+            "S2V model is not built yet in it. Rebuild it with CUDA (needs nvcc, NCCL and cuBLASLt): pip install . "
+            "--config-settings=cmake.define.UNSHARD_ENABLE_CUDA=ON (python/README.md, 'The CUDA backend'); or use "
+            "backend='host'");
+    if (!on_cuda && devices.is_valid() && !devices.is_none())
       raise(PyExc_ValueError, "devices applies to backend='cuda' only (the host backend's ranks are threads)");
     if (world_size == 0) raise(PyExc_ValueError, "world_size must be at least 1 (got 0)");
+    const bool bf16_compute = parse_compute_bf16(compute);
+    if (!on_cuda && bf16_compute)
+      raise(PyExc_ValueError, "compute='bf16' needs backend='cuda' (the host backend computes in f32)");
+    if (on_cuda && gemm)
+      raise(PyExc_ValueError, "gemm applies to backend='host' only (the CUDA backend's GEMMs are cuBLASLt's)");
     if (lora_alpha && !lora) raise(PyExc_ValueError, "lora_alpha needs lora");
     if (lora_alpha && !std::isfinite(*lora_alpha)) raise(PyExc_ValueError, "lora_alpha must be a finite number");
 
@@ -369,9 +539,22 @@ class live_avatar_denoiser {
     }
     s2v::options mo;
     mo.storage = parse_dtype(dtype);
-    if (gemm != "blas" && gemm != "portable") raise(PyExc_ValueError, "gemm must be 'blas' or 'portable', got '" + gemm + "'");
-    mo.gemm = gemm == "blas" ? gemm_path::blas : gemm_path::portable;
+    const std::string gemm_name = gemm.value_or("blas");
+    if (gemm_name != "blas" && gemm_name != "portable")
+      raise(PyExc_ValueError, "gemm must be 'blas' or 'portable', got '" + gemm_name + "'");
+    mo.gemm = gemm_name == "blas" ? gemm_path::blas : gemm_path::portable;
     mo.record_block_outputs = false;
+
+    // The GPUs, before any file is read: no device is a RuntimeError saying so.
+    std::vector<int> device_list;
+    if (on_cuda) {
+      std::string why;
+      const int visible = upy::cuda_device_count(why);
+      if (visible <= 0)
+        raise(PyExc_RuntimeError, "LiveAvatarDenoiser: backend='cuda', but no CUDA device is visible to this process (" +
+                                      why + ")");
+      device_list = parse_devices(devices, world_size, visible);
+    }
 
     if (!std::filesystem::exists(config)) raise_file_not_found(config, "config");
     if (!std::filesystem::exists(weights)) raise_file_not_found(weights, "weights");
@@ -419,8 +602,7 @@ class live_avatar_denoiser {
     work.cond_cache_tokens = loop_.cond_cache_tokens;
     work.denoising_steps = static_cast<std::int64_t>(loop_.sampler.steps);
     model_ = std::make_unique<s2v::model>(cfg, work, mo);
-    const s2v::flow_match_euler check_sampler(loop_.sampler);  // refuses a bad sampler before any rank starts
-    (void)check_sampler;
+    sampler_.emplace(loop_.sampler);  // refuses a bad sampler before any rank starts
 
     const checkpoint ck = checkpoint::open(weights.string());
     for (const auto& n : unknown_tensors(*model_, ck, {"input.", "ref."})) {
@@ -428,7 +610,7 @@ class live_avatar_denoiser {
       if (strict) raise(PyExc_ValueError, msg + " (strict=True)");
       if (PyErr_WarnEx(PyExc_UserWarning, (msg + " ignored").c_str(), 1) < 0) throw nb::python_error();
     }
-    use_one_blas_thread_per_rank();
+    if (!on_cuda) use_one_blas_thread_per_rank();
     const checkpoint_weights base(ck);
     std::optional<checkpoint> lora_file;
     if (lora) lora_file.emplace(checkpoint::open(lora->string()));
@@ -443,7 +625,24 @@ class live_avatar_denoiser {
               throw_error(w.origin(), ": tensor '", p.name, "' has shape ", st.dims.to_string(), ", the model expects ",
                           p.dims.to_string());
           }
-      session_ = std::make_unique<session_t>(*model_, w, opt);
+      if (!on_cuda) {
+        session_ = std::make_unique<session_t>(*model_, w, opt);
+        return;
+      }
+      // The CUDA backend builds its own model (s2v::cuda_model: these layers over cuda_ops) and
+      // weight source (the same tensors) on its side.
+      upy::cuda_job job;
+      job.config = cfg;
+      job.workload = work;
+      job.model_options = mo;
+      job.options = opt;
+      job.devices = device_list;
+      job.bf16_compute = bf16_compute;
+      job.weights = &ck;
+      job.lora = lora_file ? &*lora_file : nullptr;
+      job.lora_alpha = lora_alpha;
+      job.denoise = s2v::denoise_options{loop_.sampler, loop_.blocks_per_clip, false};
+      cuda_ = upy::make_cuda_denoiser(job);
     };
     {
       nb::gil_scoped_release release;  // each rank loads its shard
@@ -454,15 +653,19 @@ class live_avatar_denoiser {
         start(base);
       }
     }
-    denoiser_ = std::make_unique<denoiser_t>(*model_, *session_, s2v::denoise_options{loop_.sampler, loop_.blocks_per_clip, false});
+    if (!on_cuda)
+      denoiser_ = std::make_unique<denoiser_t>(*model_, *session_, s2v::denoise_options{loop_.sampler, loop_.blocks_per_clip, false});
+    compute_ = on_cuda ? (bf16_compute ? "bf16" : "f32") : "f32";
   }
 
   // ---- calls ----
 
-  void sink(nb::handle ref_latents, nb::handle motion_latents, nb::handle context, nb::handle audio, nb::handle cond_states) {
+  void sink(nb::handle ref_latents, nb::handle motion_latents, nb::handle context, nb::handle audio, nb::handle cond_states,
+            nb::handle stream) {
     std::unique_lock lock = enter();
+    const std::uintptr_t st = stream_arg(stream);
     const s2v::geometry& g = model_->geometry();
-    std::vector<std::string> converted;
+    call_record converted;
     host_input ref = input(ref_latents, "ref_latents", converted), motion = input(motion_latents, "motion_latents", converted),
                ctx = input(context, "context", converted);
     expect_shape(ref, {i64(g.in_dim), 1, i64(g.height), i64(g.width)}, "[C, 1, H, W]", "ref_latents");
@@ -479,29 +682,34 @@ class live_avatar_denoiser {
       expect_shape(c, {i64(g.cond_dim), i64(g.frames), i64(g.height), i64(g.width)}, "[cond_dim, F, H, W]", "cond_states");
     }
     const s2v::sink_inputs in{ref.view, motion.view, ctx.view};
-    run([&] { denoiser_->sink(in); });
+    run([&] {
+      if (cuda_) cuda_->sink(in, st);
+      else denoiser_->sink(in);
+    });
     context_ = std::move(ctx);  // every step reads it: held (not copied) until the next sink
     sunk_ = true;
-    last_converted_ = std::move(converted);
+    record(std::move(converted));
   }
 
   nb::object denoise_block(nb::handle noise, nb::handle audio, nb::handle cond_states, nb::handle relative_dist,
-                           std::optional<std::size_t> clip, std::optional<std::size_t> block, bool all_steps) {
+                           std::optional<std::size_t> clip, std::optional<std::size_t> block, bool all_steps, nb::handle stream) {
     std::unique_lock lock = enter();
-    std::vector<std::string> converted;
+    const std::uintptr_t st = stream_arg(stream);
+    call_record converted;
     std::size_t next = next_;
     block_inputs b = block_of(noise, audio, cond_states, relative_dist, clip, block, "", next, converted);
     require_sink();
-    std::vector<s2v::block_result> results = run_blocks(std::span<const s2v::block>(&b.block, 1), all_steps);
+    nb::list results = run_blocks(std::span<const s2v::block>(&b.block, 1), all_steps, st);
     next_ = next;
-    last_converted_ = std::move(converted);
-    return result_object(std::move(results.front()), all_steps);
+    record(std::move(converted));
+    return results[0];
   }
 
   // Several blocks in flight under `steps`: one denoise over all of them; results in order.
-  nb::list denoise_many(nb::handle blocks, bool all_steps) {
+  nb::list denoise_many(nb::handle blocks, bool all_steps, nb::handle stream) {
     std::unique_lock lock = enter();
-    std::vector<std::string> converted;
+    const std::uintptr_t st = stream_arg(stream);
+    call_record converted;
     std::size_t next = next_;
     std::vector<block_inputs> inputs;
     std::size_t k = 0;
@@ -538,17 +746,16 @@ class live_avatar_denoiser {
     require_sink();
     std::vector<s2v::block> list;
     for (const block_inputs& b : inputs) list.push_back(b.block);
-    std::vector<s2v::block_result> results = run_blocks(list, all_steps);
+    out = run_blocks(list, all_steps, st);
     next_ = next;
-    last_converted_ = std::move(converted);
-    for (auto& r : results) out.append(result_object(std::move(r), all_steps));
+    record(std::move(converted));
     return out;
   }
 
   // ---- what it planned and measured ----
 
   nb::dict plan() const {
-    const unshard::memory_plan& p = session_->plan();
+    const unshard::memory_plan& p = cuda_ ? cuda_->plan() : session_->plan();
     nb::dict d;
     d["world_size"] = p.world_size;
     d["policy"] = p.policy;
@@ -564,6 +771,7 @@ class live_avatar_denoiser {
       for (auto c : unshard::all_memory_categories) terms[nb::str(std::string(unshard::name_of(c)).c_str())] = r.terms[c];
       rd["terms"] = terms;
       rd["host_bytes"] = r.host_bytes;
+      if (cuda_) rd["device"] = cuda_->devices().at(r.rank);
       ranks.append(rd);
     }
     d["ranks"] = ranks;
@@ -572,13 +780,22 @@ class live_avatar_denoiser {
 
   nb::list peaks() const {
     nb::list out;
-    for (std::size_t r = 0; r < session_->world_size(); ++r) {
+    for (std::size_t r = 0; r < world_size(); ++r) {
       nb::dict d;
       d["rank"] = r;
-      d["planned_peak_bytes"] = session_->plan().ranks[r].peak();
-      d["measured_peak_bytes"] = session_->measured(r).peak_bytes;
-      d["bytes_gathered"] = session_->runtime(r).bytes_gathered();
-      d["forwards"] = session_->runtime(r).forwards();
+      if (cuda_) {
+        const upy::cuda_rank_stats st = cuda_->stats(r);
+        d["device"] = cuda_->devices().at(r);
+        d["planned_peak_bytes"] = st.planned_peak_bytes;
+        d["measured_peak_bytes"] = st.measured_peak_bytes;
+        d["bytes_gathered"] = st.bytes_gathered;
+        d["forwards"] = st.forwards;
+      } else {
+        d["planned_peak_bytes"] = session_->plan().ranks[r].peak();
+        d["measured_peak_bytes"] = session_->measured(r).peak_bytes;
+        d["bytes_gathered"] = session_->runtime(r).bytes_gathered();
+        d["forwards"] = session_->runtime(r).forwards();
+      }
       out.append(d);
     }
     return out;
@@ -618,18 +835,31 @@ class live_avatar_denoiser {
   }
 
   std::vector<float> timesteps() const {
-    const auto t = denoiser_->sampler().timesteps();
+    const auto t = sampler_->timesteps();
     return {t.begin(), t.end()};
   }
   std::vector<float> sigmas() const {
-    const auto s = denoiser_->sampler().sigmas();
+    const auto s = sampler_->sigmas();
     return {s.begin(), s.end()};
   }
   std::size_t steps() const { return model_->geometry().steps; }
-  std::size_t world_size() const { return session_->world_size(); }
+  std::size_t world_size() const { return cuda_ ? cuda_->world_size() : session_->world_size(); }
   std::size_t blocks_per_clip() const { return loop_.blocks_per_clip; }
-  std::string schedule() const { return unshard::name_of(session_->schedule().kind); }
-  std::size_t ticks_run() const { return denoiser_->ticks_run(); }
+  std::string schedule() const { return unshard::name_of((cuda_ ? cuda_->schedule() : session_->schedule()).kind); }
+  std::size_t ticks_run() const { return cuda_ ? cuda_->ticks_run() : denoiser_->ticks_run(); }
+  std::string backend() const { return cuda_ ? "cuda" : "host"; }
+  const std::string& compute() const { return compute_; }
+  nb::object devices() const {
+    if (!cuda_) return nb::none();
+    nb::list l;
+    for (int d : cuda_->devices()) l.append(d);
+    return nb::tuple(l);
+  }
+  nb::dict last_pointers() const {
+    nb::dict d;
+    for (const auto& [name, p] : last_pointers_) d[nb::str(name.c_str())] = p;
+    return d;
+  }
   std::pair<std::size_t, std::size_t> next_block() const { return {next_ / loop_.blocks_per_clip, next_ % loop_.blocks_per_clip}; }
   bool sunk() const { return sunk_; }
   nb::tuple latent_shape() const {
@@ -639,8 +869,9 @@ class live_avatar_denoiser {
   const std::vector<std::string>& last_converted() const { return last_converted_; }
   std::string repr() const {
     const s2v::geometry& g = model_->geometry();
-    return "LiveAvatarDenoiser(world_size=" + std::to_string(session_->world_size()) + ", policy='" + session_->plan().policy +
-           "', schedule='" + schedule() + "', steps=" + std::to_string(g.steps) + ", latent=(" + std::to_string(g.in_dim) + ", " +
+    const unshard::memory_plan& p = cuda_ ? cuda_->plan() : session_->plan();
+    return "LiveAvatarDenoiser(backend='" + backend() + "', world_size=" + std::to_string(world_size()) + ", policy='" +
+           p.policy + "', schedule='" + schedule() + "', steps=" + std::to_string(g.steps) + ", latent=(" + std::to_string(g.in_dim) + ", " +
            std::to_string(g.frames) + ", " + std::to_string(g.height) + ", " + std::to_string(g.width) + "), next clip " +
            std::to_string(next_ / loop_.blocks_per_clip) + " block " + std::to_string(next_ % loop_.blocks_per_clip) + ")";
   }
@@ -663,10 +894,31 @@ class live_avatar_denoiser {
     return lock;
   }
 
-  host_input input(nb::handle obj, const std::string& name, std::vector<std::string>& converted) const {
-    host_input in = host_f32(obj, name);
-    if (in.copied) converted.push_back(name);
+  // What a call read, for _last_converted and _last_input_pointers.
+  struct call_record {
+    std::vector<std::string> converted;
+    std::vector<std::pair<std::string, std::uintptr_t>> pointers;
+  };
+  void record(call_record&& r) {
+    last_converted_ = std::move(r.converted);
+    last_pointers_ = std::move(r.pointers);
+  }
+
+  host_input input(nb::handle obj, const std::string& name, call_record& rec) const {
+    host_input in = cuda_ ? device_or_host_f32(obj, name, cuda_->devices().front()) : host_f32(obj, name);
+    if (in.copied) rec.converted.push_back(name);
+    rec.pointers.emplace_back(name, reinterpret_cast<std::uintptr_t>(in.view.data()));
     return in;
+  }
+
+  // stream= applies to the CUDA backend; the host backend refuses one.
+  std::uintptr_t stream_arg(nb::handle stream) const {
+    if (!cuda_) {
+      if (stream.is_valid() && !stream.is_none())
+        raise(PyExc_ValueError, "stream applies to backend='cuda' only (the host backend runs on the host)");
+      return 0;
+    }
+    return parse_stream(stream);
   }
 
   void check_context(const host_input& ctx) const {
@@ -686,7 +938,7 @@ class live_avatar_denoiser {
   // One block's inputs, checked; `next` is the stream position the block takes (advanced past it).
   block_inputs block_of(nb::handle noise, nb::handle audio, nb::handle cond_states, nb::handle relative_dist,
                         std::optional<std::size_t> clip, std::optional<std::size_t> block, const std::string& at,
-                        std::size_t& next, std::vector<std::string>& converted) const {
+                        std::size_t& next, call_record& converted) const {
     const s2v::geometry& g = model_->geometry();
     const std::size_t bpc = loop_.blocks_per_clip;
     const auto name = [&](const char* key) { return at.empty() ? std::string(key) : at + "['" + key + "']"; };
@@ -719,15 +971,29 @@ class live_avatar_denoiser {
     return b;
   }
 
-  std::vector<s2v::block_result> run_blocks(std::span<const s2v::block> blocks, bool all_steps) {
-    std::vector<s2v::block_result> results;
-    results.reserve(blocks.size());
-    denoiser_->set_all_steps(all_steps);
-    run([&] { denoiser_->denoise(blocks, [&](s2v::block_result&& r) { results.push_back(std::move(r)); }); });
-    if (results.size() != blocks.size())
-      raise(PyExc_RuntimeError, "LiveAvatarDenoiser: " + std::to_string(results.size()) + " results for " +
+  // The blocks through all their steps (one pipeline); their results as Python objects, in order.
+  nb::list run_blocks(std::span<const s2v::block> blocks, bool all_steps, std::uintptr_t stream) {
+    nb::list out;
+    std::size_t got = 0;
+    if (cuda_) {
+      std::vector<upy::cuda_block_result> results;
+      run([&] { results = cuda_->denoise(blocks, all_steps, stream); });
+      got = results.size();
+      if (got == blocks.size())
+        for (auto& r : results) out.append(result_object(std::move(r), all_steps));
+    } else {
+      std::vector<s2v::block_result> results;
+      results.reserve(blocks.size());
+      denoiser_->set_all_steps(all_steps);
+      run([&] { denoiser_->denoise(blocks, [&](s2v::block_result&& r) { results.push_back(std::move(r)); }); });
+      got = results.size();
+      if (got == blocks.size())
+        for (auto& r : results) out.append(result_object(std::move(r), all_steps));
+    }
+    if (got != blocks.size())
+      raise(PyExc_RuntimeError, "LiveAvatarDenoiser: " + std::to_string(got) + " results for " +
                                     std::to_string(blocks.size()) + " blocks");
-    return results;
+    return out;
   }
 
   // Runs f with the GIL released; a failed rank leaves the session (and this object) unusable.
@@ -740,7 +1006,27 @@ class live_avatar_denoiser {
       failed_ = true;
       failure_ = e.what();
       throw;
+    } catch (const upy::cuda_runtime_error& e) {
+      failed_ = true;  // a CUDA call of the calling thread failed while the ranks' state was changing
+      failure_ = e.what();
+      throw;
     }
+  }
+
+  nb::object result_object(upy::cuda_block_result&& r, bool all_steps) const {
+    const auto d = model_->geometry().output_shape();
+    nb::object latent = to_device_array(std::move(r.latent), d);
+    if (!all_steps) return latent;
+    nb::dict out;
+    out["clip"] = r.clip;
+    out["block"] = r.block;
+    out["latent"] = latent;
+    nb::list noise_pred, step_latent;
+    for (auto& v : r.noise_pred) noise_pred.append(to_device_array(std::move(v), d));
+    for (auto& v : r.step_latent) step_latent.append(to_device_array(std::move(v), d));
+    out["noise_pred"] = noise_pred;
+    out["step_latent"] = step_latent;
+    return out;
   }
 
   nb::object result_object(s2v::block_result&& r, bool all_steps) const {
@@ -760,9 +1046,14 @@ class live_avatar_denoiser {
   }
 
   // Destroyed in reverse: the denoiser, then the session (joins the rank threads), then the model.
+  // The host backend uses all three; the CUDA backend only model_ (the geometry and the checks:
+  // cuda_model's layers are these) and cuda_, which holds its own model, session and denoiser.
   std::unique_ptr<s2v::model> model_;
   std::unique_ptr<session_t> session_;
   std::unique_ptr<denoiser_t> denoiser_;
+  std::unique_ptr<upy::cuda_denoiser> cuda_;
+  std::optional<s2v::flow_match_euler> sampler_;
+  std::string compute_ = "f32";
   s2v::loop_spec loop_;
   std::uint64_t seed_;
   s2v::relative_dist_draws draws_;
@@ -772,16 +1063,36 @@ class live_avatar_denoiser {
   bool failed_ = false;
   std::string failure_;
   std::vector<std::string> last_converted_;
+  std::vector<std::pair<std::string, std::uintptr_t>> last_pointers_;
   std::mutex busy_;
 };
 
 }  // namespace
 
 NB_MODULE(_unshard, m) {
-  m.doc() = "unshard: Live Avatar's S2V denoiser over sharded weights (host backend)";
+  m.doc() = upy::cuda_built ? "unshard: Live Avatar's S2V denoiser over sharded weights (host and CUDA backends)"
+                            : "unshard: Live Avatar's S2V denoiser over sharded weights (host backend; built without CUDA)";
   m.attr("__version__") = std::to_string(UNSHARD_VERSION_MAJOR) + "." + std::to_string(UNSHARD_VERSION_MINOR) + "." +
                           std::to_string(UNSHARD_VERSION_PATCH);
   m.attr("blas_available") = unshard::blas_available();
+  // What this build has: ("host",) or ("host", "cuda").
+  m.attr("backends") = upy::cuda_built ? nb::make_tuple("host", "cuda") : nb::make_tuple("host");
+  m.attr("cudnn_attention") = upy::cudnn_attention_built();
+  m.attr("cuda_runtime_version") = upy::cuda_runtime_version();
+  m.def(
+      "cuda_device_count",
+      [] {
+        std::string why;
+        return upy::cuda_device_count(why);
+      },
+      "CUDA devices this process sees (0 without a GPU or driver, or in a build without CUDA).");
+  m.def(
+      "cuda_available",
+      [] {
+        std::string why;
+        return upy::cuda_built && upy::cuda_device_count(why) > 0;
+      },
+      "Whether backend='cuda' can run here: the module was built with CUDA and a CUDA device is visible.");
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
@@ -792,6 +1103,8 @@ NB_MODULE(_unshard, m) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
     } catch (const unshard::error& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const upy::cuda_runtime_error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
     }
   });
 
@@ -805,34 +1118,68 @@ NB_MODULE(_unshard, m) {
       "The address the library reads for `array`: its own data pointer for an F32 C-contiguous host array "
       "(read in place), that of a converted copy otherwise.");
 
+  m.def(
+      "_to_numpy",
+      [](nb::handle array) -> nb::object {
+        nb::ndarray<nb::ro> a;
+        if (!nb::try_cast(array, a, false)) raise(PyExc_TypeError, "array is a " + py_type_name(array) + ", not a DLPack tensor");
+        if (a.device_type() != dlpack_cuda) return nb::module_::import_("numpy").attr("array")(array, "dtype"_a = "float32");
+        const nb::dlpack::dtype dt = a.dtype();
+        if (!(dt.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 32 && dt.lanes == 1))
+          raise(PyExc_TypeError, "array has dtype " + dtype_string(dt) + "; _to_numpy reads float32 CUDA tensors");
+        std::vector<std::size_t> dims(a.ndim());
+        std::int64_t expect = 1;
+        for (std::size_t i = a.ndim(); i-- > 0;) {
+          dims[i] = a.shape(i);
+          if (a.shape(i) != 1 && a.stride(i) != expect) raise(PyExc_TypeError, "array is not C-contiguous");
+          expect *= static_cast<std::int64_t>(a.shape(i));
+        }
+        auto* heap = new std::vector<float>(a.size());
+        nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+        {
+          nb::gil_scoped_release release;
+          upy::copy_device_to_host(a.device_id(), a.data(), heap->data(), heap->size() * sizeof(float));
+        }
+        return nb::cast(nb::ndarray<nb::numpy, float>(heap->data(), a.ndim(), dims.data(), owner));
+      },
+      "array"_a,
+      "A float32 CUDA tensor (a backend='cuda' result, or any DLPack one) copied into a new numpy array, after "
+      "everything queued on its device ran; a host array as numpy.array(array, dtype=float32). For tests and "
+      "inspection without a framework: torch.from_dlpack / cupy.from_dlpack keep results on the device.");
+
   nb::class_<live_avatar_denoiser>(m, "LiveAvatarDenoiser")
       .def(
           "__init__",
           [](live_avatar_denoiser* self, const std::filesystem::path& config, const std::filesystem::path& weights,
              std::optional<std::filesystem::path> lora, std::optional<double> lora_alpha, std::size_t world_size,
              const std::string& policy, const std::string& schedule, const std::string& backend, nb::handle devices,
-             const std::string& gemm, const std::string& dtype, nb::handle size, std::optional<std::size_t> clips,
+             std::optional<std::string> gemm, const std::string& dtype, nb::handle size, std::optional<std::size_t> clips,
              std::optional<std::size_t> blocks_per_clip, std::optional<std::size_t> steps, std::optional<double> shift,
              std::uint64_t seed, nb::handle budget, bool strict, std::optional<std::size_t> audio_frames,
-             std::optional<std::pair<std::int64_t, std::int64_t>> motion_frames) {
+             std::optional<std::pair<std::int64_t, std::int64_t>> motion_frames, const std::string& compute) {
             new (self) live_avatar_denoiser(config, weights, std::move(lora), lora_alpha, world_size, policy, schedule, backend,
-                                            devices, gemm, dtype, size, clips, blocks_per_clip, steps, shift, seed, budget,
-                                            strict, audio_frames, motion_frames);
+                                            devices, std::move(gemm), dtype, size, clips, blocks_per_clip, steps, shift, seed,
+                                            budget, strict, audio_frames, motion_frames, compute);
           },
           "config"_a, "weights"_a, "lora"_a = nb::none(), "lora_alpha"_a = nb::none(), "world_size"_a = 1,
           "policy"_a = "prefetch:1", "schedule"_a = "steps", "backend"_a = "host", "devices"_a = nb::none(),
-          "gemm"_a = "blas", "dtype"_a = "f32", "size"_a = nb::none(), "clips"_a = nb::none(),
+          "gemm"_a = nb::none(), "dtype"_a = "f32", "size"_a = nb::none(), "clips"_a = nb::none(),
           "blocks_per_clip"_a = nb::none(), "steps"_a = nb::none(), "shift"_a = nb::none(), "seed"_a = 0,
-          "budget"_a = nb::none(), "strict"_a = false, "audio_frames"_a = nb::none(), "motion_frames"_a = nb::none())
+          "budget"_a = nb::none(), "strict"_a = false, "audio_frames"_a = nb::none(), "motion_frames"_a = nb::none(),
+          "compute"_a = "f32")
       .def("sink", &live_avatar_denoiser::sink, "ref_latents"_a.none(), "motion_latents"_a.none(), "context"_a.none(), "audio"_a = nb::none(),
-           "cond_states"_a = nb::none(),
+           "cond_states"_a = nb::none(), "stream"_a = nb::none(),
            "The cond prefill: reference and motion latents into every step's cond cache. `context` [L <= text_len, "
-           "text_dim] is held (not copied) and read by every later step.")
+           "text_dim] is held (not copied) and read by every later step. stream (backend='cuda'): the caller's CUDA "
+           "stream, which the reads of its device tensors follow and which then waits for them.")
       .def("denoise_block", &live_avatar_denoiser::denoise_block, "noise"_a.none(), "audio"_a.none(), "cond_states"_a.none(),
            "relative_dist"_a = nb::none(), "clip"_a = nb::none(), "block"_a = nb::none(), "all_steps"_a = false,
+           "stream"_a = nb::none(),
            "All the steps of the next block; returns its latent [C, F, H, W] (a dict with every step's noise_pred and "
-           "latent as well when all_steps=True).")
-      .def("_denoise_many", &live_avatar_denoiser::denoise_many, "blocks"_a, "all_steps"_a = false)
+           "latent as well when all_steps=True): a numpy array on the host backend, a DLPack tensor on devices[0] that "
+           "the caller owns on the CUDA backend (torch.from_dlpack / cupy.from_dlpack), ordered before later work on "
+           "`stream`.")
+      .def("_denoise_many", &live_avatar_denoiser::denoise_many, "blocks"_a, "all_steps"_a = false, "stream"_a = nb::none())
       .def("plan", &live_avatar_denoiser::plan, "The ledger: each rank's planned peak, term by term (bytes).")
       .def("peaks", &live_avatar_denoiser::peaks,
            "Per rank: planned and measured peak bytes, bytes gathered and forwards run so far.")
@@ -850,5 +1197,11 @@ NB_MODULE(_unshard, m) {
       .def_prop_ro("latent_shape", &live_avatar_denoiser::latent_shape)
       .def_prop_ro("_last_converted", &live_avatar_denoiser::last_converted,
                    "Names of the inputs of the last call that were converted (copied) instead of read in place.")
+      .def_prop_ro("_last_input_pointers", &live_avatar_denoiser::last_pointers,
+                   "{name: address} the library read each input of the last call at (the caller's own data pointer "
+                   "when read in place, host or device).")
+      .def_prop_ro("backend", &live_avatar_denoiser::backend)
+      .def_prop_ro("compute", &live_avatar_denoiser::compute)
+      .def_prop_ro("devices", &live_avatar_denoiser::devices, "(backend='cuda') the GPU of each rank; None on the host")
       .def("__repr__", &live_avatar_denoiser::repr);
 }
