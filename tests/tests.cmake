@@ -56,3 +56,5 @@ if(UNSHARD_BUILD_EXAMPLES)
   # Every tool's --help; unshard-plan --policy auto's short listing (issue 14's CLI habits).
   add_test(NAME cli_help COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/help.sh ${CMAKE_BINARY_DIR}/bin)
 endif()
+unshard_add_test(test_kv_offload test_kv_offload.cpp)
+unshard_add_test(test_fp8_weights test_fp8_weights.cpp)

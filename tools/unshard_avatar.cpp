@@ -51,6 +51,9 @@ constexpr const char* usage =
     "  clip{r}.block{b}.latent (with --all-steps also clip{r}.block{b}.step{i}.noise_pred and .latent).\n"
     "  The loop's geometry comes from the config's streaming/scheduler sections; for a plain Wan2.2-S2V\n"
     "  config the options give it (defaults 720x400, 1 clip of 4 blocks, 4 steps, shift 3).\n"
+    "  --policy takes the terms of docs/conventions.md, fp8|fp8:tensor (2-D GEMM weights stored as f8e4m3 plus f32\n"
+    "  scales per output channel or per tensor, quantized at load) and kv:device|kv:offload[:K] included: kv:offload keeps the KV\n"
+    "  caches in (pinned) host memory and streams each block's pages in K blocks ahead (not with chunked:SIZE).\n"
     "  --backend process: one rank per process under unshard-launch --nproc N -- unshard-avatar ...\n"
     "  --backend cuda: the ranks are the local GPUs 0..N-1 (or, under a launcher, one GPU per process:\n"
     "  LOCAL_RANK); needs a build with -DUNSHARD_ENABLE_CUDA=ON. --compute f32 (default: the path checked\n"
@@ -187,6 +190,9 @@ denoise_settings denoise_settings_from(const cli::options& o) {
     throw cli::usage_error("--backend must be host, process or cuda, got '" + backend + "'");
   d.process = backend == "process";
   d.cuda = backend == "cuda";
+  if (d.cuda && o.has("--policy") && parse_policy(o.get("--policy")).values.fp8)  // parsed (and checked) before
+    throw cli::usage_error("--backend cuda: fp8 weights (policy " + o.get("--policy") +
+                           ") run on the host and process backends only, for now");
   const std::string compute = o.get("--compute", "f32");
   if (compute != "f32" && compute != "bf16") throw cli::usage_error("--compute must be f32 or bf16, got '" + compute + "'");
   if (o.has("--compute") && !d.cuda) throw cli::usage_error("--compute applies to --backend cuda only");
@@ -427,7 +433,8 @@ int run_demo(const cli::options& o) {
     return last;
   };
   const std::vector<float> sharded = run(rs.world_size, rs.policy.values, true);
-  const std::vector<float> single = run(1, parse_policy("full").values, false);
+  // fp8 weights: the oracle is the same policy on one rank (the same codes and scales).
+  const std::vector<float> single = run(1, rs.policy.values.fp8 ? rs.policy.values : parse_policy("full").values, false);
   double max_diff = 0;
   for (std::size_t i = 0; i < sharded.size(); ++i)
     max_diff = std::max(max_diff, static_cast<double>(std::fabs(sharded[i] - single[i])));
@@ -492,7 +499,8 @@ int run_demo_denoise(const cli::options& o) {
     return latents;
   };
   const auto sharded = d.cuda ? run_cuda() : run(rs.world_size, d.schedule, rs.policy.values, true);
-  const auto single = run(1, schedule_kind::replicated, parse_policy("full").values, false);
+  const auto single =
+      run(1, schedule_kind::replicated, rs.policy.values.fp8 ? rs.policy.values : parse_policy("full").values, false);
   if (sharded.size() != blocks.size() || single.size() != blocks.size()) throw error("demo: a block's latent is missing");
   double max_diff = 0;
   for (std::size_t k = 0; k < blocks.size(); ++k)

@@ -25,7 +25,8 @@ using namespace unshard;
 
 constexpr const char* usage =
     "unshard-dit --config CONFIG.json --weights FILE.safetensors|INDEX.json --inputs FILE.safetensors "
-    "--out OUT.safetensors [--world-size N] [--policy POLICY (full|selective[:subunit]|prefetch:K|offload|chunked:SIZE|fsdp, joined by +)] "
+    "--out OUT.safetensors [--world-size N] [--policy POLICY (full|selective[:subunit]|prefetch:K|offload|chunked:SIZE|fsdp, "
+    "fp8|fp8:tensor, kv:device|kv:offload[:K], joined by +)] "
     "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--trace TRACE.json] [--strict] [--backend host|process|cuda] "
     "[--block-outputs|--no-block-outputs]\n"
     "       unshard-dit --demo [--world-size N] [--policy P] [--backend host|process|cuda]\n"
@@ -60,6 +61,9 @@ run_settings settings_from(const cli::options& o) {
     throw cli::usage_error("--backend must be host, process or cuda, got '" + backend + "'");
   s.cuda = backend == "cuda";
   s.process = backend == "process";
+  if (s.cuda && s.policy.values.fp8)
+    throw cli::usage_error("--backend cuda: fp8 weights (" + s.policy.values.name +
+                           ") run on the host and process backends only, for now");
 #if !defined(UNSHARD_DIT_CUDA)
   if (s.cuda) throw cli::usage_error("--backend cuda: this unshard-dit was built without CUDA (configure with -DUNSHARD_ENABLE_CUDA=ON)");
 #endif
@@ -240,7 +244,20 @@ int run_demo(const cli::options& o) {
   if (!out.writer) return 0;  // rank 0 of a process job checks the result
   reference_runner<wan::model> ref(m, weights);
   m.set_inputs(ref.state(), x, t, ctx);
-  ref.forward();
+  // fp8 weights: the unsharded oracle is the same policy on one rank (the reference runner reads
+  // weights as declared), the same codes and scales.
+  if (rs.policy.values.fp8) {
+    session_options one;
+    one.policy = rs.policy.values;
+    session<wan::model> s(m, weights, one);
+    s.forward([&](std::size_t, wan::state& st) { m.set_inputs(st, x, t, ctx); },
+              [&](std::size_t, const wan::state& st) {
+                const auto o = m.output(st).as<const float>();
+                std::copy(o.begin(), o.end(), m.output(ref.state()).as<float>().begin());
+              });
+  } else {
+    ref.forward();
+  }
   const tensor_view want = m.output(ref.state());
   double max_diff = 0;
   for (std::size_t i = 0; i < out.output.size(); ++i)

@@ -22,10 +22,16 @@ using namespace unshard::liveavatar;
 constexpr const char* usage =
     "unshard-plan --model liveavatar-14b|CONFIG.json --world-size N --device-memory SIZE [--reserve SIZE] "
     "[--policy NAME|fsdp|auto] [--schedule steps|replicated] [--steps S] [--t5 device|host] [--resolution WxH] "
-    "[--frames N] [--device-profile NAME] [--link-profile NAME] [--profiles FILE] [--timeline FILE.json] [--json] "
-    "[--verbose]\n"
-    "  --policy auto searches the policies under both schedules (or the --schedule given) and lists the 10 fastest\n"
-    "  that fit, then the best one rank by rank; --verbose prints every candidate in full; --json one document";
+    "[--frames N] [--host-memory SIZE] [--device-profile NAME] [--link-profile NAME] [--profiles FILE] "
+    "[--timeline FILE.json] [--json] [--verbose]\n"
+    "  --policy: terms joined by + (full|fsdp|selective[:subunit]|prefetch:K|offload|chunked:SIZE, fp8|fp8:tensor,\n"
+    "  kv:device|kv:offload[:K]); fp8 plans 2-D GEMM weights at 1 byte per element plus f32 scales; kv:offload\n"
+    "  keeps the KV caches in pinned host memory and streams K+1 blocks' pages through the device\n"
+    "  --host-memory: pinned host memory per rank (offloaded shards, caches under kv:offload); a plan must fit it,\n"
+    "  and --policy auto then also searches kv:offload and kv:offload:2\n"
+    "  --policy auto searches the policies, each with and without fp8, under both schedules (or the --schedule\n"
+    "  given) and lists the 10 fastest that fit, then the best one rank by rank; --verbose prints every candidate\n"
+    "  in full; --json one document";
 
 constexpr double gib = 1024.0 * 1024.0 * 1024.0;
 
@@ -38,6 +44,7 @@ struct settings {
   stack st;
   plan_request rq;
   std::size_t budget = 0;
+  std::size_t host_budget = 0;  // --host-memory; 0: not capped (and auto keeps the caches on the device)
   std::string policy;
   std::string profiles_source;
   std::optional<schedule_kind> schedule;  // --schedule, when given (auto searches both otherwise)
@@ -80,6 +87,7 @@ settings settings_from(const cli::options& o, const std::filesystem::path& dir) 
   try {
     memory = parse_size(o.require("--device-memory"), "--device-memory");
     reserve = o.has("--reserve") ? parse_size(o.get("--reserve"), "--reserve") : cuda::planned_reserve_bytes;
+    if (o.has("--host-memory")) s.host_budget = parse_size(o.get("--host-memory"), "--host-memory");
   } catch (const cli::usage_error&) {
     throw;
   } catch (const error& e) {
@@ -117,6 +125,7 @@ settings settings_from(const cli::options& o, const std::filesystem::path& dir) 
   if (s.rq.sched.steps == 0) throw error("--steps must be at least 1 (got 0)");
   if (s.rq.sched.steps > max_steps)
     throw error("--steps " + o.get("--steps") + " is above the " + std::to_string(max_steps) + " denoising steps planned");
+  if (o.has("--host-memory") && s.host_budget == 0) throw error("--host-memory must be more than 0 bytes");
   if (memory <= reserve)
     throw error("--device-memory " + o.get("--device-memory") + " is not above the reserve " + o.get("--reserve", "1.85GiB (the default)") +
                 " (CUDA context and allocator): nothing left for the model");
@@ -162,9 +171,9 @@ nlohmann::json to_json(const settings& s, const stack_plan& p) {
   for (std::size_t r = 0; r < s.rq.world_size; ++r) {
     const rank_ledger l = p.rank(r);
     ranks.push_back({{"rank", r}, {"peak_bytes", l.peak()}, {"terms", l.terms}, {"details", l.details},
-                     {"host_bytes", p.host_bytes}, {"forwards_per_tick", l.forwards}, {"cached_steps", l.cached_steps}});
+                     {"host_bytes", l.host_bytes}, {"forwards_per_tick", l.forwards}, {"cached_steps", l.cached_steps}});
   }
-  const bool fits = p.peak() <= s.budget;
+  const bool fits = liveavatar::fits(p, s.budget, s.host_budget);
   nlohmann::json j{{"model", s.st.model}, {"world_size", s.rq.world_size}, {"budget_bytes", s.budget},
                    {"policy", p.policy},  {"fits", fits},  {"peak_bytes", p.peak()},
                    {"ranks", ranks},      {"time_s", p.time_s},            {"device_profile", s.rq.device.name},
@@ -179,7 +188,9 @@ nlohmann::json to_json(const settings& s, const stack_plan& p) {
     j["effective_chunk_bytes"] = p.effective_chunk;
     j["chunks_per_forward"] = p.chunks;
   }
-  if (!fits) j["why_not"] = why_not(p, s.budget);
+  if (!fits) j["why_not"] = why_not(p, s.budget, s.host_budget);
+  if (s.host_budget) j["host_budget_bytes"] = s.host_budget;
+  if (p.kv_offload) j["kv_prefetch"] = p.kv_prefetch;
   return j;
 }
 
@@ -188,15 +199,16 @@ void print_text(const settings& s, const stack_plan& p, std::FILE* out) {
                "peak %zu bytes (%.2f GiB) of %zu (%.2f GiB) -> %s; %.3f s per forward, %.3f s per block (%.2f frames/s) on %s over %s\n",
                s.st.model.c_str(), s.rq.world_size, name_of(p.sched.kind), p.sched.steps, p.forwards_per_tick,
                p.forwards_per_tick == 1 ? "" : "s", p.policy.c_str(), name_of(s.rq.t5), p.peak(), p.peak() / gib, s.budget,
-               s.budget / gib, p.peak() <= s.budget ? "fits" : "does not fit", p.time_s, p.block_s, p.frames_per_s,
-               s.rq.device.name.c_str(), s.rq.link.name.c_str());
-  if (p.peak() > s.budget) std::fprintf(out, "does not fit: %s\n", why_not(p, s.budget).c_str());
+               s.budget / gib, liveavatar::fits(p, s.budget, s.host_budget) ? "fits" : "does not fit", p.time_s, p.block_s,
+               p.frames_per_s, s.rq.device.name.c_str(), s.rq.link.name.c_str());
+  if (!liveavatar::fits(p, s.budget, s.host_budget))
+    std::fprintf(out, "does not fit: %s\n", why_not(p, s.budget, s.host_budget).c_str());
   for (std::size_t r = 0; r < s.rq.world_size; ++r) {
     const rank_ledger l = p.rank(r);
     std::fprintf(out, "rank %zu planned_peak_bytes=%zu planned_peak_gib=%.3f steps=%s forwards_per_tick=%zu", r, l.peak(),
                  l.peak() / gib, steps_text(l.cached_steps).c_str(), l.forwards);
     for (const auto& [k, v] : l.details) std::fprintf(out, " %s=%.3fGiB", k.c_str(), v / gib);
-    std::fprintf(out, " host=%.3fGiB\n", p.host_bytes / gib);
+    std::fprintf(out, " host=%.3fGiB\n", l.host_bytes / gib);
   }
   if (p.effective_chunk)
     std::fprintf(out, "effective chunk: %zu bytes (%.2f MiB), %zu chunks per forward\n", p.effective_chunk,
@@ -209,11 +221,11 @@ void print_candidates(const settings& s, const std::vector<stack_plan>& fits, st
   constexpr std::size_t shown = 10;
   if (fits.empty()) return;
   std::fprintf(out, "%zu configurations fit, fastest first:\n", fits.size());
-  std::fprintf(out, "  %-36s %-10s %9s %5s %9s %9s\n", "policy", "schedule", "peak GiB", "fits", "s/block", "frames/s");
+  std::fprintf(out, "  %-56s %-10s %9s %5s %9s %9s\n", "policy", "schedule", "peak GiB", "fits", "s/block", "frames/s");
   for (std::size_t i = 0; i < fits.size() && i < shown; ++i) {
     const stack_plan& p = fits[i];
-    std::fprintf(out, "  %-36s %-10s %9.2f %5s %9.3f %9.2f\n", p.policy.c_str(), name_of(p.sched.kind), p.peak() / gib,
-                 p.peak() <= s.budget ? "yes" : "no", p.block_s, p.frames_per_s);
+    std::fprintf(out, "  %-56s %-10s %9.2f %5s %9.3f %9.2f\n", p.policy.c_str(), name_of(p.sched.kind), p.peak() / gib,
+                 liveavatar::fits(p, s.budget, s.host_budget) ? "yes" : "no", p.block_s, p.frames_per_s);
   }
   if (fits.size() > shown) std::fprintf(out, "  ... and %zu more that fit (--verbose lists every one)\n", fits.size() - shown);
   std::fprintf(out, "the best one, rank by rank:\n");
@@ -263,7 +275,7 @@ int run(const cli::options& o, const std::filesystem::path& dir) {
     return 0;
   }
   // Every policy under each schedule (only the one asked for, if any); fastest block first.
-  const auto found = plan_auto(s.st, s.rq, s.budget, schedules_to_search(s.schedule));
+  const auto found = plan_auto(s.st, s.rq, s.budget, schedules_to_search(s.schedule), /*with_fp8=*/true, s.host_budget);
   print_workload(s, *found.closest, text);
   nlohmann::json all = nlohmann::json::array();
   for (const auto& p : found.fits) all.push_back(to_json(s, p));
@@ -275,7 +287,7 @@ int run(const cli::options& o, const std::filesystem::path& dir) {
   if (found.fits.empty()) {
     std::fprintf(text, "no policy fits %.2f GiB per rank at world size %zu; the smallest peak is %s under %s: %s\n",
                  s.budget / gib, s.rq.world_size, found.closest->policy.c_str(), name_of(found.closest->sched.kind),
-                 why_not(*found.closest, s.budget).c_str());
+                 why_not(*found.closest, s.budget, s.host_budget).c_str());
     doc["closest"] = to_json(s, *found.closest);
   }
   if (json) std::printf("%s\n", doc.dump(2).c_str());
@@ -288,7 +300,7 @@ int main(int argc, char** argv) {
   return unshard::cli::run_tool("unshard-plan", usage, argc, argv, [&] {
     const unshard::cli::options o(argc, argv,
                                   {"--model", "--world-size", "--device-memory", "--reserve", "--policy", "--resolution",
-                                   "--frames", "--schedule", "--steps", "--t5", "--device-profile", "--link-profile",
+                                   "--frames", "--schedule", "--steps", "--t5", "--host-memory", "--device-profile", "--link-profile",
                                    "--profiles", "--timeline"},
                                   {"--json", "--verbose"});
     return run(o, exe_dir(argv[0]));

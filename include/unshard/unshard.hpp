@@ -27,8 +27,10 @@
 // policy: the parts composed at compile time, compose<>/values_of<>, and the policy strings.
 #include "unshard/policy/chunked_unshard.hpp"
 #include "unshard/policy/compose.hpp"
+#include "unshard/policy/fp8_weights.hpp"
 #include "unshard/policy/full_unshard.hpp"
 #include "unshard/policy/granularity.hpp"
+#include "unshard/policy/kv_placement.hpp"
 #include "unshard/policy/offload.hpp"
 #include "unshard/policy/parse_policy.hpp"
 #include "unshard/policy/placement.hpp"
@@ -49,6 +51,9 @@
 #include "unshard/io/json_config.hpp"
 #include "unshard/io/safetensors_file.hpp"
 #include "unshard/io/safetensors_writer.hpp"
+
+// quant: fp8 (e4m3) weights with per-tensor or per-channel scales.
+#include "unshard/quant/fp8.hpp"
 
 // runtime: sessions (ranks as threads, or this process as one rank of a launched job), weight
 // sources (checkpoint, synthetic, LoRA merged at load), the unsharded reference.

@@ -26,6 +26,14 @@ struct param_spec {
   std::size_t bytes() const { return static_cast<std::size_t>(dims.numel()) * size_of(type); }
 };
 
+// Whether a view holds a parameter declared with storage dtype `declared`: that dtype, or, for a GEMM
+// weight the layer consumes by rows (by_rows), f8e4m3 codes that carry their scales (the `fp8`
+// policy stores such weights quantized; docs/design.md, fp8 weights). What a layer's parameter
+// check accepts.
+inline bool holds_declared_type(const tensor_view& v, dtype declared, bool by_rows) noexcept {
+  return v.type() == declared || (by_rows && v.type() == dtype::f8e4m3 && v.has_scales());
+}
+
 // Views of one sub-unit's parameters, in the order the layer declared them. They point into the
 // gathered flat buffer or the resident buffer: the layer never sees where the bytes came from.
 class param_views {

@@ -1,8 +1,10 @@
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 #include "unshard/core/dtype.hpp"
 #include "unshard/core/shape.hpp"
@@ -22,6 +24,24 @@ class tensor_view {
   std::int64_t numel() const noexcept { return shape_.numel(); }
   std::size_t bytes() const noexcept { return static_cast<std::size_t>(numel()) * size_of(dtype_); }
   bool empty() const noexcept { return data_ == nullptr; }
+
+  // An f8e4m3 weight's f32 scales travel with its codes (quant/fp8.hpp: value = code * scale): one
+  // for every row (per tensor) or one per row (per output channel). Other views carry none.
+  // with_scales returns a copy that carries them; the scales must outlive the view.
+  tensor_view with_scales(const float* scales, std::size_t count) const {
+    tensor_view v = *this;
+    v.scales_ = scales;
+    v.scale_count_ = count;
+    return v;
+  }
+  const float* scales() const noexcept { return scales_; }
+  std::size_t scale_count() const noexcept { return scale_count_; }
+  bool has_scales() const noexcept { return scales_ != nullptr && scale_count_ != 0; }
+  // The scales of rows [r0, r1) of this view: the same single scale, or those rows' own.
+  std::pair<const float*, std::size_t> scales_of_rows(std::int64_t r0, std::int64_t r1) const noexcept {
+    if (scale_count_ <= 1 || r0 < 0 || r1 < r0) return {scales_, scale_count_};
+    return {scales_ + r0, static_cast<std::size_t>(r1 - r0)};
+  }
 
   // Typed access; throws if the dtype differs (a bf16 weight read as float is a bug, not a cast).
   template <class T>
@@ -54,6 +74,8 @@ class tensor_view {
   std::byte* data_ = nullptr;
   dtype dtype_ = dtype::f32;
   shape shape_{};
+  const float* scales_ = nullptr;
+  std::size_t scale_count_ = 0;
 };
 
 }  // namespace unshard

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cstddef>
 #include <map>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -35,13 +36,52 @@ struct buffer_spec {
   memory_category category = memory_category::activations;
   buffer_scope scope = buffer_scope::per_lane;
   std::size_t step = 0;  // per_step: the denoising step whose lane holds it
+  // 0: a plain buffer. n: n equal pages along its leading axis (a KV cache's layers), page p read
+  // and written only by the units of the layer the model maps to p (paged_model below), so a
+  // runtime may keep the whole buffer elsewhere and bring each page in while its layer runs
+  // (the `kv:offload` policy term). bytes must be a multiple of pages.
+  std::size_t pages = 0;
+
+  std::size_t page_bytes() const noexcept { return pages ? bytes / pages : bytes; }
+};
+
+// Where each page of a paged buffer is while a runtime places its pages (`kv:offload`): entry p
+// is the address of page p while the units of its layer run, null otherwise. The runtime owns the
+// table and rewrites it; a state reads it. Without one (no placement, or a buffer_set built by
+// hand) page p is at base + p * page_bytes.
+using page_table = std::vector<std::byte*>;
+
+// A byte range [offset, offset + bytes) of one page.
+struct page_window {
+  std::size_t offset = 0, bytes = 0;
+  std::size_t end() const noexcept { return offset + bytes; }
+  bool empty() const noexcept { return bytes == 0; }
+  bool operator==(const page_window&) const = default;
+};
+
+// What the call set up in a state does with its layer's page of one paged buffer: the bytes it may
+// read before writing them (a runtime copies them in) and the bytes it writes (copied back out).
+// Both empty: the call does not touch the buffer, and no page of it need be present.
+struct page_access {
+  page_window read, write;
+  bool touches() const noexcept { return !read.empty() || !write.empty(); }
 };
 
 // The allocated buffers, looked up by the names the model declared.
 class buffer_set {
  public:
-  void add(const std::string& name, std::span<std::byte> bytes) { buffers_[name] = bytes; }
+  // `pages`: the page table of a paged buffer whose pages a runtime places (it outlives the state).
+  void add(const std::string& name, std::span<std::byte> bytes, const page_table* pages = nullptr) {
+    buffers_[name] = bytes;
+    if (pages) pages_[name] = pages;
+  }
   bool has(const std::string& name) const { return buffers_.contains(name); }
+  // The page table a runtime keeps for `name`, or null: its pages are at base + p * page_bytes.
+  // (Under placement, bytes(name) is the whole buffer where it is kept: host memory.)
+  const page_table* pages(const std::string& name) const {
+    const auto it = pages_.find(name);
+    return it == pages_.end() ? nullptr : it->second;
+  }
   std::span<std::byte> bytes(const std::string& name) const {
     const auto it = buffers_.find(name);
     if (it == buffers_.end()) throw_error("buffer_set: no buffer named '", name, "' was declared by the model");
@@ -65,6 +105,7 @@ class buffer_set {
 
  private:
   std::map<std::string, std::span<std::byte>> buffers_;
+  std::map<std::string, const page_table*> pages_;
 };
 
 // A model: a sequence of layers over one activation state.
@@ -79,6 +120,18 @@ concept model = requires(const M& m, std::size_t i, const buffer_set& bufs) {
   requires layer<std::remove_cvref_t<decltype(m.layer(i))>, typename M::state>;
   { m.buffers() } -> std::convertible_to<std::vector<buffer_spec>>;
   { m.make_state(bufs) } -> std::same_as<typename M::state>;
+};
+
+// A model whose buffers include paged ones (buffer_spec::pages) says which page each layer
+// touches and, for the call set up in a state, which bytes of that page it reads and writes:
+//   m.page_of_layer(i)          the page layer i reads and writes (the same index in every paged
+//                               buffer), or none
+//   m.page_access_of(s, b)      what the call in state s does with its layer's page of buffer b
+// A runtime that places pages (kv:offload) needs both; a model without paged buffers needs neither.
+template <class M>
+concept paged_model = model<M> && requires(const M& m, std::size_t i, const typename M::state& s, const buffer_spec& b) {
+  { m.page_of_layer(i) } -> std::convertible_to<std::optional<std::size_t>>;
+  { m.page_access_of(s, b) } -> std::convertible_to<page_access>;
 };
 
 }  // namespace unshard

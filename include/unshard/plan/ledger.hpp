@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "unshard/core/tracking_allocator.hpp"
@@ -69,6 +70,60 @@ void for_each_rank_buffer(const std::vector<buffer_spec>& buffers, const schedul
   }
 }
 
+// Under `kv:offload` the paged buffers a rank holds (buffer_spec::pages: the KV caches) live whole
+// in host memory and their pages stream through rings of K+1 device slots, one slot per layer in
+// flight. A forward touches one layer's page of each buffer at a time, and one step's per-step
+// buffers only, so a rank needs: a ring per shared (per_rank) paged buffer, which its lanes read
+// from the same slot; a ring per lane for each per_lane one; and per lane a ring for the j-th paged
+// buffer of a step, which the lane's steps take turns in (a replicated lane holds every step's
+// caches but runs one step per forward). `members` index the rank's buffers in for_each_rank_buffer
+// order; a slot holds the largest page among them.
+struct page_ring {
+  buffer_scope scope = buffer_scope::per_rank;
+  std::size_t lane = 0, position = 0;  // per_lane / per_step: the lane; per_step: j
+  std::size_t page_bytes = 0;          // one slot
+  memory_category category = memory_category::kv_cache;
+  std::vector<std::size_t> members;
+};
+
+inline std::vector<page_ring> page_rings(const std::vector<buffer_spec>& buffers, const schedule& sched, std::size_t rank,
+                                         std::size_t world_size) {
+  std::vector<page_ring> rings;
+  std::vector<std::pair<std::size_t, std::size_t>> seen;  // (lane, step) of each per-step paged buffer so far
+  std::size_t index = 0;
+  for_each_rank_buffer(buffers, sched, rank, world_size, [&](const buffer_spec& b, std::size_t lane) {
+    const std::size_t i = index++;
+    if (b.pages == 0) return;
+    if (b.bytes % b.pages != 0)
+      throw_error("buffer '", b.name, "': ", b.bytes, " bytes do not split into ", b.pages, " equal pages");
+    std::size_t position = 0;
+    if (b.scope == buffer_scope::per_step) {
+      position = static_cast<std::size_t>(std::count(seen.begin(), seen.end(), std::pair{lane, b.step}));
+      seen.emplace_back(lane, b.step);
+    }
+    const bool shared = b.scope == buffer_scope::per_rank;
+    auto it = std::find_if(rings.begin(), rings.end(), [&](const page_ring& r) {
+      return b.scope == buffer_scope::per_step && r.scope == b.scope && r.lane == lane && r.position == position &&
+             r.category == b.category;
+    });
+    if (it == rings.end()) {
+      rings.push_back({b.scope, shared ? 0 : lane, position, 0, b.category, {}});
+      it = rings.end() - 1;
+    }
+    it->page_bytes = std::max(it->page_bytes, b.page_bytes());
+    it->members.push_back(i);
+  });
+  return rings;
+}
+
+// Chunked unshard interleaves a tick's lanes at chunk boundaries on threads of their own
+// (runtime/lane_turns.hpp); pages placed per layer are not streamed there yet.
+inline void require_kv_placement_supported(const policy_values& policy) {
+  if (policy.kv_offload && policy.chunked())
+    throw_error("policy ", policy.name, ": kv:offload is not supported with chunked unshard (chunked:SIZE) yet; use "
+                "kv:device with chunked, or kv:offload with selective/prefetch/offload/full");
+}
+
 // The steps a model keeps state for: one more than its highest per-step buffer (1 without any).
 inline std::size_t steps_of(const std::vector<buffer_spec>& buffers) noexcept {
   std::size_t n = 1;
@@ -88,6 +143,7 @@ memory_plan plan_memory(const M& m, std::size_t world_size, const policy_values&
   const ring_shape ring = ring_for(units, policy);
   const std::vector<buffer_spec> buffers = m.buffers();
   sched.validate(world_size);
+  require_kv_placement_supported(policy);
   if (steps_of(buffers) != sched.steps && steps_of(buffers) > 1)
     throw_error("schedule ", sched.describe(world_size), ": the model keeps state for ", steps_of(buffers),
                 " denoising steps");
@@ -108,8 +164,14 @@ memory_plan plan_memory(const M& m, std::size_t world_size, const policy_values&
   for (std::size_t i = 0; i < world_size; ++i) {
     rank_plan r = weights;
     r.rank = i;
-    for_each_rank_buffer(buffers, sched, i, world_size,
-                         [&](const buffer_spec& b, std::size_t) { r.terms[b.category] += align_up(b.bytes == 0 ? 1 : b.bytes); });
+    for_each_rank_buffer(buffers, sched, i, world_size, [&](const buffer_spec& b, std::size_t) {
+      // kv:offload: a paged buffer is held whole in host memory (its device slots are below).
+      if (policy.kv_offload && b.pages) r.host_bytes += align_up(b.bytes);
+      else r.terms[b.category] += align_up(b.bytes == 0 ? 1 : b.bytes);
+    });
+    if (policy.kv_offload)
+      for (const page_ring& ring : page_rings(buffers, sched, i, world_size))
+        r.terms[ring.category] += (policy.kv_prefetch + 1) * align_up(ring.page_bytes);
     plan.ranks.push_back(r);
   }
   return plan;

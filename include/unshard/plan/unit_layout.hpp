@@ -3,11 +3,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "unshard/core/flat_layout.hpp"
 #include "unshard/layer/model.hpp"
 #include "unshard/policy/policy_values.hpp"
+#include "unshard/quant/fp8_scaling.hpp"
 
 namespace unshard {
 
@@ -44,6 +47,12 @@ struct unit_layout {
   bool kept = false;                         // gathered once and kept (full, or a residency policy)
   std::vector<std::size_t> sharded_subunit;  // sub-unit (index within the unit) of each sharded parameter
   std::vector<weight_chunk> chunks;          // chunked unshard only
+  // fp8 weights (policy_values::fp8): the f32 scales of each quantized parameter are a resident
+  // parameter of their own, "<weight>.scale" ([1] or [rows]), placed after the declared resident
+  // parameters. Index of that scale in resident_params per sharded / resident parameter, or
+  // no_scale for a parameter that is not quantized. Empty without fp8.
+  static constexpr std::size_t no_scale = static_cast<std::size_t>(-1);
+  std::vector<std::size_t> sharded_scale, resident_scale;
 
   std::size_t gathered_bytes() const noexcept { return sharded.padded_bytes(); }
 };
@@ -96,10 +105,33 @@ inline void cut_into_chunks(unit_layout& u, std::size_t limit) {
   }
 }
 
+// Under an fp8 policy, which declared parameters are stored as f8e4m3 codes plus scales: the GEMM
+// weights a layer consumes by rows, of rank 2 (nn.Linear's [out, in], as the official fp8_linear.py
+// converts nn.Linear only). 1-D parameters, whole-only tables and convolution weights keep their
+// storage dtype (quant/fp8.hpp says why).
+inline bool quantized_under(const param_spec& p, const policy_values& policy) {
+  return policy.fp8 && p.by_rows && p.dims.rank() == 2 && p.dims[0] > 0 && p.dims[1] > 0 &&
+         (p.type == dtype::f32 || p.type == dtype::bf16 || p.type == dtype::f16);
+}
+
 inline bool stays_resident(const param_spec& p, const policy_values& policy) {
   return p.bytes() < policy.resident_below_bytes || (policy.chunked() && (p.dims.rank() < 2 || !p.by_rows));
 }
 }  // namespace detail
+
+// The name of the resident f32 parameter holding a quantized weight's scales, and its spec.
+inline std::string fp8_scale_name(std::string_view weight) { return std::string(weight) + ".scale"; }
+inline param_spec fp8_scale_spec(const param_spec& weight, quant::fp8_scaling scaling) {
+  const auto n = static_cast<std::int64_t>(quant::scale_count(scaling, static_cast<std::size_t>(weight.dims[0])));
+  return {fp8_scale_name(weight.name), shape{n}, dtype::f32, false};
+}
+
+// A declared parameter as the policy stores it: under fp8, a quantized weight's type is f8e4m3.
+inline param_spec stored_spec(const param_spec& p, const policy_values& policy) {
+  param_spec q = p;
+  if (detail::quantized_under(p, policy)) q.type = dtype::f8e4m3;
+  return q;
+}
 
 // Cuts a model into units under a policy's granularity and places each parameter.
 template <model M>
@@ -122,17 +154,33 @@ std::vector<unit_layout> build_units(const M& m, std::size_t world_size, const p
       else u.info.root = l == 0 || l + 1 == layers;
       u.info.first_subunit = s0;
       u.info.subunit_count = s1 - s0;
+      std::vector<param_spec> scales;  // fp8: one per quantized weight, appended to the resident ones
+      std::vector<std::pair<bool, std::size_t>> scaled;  // (resident, index) of the weight each scale is for
       for (std::size_t s = s0; s < s1; ++s) {
         std::vector<param_slot> slots;
-        for (const param_spec& p : layer.parameters(s)) {
-          p.dims.validate("parameter '" + p.name + "' of layer '" + layer.name() + "'", size_of(p.type));
+        for (const param_spec& declared : layer.parameters(s)) {
+          declared.dims.validate("parameter '" + declared.name + "' of layer '" + layer.name() + "'",
+                                 size_of(declared.type));
+          const param_spec p = stored_spec(declared, policy);
           const bool resident = detail::stays_resident(p, policy);
           auto& list = resident ? u.resident_params : u.sharded_params;
           slots.push_back({resident, list.size()});
+          if (p.type == dtype::f8e4m3 && declared.type != dtype::f8e4m3) {
+            scales.push_back(fp8_scale_spec(p, policy.fp8_scaling));
+            scaled.emplace_back(resident, list.size());
+          }
           list.push_back(p);
           if (!resident) u.sharded_subunit.push_back(s - s0);
         }
         u.slots.push_back(std::move(slots));
+      }
+      if (!scales.empty()) {
+        u.sharded_scale.assign(u.sharded_params.size(), unit_layout::no_scale);
+        u.resident_scale.assign(u.resident_params.size(), unit_layout::no_scale);
+        for (std::size_t i = 0; i < scales.size(); ++i) {
+          (scaled[i].first ? u.resident_scale : u.sharded_scale)[scaled[i].second] = u.resident_params.size();
+          u.resident_params.push_back(std::move(scales[i]));
+        }
       }
       u.sharded = flat_layout(u.sharded_params, world_size);
       u.resident = flat_layout(u.resident_params, 1);

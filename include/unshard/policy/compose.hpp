@@ -8,28 +8,44 @@
 #include "unshard/policy/placement.hpp"
 #include "unshard/policy/policy_values.hpp"
 #include "unshard/policy/unit_info.hpp"
+#include "unshard/quant/fp8_scaling.hpp"
 
 namespace unshard {
 
-// A policy part fills one or more of five slots, each with static members:
+// A policy part fills one or more of seven slots, each with static members. Five say how weights
+// are gathered:
 //   granularity           `using granularity = per_block | per_subunit;`
 //   prefetch              `static constexpr std::size_t prefetch_depth = K;`
 //   placement             `using placement = on_device | pinned_host;`
 //   residency             `static constexpr bool keeps_gathered(const unit_info&);`
 //   resident threshold    `static constexpr std::size_t resident_below_bytes = N;`
+// and two what is stored, independent of the gathering (they compose with full_unshard too):
+//   weight format         `static constexpr quant::fp8_scaling weight_scaling = S;` (fp8_weights)
+//   KV placement          `static constexpr bool kv_offloaded = B;` and
+//                         `static constexpr std::size_t kv_prefetch_depth = K;` (kv_on_device, kv_offload)
 // compose<Ps...> takes each slot from the one part that fills it and defaults the rest
-// (per_block, no prefetch, on_device, nothing kept, parameters under 64 KiB resident).
+// (per_block, no prefetch, on_device, nothing kept, parameters under 64 KiB resident, weights as the
+// model declares them, KV caches on the device).
 namespace detail {
 template <class P> concept fills_granularity = requires { typename P::granularity; };
 template <class P> concept fills_prefetch = requires { { P::prefetch_depth } -> std::convertible_to<std::size_t>; };
 template <class P> concept fills_placement = requires { typename P::placement; };
 template <class P> concept fills_residency = requires(const unit_info& u) { { P::keeps_gathered(u) } -> std::convertible_to<bool>; };
 template <class P> concept fills_threshold = requires { { P::resident_below_bytes } -> std::convertible_to<std::size_t>; };
+template <class P> concept fills_weight_format = requires { { P::weight_scaling } -> std::convertible_to<quant::fp8_scaling>; };
+template <class P> concept fills_kv_placement = requires {
+  { P::kv_offloaded } -> std::convertible_to<bool>;
+  { P::kv_prefetch_depth } -> std::convertible_to<std::size_t>;
+};
 template <class P> concept is_exclusive = requires { requires P::exclusive; };
 
+// Slots about gathering (full_unshard excludes every other part that fills one of these).
 template <class P>
-inline constexpr int slots_filled = int(fills_granularity<P>) + int(fills_prefetch<P>) + int(fills_placement<P>) +
-                                    int(fills_residency<P>) + int(fills_threshold<P>);
+inline constexpr int gathering_slots_filled = int(fills_granularity<P>) + int(fills_prefetch<P>) +
+                                              int(fills_placement<P>) + int(fills_residency<P>) +
+                                              int(fills_threshold<P>);
+template <class P>
+inline constexpr int slots_filled = gathering_slots_filled<P> + int(fills_weight_format<P>) + int(fills_kv_placement<P>);
 
 template <class P> struct granularity_of { using type = void; };
 template <fills_granularity P> struct granularity_of<P> { using type = typename P::granularity; };
@@ -43,6 +59,8 @@ template <class Default, class T, class... Ts> struct first_non_void<Default, T,
 
 template <class P> constexpr std::size_t prefetch_of() { if constexpr (fills_prefetch<P>) return P::prefetch_depth; else return 0; }
 template <class P> constexpr std::size_t threshold_of() { if constexpr (fills_threshold<P>) return P::resident_below_bytes; else return 0; }
+template <class P> constexpr int fp8_scaling_of() { if constexpr (fills_weight_format<P>) return int(P::weight_scaling) + 1; else return 0; }
+template <class P> constexpr std::size_t kv_offload_of() { if constexpr (fills_kv_placement<P>) return P::kv_offloaded ? P::kv_prefetch_depth : 0; else return 0; }
 
 template <class... Ps> struct residency_of { static constexpr bool (*fn)(const unit_info&) = nullptr; };
 template <class P, class... Ps> struct residency_of<P, Ps...> {
@@ -63,6 +81,10 @@ struct compose {
   static_assert((policy_part<Ps> && ...),
                 "compose<...>: every argument must be a policy part: it sets granularity, prefetch_depth, "
                 "placement, keeps_gathered or resident_below_bytes");
+  static_assert((int(detail::fills_weight_format<Ps>) + ... + 0) <= 1,
+                "compose<...>: two policies both set the weight format (fp8_weights twice?)");
+  static_assert((int(detail::fills_kv_placement<Ps>) + ... + 0) <= 1,
+                "compose<...>: two policies both set where the KV caches live");
   static_assert((int(detail::fills_granularity<Ps>) + ... + 0) <= 1,
                 "compose<...>: two policies both set the granularity (e.g. two selective_unshard)");
   static_assert((int(detail::fills_prefetch<Ps>) + ... + 0) <= 1, "compose<...>: two policies both set the prefetch depth");
@@ -71,9 +93,10 @@ struct compose {
                 "compose<...>: two policies both decide which units stay gathered");
   static_assert((int(detail::fills_threshold<Ps>) + ... + 0) <= 1,
                 "compose<...>: two policies both set the resident-parameter threshold");
-  static_assert(!(detail::is_exclusive<Ps> || ...) || sizeof...(Ps) == 1,
+  static_assert(!(detail::is_exclusive<Ps> || ...) || (int(detail::gathering_slots_filled<Ps> > 0) + ... + 0) == 1,
                 "compose<...>: full_unshard keeps every unit gathered for the whole run; it combines with no other "
-                "policy (there is nothing to prefetch, offload or select)");
+                "gathering policy (there is nothing to prefetch, offload or select; fp8_weights and the KV "
+                "placement do combine with it)");
 
   using granularity = typename detail::first_non_void<per_block, typename detail::granularity_of<Ps>::type...>::type;
   static_assert(!is_chunk_granularity<granularity> || (int(detail::fills_residency<Ps>) + ... + 0) == 0,
@@ -86,6 +109,13 @@ struct compose {
       (int(detail::fills_threshold<Ps>) + ... + 0) ? (detail::threshold_of<Ps>() + ... + 0) : (full ? 0 : 64 * 1024);
   static constexpr bool (*keeps_gathered_fn)(const unit_info&) = detail::residency_of<Ps...>::fn;
   static constexpr bool keeps_gathered(const unit_info& u) { return full || (keeps_gathered_fn && keeps_gathered_fn(u)); }
+
+  // What is stored: fp8 weights (and their scaling), the KV caches' placement.
+  static constexpr bool fp8 = (int(detail::fills_weight_format<Ps>) + ... + 0) == 1;
+  static constexpr quant::fp8_scaling weight_scaling =
+      fp8 ? quant::fp8_scaling((detail::fp8_scaling_of<Ps>() + ... + 0) - 1) : quant::fp8_scaling::per_channel;
+  static constexpr bool kv_offloaded = (detail::kv_offload_of<Ps>() + ... + 0) > 0;
+  static constexpr std::size_t kv_prefetch_depth = kv_offloaded ? (detail::kv_offload_of<Ps>() + ... + 0) : 1;
 
   // Gathered buffers that rotate among the units not kept: the current one plus those in flight.
   static constexpr std::size_t live_gathered_buffers = full ? 0 : prefetch_depth + 1;
@@ -123,6 +153,14 @@ policy_values values_of() {
   v.offload = C::placement::offloaded;
   v.resident_below_bytes = C::resident_below_bytes;
   v.keeps_gathered = C::full ? nullptr : C::keeps_gathered_fn;
+  if constexpr (requires { C::fp8; C::weight_scaling; }) {
+    v.fp8 = C::fp8;
+    v.fp8_scaling = C::weight_scaling;
+  }
+  if constexpr (requires { C::kv_offloaded; C::kv_prefetch_depth; }) {
+    v.kv_offload = C::kv_offloaded;
+    v.kv_prefetch = C::kv_prefetch_depth;
+  }
   if (v.full) {
     v.name = "full";
   } else {
@@ -131,6 +169,7 @@ policy_values values_of() {
     if (v.offload) v.name += "+offload";
     if (v.keeps_gathered) v.name += "+custom";
   }
+  v.name += v.storage_terms();
   return v;
 }
 

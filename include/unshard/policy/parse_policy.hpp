@@ -37,7 +37,9 @@ inline std::size_t parse_size(std::string_view text, std::string_view what = "si
   return static_cast<std::size_t>(std::llround(bytes));
 }
 
-// The policy grammar of docs/conventions.md: term ('+' term)*, each kind at most once.
+// The policy grammar of docs/conventions.md: term ('+' term)*, each kind at most once. The
+// weight-format (fp8, fp8:tensor) and KV-placement (kv:device, kv:offload[:K]) terms say what is
+// stored, not how it is gathered, so they combine with every other term, full and fsdp included.
 // `auto` is the planner's and is not accepted here; `fsdp` is parsed here, and run by the tools
 // that support it.
 struct parsed_policy {
@@ -57,18 +59,55 @@ inline parsed_policy parse_policy(std::string_view text) {
   parsed_policy out;
   policy_values& v = out.values;
   bool seen_full = false, seen_selective = false, seen_prefetch = false, seen_offload = false, seen_chunked = false;
-  std::size_t terms = 0;
+  bool seen_fp8 = false, seen_kv = false;
+  std::size_t terms = 0;  // terms about gathering: `full` and `fsdp` admit none besides themselves
   if (text.empty()) throw_error("invalid policy '': expected e.g. full, selective, prefetch:1, offload+prefetch:2");
   std::size_t pos = 0;
   while (pos <= text.size()) {
     const std::size_t plus = text.find('+', pos);
     const std::string_view term = text.substr(pos, plus == std::string_view::npos ? std::string_view::npos : plus - pos);
     pos = plus == std::string_view::npos ? text.size() + 1 : plus + 1;
-    ++terms;
     auto once = [&](bool& seen, std::string_view kind) {
       if (seen) throw_error("invalid policy '", text, "': term '", term, "' repeats the ", kind, " kind");
       seen = true;
     };
+    // K in `prefetch:K` and `kv:offload:K`: 1 <= K <= 64.
+    auto depth_of = [&](std::string_view k) {
+      std::size_t depth = 0;
+      const auto [end, ec] = std::from_chars(k.data(), k.data() + k.size(), depth);
+      if (ec != std::errc() || end != k.data() + k.size() || depth < 1 || depth > 64)
+        throw_error("invalid policy '", text, "': term '", term, "' needs an integer K with 1 <= K <= 64");
+      return depth;
+    };
+    // What is stored, not how it is gathered: combines with every other term.
+    if (term == "fp8" || term.starts_with("fp8:")) {
+      once(seen_fp8, "fp8");
+      v.fp8 = true;
+      if (term == "fp8" || term == "fp8:channel") v.fp8_scaling = quant::fp8_scaling::per_channel;
+      else if (term == "fp8:tensor") v.fp8_scaling = quant::fp8_scaling::per_tensor;
+      else
+        throw_error("invalid policy '", text, "': unknown fp8 scaling in term '", term,
+                    "' (fp8 or fp8:channel: one scale per output channel; fp8:tensor: one per tensor)");
+      continue;
+    }
+    if (term == "kv" || term.starts_with("kv:")) {
+      once(seen_kv, "kv");
+      if (term == "kv:device") {
+        v.kv_offload = false;
+        v.kv_prefetch = 1;
+      } else if (term == "kv:offload") {
+        v.kv_offload = true;
+        v.kv_prefetch = 1;
+      } else if (term.starts_with("kv:offload:")) {
+        v.kv_offload = true;
+        v.kv_prefetch = depth_of(term.substr(11));
+      } else {
+        throw_error("invalid policy '", text, "': unknown KV placement in term '", term,
+                    "' (kv:device, kv:offload or kv:offload:K)");
+      }
+      continue;
+    }
+    ++terms;
     if (term == "full") {
       once(seen_full, "full");
     } else if (term == "fsdp") {
@@ -78,12 +117,7 @@ inline parsed_policy parse_policy(std::string_view text) {
       v.granularity = term == "selective:subunit" ? unshard_granularity::subunit : unshard_granularity::block;
     } else if (term.starts_with("prefetch:")) {
       once(seen_prefetch, "prefetch");
-      const std::string_view k = term.substr(9);
-      std::size_t depth = 0;
-      const auto [end, ec] = std::from_chars(k.data(), k.data() + k.size(), depth);
-      if (ec != std::errc() || end != k.data() + k.size() || depth < 1 || depth > 64)
-        throw_error("invalid policy '", text, "': term '", term, "' needs an integer K with 1 <= K <= 64");
-      v.prefetch_depth = depth;
+      v.prefetch_depth = depth_of(term.substr(9));
     } else if (term == "offload") {
       once(seen_offload, "offload");
       v.offload = true;
@@ -97,14 +131,16 @@ inline parsed_policy parse_policy(std::string_view text) {
       v.resident_below_bytes = 0;  // small weights are grouped into chunks; 1-D parameters stay resident
     } else {
       throw_error("invalid policy '", text, "': unknown term '", term,
-                  "' (terms: full, selective[:block|:subunit], prefetch:K, offload, chunked:SIZE, fsdp)");
+                  "' (terms: full, selective[:block|:subunit], prefetch:K, offload, chunked:SIZE, fsdp, fp8[:tensor], "
+                  "kv:device, kv:offload[:K])");
     }
   }
   if (seen_chunked && seen_selective)
     throw_error("invalid policy '", text, "': 'chunked' and 'selective' both choose what is gathered at once; "
                 "use one of them");
   if ((seen_full || out.fsdp) && terms > 1)
-    throw_error("invalid policy '", text, "': '", seen_full ? "full" : "fsdp", "' combines with no other term");
+    throw_error("invalid policy '", text, "': '", seen_full ? "full" : "fsdp",
+                "' combines with no other term (but fp8 and kv: terms)");
   v.full = seen_full;
   v.resident_below_bytes = v.full ? 0 : v.resident_below_bytes;
   if (out.fsdp) {  // FULL_SHARD: every parameter sharded; blocks gathered one ahead, freed after use
@@ -120,6 +156,7 @@ inline parsed_policy parse_policy(std::string_view text) {
     if (v.prefetch_depth) v.name += "+prefetch:" + std::to_string(v.prefetch_depth);
     if (v.offload) v.name += "+offload";
   }
+  v.name += v.storage_terms();
   return out;
 }
 

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "unshard/policy/unit_info.hpp"
+#include "unshard/quant/fp8_scaling.hpp"
 
 namespace unshard {
 
@@ -23,10 +24,29 @@ struct policy_values {
   std::size_t resident_below_bytes = 64 * 1024;
   bool (*keeps_gathered)(const unit_info&) = nullptr;  // nullptr: no unit is kept
   std::string name = "selective:block";
+  // How weights are stored (orthogonal to how they are gathered): as the model declares them, or,
+  // with `fp8`, every 2-D GEMM weight as f8e4m3 codes plus f32 scales (per output channel, or one per
+  // tensor with `fp8:tensor`), converted while each rank loads its shard (docs/design.md, fp8 weights).
+  bool fp8 = false;
+  quant::fp8_scaling fp8_scaling = quant::fp8_scaling::per_channel;
+  // Where the KV caches live (issue 15 item 2; parsed and lowered here, not yet acted on by the
+  // runtime): on the device (`kv:device`, the default) or in host memory with K layers prefetched
+  // ahead (`kv:offload[:K]`).
+  bool kv_offload = false;
+  std::size_t kv_prefetch = 1;
 
   std::size_t ring_buffers() const noexcept { return prefetch_depth + 1; }
   bool chunked() const noexcept { return granularity == unshard_granularity::chunk; }
   bool keeps(const unit_info& u) const { return full || (keeps_gathered && keeps_gathered(u)); }
+
+  // The policy-string terms of the weight format and the KV placement, as `name` ends with them:
+  // "+fp8", "+fp8:tensor", "+kv:offload", "+kv:offload:K"; empty for the defaults.
+  std::string storage_terms() const {
+    std::string s;
+    if (fp8) s += fp8_scaling == quant::fp8_scaling::per_tensor ? "+fp8:tensor" : "+fp8";
+    if (kv_offload) s += kv_prefetch == 1 ? "+kv:offload" : "+kv:offload:" + std::to_string(kv_prefetch);
+    return s;
+  }
 };
 
 }  // namespace unshard

@@ -51,24 +51,11 @@
 #include "unshard/core/error.hpp"
 #include "unshard/core/shape.hpp"
 #include "unshard/core/tensor_view.hpp"
+#include "unshard/quant/fp8_scaling.hpp"
 
 namespace unshard::quant {
 
-enum class fp8_scaling { per_tensor, per_channel };
-
-// The policy spelling: "tensor" (fp8:tensor) and "channel" (fp8, the default).
-constexpr std::string_view name_of(fp8_scaling s) noexcept {
-  switch (s) {
-    case fp8_scaling::per_tensor: return "tensor";
-    case fp8_scaling::per_channel: return "channel";
-  }
-  return "?";
-}
-
-// How many scales a weight with `rows` output rows has.
-constexpr std::size_t scale_count(fp8_scaling s, std::size_t rows) noexcept {
-  return s == fp8_scaling::per_tensor ? 1 : rows;
-}
+// fp8_scaling, name_of(fp8_scaling) and scale_count(): quant/fp8_scaling.hpp.
 
 // The scale for a row or tensor whose largest magnitude is amax (finite, >= 0): amax / 448, 1 for
 // amax == 0, never below FLT_MIN (see the header comment).

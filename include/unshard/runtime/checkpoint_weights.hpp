@@ -32,12 +32,20 @@ class checkpoint_weights {
 
 // Tensors of the checkpoint that the model does not declare, skipping the names a caller ignores
 // (the public vectors keep inputs and references in the weights file under "input." and "ref.").
+// An fp8 checkpoint's scale tensors ("<weight>.scale", "<weight>_scale" of a 2-D GEMM weight the
+// model declares) belong to their weights and are not unknown.
 template <model M>
 std::vector<std::string> unknown_tensors(const M& m, const checkpoint& c, const std::vector<std::string>& ignore_prefixes) {
   std::vector<std::string> declared;
   for (std::size_t l = 0; l < m.layer_count(); ++l)
     for (std::size_t s = 0; s < m.layer(l).subunit_count(); ++s)
-      for (const param_spec& p : m.layer(l).parameters(s)) declared.push_back(p.name);
+      for (const param_spec& p : m.layer(l).parameters(s)) {
+        declared.push_back(p.name);
+        if (p.by_rows && p.dims.rank() == 2) {
+          declared.push_back(p.name + ".scale");
+          declared.push_back(p.name + "_scale");
+        }
+      }
   std::sort(declared.begin(), declared.end());
   std::vector<std::string> unknown;
   for (const std::string& n : c.names()) {

@@ -11,6 +11,7 @@
 #include "unshard/core/tracking_allocator.hpp"
 #include "unshard/layer/model.hpp"
 #include "unshard/plan/ledger.hpp"
+#include "unshard/runtime/paged_buffers.hpp"
 #include "unshard/schedule/schedule.hpp"
 
 namespace unshard {
@@ -31,15 +32,27 @@ class rank_lanes {
 
   // The model's buffers for each lane the schedule gives this rank, from the rank's device memory
   // (the ledger counts the same, plan/ledger.hpp for_each_rank_buffer): a lane's own, the rank's
-  // shared ones, its steps' caches.
-  rank_lanes(const M& m, const schedule& sched, std::size_t rank, std::size_t world_size, tracking_allocator& device)
+  // shared ones, its steps' caches. `placement` (kv:offload) holds the paged ones elsewhere: the
+  // state gets their host copy and the page table the runtime keeps (runtime/paged_buffers.hpp).
+  rank_lanes(const M& m, const schedule& sched, std::size_t rank, std::size_t world_size, tracking_allocator& device,
+             const buffer_placement* placement = nullptr)
       : rank_(rank), steps_(sched.lanes(rank, world_size)) {
     std::vector<buffer_set> sets(steps_.size());
+    std::size_t index = 0;
     for_each_rank_buffer(m.buffers(), sched, rank, world_size, [&](const buffer_spec& b, std::size_t lane) {
-      buffers_.push_back(device.allocate(b.bytes, b.category));
+      const std::size_t i = index++;
+      std::span<std::byte> bytes;
+      const page_table* pages = nullptr;
+      if (placement && placement->placed(i)) {
+        bytes = placement->bytes[i];
+        pages = placement->tables[i];
+      } else {
+        buffers_.push_back(device.allocate(b.bytes, b.category));
+        bytes = buffers_.back().span();
+      }
       if (b.scope == buffer_scope::per_rank)
-        for (buffer_set& set : sets) set.add(b.name, buffers_.back().span());
-      else sets[lane].add(b.name, buffers_.back().span());
+        for (buffer_set& set : sets) set.add(b.name, bytes, pages);
+      else sets[lane].add(b.name, bytes, pages);
     });
     states_.reserve(sets.size());
     for (const buffer_set& set : sets) states_.push_back(m.make_state(set));

@@ -6,6 +6,7 @@
 //   gather_pipeline.hpp  what the communication stream gathers, when, into which ring slot
 //   lanes.hpp            the model states of a rank (its lanes), transfer_message, run_tick_on
 //   lane_turns.hpp       turns between lanes at chunk boundaries
+//   paged_buffers.hpp    kv:offload: paged buffers (the KV caches) in host memory, pages streamed per layer
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -25,6 +26,7 @@
 #include "unshard/runtime/gather_pipeline.hpp"
 #include "unshard/runtime/lane_turns.hpp"
 #include "unshard/runtime/lanes.hpp"
+#include "unshard/runtime/paged_buffers.hpp"
 #include "unshard/runtime/shard_loading.hpp"
 #include "unshard/runtime/unit_views.hpp"
 #include "unshard/runtime/weight_source.hpp"
@@ -54,7 +56,8 @@ class rank_runtime {
         device_(rank_device_memory<B>(world, rank, device_capacity)),
         host_(rank_host_memory<B>(world, rank, plan.ranks[rank].host_bytes)),
         compute_(B::compute_stream(world, rank, trace)), comm_(B::comm_stream(world, rank, trace)),
-        lanes_(m, sched, rank, plan.world_size, device_) {
+        paged_(make_paged(m, units, policy, sched, rank, plan.world_size)),
+        lanes_(m, sched, rank, plan.world_size, device_, paged_ ? &paged_->placement() : nullptr) {
     if constexpr (has_copy_link<B>) comm_->set_copy_link(host_to_device);
     attach_compute_stream();
     if (policy_.chunked()) require_streaming_layers();
@@ -99,6 +102,10 @@ class rank_runtime {
     return units_gathers_->bytes_gathered() + chunk_gathers_->bytes_gathered();
   }
   std::size_t forwards() const noexcept { return forwards_; }
+  // kv:offload: bytes of paged buffers (KV-cache pages) copied into device slots and written back
+  // to host memory since the start (0 under kv:device).
+  std::size_t kv_bytes_in() const noexcept { return paged_ ? paged_->bytes_in() : 0; }
+  std::size_t kv_bytes_out() const noexcept { return paged_ ? paged_->bytes_out() : 0; }
   const tracking_allocator& device_memory() const noexcept { return device_; }
   const tracking_allocator& host_memory() const noexcept { return host_; }
   void cap_device_memory(std::size_t cap) noexcept { device_.set_cap(cap); }
@@ -151,15 +158,30 @@ class rank_runtime {
   // --- gathered units -----------------------------------------------------------------------------
   // Each unit: gathers enqueued up to prefetch_depth ahead, compute waits for the unit's, runs it
   // on every active lane, then hands its ring slot back.
+  // Under kv:offload the pages of a paged layer stream alongside (runtime/paged_buffers.hpp).
   void forward_units() {
     unit_gathers<B>& gathers = *units_gathers_;
     gathers.begin_tick();
+    if (paged_) paged_->begin_tick(lanes_);
     for (std::size_t u = 0; u < units_.size(); ++u) {
       gathers.before_unit(u, *comm_, *compute_);
+      if (paged_) paged_->before_unit(u, *comm_, *compute_);
       for (const std::size_t l : lanes_.active()) run_unit(u, lanes_[l]);
+      if (paged_) paged_->after_unit(u, *comm_, *compute_);
       if (gathers.after_unit(u, *compute_)) trace_release(u, units_[u].gathered_bytes());
     }
     gathers.end_tick();
+    if (paged_) paged_->end_tick(*comm_);
+  }
+
+  // kv:offload: the rank's paged buffers in host memory and their device page rings (none when the
+  // model has no paged buffers: a model without KV caches runs as under kv:device).
+  std::unique_ptr<paged_buffers<M, B>> make_paged(const M& m, const std::vector<unit_layout>& units,
+                                                  const policy_values& policy, const schedule& sched, std::size_t rank,
+                                                  std::size_t world_size) {
+    require_kv_placement_supported(policy);
+    if (!policy.kv_offload) return nullptr;
+    return std::make_unique<paged_buffers<M, B>>(m, units, policy, sched, rank, world_size, device_, host_);
   }
 
   void run_unit(std::size_t u, state_type& st) {
@@ -268,6 +290,7 @@ class rank_runtime {
   trace_recorder* trace_;
   tracking_allocator device_, host_;  // before everything allocated from them
   std::unique_ptr<typename B::stream> compute_, comm_;
+  std::unique_ptr<paged_buffers<M, B>> paged_;  // kv:offload only; before the lanes, whose states use it
   rank_lanes<M> lanes_;
   unit_buffers buffers_;
   std::vector<std::vector<param_views>> views_;

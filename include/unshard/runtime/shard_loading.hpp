@@ -71,13 +71,66 @@ struct unit_buffers {
   std::size_t slot_of(std::size_t u) const { return static_cast<std::size_t>(ring_slot[u]); }
 };
 
+// The fp8 policy's source over `weights`: every quantized weight of the layouts registered (the
+// parameters with a scale, plan/unit_layout.hpp) with its scale parameter.
+template <weight_source S>
+void register_fp8_weights(fp8_weight_source<S>& q, const std::vector<unit_layout>& units) {
+  for (const unit_layout& u : units) {
+    const auto add = [&](const std::vector<param_spec>& params, const std::vector<std::size_t>& scales) {
+      for (std::size_t i = 0; i < scales.size(); ++i)
+        if (scales[i] != unit_layout::no_scale) q.add(params[i].name, params[i].dims, u.resident_params[scales[i]].name);
+    };
+    add(u.sharded_params, u.sharded_scale);
+    add(u.resident_params, u.resident_scale);
+  }
+}
+
+namespace detail {
+template <backend B, weight_source S>
+unit_buffers load_unit_buffers_from(typename B::world& world, std::size_t rank, const S& weights,
+                                    const std::vector<unit_layout>& units, const policy_values& policy,
+                                    tracking_allocator& device, tracking_allocator& host);
+}  // namespace detail
+
 // Allocates and loads a rank's weights, unit by unit (shard, resident parameters, kept buffer),
 // then the ring: the same terms the ledger adds up (plan/ledger.hpp), in that order. Shards go to
-// host memory under offload, everything else to the device.
+// host memory under offload, everything else to the device. Under an fp8 policy the weights are
+// read through an fp8_weight_source (quantized as each rank reads its shard), unless the caller
+// passed one already (one source shared by the ranks of a process computes each weight's scales
+// once instead of once per rank).
 template <backend B, weight_source S>
 unit_buffers load_unit_buffers(typename B::world& world, std::size_t rank, const S& weights,
                                const std::vector<unit_layout>& units, const policy_values& policy,
                                tracking_allocator& device, tracking_allocator& host) {
+  if constexpr (!is_fp8_weight_source<S>) {
+    if (policy.fp8) {
+      fp8_weight_source<S> q(weights, policy.fp8_scaling);
+      register_fp8_weights(q, units);
+      return detail::load_unit_buffers_from<B>(world, rank, q, units, policy, device, host);
+    }
+  } else {
+    if (policy.fp8 && weights.scaling() != policy.fp8_scaling)
+      throw_error("policy ", policy.name, ": the fp8 weight source given scales per ", quant::name_of(weights.scaling()),
+                  ", the policy per ", quant::name_of(policy.fp8_scaling));
+    for (const unit_layout& u : units)
+      for (std::size_t i = 0; i < u.sharded_scale.size() + u.resident_scale.size(); ++i) {
+        const bool sharded = i < u.sharded_scale.size();
+        const std::size_t k = sharded ? i : i - u.sharded_scale.size();
+        const std::size_t scale = sharded ? u.sharded_scale[k] : u.resident_scale[k];
+        const param_spec& p = sharded ? u.sharded_params[k] : u.resident_params[k];
+        if (scale != unit_layout::no_scale && !weights.quantizes(p.name))
+          throw_error("the fp8 weight source given does not quantize '", p.name,
+                      "': register the policy's layouts with register_fp8_weights first");
+      }
+  }
+  return detail::load_unit_buffers_from<B>(world, rank, weights, units, policy, device, host);
+}
+
+namespace detail {
+template <backend B, weight_source S>
+unit_buffers load_unit_buffers_from(typename B::world& world, std::size_t rank, const S& weights,
+                                    const std::vector<unit_layout>& units, const policy_values& policy,
+                                    tracking_allocator& device, tracking_allocator& host) {
   const std::size_t n = units.size();
   unit_buffers b;
   b.shards.resize(n);
@@ -107,5 +160,6 @@ unit_buffers load_unit_buffers(typename B::world& world, std::size_t rank, const
   }
   return b;
 }
+}  // namespace detail
 
 }  // namespace unshard

@@ -18,7 +18,9 @@ namespace unshard {
 
 // Parameter views per unit and sub-unit, in declared order. Resident parameters point into the
 // unit's resident buffer; sharded ones into its gathered buffer, except under chunked unshard,
-// where they stay empty (the weight_stream provides them chunk by chunk).
+// where they have no data (the weight_stream provides them chunk by chunk). Under fp8 the view of
+// a quantized weight carries its scales (a resident parameter of the unit), also when it has no
+// data: the weight_stream takes them from there for each chunk.
 inline std::vector<std::vector<param_views>> build_unit_views(const std::vector<unit_layout>& units,
                                                               const unit_buffers& buffers, bool chunked) {
   std::vector<std::vector<param_views>> views;
@@ -28,10 +30,17 @@ inline std::vector<std::vector<param_views>> build_unit_views(const std::vector<
     std::vector<tensor_view> sharded, resident;
     if (ul.gathered_bytes() && !chunked) ul.sharded.views_into(buffers.gathered(u), ul.sharded_params, sharded);
     if (ul.resident.used_bytes()) ul.resident.views_into(buffers.resident[u].data(), ul.resident_params, resident);
+    const auto scaled = [&](const param_slot& s, tensor_view v) {
+      const std::vector<std::size_t>& scales = s.resident ? ul.resident_scale : ul.sharded_scale;
+      if (scales.empty() || scales[s.index] == unit_layout::no_scale) return v;
+      const tensor_view& sc = resident[scales[s.index]];
+      return v.with_scales(reinterpret_cast<const float*>(sc.data()), static_cast<std::size_t>(sc.numel()));
+    };
     std::vector<param_views> per_sub;
     for (const auto& slots : ul.slots) {
       std::vector<tensor_view> v;
-      for (const param_slot& s : slots) v.push_back(s.resident ? resident[s.index] : chunked ? tensor_view{} : sharded[s.index]);
+      for (const param_slot& s : slots)
+        v.push_back(scaled(s, s.resident ? resident[s.index] : chunked ? tensor_view{} : sharded[s.index]));
       per_sub.emplace_back(std::move(v));
     }
     views.push_back(std::move(per_sub));
@@ -68,7 +77,7 @@ class weight_stream {
   tensor_view whole(std::size_t i) {
     const param_slot& sl = slot(i);
     if (sl.resident) return feed_.resident_view(unit_.info.index, sub_, i);
-    if (held_ && covers(feed_.chunk_at(held_at_), sl.index)) return view_in_held(sl.index);
+    if (held_ && covers(feed_.chunk_at(held_at_), sl.index)) return with_scales_of(i, view_in_held(sl.index));
     release_held();
     const weight_chunk& c = expect(sl.index);
     if (c.split)
@@ -77,7 +86,7 @@ class weight_stream {
     held_at_ = next_++;
     held_buffer_ = feed_.acquire_chunk(held_at_, turn_);
     held_ = true;
-    return view_in_held(sl.index);
+    return with_scales_of(i, view_in_held(sl.index));
   }
 
   template <class F>
@@ -96,7 +105,12 @@ class weight_stream {
     while (next_ < end_ && feed_.chunk_at(next_).split && feed_.chunk_at(next_).first_param == sl.index) {
       const weight_chunk& c = feed_.chunk_at(next_);
       std::byte* buf = feed_.acquire_chunk(next_, turn_);
-      f(tensor_view(buf, p.type, p.dims.with_rows(c.row_end - c.row_begin)), c.row_begin, c.row_end);
+      tensor_view chunk(buf, p.type, p.dims.with_rows(c.row_end - c.row_begin));
+      if (const tensor_view& scales = feed_.resident_view(unit_.info.index, sub_, i); scales.has_scales()) {
+        const auto [first, count] = scales.scales_of_rows(c.row_begin, c.row_end);  // fp8: this chunk's rows'
+        chunk = chunk.with_scales(first, count);
+      }
+      f(chunk, c.row_begin, c.row_end);
       feed_.release_chunk(next_++);
     }
   }
@@ -137,6 +151,11 @@ class weight_stream {
                   "(the next chunk holds '", next, "')");
     }
     return feed_.chunk_at(next_);
+  }
+  // fp8: a streamed weight's view gets the scales its (data-less) session view carries.
+  tensor_view with_scales_of(std::size_t i, const tensor_view& v) const {
+    const tensor_view& scales = feed_.resident_view(unit_.info.index, sub_, i);
+    return scales.has_scales() ? v.with_scales(scales.scales(), scales.scale_count()) : v;
   }
   tensor_view view_in_held(std::size_t k) const {
     const param_spec& p = unit_.sharded_params[k];

@@ -1,12 +1,15 @@
 #pragma once
-// Host linear layer: y[M, N] = x[M, K] · W[N, K]ᵀ + b[N], x and y f32, W and b f32, bf16 or f16
-// (f8e4m3 throws: its codes need scales a tensor_view does not carry).
+// Host linear layer: y[M, N] = x[M, K] · W[N, K]ᵀ + b[N], x and y f32, W f32, bf16, f16 or f8e4m3
+// codes with their scales (the view carries them: tensor_view::with_scales), b f32, bf16 or f16.
 //
 // Two paths, picked at run time:
 //  * portable -- a fixed-order GEMM. Every output element is summed in an order that depends on K
 //    alone (see detail::gemm_k_block), never on M, N, the row range or how a caller splits the
 //    work, so a sharded, chunked or threaded forward is bit-identical to an unsharded one.
-//    bf16/f16 weights are widened on the fly, a block of rows at a time, into a stack buffer.
+//    bf16/f16 weights are widened on the fly, a block of rows at a time, into a stack buffer;
+//    f8e4m3 codes are dequantized the same way, each to f32(value(code) * scale of its row) --
+//    exactly quant::dequantize_rows' values, so an fp8 forward equals, bit for bit, the f32
+//    forward over the dequantized weights, for any sharding or chunking.
 //  * blas -- cblas_sgemm when built against a CBLAS (target unshard::blas defines
 //    UNSHARD_HAVE_CBLAS) and W is f32; otherwise it quietly runs the portable path. A BLAS picks
 //    its summation order by shape, so it is fast but only reproducible for one shape.
@@ -79,8 +82,11 @@ inline tensor_view row_slice(const tensor_view& t, std::int64_t r0, std::int64_t
   std::int64_t dims[shape::max_rank];
   for (std::size_t i = 0; i < d.rank(); ++i) dims[i] = d[i];
   dims[0] = r1 - r0;
-  return tensor_view(t.data() + static_cast<std::size_t>(r0) * row_elems * size_of(t.type()), t.type(),
-                     shape(std::span<const std::int64_t>(dims, d.rank())));
+  const tensor_view rows(t.data() + static_cast<std::size_t>(r0) * row_elems * size_of(t.type()), t.type(),
+                         shape(std::span<const std::int64_t>(dims, d.rank())));
+  if (!t.has_scales()) return rows;
+  const auto [scales, count] = t.scales_of_rows(r0, r1);  // an fp8 weight's rows keep their scales
+  return rows.with_scales(scales, count);
 }
 
 namespace detail {
@@ -135,14 +141,28 @@ inline void gemm_tile_rows(std::size_t rows, const float* x, std::size_t ldx, co
 }
 static_assert(gemm_m_tile == 4, "gemm_tile_rows dispatches tiles of up to 4 rows");
 
+// The value of every e4m3 code (as quant::e4m3_values(); NaN for the two NaN codes).
+inline const float* e4m3_value_table() {
+  static const auto table = [] {
+    struct values {
+      float v[256];
+    } t{};
+    for (unsigned c = 0; c < 256; ++c) t.v[c] = e4m3_bits_to_float(static_cast<std::uint8_t>(c));
+    return t;
+  }();
+  return table.v;
+}
+
 inline void fill_bias(std::size_t m, std::size_t n_rows, const tensor_view& b, float* y, std::size_t ldy) {
   for (std::size_t i = 0; i < m; ++i)
     for (std::size_t n = 0; n < n_rows; ++n) y[i * ldy + n] = b.empty() ? 0.0f : b.load(n);
 }
 
+// `scales`: for f8e4m3 codes only, 1 (every row) or one per row of w.
 template <class T>
 void linear_portable(const float* x, std::size_t m, std::size_t k, const T* w, std::size_t n_rows,
-                     const tensor_view& b, float* y, std::size_t ldy) {
+                     const tensor_view& b, float* y, std::size_t ldy, const float* scales = nullptr,
+                     std::size_t scale_count = 0) {
   fill_bias(m, n_rows, b, y, ldy);
   // Widened rows of W for one (k block, n block); 16 KiB of stack, unused when W is f32.
   [[maybe_unused]] float wide[std::is_same_v<T, float> ? 1 : gemm_n_block * gemm_k_block];
@@ -157,6 +177,14 @@ void linear_portable(const float* x, std::size_t m, std::size_t k, const T* w, s
         if constexpr (std::is_same_v<T, float>) {
           wb = w + nb * k + kb;
           wld = k;
+        } else if constexpr (std::is_same_v<T, f8e4m3>) {
+          const float* value = e4m3_value_table();
+          for (std::size_t n = nb; n < n_end; ++n) {
+            const float sc = scales[scale_count == 1 ? 0 : n];
+            for (std::size_t i = 0; i < kn; ++i) wide[(n - nb) * gemm_k_block + i] = value[w[n * k + kb + i].bits] * sc;
+          }
+          wb = wide;
+          wld = gemm_k_block;
         } else {
           for (std::size_t n = nb; n < n_end; ++n)
             for (std::size_t i = 0; i < kn; ++i) wide[(n - nb) * gemm_k_block + i] = to_f32(w[n * k + kb + i]);
@@ -225,10 +253,17 @@ inline void linear_rows(const float* x, std::size_t m, std::size_t k, const tens
       detail::linear_portable(x, m, k, reinterpret_cast<const f16*>(w_rows.data()), n_rows, b_rows, out, ldy);
       break;
     case dtype::f8e4m3:
-      // The codes need the weight's scales, which a tensor_view does not carry (quant/fp8.hpp's
-      // dequantize_rows is the building block for the fp8 host GEMM).
-      throw_error("linear: weight of shape ", wd.to_string(),
-                  " is f8e4m3: f8e4m3 weights are not supported by the host GEMM (linear_rows) yet");
+      // Codes mean nothing without their scales: the fp8 policy's views carry them (1, or one per row).
+      if (!w_rows.has_scales())
+        throw_error("linear: weight of shape ", wd.to_string(),
+                    " is f8e4m3 without scales: f8e4m3 codes need their f32 scales (quant/fp8.hpp), which the fp8 "
+                    "policy's parameter views carry");
+      if (w_rows.scale_count() != 1 && w_rows.scale_count() != n_rows)
+        throw_error("linear: f8e4m3 weight of shape ", wd.to_string(), " carries ", w_rows.scale_count(),
+                    " scales; it needs 1 (per tensor) or ", n_rows, " (one per row)");
+      detail::linear_portable(x, m, k, reinterpret_cast<const f8e4m3*>(w_rows.data()), n_rows, b_rows, out, ldy,
+                              w_rows.scales(), w_rows.scale_count());
+      break;
   }
 }
 

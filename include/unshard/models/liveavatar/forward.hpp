@@ -270,8 +270,8 @@ void self_attn_forward(O& ops, const s2v::geometry& g, std::size_t block, P& p, 
 
   if (s.call.kind == s2v::call_kind::sink) {
     // The cond cache keeps k un-roped: every streamed call ropes it at its own roll-out.
-    ops.write_cache(s.kv(s.cond_k, block * g.cond_slots * D), s.k, S * D);
-    ops.write_cache(s.kv(s.cond_v, block * g.cond_slots * D), s.v, S * D);
+    ops.write_cache(s.kv_page(s.cond_k, s.cond_k_pages, block, g.cond_slots * D), s.k, S * D);
+    ops.write_cache(s.kv_page(s.cond_v, s.cond_v_pages, block, g.cond_slots * D), s.v, S * D);
     ops.store_count(s.cond_end_slot, std::max(ops.load_count(s.cond_end_slot), S));
     rope_rows(ops, g, s.q, S, s.rope_cos, s.rope_sin);
     rope_rows(ops, g, s.k, S, s.rope_cos, s.rope_sin);
@@ -280,13 +280,14 @@ void self_attn_forward(O& ops, const s2v::geometry& g, std::size_t block, P& p, 
     rope_rows(ops, g, s.q, S, s.rope_cos, s.rope_sin);
     rope_rows(ops, g, s.k, S, s.rope_cos, s.rope_sin);
     // Noisy keys are cached roped; the write wraps at the cache size, RoPE positions do not.
-    const kv_cache_ref nk = s.kv(s.noisy_k[s.call.step], block * g.noisy_slots * D);
-    const kv_cache_ref nv = s.kv(s.noisy_v[s.call.step], block * g.noisy_slots * D);
+    const std::size_t step = s.call.step;
+    const kv_cache_ref nk = s.kv_page(s.noisy_k[step], s.noisy_k_pages[step], block, g.noisy_slots * D);
+    const kv_cache_ref nv = s.kv_page(s.noisy_v[step], s.noisy_v_pages[step], block, g.noisy_slots * D);
     ops.write_cache(nk.at(s.call.write_slot * D), s.k, S * D);
     ops.write_cache(nv.at(s.call.write_slot * D), s.v, S * D);
     const std::size_t nc = ops.load_count(s.cond_end_slot);
-    const kv_cache_ref ck = s.kv(s.cond_k, block * g.cond_slots * D);
-    const kv_cache_ref cv = s.kv(s.cond_v, block * g.cond_slots * D);
+    const kv_cache_ref ck = s.kv_page(s.cond_k, s.cond_k_pages, block, g.cond_slots * D);
+    const kv_cache_ref cv = s.kv_page(s.cond_v, s.cond_v_pages, block, g.cond_slots * D);
     ops.read_cache(s.cond_k_rope, ck, nc * D);
     rope_rows(ops, g, s.cond_k_rope, nc, s.rope_cond_cos, s.rope_cond_sin);
     ops.attention(s.q, S, {nk, nv, s.call.active_slots}, {s.cond_k_rope, cv, nc}, g.heads, g.head_dim, s.scores,

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -79,6 +80,16 @@ class model {
 
   std::vector<buffer_spec> buffers() const { return detail::buffer_specs(geometry_); }
   state make_state(const buffer_set& buffers) const { return detail::make_state(geometry_, buffers); }
+
+  // The caches are paged by block (paged_model, layer/model.hpp): block i reads and writes page i
+  // of each, no other layer touches them.
+  std::optional<std::size_t> page_of_layer(std::size_t i) const {
+    if (layer(i).kind() != s2v::layer_kind::block) return std::nullopt;
+    return layer(i).index();
+  }
+  page_access page_access_of(const state& s, const buffer_spec& b) const {
+    return detail::cache_page_access(geometry_, s, b);
+  }
 
   // The reference roll-out of a streamed call: max(0, current_start/fs - (30 - relative_dist)).
   std::int64_t cond_rope_rollout(std::size_t current_start, std::int64_t relative_dist) const noexcept {
@@ -269,5 +280,6 @@ class model {
 };
 
 static_assert(unshard::model<s2v::model>, "s2v::model must model unshard::model");
+static_assert(unshard::paged_model<s2v::model>, "s2v::model pages its KV caches by block");
 
 }  // namespace unshard::s2v

@@ -217,7 +217,7 @@ void check_params(const wan::detail::param_table& t, const param_views& views, d
     throw_error("liveavatar sub-unit '", prefix(), "': got ", views.size(), " parameter views, declared ", t.count);
   for (std::size_t i = 0; i < t.count; ++i) {
     const tensor_view& v = views[i];
-    if (v.empty() || !(v.dims() == t.slots[i].dims) || v.type() != storage)
+    if (v.empty() || !(v.dims() == t.slots[i].dims) || !holds_declared_type(v, storage, t.slots[i].by_rows))
       throw_error("liveavatar parameter '", prefix(), t.slots[i].name, "': got ", name_of(v.type()), " ",
                   v.dims().to_string(), v.empty() ? " with no data" : "", ", declared ", name_of(storage), " ",
                   t.slots[i].dims.to_string());

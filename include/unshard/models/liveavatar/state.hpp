@@ -92,6 +92,14 @@ struct state {
   float* cond_end_slot = nullptr;  // [1] cond tokens cached by the sink, an exact integer (0 before it)
   std::vector<float*> noisy_k;     // per step: [num_layers, noisy_slots, D] roped
   std::vector<float*> noisy_v;
+  // Each cache is paged by layer (block i reads and writes page i alone). Where a runtime places the
+  // pages (kv:offload), the bases above are the whole caches in host memory and block i reaches its
+  // page through the runtime's page table, which points it at a device slot while the block runs;
+  // without a table page i is at base + i * page. The forward addresses a cache only via kv_page.
+  const page_table* cond_k_pages = nullptr;
+  const page_table* cond_v_pages = nullptr;
+  std::vector<const page_table*> noisy_k_pages;  // per step
+  std::vector<const page_table*> noisy_v_pages;
 
   s2v::call call;                   // the call about to run (set by prepare)
 
@@ -100,6 +108,12 @@ struct state {
   bool holds_step(std::size_t step) const noexcept { return step < noisy_k.size() && noisy_k[step] != nullptr; }
   // Element `offset` of the cache buffer at `base`, in the caches' type.
   kv_cache_ref kv(float* base, std::size_t offset) const noexcept { return kv_cache_ref{base, kv_type}.at(offset); }
+  // Page `page` (of `page_elements` cache values) of the cache at `base`: where its page table
+  // says, or at base + page * page_elements.
+  kv_cache_ref kv_page(float* base, const page_table* pages, std::size_t page, std::size_t page_elements) const noexcept {
+    if (pages) return kv_cache_ref{(*pages)[page], kv_type};
+    return kv(base, page * page_elements);
+  }
 };
 
 namespace detail {
@@ -116,6 +130,7 @@ struct buffer_entry {
   std::size_t index = 0;
   buffer_scope scope = buffer_scope::per_lane;
   std::size_t step = 0;  // per_step
+  std::size_t pages = 0;  // a cache: one page per block (buffer_spec::pages)
 };
 
 // Floats of storage for `elements` cache values of the geometry's kv_type (buffers count floats).
@@ -175,14 +190,18 @@ inline std::vector<buffer_entry> buffer_table(const s2v::geometry& g) {
       {"audio.z2", (g.audio_tokens + 1) * g.audio_t2 * (D / 2), mc::workspace, &st::audio_z2},
       {"audio.z3", (g.audio_tokens + 1) * g.audio_t3 * D, mc::workspace, &st::audio_z3},
       {"adain", F * 2 * D, mc::workspace, &st::adain},
-      {"kv.cond.k", kv_floats(g, g.num_layers * g.cond_slots * D), mc::kv_cache, &st::cond_k, nullptr, 0, buffer_scope::per_rank},
-      {"kv.cond.v", kv_floats(g, g.num_layers * g.cond_slots * D), mc::kv_cache, &st::cond_v, nullptr, 0, buffer_scope::per_rank},
+      {"kv.cond.k", kv_floats(g, g.num_layers * g.cond_slots * D), mc::kv_cache, &st::cond_k, nullptr, 0,
+       buffer_scope::per_rank, 0, g.num_layers},
+      {"kv.cond.v", kv_floats(g, g.num_layers * g.cond_slots * D), mc::kv_cache, &st::cond_v, nullptr, 0,
+       buffer_scope::per_rank, 0, g.num_layers},
       {"kv.cond.end", 1, mc::kv_cache, &st::cond_end_slot, nullptr, 0, buffer_scope::per_rank},
   };
   for (std::size_t s = 0; s < g.steps; ++s) {
     const std::string step = "kv.step" + std::to_string(s);
-    t.push_back({step + ".k", kv_floats(g, g.num_layers * g.noisy_slots * D), mc::kv_cache, nullptr, &st::noisy_k, s, buffer_scope::per_step, s});
-    t.push_back({step + ".v", kv_floats(g, g.num_layers * g.noisy_slots * D), mc::kv_cache, nullptr, &st::noisy_v, s, buffer_scope::per_step, s});
+    t.push_back({step + ".k", kv_floats(g, g.num_layers * g.noisy_slots * D), mc::kv_cache, nullptr, &st::noisy_k, s,
+                 buffer_scope::per_step, s, g.num_layers});
+    t.push_back({step + ".v", kv_floats(g, g.num_layers * g.noisy_slots * D), mc::kv_cache, nullptr, &st::noisy_v, s,
+                 buffer_scope::per_step, s, g.num_layers});
   }
   // The host attention widens a bf16 cache's rows to f32 first (the device reads bf16 as it is).
   if (g.kv_type != dtype::f32)
@@ -192,7 +211,30 @@ inline std::vector<buffer_entry> buffer_table(const s2v::geometry& g) {
   return t;
 }
 
-inline std::vector<buffer_spec> buffer_specs(const s2v::geometry& g) { return wan::detail::float_buffer_specs(buffer_table(g)); }
+inline std::vector<buffer_spec> buffer_specs(const s2v::geometry& g) {
+  const std::vector<buffer_entry> table = buffer_table(g);
+  std::vector<buffer_spec> specs = wan::detail::float_buffer_specs(table);
+  for (std::size_t i = 0; i < specs.size(); ++i) specs[i].pages = table[i].pages;
+  return specs;
+}
+
+// What the call set up in `s` does with its block's page of cache `b` (s2v::model::page_access_of):
+// the sink writes the cond tokens' rows of the cond caches; a streamed call of step s reads the
+// cond caches' cond rows and the noisy slots it attends of step s's caches, and writes its block's
+// slots [write_slot, write_slot + L) there (never wrapping: the cache is a whole number of blocks).
+inline page_access cache_page_access(const s2v::geometry& g, const s2v::state& s, const buffer_spec& b) {
+  const std::size_t row = g.dim * size_of(g.kv_type);  // one token's keys (or values) in the cache
+  page_access a;
+  if (b.category != memory_category::kv_cache || b.pages == 0) return a;
+  if (b.scope == buffer_scope::per_rank) {  // kv.cond.k, kv.cond.v
+    if (s.call.kind == s2v::call_kind::sink) a.write = {0, s.call.tokens * row};
+    else if (s.call.kind == s2v::call_kind::stream) a.read = {0, g.cond_tokens * row};
+  } else if (b.scope == buffer_scope::per_step && s.call.kind == s2v::call_kind::stream && b.step == s.call.step) {
+    a.read = {0, s.call.active_slots * row};
+    a.write = {s.call.write_slot * row, s.call.tokens * row};
+  }
+  return a;
+}
 
 // The state's views into `buffers`. host_memory: the caches are zeroed here. Otherwise (device
 // memory) the views are all this function touches, the backend zeroes the caches, and a buffer
@@ -202,12 +244,22 @@ inline s2v::state make_state(const s2v::geometry& g, const buffer_set& buffers, 
   s.kv_type = g.kv_type;
   s.noisy_k.assign(g.steps, nullptr);
   s.noisy_v.assign(g.steps, nullptr);
+  s.noisy_k_pages.assign(g.steps, nullptr);
+  s.noisy_v_pages.assign(g.steps, nullptr);
   for (const auto& b : buffer_table(g)) {
     // A lane holds the caches of its own steps only (the schedule decides which).
     if ((b.scope == buffer_scope::per_step || !host_memory) && !buffers.has(b.name)) continue;
     float* p = buffers.checked_as<float>(b.name, b.floats, "liveavatar model");
     if (b.member) s.*b.member = p;
     else (s.*b.list)[b.index] = p;
+    // Pages a runtime places: block i finds its page through the runtime's table.
+    if (const page_table* t = b.pages ? buffers.pages(b.name) : nullptr) {
+      if (t->size() != b.pages)
+        throw_error("liveavatar model: the page table of '", b.name, "' has ", t->size(), " pages, not ", b.pages);
+      if (b.member == &s2v::state::cond_k) s.cond_k_pages = t;
+      else if (b.member == &s2v::state::cond_v) s.cond_v_pages = t;
+      else (b.list == &s2v::state::noisy_k ? s.noisy_k_pages : s.noisy_v_pages)[b.index] = t;
+    }
     // The caches start empty: unused slots are zero, as the official torch.zeros caches.
     if (host_memory && b.category == memory_category::kv_cache) std::fill(p, p + b.floats, 0.0f);
   }

@@ -201,7 +201,7 @@ inline void check_params(const param_table& t, const param_views& views, dtype s
                 " parameter views, declared ", t.count);
   for (std::size_t i = 0; i < t.count; ++i) {
     const tensor_view& v = views[i];
-    if (v.empty() || !(v.dims() == t.slots[i].dims) || v.type() != storage)
+    if (v.empty() || !(v.dims() == t.slots[i].dims) || !holds_declared_type(v, storage, t.slots[i].by_rows))
       throw_error("wan parameter '", param_prefix(kind, block), t.slots[i].name, "': got ", name_of(v.type()), " ",
                   v.dims().to_string(), v.empty() ? " with no data" : "", ", declared ", name_of(storage), " ",
                   t.slots[i].dims.to_string());

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "unshard/core/memory_category.hpp"
+#include "unshard/plan/ledger.hpp"
 #include "unshard/plan/liveavatar/stack.hpp"
 #include "unshard/plan/time_model.hpp"
 #include "unshard/policy/parse_policy.hpp"
@@ -46,6 +47,7 @@ struct rank_ledger {
   std::vector<std::size_t> cached_steps;  // denoising steps whose noisy KV caches it holds
   std::map<std::string, std::size_t> terms;
   std::map<std::string, std::size_t> details;
+  std::size_t host_bytes = 0;             // pinned host memory: offloaded weights, and the caches under kv:offload
   std::size_t peak() const {
     std::size_t t = 0;
     for (const auto& [k, v] : terms) t += v;
@@ -80,6 +82,13 @@ struct stack_plan {
   std::map<std::string, std::size_t> per_forward_details;  // activations and workspace of one forward
   std::size_t noisy_cache_bytes = 0;                       // one step's noisy KV cache
   std::size_t cond_cache_bytes = 0;                        // the cond cache, once per rank that runs a step
+  // kv:offload[:K] (docs/design.md, the KV cache): the caches whole in host memory, each block's
+  // pages (one layer's k and v) streamed through K+1 device slots per cache a tick's forwards read.
+  bool kv_offload = false;
+  std::size_t kv_prefetch = 1;
+  std::size_t cache_pages = 1;                             // the blocks: pages of each cache
+  double kv_forward_bytes = 0;                             // per block and forward: its noisy page in, its rows back
+  std::vector<std::size_t> kv_steps;                       // the steps (of `steps`) that carry a block's page copies
 
   std::size_t peak() const {
     std::size_t t = 0;
@@ -96,7 +105,13 @@ struct stack_plan {
     }
     out.details = shared_details;
     for (const auto& [name, bytes] : per_forward_details) out.details[name] = bytes * out.forwards;
-    if (cond_tokens) {  // a causal stack: a rank that runs no step holds no cache at all
+    out.host_bytes = host_bytes;
+    if (cond_tokens && kv_offload) {  // K+1 pages of each cache a tick's forwards read; the caches on the host
+      const std::size_t noisy_rings = sched.kind == schedule_kind::replicated ? (out.cached_steps.empty() ? 0 : 1) : out.forwards;
+      out.details["kv_cache.noisy"] = (kv_prefetch + 1) * (noisy_cache_bytes / cache_pages) * noisy_rings;
+      out.details["kv_cache.cond"] = out.cached_steps.empty() ? 0 : (kv_prefetch + 1) * (cond_cache_bytes / cache_pages);
+      out.host_bytes += noisy_cache_bytes * out.cached_steps.size() + (out.cached_steps.empty() ? 0 : cond_cache_bytes);
+    } else if (cond_tokens) {  // a causal stack: a rank that runs no step holds no cache at all
       out.details["kv_cache.noisy"] = noisy_cache_bytes * out.cached_steps.size();
       out.details["kv_cache.cond"] = out.cached_steps.empty() ? 0 : cond_cache_bytes;
     }
@@ -110,8 +125,12 @@ struct stack_plan {
   std::vector<step_cost> tick_steps() const {
     std::vector<step_cost> tick = steps;
     for (auto& s : tick) s.flops *= static_cast<double>(forwards_per_tick);
+    // kv:offload: each forward's noisy pages in and rows back; the cond pages once per tick.
+    for (const std::size_t i : kv_steps) tick[i].h2d_bytes += static_cast<double>(forwards_per_tick - 1) * kv_forward_bytes;
     return tick;
   }
+  // The busiest rank's pinned host memory (rank 0 holds the most caches).
+  std::size_t host_peak() const { return rank(0).host_bytes; }
 };
 
 struct plan_request {
@@ -126,6 +145,27 @@ struct plan_request {
 namespace detail {
 inline std::size_t bytes_of(count params) { return static_cast<std::size_t>(params) * bf16_bytes; }
 inline std::size_t shard_of(count params, std::size_t n) { return bytes_of((params + n - 1) / n); }
+
+// A DiT unit's weight bytes: bf16, or under fp8 its 2-D GEMM weights at 1 byte per element (their
+// scales are resident, counted apart: fp8_scale_bytes).
+inline std::size_t unit_bytes(const dit_unit& u, bool fp8) {
+  return fp8 ? static_cast<std::size_t>(u.params - u.quantized) * bf16_bytes + static_cast<std::size_t>(u.quantized)
+             : bytes_of(u.params);
+}
+inline std::size_t dit_bytes(const stack& st, bool fp8, bool root_only = false) {
+  std::size_t b = 0;
+  for (const auto& u : st.units)
+    if (!root_only || u.root) b += unit_bytes(u, fp8);
+  return b;
+}
+// The f32 scales of every quantized DiT weight: resident, whole, on every rank.
+inline std::size_t fp8_scale_bytes(const stack& st, const policy_values& v) {
+  if (!v.fp8) return 0;
+  count n = 0;
+  for (const auto& u : st.units)
+    n += v.fp8_scaling == quant::fp8_scaling::per_tensor ? u.quantized_tensors : u.quantized_rows;
+  return static_cast<std::size_t>(n) * f32_bytes;
+}
 
 // The KV caches of the causal stack at this workload, sized by the S2V model's own cache buffers:
 // a step's noisy cache holds one clip (4 blocks), the cond cache exactly the cond tokens. A
@@ -164,25 +204,31 @@ inline std::map<std::string, std::size_t> forward_details(const stack& st, const
   return {{"activations.residual", align_up(L * d * f32_bytes) * 2}, {"workspace.block", align_up(std::max(attention, ffn))}};
 }
 
-inline count largest_streamed(const stack& st) {
-  count m = 0;
-  for (const auto& u : st.units) m = std::max(m, u.params);
+inline std::size_t largest_streamed(const stack& st, bool fp8) {
+  std::size_t m = 0;
+  for (const auto& u : st.units) m = std::max(m, unit_bytes(u, fp8));
   return m;
 }
 
-// Shards: every DiT parameter, bf16, 1/N per rank (FULL_SHARD); umT5 sharded the same way (t5_fsdp)
+// Shards: every DiT parameter, bf16 (fp8: its 2-D GEMM weights at 1 byte), 1/N per rank (FULL_SHARD),
+// plus, under fp8, every weight's scales whole on every rank; umT5 sharded the same way (t5_fsdp)
 // unless it lives in host memory; the VAE whole on every rank. Returns the host bytes.
 inline std::size_t add_stored_terms(const stack& st, const parsed_policy& pol, const plan_request& rq,
                                     std::map<std::string, std::size_t>& shared) {
   const std::size_t n = rq.world_size;
   const bool offload = pol.values.offload;
   std::size_t host = bytes_of(st.audio_encoder_host);
-  const std::size_t dit = shard_of(st.total_dit(), n);
+  const std::size_t dit = pol.values.fp8 ? (dit_bytes(st, true) + n - 1) / n : shard_of(st.total_dit(), n);
   (offload ? host : shared["shards.dit"]) += dit;
+  if (pol.values.fp8) shared["resident.fp8_scales"] = fp8_scale_bytes(st, pol.values);
   if (rq.t5 == t5_placement::host) host += bytes_of(st.text_encoder);
   else (offload ? host : shared["shards.text_encoder"]) += shard_of(st.text_encoder, n);
   shared["resident.vae"] = bytes_of(st.vae);
   return host;
+}
+
+inline std::size_t subunit_bytes(const stack& st, bool fp8) {
+  return fp8 ? static_cast<std::size_t>(st.largest_subunit_fp8_bytes) : bytes_of(st.largest_subunit);
 }
 
 // The gathered term of a policy (and, for chunked, the effective chunk).
@@ -191,18 +237,21 @@ inline void add_gathered_terms(const stack& st, const parsed_policy& pol, std::m
   const policy_values& v = pol.values;
   const std::size_t depth = v.prefetch_depth;
   if (v.full) {
-    shared["gathered.all"] = bytes_of(st.total_dit());
+    shared["gathered.all"] = dit_bytes(st, v.fp8);
   } else if (pol.fsdp) {  // root kept for the whole forward; current block + the one prefetched
-    count block = 0;
-    for (const auto& u : st.units) block = std::max(block, u.block ? u.params : 0);
-    shared["gathered.root"] = bytes_of(st.root_params());
-    shared["gathered.blocks"] = 2 * bytes_of(block);
+    std::size_t block = 0;
+    for (const auto& u : st.units) block = std::max(block, u.block ? unit_bytes(u, v.fp8) : 0);
+    shared["gathered.root"] = dit_bytes(st, v.fp8, /*root_only=*/true);
+    shared["gathered.blocks"] = 2 * block;
   } else if (pol.chunk_bytes) {  // K+1 chunk buffers; a chunk is at least one whole row
-    effective = std::max(*pol.chunk_bytes, static_cast<std::size_t>(st.widest_row) * bf16_bytes);
+    const std::size_t row = v.fp8 ? static_cast<std::size_t>(st.widest_row_fp8_bytes)
+                                  : static_cast<std::size_t>(st.widest_row) * bf16_bytes;
+    effective = std::max(*pol.chunk_bytes, row);
     shared["gathered.chunks"] = (depth + 1) * effective;
   } else {
-    const count unit = v.granularity == unshard_granularity::subunit ? st.largest_subunit : largest_streamed(st);
-    shared["gathered.ring"] = (depth + 1) * bytes_of(unit);
+    const std::size_t unit = v.granularity == unshard_granularity::subunit ? subunit_bytes(st, v.fp8)
+                                                                            : largest_streamed(st, v.fp8);
+    shared["gathered.ring"] = (depth + 1) * unit;
   }
 }
 
@@ -232,12 +281,12 @@ inline std::vector<step_cost> forward_steps(const stack& st, const parsed_policy
   const double n = static_cast<double>(rq.world_size), remote = (n - 1) / n;
   std::vector<step_cost> steps;
   if (pol.fsdp) {
-    const std::size_t root = bytes_of(st.root_params());
+    const std::size_t root = dit_bytes(st, v.fp8, /*root_only=*/true);
     steps.push_back({"root", 0, static_cast<double>(root) * remote, 0, root, true});
   }
   for (const auto& u : st.units) {
     const double flops = unit_flops(st, u, caches);
-    const std::size_t bytes = bytes_of(u.params);
+    const std::size_t bytes = unit_bytes(u, v.fp8);
     if (v.full || (pol.fsdp && u.root) || bytes == 0) {
       steps.push_back({u.name, flops, 0, 0, 0, false});
       continue;
@@ -247,7 +296,7 @@ inline std::vector<step_cost> forward_steps(const stack& st, const parsed_policy
       pieces = (bytes + chunk - 1) / chunk;
       piece_buffer = chunk;
     } else if (v.granularity == unshard_granularity::subunit) {
-      const std::size_t sub = bytes_of(st.largest_subunit);
+      const std::size_t sub = subunit_bytes(st, v.fp8);
       pieces = (bytes + sub - 1) / sub;
       piece_buffer = (bytes + pieces - 1) / pieces;
     }
@@ -257,6 +306,25 @@ inline std::vector<step_cost> forward_steps(const stack& st, const parsed_policy
                        piece * remote, v.offload ? piece / n : 0, piece_buffer, false});
   }
   return steps;
+}
+
+// kv:offload on the copy stream (the runtime's, shared with offloaded shards): before each block, in
+// the steady state, its page of the whole noisy cache of each step run (the ring has wrapped, so it
+// attends every slot) and of the cond cache (once per tick); after it, the L rows it wrote go back.
+// On the first step of each block (its first piece); tick_steps adds the tick's further forwards.
+inline void add_kv_copies(const stack& st, stack_plan& p, const cache_sizes& c) {
+  const double noisy_page = static_cast<double>(p.noisy_cache_bytes / p.cache_pages);
+  const double cond_page = static_cast<double>(p.cond_cache_bytes / p.cache_pages);
+  p.kv_forward_bytes = noisy_page + noisy_page * static_cast<double>(c.streamed_tokens) / static_cast<double>(c.noisy_slots);
+  for (const auto& u : st.units) {
+    if (!u.block) continue;
+    for (std::size_t i = 0; i < p.steps.size(); ++i)
+      if (p.steps[i].name == u.name || p.steps[i].name == u.name + "#0") {
+        p.steps[i].h2d_bytes += p.kv_forward_bytes + cond_page;
+        p.kv_steps.push_back(i);
+        break;
+      }
+  }
 }
 
 // Steady-state time of one denoised block. `replicated`: every rank runs the S forwards one after
@@ -285,6 +353,10 @@ inline stack_plan plan_stack(const stack& st, const parsed_policy& pol, const pl
   p.noisy_cache_bytes = caches.noisy_bytes;
   p.cond_cache_bytes = caches.cond_bytes;
 
+  require_kv_placement_supported(pol.values);
+  p.kv_offload = pol.values.kv_offload && caches.cond_tokens;
+  p.kv_prefetch = pol.values.kv_prefetch;
+  p.cache_pages = static_cast<std::size_t>(std::max<std::int64_t>(st.dit.num_layers, 1));
   p.host_bytes = detail::add_stored_terms(st, pol, rq, p.shared_details);
   detail::add_gathered_terms(st, pol, p.shared_details, p.effective_chunk);
   p.per_forward_details = detail::forward_details(st, caches);
@@ -295,6 +367,7 @@ inline stack_plan plan_stack(const stack& st, const parsed_policy& pol, const pl
 
   // Time of one DiT forward (one denoising step of one streamed block), then of a block.
   p.steps = detail::forward_steps(st, pol, rq, caches, p.effective_chunk);
+  if (p.kv_offload) detail::add_kv_copies(st, p, caches);
   p.prefetch = pol.fsdp ? 1 : pol.values.prefetch_depth;
   for (const auto& c : p.steps) p.chunks += pol.chunk_bytes && c.gather_bytes + c.h2d_bytes > 0 ? 1 : 0;
   const time_rates rates = time_rates::of(rq.device, rq.link);
@@ -305,14 +378,20 @@ inline stack_plan plan_stack(const stack& st, const parsed_policy& pol, const pl
 }
 
 // --policy auto: the policies searched, in the grammar's spelling: every granularity with and
-// without prefetch and offload, and chunk sizes from 16 MiB to 1 GiB.
-inline std::vector<std::string> auto_candidates() {
+// without prefetch and offload, and chunk sizes from 16 MiB to 1 GiB; with `with_fp8`, each of them
+// also with fp8 weights (per channel: the default scaling, whose scales cost a few MiB more than
+// per tensor). fp8 changes the numbers a forward computes, so a caller opts in (unshard-plan does).
+inline std::vector<std::string> auto_candidates(bool with_fp8 = false) {
   std::vector<std::string> out{"full", "fsdp"};
   std::vector<std::string> grains{"selective:block", "selective:subunit"};
   for (const char* size : {"16MiB", "64MiB", "256MiB", "1GiB"}) grains.push_back(std::string("chunked:") + size);
   for (const auto& g : grains)
     for (const char* prefetch : {"", "+prefetch:1", "+prefetch:2"})
       for (const char* offload : {"", "+offload"}) out.push_back(g + prefetch + offload);
+  if (with_fp8) {
+    const std::size_t n = out.size();
+    for (std::size_t i = 0; i < n; ++i) out.push_back(out[i] + "+fp8");
+  }
   return out;
 }
 

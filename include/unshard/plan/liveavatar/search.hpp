@@ -25,11 +25,30 @@ inline std::vector<schedule_kind> schedules_to_search(std::optional<schedule_kin
   return {schedule_kind::steps, schedule_kind::replicated};
 }
 
+// Whether a plan fits a device budget and, when one is given (host_budget > 0), a pinned host memory
+// budget per rank (offloaded shards, and the caches under kv:offload).
+inline bool fits(const stack_plan& p, std::size_t budget, std::size_t host_budget = 0) {
+  return p.peak() <= budget && (host_budget == 0 || p.host_peak() <= host_budget);
+}
+
+// The KV placements searched: the caches on the device, or, with a host budget to hold them, also in
+// host memory with one or two blocks' pages prefetched (not with chunked, which kv:offload does not
+// support yet).
+inline std::vector<std::string> kv_candidates(const std::string& policy, std::size_t host_budget) {
+  std::vector<std::string> out{policy};
+  if (host_budget && !policy.starts_with("chunked:"))
+    for (const char* kv : {"+kv:offload", "+kv:offload:2"}) out.push_back(policy + kv);
+  return out;
+}
+
 // Plans every candidate policy under each schedule (rq's step count); keeps those within budget. A
 // schedule that cannot run this world size and step count is refused if it is the only one asked
-// for, and skipped otherwise.
+// for, and skipped otherwise. `with_fp8`: the candidates with fp8 weights too (auto_candidates).
+// `host_budget` > 0: pinned host memory per rank is capped there, and the KV caches may be placed in
+// it (kv_candidates).
 inline auto_result plan_auto(const stack& st, const plan_request& rq, std::size_t budget,
-                             const std::vector<schedule_kind>& schedules) {
+                             const std::vector<schedule_kind>& schedules, bool with_fp8 = false,
+                             std::size_t host_budget = 0) {
   auto_result out;
   for (const schedule_kind kind : schedules) {
     plan_request r = rq;
@@ -41,11 +60,12 @@ inline auto_result plan_auto(const stack& st, const plan_request& rq, std::size_
         continue;
       }
     }
-    for (const auto& candidate : auto_candidates()) {
-      stack_plan p = plan_stack(st, parse_policy(candidate), r);
-      if (!out.closest || p.peak() < out.closest->peak()) out.closest = p;
-      if (p.peak() <= budget) out.fits.push_back(std::move(p));
-    }
+    for (const auto& weights : auto_candidates(with_fp8))
+      for (const auto& candidate : kv_candidates(weights, host_budget)) {
+        stack_plan p = plan_stack(st, parse_policy(candidate), r);
+        if (!out.closest || p.peak() < out.closest->peak()) out.closest = p;
+        if (fits(p, budget, host_budget)) out.fits.push_back(std::move(p));
+      }
   }
   std::stable_sort(out.fits.begin(), out.fits.end(), [](const stack_plan& a, const stack_plan& b) {
     return a.block_s < b.block_s || (a.block_s == b.block_s && a.peak() < b.peak());
@@ -63,9 +83,12 @@ inline std::string gib_text(std::size_t bytes) {
 
 // Why a plan does not fit: the excess, a term that alone is over the budget (then no policy can
 // help with it), and the busiest rank's terms, largest first.
-inline std::string why_not(const stack_plan& p, std::size_t budget) {
+inline std::string why_not(const stack_plan& p, std::size_t budget, std::size_t host_budget = 0) {
   using detail::gib_text;
-  if (p.peak() <= budget) return "";
+  if (fits(p, budget, host_budget)) return "";
+  if (p.peak() <= budget)
+    return "pinned host memory " + gib_text(p.host_peak()) + " GiB exceeds the " + gib_text(host_budget) +
+           " GiB of --host-memory by " + gib_text(p.host_peak() - host_budget) + " GiB";
   std::string s = "peak " + gib_text(p.peak()) + " GiB exceeds the " + gib_text(budget) + " GiB usable by " +
                   gib_text(p.peak() - budget) + " GiB";
   const auto kv = p.terms.find("kv_cache");

@@ -53,6 +53,9 @@ struct dit_unit {
   count params = 0;
   bool root = false;  // outside `blocks`: Live Avatar's FSDP root unit
   bool block = false;
+  // Under an fp8 policy: the parameters stored as f8e4m3 (the 2-D GEMM weights, nn.Linear's), their
+  // output rows (one scale each per channel) and their number (one scale each per tensor).
+  count quantized = 0, quantized_rows = 0, quantized_tensors = 0;
 };
 
 // What the planner needs about the whole stack.
@@ -62,6 +65,9 @@ struct stack {
   std::vector<dit_unit> units;      // forward order
   count largest_subunit = 0;        // for selective:subunit
   count widest_row = 0;             // elements in the widest weight row (chunked's smallest chunk)
+  // The same two under fp8, in bytes: 2-D GEMM weights at 1 byte per element, the rest bf16.
+  count largest_subunit_fp8_bytes = 0;
+  count widest_row_fp8_bytes = 0;
   count text_encoder = 0;           // umT5-XXL, FSDP-sharded like the DiT (t5_fsdp)
   count vae = 0;                    // on the GPU, unsharded (Wan2_1_VAE(device=self.device))
   count audio_encoder_host = 0;     // wav2vec2: AudioEncoder(device='cpu') stays in host memory
@@ -79,6 +85,13 @@ struct stack {
     return t;
   }
 };
+
+// A Linear(in, out) weight as fp8 counts it: quantized elements, rows, one tensor.
+inline void add_quantized_linear(dit_unit& u, count in, count out) {
+  u.quantized += in * out;
+  u.quantized_rows += out;
+  u.quantized_tensors += 1;
+}
 
 // The S2V model's configuration for the planner's Live Avatar description, so that parameters and
 // cache sizes come from the module definitions the forward runs (models/liveavatar/), not from a
@@ -107,32 +120,48 @@ inline stack liveavatar_stack(const s2v_config& s) {
   st.s2v_model = model_config_of(s);
   const ::unshard::s2v::model m(*st.s2v_model, s2v::pipeline_workload(*st.s2v_model, 720, 400));
   const count lora_each = c.num_layers ? p.lora / c.num_layers : 0;
-  count pre = 0;
+  dit_unit pre{"pre", 0, true, false};
+  const auto flush_pre = [&] {
+    if (pre.params) st.units.push_back(std::exchange(pre, dit_unit{"pre", 0, true, false}));
+  };
   for (std::size_t l = 0; l < m.layer_count(); ++l) {
     const ::unshard::s2v::layer& layer = m.layer(l);
-    count params = 0;
+    dit_unit u{layer.name(), 0, false, false};
     for (std::size_t sub = 0; sub < layer.subunit_count(); ++sub) {
-      count sub_params = 0;
+      count sub_params = 0, sub_fp8_bytes = 0;
       for (const param_spec& ps : layer.parameters(sub)) {
         sub_params += ps.dims.numel();
-        if (ps.by_rows && ps.dims.rank() >= 2) st.widest_row = std::max(st.widest_row, ps.dims.numel() / ps.dims[0]);
+        const bool quantized = ps.by_rows && ps.dims.rank() == 2;  // as plan/unit_layout.hpp's fp8 rule
+        sub_fp8_bytes += ps.dims.numel() * (quantized ? 1 : 2);
+        if (quantized) add_quantized_linear(u, ps.dims[1], ps.dims[0]);
+        if (ps.by_rows && ps.dims.rank() >= 2) {
+          st.widest_row = std::max(st.widest_row, ps.dims.numel() / ps.dims[0]);
+          st.widest_row_fp8_bytes = std::max(st.widest_row_fp8_bytes, ps.dims.numel() / ps.dims[0] * (quantized ? 1 : 2));
+        }
       }
       st.largest_subunit = std::max(st.largest_subunit, sub_params);
-      params += sub_params;
+      st.largest_subunit_fp8_bytes = std::max(st.largest_subunit_fp8_bytes, sub_fp8_bytes);
+      u.params += sub_params;
     }
     switch (layer.kind()) {
       case ::unshard::s2v::layer_kind::block:
-        st.units.push_back({layer.name(), params + lora_each, false, true});
+        u.params += lora_each;  // separate LoRA factors (when not merged) stay bf16
+        u.block = true;
+        st.units.push_back(u);
         break;
       case ::unshard::s2v::layer_kind::injector:
       case ::unshard::s2v::layer_kind::head:
-        if (pre) st.units.push_back({"pre", std::exchange(pre, 0), true, false});
-        st.units.push_back({layer.name(), params, true, false});
+        flush_pre();
+        u.root = true;
+        st.units.push_back(u);
         break;
       default:  // embeddings, frame packer, cond encoder, audio encoder: before the first block
-        pre += params;
+        pre.params += u.params;
+        pre.quantized += u.quantized;
+        pre.quantized_rows += u.quantized_rows;
+        pre.quantized_tensors += u.quantized_tensors;
         if (st.units.empty() && l + 1 < m.layer_count() && m.layer(l + 1).kind() == ::unshard::s2v::layer_kind::block)
-          st.units.push_back({"pre", std::exchange(pre, 0), true, false});
+          flush_pre();
     }
   }
   st.text_encoder = t5_encoder_params({});
@@ -149,11 +178,31 @@ inline stack wan_stack(const wan::config& c, const std::string& name) {
   st.model = name;
   st.dit = c;
   const count outside = wan_outside_blocks(c);
-  st.units.push_back({"embeddings+head", outside, true, false});
-  for (count i = 0; i < c.num_layers; ++i) st.units.push_back({"blocks." + std::to_string(i), wan_block(c).total(), false, true});
+  // fp8: the Linear weights (inventory.hpp's formulas, weights only); the patch Conv3d stays bf16.
+  const count patch_volume = c.patch_size[0] * c.patch_size[1] * c.patch_size[2];
+  dit_unit embeddings{"embeddings+head", outside, true, false};
+  add_quantized_linear(embeddings, c.text_dim, c.dim);
+  add_quantized_linear(embeddings, c.dim, c.dim);
+  add_quantized_linear(embeddings, c.freq_dim, c.dim);
+  add_quantized_linear(embeddings, c.dim, c.dim);
+  add_quantized_linear(embeddings, c.dim, 6 * c.dim);
+  add_quantized_linear(embeddings, c.dim, c.out_dim * patch_volume);
+  st.units.push_back(embeddings);
+  dit_unit block{"", wan_block(c).total(), false, true};
+  for (int i = 0; i < 8; ++i) add_quantized_linear(block, c.dim, c.dim);  // self and cross attention q, k, v, o
+  add_quantized_linear(block, c.dim, c.ffn_dim);
+  add_quantized_linear(block, c.ffn_dim, c.dim);
+  for (count i = 0; i < c.num_layers; ++i) {
+    block.name = "blocks." + std::to_string(i);
+    st.units.push_back(block);
+  }
   const wan_block_parts b = wan_block(c);
   st.largest_subunit = std::max({b.self_attn, b.ffn, linear(c.dim, 6 * c.dim)});
   st.widest_row = wan_widest_row(c);
+  // fp8 bytes: the quantized weights at 1 byte, their biases, norms and the modulation at 2.
+  st.largest_subunit_fp8_bytes = std::max({b.self_attn * 2 - 4 * c.dim * c.dim, b.ffn * 2 - 2 * c.dim * c.ffn_dim,
+                                           linear(c.dim, 6 * c.dim) * 2 - 6 * c.dim * c.dim});
+  st.widest_row_fp8_bytes = std::max({c.dim, c.ffn_dim, c.text_dim, c.freq_dim, 2 * c.in_dim * patch_volume});
   st.text_encoder = t5_encoder_params({});
   st.vae = vae_params({});
   return st;

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -153,11 +154,14 @@ class cuda_model {
   }
 
   // Views into device buffers; the caches are zeroed on the device (as the official torch.zeros).
+  // A cache whose pages the runtime places (kv:offload) is in pinned host memory, zeroed by the
+  // runtime; block i reads its page from the device slot the runtime's page table names.
   state make_state(const buffer_set& buffers) const {
     state s;
     static_cast<s2v::state&>(s) = detail::make_state(geometry(), buffers, false);
     for (const auto& b : detail::buffer_table(geometry()))
-      if (b.category == memory_category::kv_cache && (b.scope != buffer_scope::per_step || buffers.has(b.name)))
+      if (b.category == memory_category::kv_cache && (b.scope != buffer_scope::per_step || buffers.has(b.name)) &&
+          !buffers.pages(b.name))
         UNSHARD_CUDA_CHECK(cudaMemset(buffers.bytes(b.name).data(), 0, b.floats * sizeof(float)));
     UNSHARD_CUDA_CHECK(cudaDeviceSynchronize());  // the zeros land before any stream reads them
     cuda_ops::reset_count(s.cond_end_slot);        // the cond cache is empty: its length is 0
@@ -175,6 +179,10 @@ class cuda_model {
     }
     return s;
   }
+
+  // The host model's pages (paged_model): the same caches, the same blocks.
+  std::optional<std::size_t> page_of_layer(std::size_t i) const { return host_.page_of_layer(i); }
+  page_access page_access_of(const state& s, const buffer_spec& b) const { return host_.page_access_of(s, b); }
 
   void begin_sink(state& s, const s2v::sink_inputs& in) const { host_.begin_sink(s.ops, s, in); }
   void begin_step(state& s, const s2v::step_inputs& in) const { host_.begin_step(s.ops, s, in); }
@@ -231,5 +239,6 @@ class cuda_model {
 };
 
 static_assert(unshard::model<s2v::cuda_model>, "s2v::cuda_model must model unshard::model");
+static_assert(unshard::paged_model<s2v::cuda_model>, "s2v::cuda_model pages its KV caches as the host model");
 
 }  // namespace unshard::s2v
