@@ -362,6 +362,12 @@ nb::object to_device_array(upy::device_buffer&& b, const std::array<std::int64_t
   return nb::cast(device_array4(o->data, 4, dims, owner, nullptr, nb::dtype<float>(), dlpack_cuda, o->device));
 }
 
+// One name for both, so a block's result converts the same way on either backend.
+nb::object as_array(std::vector<float>&& v, const std::array<std::int64_t, 4>& d) { return to_numpy(std::move(v), d); }
+nb::object as_array(upy::device_buffer&& b, const std::array<std::int64_t, 4>& d) {
+  return to_device_array(std::move(b), d);
+}
+
 // ---- the denoiser ---------------------------------------------------------------------------
 
 unshard::dtype parse_dtype(const std::string& s) {
@@ -1013,33 +1019,19 @@ class live_avatar_denoiser {
     }
   }
 
-  nb::object result_object(upy::cuda_block_result&& r, bool all_steps) const {
+  // A block's result as Python objects: numpy arrays (host backend) or device tensors (CUDA).
+  template <class Result>
+  nb::object result_object(Result&& r, bool all_steps) const {
     const auto d = model_->geometry().output_shape();
-    nb::object latent = to_device_array(std::move(r.latent), d);
+    nb::object latent = as_array(std::move(r.latent), d);
     if (!all_steps) return latent;
     nb::dict out;
     out["clip"] = r.clip;
     out["block"] = r.block;
     out["latent"] = latent;
     nb::list noise_pred, step_latent;
-    for (auto& v : r.noise_pred) noise_pred.append(to_device_array(std::move(v), d));
-    for (auto& v : r.step_latent) step_latent.append(to_device_array(std::move(v), d));
-    out["noise_pred"] = noise_pred;
-    out["step_latent"] = step_latent;
-    return out;
-  }
-
-  nb::object result_object(s2v::block_result&& r, bool all_steps) const {
-    const auto d = model_->geometry().output_shape();
-    nb::object latent = to_numpy(std::move(r.latent), d);
-    if (!all_steps) return latent;
-    nb::dict out;
-    out["clip"] = r.clip;
-    out["block"] = r.block;
-    out["latent"] = latent;
-    nb::list noise_pred, step_latent;
-    for (auto& v : r.noise_pred) noise_pred.append(to_numpy(std::move(v), d));
-    for (auto& v : r.step_latent) step_latent.append(to_numpy(std::move(v), d));
+    for (auto& v : r.noise_pred) noise_pred.append(as_array(std::move(v), d));
+    for (auto& v : r.step_latent) step_latent.append(as_array(std::move(v), d));
     out["noise_pred"] = noise_pred;
     out["step_latent"] = step_latent;
     return out;
