@@ -28,8 +28,12 @@
 #include "unshard/runtime/checkpoint_weights.hpp"
 #include "unshard/runtime/lora_weights.hpp"
 
+#include "support/error_of.hpp"
+
 using namespace unshard;
 using quant::fp8_scaling;
+using testing::contains;
+using testing::error_of;
 namespace fs = std::filesystem;
 
 namespace {
@@ -70,22 +74,6 @@ std::uint8_t reference_encode(float x, bool& overflow) {
   return static_cast<std::uint8_t>(best | (std::signbit(x) ? 0x80u : 0u));
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const unshard::error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("threw a non-unshard exception: " << e.what());
-  } catch (...) {
-    FAIL("threw a non-standard exception");
-  }
-  FAIL("did not throw");
-  return {};
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 struct temp_dir {
   fs::path path;

@@ -42,6 +42,7 @@
 #include "unshard/runtime/reference_forward.hpp"
 #include "unshard/runtime/session.hpp"
 
+#include "support/liveavatar_case.hpp"
 #include "support/reference_checks.hpp"
 #include "support/sharded_options.hpp"
 #include "support/wan_case.hpp"
@@ -170,22 +171,6 @@ std::string error_of(F&& f) {
 
 // --- the Wan DiT ------------------------------------------------------------------------------
 
-struct wan_outputs {
-  std::vector<float> output;
-  std::vector<std::vector<float>> blocks;
-};
-
-wan_outputs collect(const wan::model& m, const wan::state& st) {
-  wan_outputs o;
-  const auto out = m.output(st).as<float>();
-  o.output.assign(out.begin(), out.end());
-  for (std::size_t i = 0; i < m.geometry().num_layers; ++i) {
-    const auto b = m.block_output(st, i).as<float>();
-    o.blocks.emplace_back(b.begin(), b.end());
-  }
-  return o;
-}
-
 struct wan_run {
   wan_outputs out;
   std::vector<rank_measurement> measured;
@@ -202,7 +187,7 @@ wan_run run_wan(const wan::model& m, const S& w, const checkpoint& inputs, const
   s.cap_device_memory(s.plan().peak_bytes());
   wan_run r;
   forward_case(s, m, inputs, [&](std::size_t rank, const wan::state& st) {
-    if (rank == 0) r.out = collect(m, st);
+    if (rank == 0) r.out = collect_outputs(m, st);
   });
   r.plan = s.plan();
   for (std::size_t i = 0; i < world; ++i) {
@@ -222,21 +207,10 @@ wan_outputs run_wan_reference(const wan::model& m, const S& w, const checkpoint&
   reference_runner<wan::model> ref(m, w);
   set_case_inputs(m, ref.state(), inputs);
   ref.forward();
-  return collect(m, ref.state());
+  return collect_outputs(m, ref.state());
 }
 
 // --- the S2V denoising loop -------------------------------------------------------------------
-
-struct denoise_case {
-  explicit denoise_case(const std::string& name)
-      : file(checkpoint::open(data_dir + "/" + name + ".safetensors")),
-        json(load_json_config(data_dir + "/" + name + ".config.json", "denoise config")),
-        config(s2v::config::from_json(json, name)), loop(s2v::parse_loop(json, name, {})) {}
-  checkpoint file;
-  nlohmann::json json;
-  s2v::config config;
-  s2v::loop_spec loop;
-};
 
 const denoise_case& the_loop() {
   static const denoise_case c("liveavatar_denoise_a");

@@ -34,20 +34,8 @@ namespace {
 
 using outputs = std::map<std::string, std::vector<float>>;
 
-struct denoise_case {
-  denoise_case()
-      : file(checkpoint::open(data_dir + "/liveavatar_denoise_a.safetensors")),
-        json(load_json_config(data_dir + "/liveavatar_denoise_a.config.json", "denoise config")),
-        config(s2v::config::from_json(json, "liveavatar_denoise_a")),
-        loop(s2v::parse_loop(json, "liveavatar_denoise_a", {})) {}
-  checkpoint file;
-  nlohmann::json json;
-  s2v::config config;
-  s2v::loop_spec loop;
-};
-
 const denoise_case& the_case() {
-  static const denoise_case c;
+  static const denoise_case c("liveavatar_denoise_a");
   return c;
 }
 

@@ -31,17 +31,6 @@ namespace {
 
 using outputs = std::map<std::string, std::vector<float>>;
 
-struct denoise_case {
-  explicit denoise_case(const std::string& name)
-      : file(checkpoint::open(data_dir + "/" + name + ".safetensors")),
-        json(load_json_config(data_dir + "/" + name + ".config.json", "denoise config")),
-        config(s2v::config::from_json(json, name)), loop(s2v::parse_loop(json, name, {})) {}
-  checkpoint file;
-  nlohmann::json json;
-  s2v::config config;
-  s2v::loop_spec loop;
-};
-
 // The public loop the schedule tests run on.
 const denoise_case& the_case() {
   static const denoise_case c("liveavatar_denoise_a");

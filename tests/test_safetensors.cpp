@@ -22,7 +22,11 @@
 #include "unshard/io/safetensors_file.hpp"
 #include "unshard/io/safetensors_writer.hpp"
 
+#include "support/error_of.hpp"
+
 namespace fs = std::filesystem;
+using unshard::testing::contains;
+using unshard::testing::error_of;
 using unshard::checkpoint;
 using unshard::dtype;
 using unshard::safetensors_file;
@@ -64,23 +68,6 @@ std::string raw_file(const std::string& header, std::size_t data_bytes, std::uin
   return s;
 }
 
-// The message of the unshard::error f throws; fails the test if it throws nothing or something else.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const unshard::error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("threw a non-unshard exception: " << e.what());
-  } catch (...) {
-    FAIL("threw a non-standard exception");
-  }
-  FAIL("did not throw");
-  return {};
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 // Writes `header` + data as a file, opens it, and checks the error names the file and every part.
 void expect_bad(const temp_dir& dir, const std::string& case_name, const std::string& file_bytes,

@@ -26,28 +26,12 @@ using namespace unshard::testing;
 
 namespace {
 
-struct outputs {
-  std::vector<float> output;
-  std::vector<std::vector<float>> blocks;
-};
-
-outputs collect(const wan::model& m, const wan::state& st) {
-  outputs o;
-  const auto out = m.output(st).as<float>();
-  o.output.assign(out.begin(), out.end());
-  for (std::size_t i = 0; i < m.geometry().num_layers; ++i) {
-    const auto b = m.block_output(st, i).as<float>();
-    o.blocks.emplace_back(b.begin(), b.end());
-  }
-  return o;
-}
-
 template <weight_source S>
-outputs run_reference(const wan::model& m, const S& w, const checkpoint& in) {
+wan_outputs run_reference(const wan::model& m, const S& w, const checkpoint& in) {
   reference_runner<wan::model> ref(m, w);
   set_case_inputs(m, ref.state(), in);
   ref.forward();
-  return collect(m, ref.state());
+  return collect_outputs(m, ref.state());
 }
 
 }  // namespace
@@ -57,7 +41,7 @@ TEST_CASE("sharded Wan DiT: every policy, world sizes 1-5, equals the unsharded 
   for (gemm_path path : {gemm_path::portable, gemm_path::blas}) {
     const wan::model m(c.config, c.work, {dtype::f32, path, true});
     const checkpoint_weights w(c.file);
-    const outputs want = run_reference(m, w, c.file);
+    const wan_outputs want = run_reference(m, w, c.file);
     const auto ref_out = read_f32(c.file, "ref.output");
     CHECK(excess(want.output, ref_out) <= 1.0);
     for (const char* pol : {"full", "fsdp", "selective", "selective:subunit", "prefetch:1", "prefetch:2",
@@ -68,9 +52,9 @@ TEST_CASE("sharded Wan DiT: every policy, world sizes 1-5, equals the unsharded 
         CAPTURE(static_cast<int>(path));
         session<wan::model> s(m, w, sharded_options(pol, n));
         s.cap_device_memory(s.plan().peak_bytes());
-        outputs got;
+        wan_outputs got;
         forward_case(s, m, c.file, [&](std::size_t rank, const wan::state& st) {
-          if (rank == n - 1) got = collect(m, st);
+          if (rank == n - 1) got = collect_outputs(m, st);
         });
         CHECK(std::memcmp(got.output.data(), want.output.data(), want.output.size() * 4) == 0);
         for (std::size_t i = 0; i < got.blocks.size(); ++i) {
@@ -107,18 +91,18 @@ TEST_CASE("bf16 weights: sharded run equals an f32-compute run on the same bf16-
   const wan_case c = load_wan_case("wan_tiny_a");
   const wan::model m16(c.config, c.work, {dtype::bf16, gemm_path::portable, true});
   const checkpoint_weights w(c.file);
-  const outputs want16 = run_reference(m16, w, c.file);
+  const wan_outputs want16 = run_reference(m16, w, c.file);
   // The same weights rounded to bf16, written as f32: an f32 model over them is the comparison.
   const std::string rounded = write_bf16_rounded(c.file, "unshard_wan_bf16_rounded.safetensors");
   const checkpoint rounded_file = checkpoint::open(rounded);
   const wan::model m32(c.config, c.work, {dtype::f32, gemm_path::portable, true});
-  const outputs want32 = run_reference(m32, checkpoint_weights(rounded_file), c.file);
+  const wan_outputs want32 = run_reference(m32, checkpoint_weights(rounded_file), c.file);
   CHECK(excess(want16.output, want32.output) <= 1.0);
   const session_options opt = sharded_options("offload+prefetch:1", 3);
   session<wan::model> s(m16, w, opt);
-  outputs got;
+  wan_outputs got;
   forward_case(s, m16, c.file, [&](std::size_t rank, const wan::state& st) {
-    if (rank == 0) got = collect(m16, st);
+    if (rank == 0) got = collect_outputs(m16, st);
   });
   CHECK(std::memcmp(got.output.data(), want16.output.data(), got.output.size() * 4) == 0);
   const auto ref = read_f32(c.file, "ref.output");

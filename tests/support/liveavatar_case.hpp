@@ -11,8 +11,21 @@
 #include "unshard/io/json_config.hpp"
 #include "unshard/models/liveavatar/calls.hpp"
 #include "unshard/models/liveavatar/config.hpp"
+#include "unshard/models/liveavatar/loop_inputs.hpp"
 
 namespace unshard::testing {
+
+// A denoising-loop file (README §7): its checkpoint, the config and the loop it runs.
+struct denoise_case {
+  explicit denoise_case(const std::string& name)
+      : file(checkpoint::open(data_dir + "/" + name + ".safetensors")),
+        json(load_json_config(data_dir + "/" + name + ".config.json", "denoise config")),
+        config(s2v::config::from_json(json, name)), loop(s2v::parse_loop(json, name, {})) {}
+  checkpoint file;
+  nlohmann::json json;
+  s2v::config config;
+  s2v::loop_spec loop;
+};
 
 struct stream_case {
   checkpoint file;

@@ -10,8 +10,26 @@
 #include "unshard/io/checkpoint.hpp"
 #include "unshard/models/wan/config.hpp"
 #include "unshard/models/wan/geometry.hpp"
+#include "unshard/models/wan/model.hpp"
 
 namespace unshard::testing {
+
+// A Wan forward's output and every block's output, as f32 vectors (needs record_block_outputs).
+struct wan_outputs {
+  std::vector<float> output;
+  std::vector<std::vector<float>> blocks;
+};
+
+inline wan_outputs collect_outputs(const wan::model& m, const wan::state& st) {
+  wan_outputs o;
+  const auto out = m.output(st).as<float>();
+  o.output.assign(out.begin(), out.end());
+  for (std::size_t i = 0; i < m.geometry().num_layers; ++i) {
+    const auto b = m.block_output(st, i).as<float>();
+    o.blocks.emplace_back(b.begin(), b.end());
+  }
+  return o;
+}
 
 inline std::vector<std::string> wan_vector_files() { return vector_files("wan_"); }
 
