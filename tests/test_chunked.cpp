@@ -19,6 +19,7 @@
 #include "unshard/policy/prefetch.hpp"
 #include "unshard/policy/selective_unshard.hpp"
 #include "unshard/runtime/checkpoint_weights.hpp"
+#include "unshard/runtime/lane_turns.hpp"
 #include "unshard/runtime/reference_forward.hpp"
 #include "unshard/runtime/session.hpp"
 
@@ -259,4 +260,40 @@ TEST_CASE("errors: bad chunk terms, a layer reading out of order, a layer that c
   const one_block_model<whole_only_block> whole_only;
   CHECK_THROWS_WITH((session<one_block_model<whole_only_block>>(whole_only, ws, opt)),
                     doctest::Contains("cannot consume weight chunks"));
+}
+
+// The turns that interleave a tick's lanes at chunk boundaries (runtime/lane_turns.hpp). yield says
+// whether another lane had the turn: a lane waiting for the others (kv:offload, at a paged layer whose
+// slot they still hold) must not spin when none is left.
+TEST_CASE("lane_turns: one lane at a time in round robin; yield says whether another lane ran; a failure cancels") {
+  lane_turns turns(3);
+  std::vector<std::size_t> order;
+  std::vector<int> passed(3, -1);
+  turns.run(3, [&](std::size_t i) {
+    order.push_back(i);
+    const bool first = turns.yield(i);
+    order.push_back(i);
+    if (i == 0) {
+      passed[0] = first;             // lanes 1 and 2 ran to their yield
+      passed[1] = turns.yield(i);    // lanes 1 and 2 ran to their end
+      passed[2] = turns.yield(i);    // nobody left to hand the turn to
+    }
+  });
+  CHECK(order == std::vector<std::size_t>{0, 1, 2, 0, 1, 2});
+  CHECK(passed == std::vector<int>{1, 1, 0});
+  bool alone = true;
+  turns.run(1, [&](std::size_t i) { alone = turns.yield(i); });
+  CHECK(!alone);
+  // Lane 1 fails while lanes 0 and 2 wait for a turn: they are cancelled, run rethrows lane 1's error.
+  std::vector<int> reached(3, 0);
+  CHECK_THROWS_WITH(turns.run(3,
+                              [&](std::size_t i) {
+                                for (int k = 0; k < 4; ++k) {
+                                  ++reached[i];
+                                  if (i == 1 && k == 2) throw error("lane 1 failed");
+                                  turns.yield(i);
+                                }
+                              }),
+                    "lane 1 failed");
+  CHECK(reached == std::vector<int>{3, 3, 2});
 }

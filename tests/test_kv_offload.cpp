@@ -4,10 +4,14 @@
 // (portable GEMM) under several weight policies, both schedules and both cache types; the ledger's
 // kv term is (K+1) x the pages of a tick's forwards and its host term the whole caches; measured
 // peaks stay within the plan and below the kv:device plan; Wan (no paged buffers) runs unchanged.
+// With chunked unshard (the lanes of a tick take turns at chunk boundaries on threads of their own)
+// the same holds, with the same page traffic as without chunked.
 #include <doctest/doctest.h>
 
 #include <cstring>
 #include <map>
+#include <optional>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -65,13 +69,16 @@ struct run_result {
 // The loop (sink, then every block of the file through its 4 steps) under `policy` at `world`
 // ranks: the final latents, every step's latent, and every layer of every cache, from the lane that
 // holds it, as stored (bytes).
-run_result run_loop(const std::string& policy, std::size_t world, schedule_kind kind, dtype kv_cache = dtype::f32) {
+// `resident_below`: if set, the policy's resident-parameter threshold (weights below it are not streamed).
+run_result run_loop(const std::string& policy, std::size_t world, schedule_kind kind, dtype kv_cache = dtype::f32,
+                    std::optional<std::size_t> resident_below = std::nullopt) {
   const denoise_case& c = the_case();
   const s2v::model m = make_model(kv_cache);
   const s2v::geometry& g = m.geometry();
   const checkpoint_weights w(c.file);
   session_options opt = sharded_options(policy, world);
   opt.schedule = kind;
+  if (resident_below) opt.policy.resident_below_bytes = *resident_below;
   session<s2v::model> s(m, w, opt);
   s.cap_device_memory(s.plan().peak_bytes());
   s2v::denoiser den(m, s, {c.loop.sampler, c.loop.blocks_per_clip, true});
@@ -301,13 +308,238 @@ TEST_CASE("kv:offload: a tick allocates nothing; the caches' host copies are cur
   CHECK(s.runtime(0).kv_bytes_out() > out0);
 }
 
-TEST_CASE("kv:offload: refused with chunked unshard, naming both terms") {
+namespace {
+
+const std::vector<std::pair<schedule_kind, std::size_t>>& schedules() {
+  static const std::vector<std::pair<schedule_kind, std::size_t>> s{{schedule_kind::steps, 1},
+                                                                    {schedule_kind::steps, 2},
+                                                                    {schedule_kind::steps, 3},
+                                                                    {schedule_kind::replicated, 1},
+                                                                    {schedule_kind::replicated, 2}};
+  return s;
+}
+
+// A chunked kv:offload run against its kv:device twin (same weight policy) and the same placement
+// without chunked (`plain`): the same bits, the same page traffic per rank, a plan that is exactly
+// what was allocated (kv and gathered terms measured = planned; every other term as kv:device's).
+void check_chunked_run(const run_result& got, const run_result& want, const run_result& plain,
+                       const policy_values& weights, std::size_t world, schedule_kind kind, dtype kv_type) {
+  check_equal(got.out, want.out);
+  const memory_plan device = plan_memory(make_model(kv_type), world, weights, 0, schedule{kind, 4});
+  for (std::size_t r = 0; r < world; ++r) {
+    CAPTURE(r);
+    const rank_plan& p = got.plan.ranks[r];
+    CHECK(got.measured[r].peak_bytes <= p.peak());
+    CHECK(got.measured[r].peak_bytes == p.peak());  // tight: the plan is what was allocated
+    CHECK(got.measured[r].host_peak_bytes <= p.host_bytes);
+    CHECK(got.measured[r].category_peaks[memory_category::kv_cache] == p.terms[memory_category::kv_cache]);
+    CHECK(got.measured[r].category_peaks[memory_category::gathered] == p.terms[memory_category::gathered]);
+    // The kv term and the caches' host bytes are the unchunked placement's; the rest kv:device's.
+    CHECK(p.terms[memory_category::kv_cache] == plain.plan.ranks[r].terms[memory_category::kv_cache]);
+    CHECK(p.host_bytes - device.ranks[r].host_bytes == plain.plan.ranks[r].host_bytes);
+    for (const auto c : all_memory_categories)
+      if (c != memory_category::kv_cache) CHECK(p.terms[c] == device.ranks[r].terms[c]);
+    CHECK(got.bytes_in[r] == plain.bytes_in[r]);
+    CHECK(got.bytes_out[r] == plain.bytes_out[r]);
+    CHECK(got.forwards[r] == plain.forwards[r]);
+    if (got.forwards[r]) {
+      CHECK(got.bytes_in[r] > 0);
+      CHECK(p.peak() < device.ranks[r].peak());
+    }
+  }
+}
+
+void chunked_kv_offload_matrix(dtype kv_type) {
+  // The caches' traffic does not depend on how weights are gathered: one unchunked run per placement.
+  std::map<std::tuple<std::string, schedule_kind, std::size_t>, run_result> plain;
+  // 1B: one row per chunk; 4KiB: a weight in runs of rows; 1MiB: whole weights grouped per sub-unit.
+  for (const char* size : {"1B", "4KiB", "1MiB"})
+    for (const std::size_t K : {1, 2}) {
+      const std::string weights = std::string("chunked:") + size + "+prefetch:" + std::to_string(K);
+      const run_result want = run_loop(weights, 1, schedule_kind::replicated, kv_type);
+      for (const char* kv : {"kv:offload", "kv:offload:2"})
+        for (const auto& [kind, world] : schedules()) {
+          const std::string policy = weights + "+" + kv;
+          CAPTURE(policy);
+          CAPTURE(name_of(kind));
+          CAPTURE(world);
+          const auto key = std::tuple{std::string(kv), kind, world};
+          if (!plain.count(key)) plain.emplace(key, run_loop(std::string("prefetch:1+") + kv, world, kind, kv_type));
+          const run_result got = run_loop(policy, world, kind, kv_type);
+          check_chunked_run(got, want, plain.at(key), parse_policy(weights).values, world, kind, kv_type);
+        }
+    }
+}
+
+}  // namespace
+
+// Issue 15 item 2 with chunked unshard: the lanes of a tick run on threads of their own, taking turns
+// at chunk boundaries; the first to reach a paged layer brings its pages in for all, the last to
+// leave it writes them back.
+TEST_CASE("kv:offload with chunked unshard: bit-identical to kv:device, the same page traffic, the plan allocated") {
+  // Chunked and whole-unit gathers give the same bits (portable GEMM): the reference of the matrix.
+  const run_result whole = run_loop("prefetch:1", 1, schedule_kind::replicated);
+  check_equal(run_loop("chunked:4KiB+prefetch:1", 1, schedule_kind::replicated).out, whole.out);
+  chunked_kv_offload_matrix(dtype::f32);
+}
+
+TEST_CASE("kv:offload with chunked unshard and bf16 caches: bit-identical to bf16 caches on the device") {
+  chunked_kv_offload_matrix(dtype::bf16);
+}
+
+TEST_CASE("kv:offload with chunked unshard and shards offloaded: bit-identical, same traffic") {
+  const std::string weights = "chunked:3000B+offload+prefetch:1";
+  const run_result want = run_loop(weights, 1, schedule_kind::replicated);
+  for (const auto& [kind, world] : schedules()) {
+    CAPTURE(name_of(kind));
+    CAPTURE(world);
+    const run_result plain = run_loop("offload+prefetch:1+kv:offload:2", world, kind);
+    const run_result got = run_loop(weights + "+kv:offload:2", world, kind);
+    // The plain run offloads its shards too: compare the caches' part of the host term.
+    run_result plain_caches = plain;
+    const memory_plan plain_device =
+        plan_memory(make_model(dtype::f32), world, parse_policy("offload+prefetch:1").values, 0, schedule{kind, 4});
+    for (std::size_t r = 0; r < world; ++r) plain_caches.plan.ranks[r].host_bytes -= plain_device.ranks[r].host_bytes;
+    check_chunked_run(got, want, plain_caches, parse_policy(weights).values, world, kind, dtype::f32);
+  }
+}
+
+// Paged layers without a chunk (their weights kept resident): a lane crosses several layers without
+// a turn, so the first lane to reach layer i can find its slot still held by layer i-K-1, which the
+// lanes behind it have not left; it hands them the turn until they have.
+TEST_CASE("kv:offload with chunked unshard: paged layers without chunks, lanes hand the turn on at a layer") {
+  constexpr std::size_t resident_below = std::size_t{1} << 20;
+  {
+    policy_values v = parse_policy("chunked:4KiB+prefetch:1").values;
+    v.resident_below_bytes = resident_below;
+    const s2v::model m = make_model(dtype::f32);
+    std::size_t paged = 0;
+    for (const unit_layout& u : build_units(m, 2, v))
+      if (m.page_of_layer(u.info.layer)) {
+        ++paged;
+        CHECK(u.chunks.empty());
+      }
+    REQUIRE(paged == m.geometry().num_layers);
+  }
+  for (const dtype kv_type : {dtype::f32, dtype::bf16})
+    for (const char* weights : {"chunked:4KiB+prefetch:1", "chunked:1B+prefetch:2"}) {
+      const run_result want = run_loop(weights, 1, schedule_kind::replicated, kv_type, resident_below);
+      for (const char* kv : {"kv:offload", "kv:offload:2"})
+        for (const auto& [kind, world] : schedules()) {
+          const std::string policy = std::string(weights) + "+" + kv;
+          CAPTURE(policy);
+          CAPTURE(name_of(kind));
+          CAPTURE(world);
+          CAPTURE(name_of(kv_type));
+          const run_result plain = run_loop(std::string("prefetch:1+") + kv, world, kind, kv_type);
+          const run_result got = run_loop(policy, world, kind, kv_type, resident_below);
+          check_equal(got.out, want.out);
+          for (std::size_t r = 0; r < world; ++r) {
+            CAPTURE(r);
+            CHECK(got.measured[r].peak_bytes <= got.plan.ranks[r].peak());
+            CHECK(got.measured[r].peak_bytes == got.plan.ranks[r].peak());
+            CHECK(got.measured[r].category_peaks[memory_category::kv_cache] ==
+                  got.plan.ranks[r].terms[memory_category::kv_cache]);
+            CHECK(got.bytes_in[r] == plain.bytes_in[r]);
+            CHECK(got.bytes_out[r] == plain.bytes_out[r]);
+          }
+        }
+    }
+}
+
+namespace {
+// The S2V model whose step-2 forward throws in one layer: a lane failing in the middle of a chunked
+// kv:offload tick, while the other lanes wait for their turn or for a page.
+struct failing_layer {
+  const s2v::layer* inner;
+  bool fails;
+  std::string name() const { return inner->name(); }
+  std::size_t subunit_count() const { return inner->subunit_count(); }
+  std::string subunit_name(std::size_t sub) const { return inner->subunit_name(sub); }
+  std::vector<param_spec> parameters(std::size_t sub) const { return inner->parameters(sub); }
+  void check(const s2v::state& s) const {
+    if (fails && s.call.kind == s2v::call_kind::stream && s.call.step == 2)
+      throw_error("injected failure in ", name(), " of step 2");
+  }
+  void forward(std::size_t sub, const param_views& v, s2v::state& s) const {
+    check(s);
+    inner->forward(sub, v, s);
+  }
+  template <param_source P>
+  void forward(std::size_t sub, P& p, s2v::state& s) const {
+    check(s);
+    inner->forward(sub, p, s);
+  }
+};
+struct failing_model {
+  using state = s2v::state;
+  failing_model(const s2v::model& m, std::size_t failing_layer_index) : m(m) {
+    for (std::size_t i = 0; i < m.layer_count(); ++i) layers.push_back({&m.layer(i), i == failing_layer_index});
+  }
+  const s2v::model& m;
+  std::vector<failing_layer> layers;
+  std::size_t layer_count() const { return layers.size(); }
+  const failing_layer& layer(std::size_t i) const { return layers.at(i); }
+  std::vector<buffer_spec> buffers() const { return m.buffers(); }
+  state make_state(const buffer_set& b) const { return m.make_state(b); }
+  std::optional<std::size_t> page_of_layer(std::size_t i) const { return m.page_of_layer(i); }
+  page_access page_access_of(const state& s, const buffer_spec& b) const { return m.page_access_of(s, b); }
+};
+}  // namespace
+
+TEST_CASE("kv:offload with chunked unshard: a lane that throws fails the tick, naming its error, without a hang") {
+  const denoise_case& c = the_case();
   const s2v::model m = make_model(dtype::f32);
-  CHECK_THROWS_WITH_AS(plan_memory(m, 2, parse_policy("chunked:4KiB+prefetch:1+kv:offload").values),
-                       doctest::Contains("kv:offload is not supported with chunked"), error);
-  const checkpoint_weights w(the_case().file);
-  CHECK_THROWS_WITH_AS(session<s2v::model>(m, w, sharded_options("chunked:4KiB+kv:offload:2", 1)),
-                       doctest::Contains("chunked"), error);
+  const s2v::geometry& g = m.geometry();
+  const checkpoint_weights w(c.file);
+  const std::vector<s2v::block> blocks = s2v::loop_blocks(c.loop, c.file, 7);
+  const std::vector<float> t(g.frames, 500.0f);
+  const tensor_view context = s2v::loop_sink(c.file).context;
+  const std::vector<transfer_message> none;
+  // A block (paged), an injector (not paged) and the head, with and without chunks in the blocks.
+  std::vector<std::size_t> failing;
+  for (std::size_t i = 0; i < m.layer_count(); ++i)
+    if ((m.page_of_layer(i) && *m.page_of_layer(i) == 2) || m.layer(i).kind() == s2v::layer_kind::injector ||
+        i + 1 == m.layer_count())
+      failing.push_back(i);
+  REQUIRE(failing.size() >= 3);
+  for (const std::size_t layer : failing)
+    for (const std::optional<std::size_t> resident_below : {std::optional<std::size_t>{}, std::optional<std::size_t>{1u << 20}})
+      for (const std::size_t world : {1, 2}) {
+        CAPTURE(layer);
+        CAPTURE(world);
+        CAPTURE(resident_below.has_value());
+        const failing_model fm(m, layer);
+        session_options opt = sharded_options("chunked:4KiB+prefetch:1+kv:offload", world);
+        opt.schedule = schedule_kind::steps;
+        if (resident_below) opt.policy.resident_below_bytes = *resident_below;
+        session<failing_model> s(fm, w, opt);
+        const auto tick = [&] {
+          s.tick(
+              [&](std::size_t, std::size_t, s2v::state& st) {
+                s2v::step_inputs in;
+                in.x = blocks[0].noise;
+                in.t = tensor_view(const_cast<float*>(t.data()), dtype::f32, shape{static_cast<std::int64_t>(g.frames)});
+                in.cond_states = blocks[0].cond_states;
+                in.audio = blocks[0].audio;
+                in.context = context;
+                in.step = st.noisy_k[0] ? 0 : st.noisy_k[1] ? 1 : st.noisy_k[2] ? 2 : 3;
+                m.begin_step(st, in);
+                return true;
+              },
+              [](std::size_t, std::size_t, s2v::state&) {},
+              [&](std::size_t, std::span<s2v::state>) -> const std::vector<transfer_message>& { return none; });
+        };
+        const std::string message = "injected failure in " + m.layer(layer).name() + " of step 2";
+        CHECK_THROWS_WITH(tick(), doctest::Contains(message.c_str()));
+      }
+}
+
+// The policy check the planners call refuses nothing now: every weight policy takes kv:offload.
+TEST_CASE("kv:offload: no policy is refused with it, chunked included") {
+  for (const char* policy : {"chunked:4KiB+prefetch:1+kv:offload", "chunked:64MiB+offload+prefetch:2+kv:offload:2",
+                             "prefetch:1+kv:offload", "full+kv:offload"})
+    CHECK_NOTHROW(require_kv_placement_supported(parse_policy(policy).values));
 }
 
 TEST_CASE("kv:offload: Wan (no paged buffers) runs unchanged, with the same plan") {
@@ -370,7 +602,9 @@ TEST_CASE("unshard-plan: kv:offload on the 14B stack, the runtime's kv term, and
   // kv:offload:2 holds one more page per cache; replicated holds one noisy ring for its four steps.
   CHECK(plan_stack(st, parse_policy("offload+prefetch:1+kv:offload:2"), rq).rank(0).terms.at("kv_cache") ==
         3 * r0.terms.at("kv_cache") / 2);
-  CHECK_THROWS_WITH_AS(plan_stack(st, parse_policy("chunked:64MiB+kv:offload"), rq), doctest::Contains("chunked"), error);
+  // With chunked weights the caches' pages stream the same way: the same kv term.
+  CHECK(plan_stack(st, parse_policy("chunked:64MiB+offload+prefetch:1+kv:offload"), rq).rank(0).terms.at("kv_cache") ==
+        r0.terms.at("kv_cache"));
   // auto: no plan fits 1 x 24 GiB with the caches on the device; with a host budget one does.
   const std::size_t budget = 24 * GiB - static_cast<std::size_t>(1.85 * static_cast<double>(GiB));
   for (const std::size_t world : {1, 2}) {

@@ -116,13 +116,14 @@ inline std::vector<page_ring> page_rings(const std::vector<buffer_spec>& buffers
   return rings;
 }
 
-// Chunked unshard interleaves a tick's lanes at chunk boundaries on threads of their own
-// (runtime/lane_turns.hpp); pages placed per layer are not streamed there yet.
-inline void require_kv_placement_supported(const policy_values& policy) {
-  if (policy.kv_offload && policy.chunked())
-    throw_error("policy ", policy.name, ": kv:offload is not supported with chunked unshard (chunked:SIZE) yet; use "
-                "kv:device with chunked, or kv:offload with selective/prefetch/offload/full");
-}
+// Which KV placements the runtime cannot run with the rest of a policy (refused here, naming the
+// terms; the planners call it too). Nothing today: kv:offload runs with every weight policy,
+// chunked:SIZE included, where the tick's lanes take turns at chunk boundaries and the first lane to
+// reach a paged layer brings its pages in for all, the last to leave it writes them back
+// (runtime/paged_buffers.hpp). The ledger's kv term is the same with or without chunked: the page
+// rings depend on the schedule's lanes, not on how the weights are gathered. Kept as the one place
+// a future refusal goes.
+inline void require_kv_placement_supported(const policy_values& /*policy*/) {}
 
 // The steps a model keeps state for: one more than its highest per-step buffer (1 without any).
 inline std::size_t steps_of(const std::vector<buffer_spec>& buffers) noexcept {

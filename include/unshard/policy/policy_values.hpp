@@ -29,9 +29,9 @@ struct policy_values {
   // tensor with `fp8:tensor`), converted while each rank loads its shard (docs/design.md, fp8 weights).
   bool fp8 = false;
   quant::fp8_scaling fp8_scaling = quant::fp8_scaling::per_channel;
-  // Where the KV caches live (issue 15 item 2; parsed and lowered here, not yet acted on by the
-  // runtime): on the device (`kv:device`, the default) or in host memory with K layers prefetched
-  // ahead (`kv:offload[:K]`).
+  // Where the KV caches live: on the device (`kv:device`, the default) or whole in pinned host memory,
+  // each layer's page streamed through K+1 device slots, K layers ahead (`kv:offload[:K]`;
+  // runtime/paged_buffers.hpp).
   bool kv_offload = false;
   std::size_t kv_prefetch = 1;
 

@@ -63,6 +63,8 @@ class unit_gathers {
   }
 
   std::size_t bytes_gathered() const noexcept { return bytes_gathered_; }
+  // Under offload: this rank's shard bytes copied from host memory into its gathered buffers.
+  std::size_t bytes_copied_in() const noexcept { return bytes_copied_in_; }
 
  private:
   void rebuild_order() {
@@ -80,7 +82,10 @@ class unit_gathers {
     std::byte* own = dst + rank_ * shard;
     const auto label = static_cast<std::uint32_t>(u);
     if (buffers_.in_ring(u)) comm.wait(slot_free_[buffers_.slot_of(u)]);
-    if (policy_.offload) comm.copy(own, buffers_.shards[u].data(), shard, label);
+    if (policy_.offload) {
+      comm.copy(own, buffers_.shards[u].data(), shard, label);
+      bytes_copied_in_ += shard;
+    }
     comm.all_gather(policy_.offload ? own : buffers_.shards[u].data(), dst, shard, label);
     comm.record(gathered_[u]);
     bytes_gathered_ += ul.gathered_bytes();
@@ -95,7 +100,7 @@ class unit_gathers {
   std::vector<std::size_t> order_;  // the units gathered this tick, in forward order
   std::size_t issued_ = 0;          // gathers of order_ enqueued so far
   std::size_t passed_ = 0;          // gathers of order_ belonging to units before the current one
-  std::size_t bytes_gathered_ = 0;
+  std::size_t bytes_gathered_ = 0, bytes_copied_in_ = 0;
 };
 
 // Gathers of chunks (chunked unshard). Every chunk of a forward in order forms the chunk sequence;
@@ -153,6 +158,8 @@ class chunk_gathers {
   }
 
   std::size_t bytes_gathered() const noexcept { return bytes_gathered_; }
+  // Under offload: bytes of this rank's parts of chunks copied from host memory.
+  std::size_t bytes_copied_in() const noexcept { return bytes_copied_in_; }
 
  private:
   struct chunk_ref {
@@ -179,8 +186,10 @@ class chunk_gathers {
   // Under offload the part crosses from host memory (a host-to-device copy); otherwise it is a
   // copy within the device, which a backend may run apart from its host-to-device path.
   void copy_own_part(stream& comm, std::byte* dst, const std::byte* src, std::size_t bytes, std::uint32_t label) {
-    if (policy_.offload) comm.copy(dst, src, bytes, label);
-    else if constexpr (has_local_copy<B>) comm.local_copy(dst, src, bytes, label);
+    if (policy_.offload) {
+      comm.copy(dst, src, bytes, label);
+      bytes_copied_in_ += bytes;
+    } else if constexpr (has_local_copy<B>) comm.local_copy(dst, src, bytes, label);
     else comm.copy(dst, src, bytes, label);
   }
 
@@ -193,7 +202,7 @@ class chunk_gathers {
   std::vector<typename B::event> ready_, free_;
   std::vector<std::size_t> uses_;  // per ring slot: lanes done with its chunk this tick
   std::size_t issued_ = 0, acquired_ = 0;
-  std::size_t bytes_gathered_ = 0;
+  std::size_t bytes_gathered_ = 0, bytes_copied_in_ = 0;
 };
 
 }  // namespace unshard

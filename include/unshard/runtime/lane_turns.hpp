@@ -76,14 +76,17 @@ class lane_turns {
   }
 
   // Called by lane i at a turn point: hands the turn to the next lane still running and waits for
-  // it to come back. Throws `cancelled` if another lane failed meanwhile.
-  void yield(std::size_t i) {
+  // it to come back. Returns whether another lane had the turn meanwhile (false: none is running,
+  // or the tick has one lane). Throws `cancelled` if another lane failed meanwhile.
+  bool yield(std::size_t i) {
     std::unique_lock lock(mutex_);
-    if (active_ <= 1 && !failure_) return;
+    if (active_ <= 1 && !failure_) return false;
     pass_turn_locked(i);
+    const bool passed = turn_ != i;
     cv_.notify_all();
     cv_.wait(lock, [&] { return turn_ == i || failure_; });
     if (failure_) throw cancelled{};
+    return passed;
   }
 
  private:

@@ -13,6 +13,17 @@
 // copy into that slot is enqueued after the write-back on the same in-order stream, so no staging
 // buffer is needed. Like the gathers, this only enqueues; the host waits once, at the end of a
 // tick that wrote back, so the host copies are current between ticks (the caches' views read them).
+//
+// Two ways to run a tick, one bookkeeping. Whole units (forward_units): every lane runs unit u,
+// then the next unit, so a layer is entered once and left once. Chunked unshard (lane_turns.hpp):
+// each lane runs its own forward on a thread of its own, one lane at a time, taking turns at chunk
+// boundaries, so lanes reach a layer at different moments. Then the first lane to reach layer i
+// enters it for all (enqueues the copies up to i+K, the compute wait, points the tables at the
+// slots); the last lane to leave it leaves it for all (records done, enqueues the write-backs,
+// and the copies that waited for this slot). A copy into the slot of layer i-K-1 is never enqueued
+// before every lane has left that layer: if a lane would enter a layer whose page cannot be copied
+// in yet (possible only when K+1 paged layers in a row have no chunk, so no turn is taken between
+// them), it hands the turn on until the lanes behind it have left that layer.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -51,7 +62,7 @@ class paged_buffers {
   paged_buffers(const M& m, const std::vector<unit_layout>& units, const policy_values& policy, const schedule& sched,
                 std::size_t rank, std::size_t world_size, tracking_allocator& device, tracking_allocator& host)
       : model_(m), specs_(m.buffers()), slots_(policy.kv_prefetch + 1), depth_(policy.kv_prefetch),
-        ready_(slots_), done_(slots_) {
+        ready_(slots_), done_(slots_), leaving_(slots_, 0) {
     require_kv_placement_supported(policy);
     // The rank's buffers in for_each_rank_buffer order; the paged ones whole in host memory, zeroed
     // (a model's caches start empty; a CUDA model cannot clear host memory with its device calls).
@@ -94,7 +105,8 @@ class paged_buffers {
   // call each state was set up for), the bytes to copy in (the union of their reads) and out.
   template <class Lanes>
   void begin_tick(Lanes& lanes) {
-    issued_ = 0;
+    issued_ = entered_ = left_ = 0;
+    std::fill(leaving_.begin(), leaving_.end(), std::size_t{0});
     any_ = writes_ = false;
     if constexpr (paged_model<M>) {
       for (ring& r : rings_) {
@@ -123,22 +135,50 @@ class paged_buffers {
     }
   }
 
-  // Before unit u computes: if it starts a paged layer, enqueue the copies of the next K layers'
-  // pages, make compute wait for this layer's, and point the page tables at its slots.
-  void before_unit(std::size_t u, stream& comm, stream& compute) {
+  // Before unit u computes on a lane: if it starts a paged layer no lane of the tick has entered
+  // yet, enter it for all of them: enqueue the copies of the layers up to K ahead whose slots are
+  // free, make compute wait for this layer's pages (one wait: the lanes share the compute stream),
+  // and point the page tables at its slots. A lane that finds the layer entered just runs it.
+  //
+  // pass_turn() is called when this layer's page cannot be copied in yet because a lane of the tick
+  // has not left the layer that last used its slot (chunked lanes only; see the top of this file):
+  // it lets the other lanes run on and returns true, or returns false when no other lane can run
+  // (then nothing could ever free the slot: an error, not a hang). Whole-unit ticks pass one that
+  // returns false: there every lane has left layer i-1 before any enters layer i.
+  template <class PassTurn>
+  void before_unit(std::size_t u, stream& comm, stream& compute, PassTurn&& pass_turn) {
     if (!any_ || starts_[u] == none) return;
     const std::size_t k = starts_[u];
-    while (issued_ < sequence_.size() && issued_ <= k + depth_) issue(issued_++, comm);
+    for (;;) {
+      if (k < entered_) return;
+      if (k > entered_)
+        throw_error("kv:offload: a lane entered paged layer ", k, " (unit ", u, ") before layer ", entered_,
+                    ": the units of a forward run in order");
+      issue_up_to(k, comm);
+      if (issued_ > k) break;
+      if (!pass_turn())
+        throw_error("kv:offload: no lane is left to leave paged layer ", k - slots_, " (unit ",
+                    sequence_[k - slots_].last_unit, "), whose device slot paged layer ", k, " (unit ", u, ") needs");
+    }
+    entered_ = k + 1;
     compute.wait(ready_[k % slots_]);
     for (ring& r : rings_)
       if (r.member != none) tables_[r.member][sequence_[k].page] = r.slots[k % slots_].data();
   }
+  void before_unit(std::size_t u, stream& comm, stream& compute) {
+    before_unit(u, comm, compute, [] { return false; });
+  }
 
-  // After unit u computed: if it ends a paged layer, its slots are free once compute gets here,
-  // after the bytes the calls wrote went back to the host copies.
-  void after_unit(std::size_t u, stream& comm, stream& compute) {
+  // After unit u computed on one of the `lanes` lanes that run it in this tick (1: it ran on all of
+  // them): if it ends a paged layer and it was the last of them there, the layer's slots are free
+  // once compute gets here, after the bytes the calls wrote went back to the host copies; then the
+  // copies that waited for this slot are enqueued (chunked: a lane may already be in a later layer).
+  void after_unit(std::size_t u, stream& comm, stream& compute, std::size_t lanes = 1) {
     if (!any_ || ends_[u] == none) return;
     const std::size_t k = ends_[u], slot = k % slots_, page = sequence_[k].page;
+    if (++leaving_[slot] < std::max<std::size_t>(lanes, 1)) return;
+    leaving_[slot] = 0;
+    left_ = k + 1;
     const auto label = static_cast<std::uint32_t>(u);
     compute.record(done_[slot]);
     bool waited = false;
@@ -152,10 +192,13 @@ class paged_buffers {
         bytes_out_ += w.bytes;
       }
     }
+    if (entered_ > k + 1) issue_up_to(entered_ - 1, comm);
   }
 
   // The tick is over: once its write-backs have landed the host copies are current.
   void end_tick(stream& comm) {
+    if (any_ && left_ != sequence_.size())
+      throw_error("kv:offload: the tick left ", left_, " of its ", sequence_.size(), " paged layers");
     if (writes_) comm.synchronize();
     any_ = writes_ = false;
   }
@@ -227,6 +270,12 @@ class paged_buffers {
     }
   }
 
+  // The copies of the layers up to `entered` + K whose slot is free: layer j's slot held layer
+  // j - (K+1), which every lane must have left (left_ counts the layers all lanes have left).
+  void issue_up_to(std::size_t entered, stream& comm) {
+    while (issued_ < sequence_.size() && issued_ <= entered + depth_ && issued_ <= left_ + depth_) issue(issued_++, comm);
+  }
+
   // Paged layer k's pages into slot k mod (K+1), once compute is done with the layer before it there
   // (and its write-back, enqueued before this on the same stream).
   void issue(std::size_t k, stream& comm) {
@@ -252,7 +301,10 @@ class paged_buffers {
   std::vector<std::size_t> starts_, ends_;  // per unit: the element it starts / ends, or none
   std::size_t slots_, depth_;
   std::vector<typename B::event> ready_, done_;  // per slot: copied in; compute done with it
-  std::size_t issued_ = 0;
+  // This tick: layers whose copies are enqueued, entered by a lane, left by every lane; per slot,
+  // the lanes that left the layer in it so far.
+  std::size_t issued_ = 0, entered_ = 0, left_ = 0;
+  std::vector<std::size_t> leaving_;
   bool any_ = false, writes_ = false;
   std::size_t bytes_in_ = 0, bytes_out_ = 0;
 };

@@ -102,6 +102,11 @@ class rank_runtime {
     return units_gathers_->bytes_gathered() + chunk_gathers_->bytes_gathered();
   }
   std::size_t forwards() const noexcept { return forwards_; }
+  // Under offload: this rank's shard bytes copied from host memory into its gathered buffers since
+  // the start (0 otherwise).
+  std::size_t weight_bytes_in() const noexcept {
+    return units_gathers_->bytes_copied_in() + chunk_gathers_->bytes_copied_in();
+  }
   // kv:offload: bytes of paged buffers (KV-cache pages) copied into device slots and written back
   // to host memory since the start (0 under kv:device).
   std::size_t kv_bytes_in() const noexcept { return paged_ ? paged_->bytes_in() : 0; }
@@ -203,9 +208,13 @@ class rank_runtime {
     }
   }
 
+  // Under kv:offload the pages of the paged layers stream alongside the chunks: the first lane to
+  // reach a paged layer enters it for all the tick's lanes, the last to finish it writes it back
+  // (runtime/paged_buffers.hpp); the lanes' turns keep them within a layer of each other.
   void forward_chunked_tick() {
     chunk_gathers_->begin_tick();
     const std::size_t n = lanes_.active().size();
+    if (paged_) paged_->begin_tick(lanes_);
     if (n == 0) {
       // No forward here this tick: take part in every chunk's gather all the same.
       for (std::size_t g = 0; g < chunk_gathers_->count(); ++g) {
@@ -217,15 +226,20 @@ class rank_runtime {
     } else {
       turns_->run(n, lane_body_);
     }
+    if (paged_) paged_->end_tick(*comm_);
   }
 
   // One lane's forward over the chunk sequence; `turn` is its place in the tick's turns.
   void forward_chunked_lane(state_type& st, std::size_t turn) {
     std::size_t next = 0;
+    const std::size_t lanes = lanes_.active().size();
+    // A lane that must wait for the lanes behind it to leave a paged layer hands them the turn.
+    const auto pass_turn = [&] { return turns_ && lanes > 1 && turns_->yield(turn); };
     for (std::size_t u = 0; u < units_.size(); ++u) {
       const unit_layout& ul = units_[u];
       const auto& layer = model_.layer(ul.info.layer);
       using layer_type = std::remove_cvref_t<decltype(layer)>;
+      if (paged_) paged_->before_unit(u, *comm_, *compute_, pass_turn);
       traced_compute(u, [&] {
         for (std::size_t s = 0; s < ul.info.subunit_count; ++s) {
           stream_type stream(*this, u, s, next, turn);
@@ -234,6 +248,7 @@ class rank_runtime {
           stream.finish();
         }
       });
+      if (paged_) paged_->after_unit(u, *comm_, *compute_, lanes);
     }
   }
 
@@ -296,8 +311,8 @@ class rank_runtime {
   std::vector<std::vector<param_views>> views_;
   std::unique_ptr<unit_gathers<B>> units_gathers_;
   std::unique_ptr<chunk_gathers<B>> chunk_gathers_;
-  std::unique_ptr<lane_turns> turns_;
-  typename B::event exchange_ready_;  // the tick's compute, before its transfers  // chunked with several lanes: their turns
+  std::unique_ptr<lane_turns> turns_;  // chunked with several lanes: their turns
+  typename B::event exchange_ready_;   // the tick's compute, before its transfers
   std::function<void(std::size_t)> lane_body_;
   std::size_t forwards_ = 0;
 };
