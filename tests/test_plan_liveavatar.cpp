@@ -3,6 +3,7 @@
 // what fits on the machine shapes of docs/planner.md.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -314,14 +315,14 @@ TEST_CASE("auto searches both schedules and ranks the plans that fit by block ti
   CHECK(only.fits.size() == all.fits.size());
 }
 
-TEST_CASE("what fits on 5x24, 4x24, 4x40, 2x24 and 1x24 GiB at 720x400, and why not") {
+TEST_CASE("bf16 weights and the caches on the device: what fits on 5x24, 4x24, 4x40, 2x24 and 1x24 GiB at 720x400, and why not") {
   const stack st = liveavatar_stack(liveavatar_14b());
   const auto search = [&](std::size_t world, std::size_t memory_gib, t5_placement t5 = t5_placement::device) {
     plan_request rq;
     rq.world_size = world;
     rq.t5 = t5;
     const std::size_t budget = memory_gib * (1ull << 30) - static_cast<std::size_t>(1.85 * gib);
-    return std::pair{plan_auto(st, rq, budget, schedules_to_search(std::nullopt)), budget};
+    return std::pair{plan_auto(st, rq, budget, schedules_to_search(std::nullopt), auto_options{false, false, 0}), budget};
   };
   const auto fastest = [](const auto_result& a) { return a.fits.front(); };
   {  // 5 x 24: steps, without offload; replicated's four caches do not fit
@@ -360,4 +361,220 @@ TEST_CASE("what fits on 5x24, 4x24, 4x40, 2x24 and 1x24 GiB at 720x400, and why 
     CHECK(why_not(*a.closest, budget).find("the KV cache alone is 40.69 GiB (4 noisy caches of 9.67 GiB") !=
           std::string::npos);
   }
+}
+
+namespace {
+// One DiT forward's FLOPs on the 14B stack at 704x384 (3,168 streamed tokens): 2 per parameter per
+// token, plus QK^T and PV over the whole noisy cache and the cond cache in each of the 40 blocks.
+constexpr double forward_flops = 2.0 * 16295755609.0 * 3168 + 40.0 * 4 * 3168 * (12672 + 2640) * 5120;
+constexpr double flops_4090 = 100e12;
+const std::size_t budget_24 = 24ull * (1ull << 30) - static_cast<std::size_t>(1.85 * gib);
+
+auto_result search_default(std::size_t world, std::size_t host_budget = 0) {
+  plan_request rq;
+  rq.world_size = world;
+  return plan_auto(liveavatar_stack(liveavatar_14b()), rq, budget_24, schedules_to_search(std::nullopt),
+                   auto_options{true, true, host_budget});
+}
+}  // namespace
+
+TEST_CASE("compute_s: the compute-bound time of the forwards a block times, whole and per rank") {
+  const stack st = liveavatar_stack(liveavatar_14b());
+  CHECK(st.total_dit() == 16295755609);
+  const auto plan = [&](const char* policy, schedule_kind kind, std::size_t world) {
+    plan_request rq;
+    rq.world_size = world;
+    rq.sched = {kind, 4};
+    return plan_stack(st, parse_policy(policy), rq);
+  };
+  const stack_plan s1 = plan("chunked:64MiB+prefetch:1", schedule_kind::steps, 1);
+  CHECK(s1.forward_compute_s == doctest::Approx(forward_flops / flops_4090));  // 1.430 s
+  CHECK(s1.compute_s == doctest::Approx(4 * forward_flops / flops_4090));      // four forwards a tick
+  CHECK(s1.rank_compute_s(0) == doctest::Approx(s1.compute_s));
+  const stack_plan s2 = plan("chunked:64MiB+prefetch:1", schedule_kind::steps, 2);
+  CHECK(s2.compute_s == doctest::Approx(2 * forward_flops / flops_4090));
+  CHECK(s2.compute_s == doctest::Approx(compute_seconds(s2.tick_steps(), time_rates::of(plan_request{}.device, plan_request{}.link))));
+  CHECK(s2.rank_compute_s(1) == doctest::Approx(s2.compute_s));
+  CHECK(s2.compute_ratio() == doctest::Approx(s2.block_s / s2.compute_s));
+  // W = 5 > S = 4: rank 4 computes nothing; the block is one forward's compute.
+  const stack_plan s5 = plan("fsdp", schedule_kind::steps, 5);
+  CHECK(s5.compute_s == doctest::Approx(forward_flops / flops_4090));
+  CHECK(s5.rank_compute_s(4) == 0);
+  CHECK(s5.rank_compute_s(3) == doctest::Approx(s5.compute_s));
+  // replicated: every rank runs the four forwards of a block.
+  const stack_plan r2 = plan("chunked:64MiB+prefetch:1", schedule_kind::replicated, 2);
+  CHECK(r2.compute_s == doctest::Approx(4 * forward_flops / flops_4090));
+  CHECK(r2.rank_compute_s(1) == doctest::Approx(r2.compute_s));
+  // fsdp on 5 x 4090: transfer-bound, 2.217 s against 1.430 s; the all-gathers dominate.
+  CHECK(s5.compute_ratio() == doctest::Approx(2.217 / 1.430).epsilon(0.002));
+  CHECK(s5.transfers.all_gather_s > s5.compute_s);
+  CHECK(time_note(s5).starts_with("transfer-bound (the copy stream carries 2.174 s a block against 1.430 s of compute; "
+                                  "the most, 2.174 s, all-gathers)"));
+  // Without prefetch the gathers do not overlap compute: not transfer-bound, yet 2.5x compute-bound.
+  const stack_plan np = plan("chunked:64MiB", schedule_kind::steps, 5);
+  CHECK(np.compute_ratio() > compute_bound_goal);
+  CHECK(time_note(np).starts_with("compute and transfers take turns, without prefetch"));
+  // Compute-bound plans have no note.
+  CHECK(time_note(plan("full", schedule_kind::steps, 5)).empty());
+}
+
+TEST_CASE("kv:offload in the time model: each block's pages in before its first step, its rows back after its last") {
+  const stack st = liveavatar_stack(liveavatar_14b());
+  plan_request rq;
+  rq.world_size = 2;  // two forwards a tick on each rank
+  const double noisy_page = 12672.0 * 5120 * 2 * 2, cond_page = 2640.0 * 5120 * 2 * 2, rows = 3168.0 * 5120 * 2 * 2;
+  const stack_plan p = plan_stack(st, parse_policy("selective:subunit+prefetch:1+kv:offload"), rq);
+  std::size_t firsts = 0, lasts = 0;
+  for (const step_cost& s : p.steps) {
+    firsts += s.kv_in_bytes > 0;
+    lasts += s.kv_out_bytes > 0;
+    if (s.kv_in_bytes > 0) CHECK(s.kv_in_bytes == noisy_page + cond_page);  // one forward's
+    if (s.kv_out_bytes > 0) CHECK(s.kv_out_bytes == rows);
+    CHECK(s.h2d_bytes == 0);  // the pages are not weight copies
+  }
+  CHECK(firsts == 40);
+  CHECK(lasts == 40);
+  // A block of several sub-unit pieces: pages on its first, rows back on its last.
+  const auto at = [&](const std::string& name) {
+    for (const step_cost& s : p.steps)
+      if (s.name == name) return s;
+    FAIL("no step ", name);
+    return step_cost{};
+  };
+  CHECK(at("blocks.0#0").kv_in_bytes > 0);
+  CHECK(at("blocks.0#0").kv_out_bytes == 0);
+  CHECK(at("blocks.0#1").kv_in_bytes == 0);
+  CHECK(at("blocks.0#1").kv_out_bytes > 0);
+  CHECK(at("audio_injector.0").kv_in_bytes == 0);
+  // The tick: both forwards' noisy pages and rows, the cond page once.
+  for (const step_cost& s : p.tick_steps()) {
+    if (s.kv_in_bytes > 0) CHECK(s.kv_in_bytes == 2 * noisy_page + cond_page);
+    if (s.kv_out_bytes > 0) CHECK(s.kv_out_bytes == 2 * rows);
+  }
+  const time_rates r = time_rates::of(rq.device, rq.link);
+  CHECK(p.transfers.kv_in_s == doctest::Approx(40 * (2 * noisy_page + cond_page) / 25e9));
+  CHECK(p.transfers.kv_out_s == doctest::Approx(40 * 2 * rows / 25e9));
+  CHECK(p.block_s == doctest::Approx(p.tick_timeline(r).total_s));
+  // kv:offload:2 issues the pages two blocks ahead: on the one in-order stream they go ahead of
+  // weight gathers issued later. Here (whole blocks, two gathered ahead) that hides page copies
+  // kv:offload cannot; with 64 MiB chunks of fp8 weights the deeper copies delay the chunks instead.
+  const auto block_s = [&](const std::string& policy) { return plan_stack(st, parse_policy(policy), rq).block_s; };
+  CHECK(block_s("selective:block+prefetch:2+kv:offload:2") < block_s("selective:block+prefetch:2+kv:offload"));
+  CHECK(block_s("chunked:64MiB+prefetch:2+fp8+kv:offload:2") > block_s("chunked:64MiB+prefetch:2+fp8+kv:offload"));
+  // Without kv:offload the steps carry no page copies and the KV depth is not in the time.
+  const stack_plan d = plan_stack(st, parse_policy("selective:subunit+prefetch:1"), rq);
+  CHECK(d.transfers.kv_in_s == 0);
+  CHECK(d.block_s == doctest::Approx(forward_seconds(d.tick_steps(), r, d.prefetch)));
+}
+
+TEST_CASE("chunked with kv:offload: the pages on a block's first chunk, the write-back after its last") {
+  const stack st = liveavatar_stack(liveavatar_14b());
+  plan_request rq;
+  rq.world_size = 2;
+  const parsed_policy chunked = parse_policy("chunked:64MiB+prefetch:1+kv:offload");
+  // The ledger's placement, whether or not the runtime accepts the combination.
+  stack_plan p = plan_stack(st, parse_policy("chunked:64MiB+prefetch:1"), rq);
+  const liveavatar::detail::cache_sizes caches = liveavatar::detail::caches_of(st, p.work);
+  std::vector<std::size_t> owner;
+  p.steps = liveavatar::detail::forward_steps(st, chunked, rq, caches, p.effective_chunk, &owner);
+  liveavatar::detail::add_kv_copies(st, p, caches, owner);
+  REQUIRE(owner.size() == p.steps.size());
+  std::size_t blocks = 0;
+  for (std::size_t i = 0; i < p.steps.size(); ++i) {
+    const bool first = i == 0 || owner[i - 1] != owner[i], last = i + 1 == p.steps.size() || owner[i + 1] != owner[i];
+    const bool block = st.units[owner[i]].block;
+    CAPTURE(p.steps[i].name);
+    CHECK((p.steps[i].kv_in_bytes > 0) == (block && first));
+    CHECK((p.steps[i].kv_out_bytes > 0) == (block && last));
+    blocks += block && first;
+  }
+  CHECK(blocks == 40);
+  // A block is 11 chunks of 64 MiB (351.4e6 bf16 parameters): pages on #0, rows back on #10.
+  const auto first = std::find_if(p.steps.begin(), p.steps.end(), [](const step_cost& s) { return s.name == "blocks.0#0"; });
+  REQUIRE(first + 10 < p.steps.end());
+  CHECK(first->kv_in_bytes > 0);
+  CHECK(first[10].name == "blocks.0#10");
+  CHECK(first[10].kv_out_bytes > 0);
+  CHECK(first[11].name != "blocks.0#11");
+  // The search offers chunked with kv:offload exactly when the runtime accepts it.
+  bool accepted = true;
+  try {
+    require_kv_placement_supported(chunked.values);
+  } catch (const error&) {
+    accepted = false;
+  }
+  const std::vector<std::string> offered = kv_candidates("chunked:64MiB+prefetch:1", true);
+  CHECK(offered.size() == (accepted ? 3u : 1u));
+  CHECK(kv_candidates("selective:block+prefetch:1", true).size() == 3);
+  CHECK(kv_candidates("selective:block+prefetch:1", false).size() == 1);
+  if (accepted) {
+    const stack_plan c = plan_stack(st, chunked, rq), w = plan_stack(st, parse_policy("prefetch:1+kv:offload"), rq);
+    CHECK(c.steps.size() == p.steps.size());
+    for (std::size_t i = 0; i < c.steps.size(); ++i) {
+      CHECK(c.steps[i].kv_in_bytes == p.steps[i].kv_in_bytes);
+      CHECK(c.steps[i].kv_out_bytes == p.steps[i].kv_out_bytes);
+    }
+    CHECK(c.terms.at("kv_cache") == w.terms.at("kv_cache"));  // the page rings do not depend on the weights
+    CHECK(c.host_peak() == w.host_peak());
+    CHECK(c.transfers.kv_in_s == doctest::Approx(w.transfers.kv_in_s));
+  } else {
+    CHECK_THROWS_AS(plan_stack(st, chunked, rq), error);
+  }
+}
+
+TEST_CASE("auto's defaults (fp8 weights and the KV caches' placement searched): 1x24 and 2x24 GiB fit, near compute-bound") {
+  const stack st = liveavatar_stack(liveavatar_14b());
+  {  // 1 x 24: four steps on one rank; every plan that fits streams both the weights and the caches from host memory
+    const auto a = search_default(1);
+    REQUIRE(!a.fits.empty());
+    for (const auto& p : a.fits) {
+      CAPTURE(p.policy);
+      CHECK(p.kv_offload);
+      CHECK(parse_policy(p.policy).values.offload);
+      CHECK(p.peak() <= budget_24);
+    }
+    const stack_plan& best = a.fits.front();
+    CHECK(best.sched.kind == schedule_kind::steps);
+    CHECK(best.compute_s == doctest::Approx(4 * forward_flops / flops_4090));
+    CHECK(best.compute_ratio() <= compute_bound_goal);
+    // Its host memory: the same plan's with the caches on the device, plus the four noisy caches and the cond cache.
+    plan_request rq;
+    rq.world_size = 1;
+    std::string device_kv = best.policy.substr(0, best.policy.find("+kv:offload"));
+    const stack_plan d = plan_stack(st, parse_policy(device_kv), rq);
+    CHECK(best.host_peak() == d.host_peak() + 4 * best.noisy_cache_bytes + best.cond_cache_bytes);
+    CHECK(best.host_peak() / gib == doctest::Approx(67.12).epsilon(0.001));
+    // A cap below what the caches and weights need leaves nothing; one above it keeps the best plan.
+    CHECK(search_default(1, 64ull << 30).fits.empty());
+    const auto capped = search_default(1, 72ull << 30);
+    REQUIRE(!capped.fits.empty());
+    CHECK(capped.fits.front().policy == best.policy);
+    for (const auto& p : capped.fits) CHECK(p.host_peak() <= 72ull << 30);
+  }
+  {  // 2 x 24: each rank two steps; the caches in host memory, the weights on the device
+    const auto a = search_default(2);
+    REQUIRE(!a.fits.empty());
+    for (const auto& p : a.fits) CHECK(p.kv_offload);
+    const stack_plan& best = a.fits.front();
+    CHECK(!parse_policy(best.policy).values.offload);
+    CHECK(best.compute_s == doctest::Approx(2 * forward_flops / flops_4090));
+    CHECK(best.compute_ratio() <= compute_bound_goal);
+    CHECK(best.rank(1).host_bytes == best.rank(0).host_bytes);
+    CHECK(search_default(2, 16ull << 30).fits.empty());  // two noisy caches and the cond cache: 21.35 GiB
+  }
+  {  // 5 x 24: fp8 halves the gathers; the fastest keeps the caches on the device and gathers nothing from host
+    const auto a = search_default(5);
+    REQUIRE(!a.fits.empty());
+    const stack_plan& best = a.fits.front();
+    CHECK(parse_policy(best.policy).values.fp8);
+    CHECK(!best.kv_offload);
+    CHECK(best.compute_ratio() <= compute_bound_goal);
+  }
+  // --no-fp8: bf16 weights only; 2 x 24 still fits, offloading the weights as well.
+  plan_request rq;
+  rq.world_size = 2;
+  const auto bf16 = plan_auto(st, rq, budget_24, schedules_to_search(std::nullopt), auto_options{false, true, 0});
+  REQUIRE(!bf16.fits.empty());
+  for (const auto& p : bf16.fits) CHECK(!parse_policy(p.policy).values.fp8);
+  CHECK(bf16.fits.front().compute_ratio() <= compute_bound_goal);
 }

@@ -159,6 +159,72 @@ TEST_CASE("time model: schedules worked out by hand") {
   }
 }
 
+TEST_CASE("time model: KV pages on the copy stream, issued kv_prefetch paged layers ahead, rows written back after") {
+  // Three paged layers without weight gathers: a computes 4 s, b and c 1 s; each page takes 2 s to
+  // copy in (1 B/s), each write-back 1 s. Pages go on the one in-order stream; a write-back waits for
+  // its layer's compute.
+  const auto layers = [](double out) {
+    return std::vector<step_cost>{{"a", 4, 0, 0, 0, false, 2, out}, {"b", 1, 0, 0, 0, false, 2, out},
+                                  {"c", 1, 0, 0, 0, false, 2, out}};
+  };
+  SUBCASE("kv:offload:2 hides the third page under a's long compute; kv:offload:1 cannot") {
+    // K=1: pages a [0,2], b [2,4]; a computes [2,6]; c's page is issued when compute reaches b (its
+    // slot held a's page until then): [6,8]; b [6,7]; c waits for its page: [8,9].
+    CHECK(forward_seconds(layers(0), unit_rates, 0, 1) == doctest::Approx(9));
+    // K=2: all three pages at the start, [0,2], [2,4], [4,6]; a [2,6], b [6,7], c [7,8].
+    CHECK(forward_seconds(layers(0), unit_rates, 0, 2) == doctest::Approx(8));
+  }
+  SUBCASE("write-backs: after each layer's compute, ahead of the copies issued later") {
+    // K=1: pages a [0,2], b [2,4]; a [2,6]; a's rows back [6,7]; c's page, issued at 6, queues behind
+    // them: [7,9]; b [6,7]; b's rows back [9,10]; c [9,10]; c's rows back [10,11]: the forward ends when
+    // the last write-back has landed.
+    const timeline k1 = simulate_forward(layers(1), unit_rates, 0, 1);
+    CHECK(k1.total_s == doctest::Approx(11));
+    std::map<std::string, std::pair<double, double>> at;
+    for (const auto& sp : k1.spans) at[sp.name] = {sp.begin, sp.end};
+    CHECK(at.at("kv in c").first == doctest::Approx(7));
+    CHECK(at.at("kv out a").first == doctest::Approx(6));
+    CHECK(at.at("kv out b").first == doctest::Approx(9));
+    CHECK(at.at("compute c").first == doctest::Approx(9));
+    // K=2: pages [0,2], [2,4], [4,6]; a [2,6], rows back [6,7]; b [6,7], [7,8]; c [7,8], [8,9].
+    CHECK(forward_seconds(layers(1), unit_rates, 0, 2) == doctest::Approx(9));
+    const stream_load l = stream_load_of(layers(1), unit_rates);
+    CHECK(l.kv_in_s == doctest::Approx(6));
+    CHECK(l.kv_out_s == doctest::Approx(3));
+    CHECK(l.all_gather_s == 0);
+    CHECK(compute_seconds(layers(1), unit_rates) == doctest::Approx(6));
+  }
+  SUBCASE("weights and pages share the stream: a step's gathers are issued before its pages") {
+    // Two steps of 2 s, each gathering 1 byte (1.5 s with the latency) one ahead, each a paged layer
+    // with a 1 s page. At the start: gathers a [0,1.5], b [1.5,3], then pages a [3,4], b [4,5];
+    // a computes [4,6], b [6,8]. Without pages: 1.5 + 2 + 2.
+    const std::vector<step_cost> s{{"a", 2, 1, 0, 10, false, 1, 0}, {"b", 2, 1, 0, 10, false, 1, 0}};
+    CHECK(forward_seconds(s, unit_rates, 1, 1) == doctest::Approx(8));
+    const std::vector<step_cost> plain{{"a", 2, 1, 0, 10, false}, {"b", 2, 1, 0, 10, false}};
+    CHECK(forward_seconds(plain, unit_rates, 1, 1) == doctest::Approx(5.5));
+    const stream_load l = stream_load_of(s, unit_rates);
+    CHECK(l.all_gather_s == doctest::Approx(3));
+    CHECK(l.kv_in_s == doctest::Approx(2));
+  }
+  SUBCASE("a write-back delays the gathers issued after it") {
+    // No prefetch, K_kv = 1. a: gather [0,1.5], pages a [1.5,2.5] and b [2.5,3.5], compute [2.5,4.5],
+    // rows back [4.5,5.5]; b's gather, issued at 4.5, starts after them: [5.5,7]; b [7,9], rows back [9,10].
+    const std::vector<step_cost> s{{"a", 2, 1, 0, 10, false, 1, 1}, {"b", 2, 1, 0, 10, false, 1, 1}};
+    CHECK(forward_seconds(s, unit_rates, 0, 1) == doctest::Approx(10));
+    // Without write-backs b's gather starts at 4.5: [4.5,6], b [6,8].
+    const std::vector<step_cost> no_out{{"a", 2, 1, 0, 10, false, 1, 0}, {"b", 2, 1, 0, 10, false, 1, 0}};
+    CHECK(forward_seconds(no_out, unit_rates, 0, 1) == doctest::Approx(8));
+  }
+  SUBCASE("without paged layers the KV depth changes nothing") {
+    const std::vector<step_cost> s{{"a", 2, 1, 0, 10, false}, {"b", 1, 3, 0, 10, false}, {"c", 2, 1, 0, 10, false}};
+    for (const std::size_t k : {0, 1, 2}) {
+      CAPTURE(k);
+      CHECK(forward_seconds(s, unit_rates, k, 1) == forward_seconds(s, unit_rates, k, 2));
+      CHECK(forward_seconds(s, unit_rates, k, 5) == forward_seconds(s, unit_rates, k));
+    }
+  }
+}
+
 TEST_CASE("chunked plans: effective chunk, gathered term, per-chunk latency, auto searches sizes") {
   const stack st = liveavatar_stack(liveavatar_14b());
   // The widest row: ffn.2's 13824 in-features, bf16.

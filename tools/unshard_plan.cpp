@@ -23,16 +23,17 @@ constexpr const char* usage =
     "unshard-plan --model liveavatar-14b|CONFIG.json --world-size N --device-memory SIZE [--reserve SIZE] "
     "[--policy NAME|fsdp|auto] [--schedule steps|replicated] [--steps S] [--t5 device|host] [--resolution WxH] "
     "[--frames N] [--host-memory SIZE] [--device-profile NAME] [--link-profile NAME] [--profiles FILE] "
-    "[--timeline FILE.json] [--fp8] [--json] [--verbose]\n"
+    "[--timeline FILE.json] [--no-fp8] [--json] [--verbose]\n"
     "  --policy: terms joined by + (full|fsdp|selective[:subunit]|prefetch:K|offload|chunked:SIZE, fp8|fp8:tensor,\n"
     "  kv:device|kv:offload[:K]); fp8 plans 2-D GEMM weights at 1 byte per element plus f32 scales; kv:offload\n"
-    "  keeps the KV caches in pinned host memory and streams K+1 blocks' pages through the device\n"
-    "  --host-memory: pinned host memory per rank (offloaded shards, caches under kv:offload); a plan must fit it,\n"
-    "  and --policy auto then also searches kv:offload and kv:offload:2\n"
-    "  --policy auto searches the policies under both schedules (or the --schedule given) and lists the 10\n"
-    "  fastest that fit, then the best one rank by rank; --fp8: each also with fp8 weights (they run on the host\n"
-    "  backends today: --backend cuda has no fp8 GEMM yet and refuses them); --verbose prints every candidate in\n"
-    "  full; --json one document";
+    "  keeps the KV caches in pinned host memory and streams each block's pages through K+1 device slots\n"
+    "  --host-memory: caps the pinned host memory per rank (offloaded shards, caches under kv:offload); without\n"
+    "  it host memory is not capped, and every plan reports what it needs (host=, \"host_bytes\")\n"
+    "  --policy auto searches every weight policy, each also with fp8 weights and with the KV caches in host\n"
+    "  memory (kv:offload, kv:offload:2), under both schedules (or the --schedule given); it lists the 10 fastest\n"
+    "  that fit, then the best one rank by rank; --no-fp8 leaves fp8 weights out (--fp8, their inclusion, is\n"
+    "  the default); --verbose prints every candidate in full; --json one document\n"
+    "  time: each plan's seconds per block against the compute-bound seconds of the same forwards (x compute)";
 
 constexpr double gib = 1024.0 * 1024.0 * 1024.0;
 
@@ -45,7 +46,7 @@ struct settings {
   stack st;
   plan_request rq;
   std::size_t budget = 0;
-  std::size_t host_budget = 0;  // --host-memory; 0: not capped (and auto keeps the caches on the device)
+  std::size_t host_budget = 0;  // --host-memory; 0: not capped
   std::string policy;
   std::string profiles_source;
   std::optional<schedule_kind> schedule;  // --schedule, when given (auto searches both otherwise)
@@ -172,7 +173,8 @@ nlohmann::json to_json(const settings& s, const stack_plan& p) {
   for (std::size_t r = 0; r < s.rq.world_size; ++r) {
     const rank_ledger l = p.rank(r);
     ranks.push_back({{"rank", r}, {"peak_bytes", l.peak()}, {"terms", l.terms}, {"details", l.details},
-                     {"host_bytes", l.host_bytes}, {"forwards_per_tick", l.forwards}, {"cached_steps", l.cached_steps}});
+                     {"host_bytes", l.host_bytes}, {"forwards_per_tick", l.forwards}, {"cached_steps", l.cached_steps},
+                     {"compute_s", p.rank_compute_s(r)}});
   }
   const bool fits = liveavatar::fits(p, s.budget, s.host_budget);
   nlohmann::json j{{"model", s.st.model}, {"world_size", s.rq.world_size}, {"budget_bytes", s.budget},
@@ -180,7 +182,10 @@ nlohmann::json to_json(const settings& s, const stack_plan& p) {
                    {"ranks", ranks},      {"time_s", p.time_s},            {"device_profile", s.rq.device.name},
                    {"link_profile", s.rq.link.name}, {"profiles", s.profiles_source},
                    {"schedule", name_of(p.sched.kind)}, {"steps", p.sched.steps}, {"block_s", p.block_s},
-                   {"frames_per_s", p.frames_per_s}, {"t5", name_of(s.rq.t5)},
+                   {"compute_s", p.compute_s}, {"compute_ratio", p.compute_ratio()},
+                   {"transfers_s", {{"all_gather", p.transfers.all_gather_s}, {"shard_copy", p.transfers.shard_copy_s},
+                                    {"kv_in", p.transfers.kv_in_s}, {"kv_out", p.transfers.kv_out_s}}},
+                   {"host_bytes", p.host_peak()}, {"frames_per_s", p.frames_per_s}, {"t5", name_of(s.rq.t5)},
                    {"resolution", {{"requested", size_text(s.rq.work.width, s.rq.work.height)},
                                    {"rendered", size_text(p.work.width, p.work.height)},
                                    {"frames_per_block", p.work.frames_per_block}}},
@@ -192,22 +197,31 @@ nlohmann::json to_json(const settings& s, const stack_plan& p) {
   if (!fits) j["why_not"] = why_not(p, s.budget, s.host_budget);
   if (s.host_budget) j["host_budget_bytes"] = s.host_budget;
   if (p.kv_offload) j["kv_prefetch"] = p.kv_prefetch;
+  if (const std::string note = time_note(p); !note.empty()) j["time_note"] = note;
   return j;
 }
 
 void print_text(const settings& s, const stack_plan& p, std::FILE* out) {
+  char host_text[96];
+  if (s.host_budget)
+    std::snprintf(host_text, sizeof host_text, "pinned host %.2f GiB of %.2f GiB", p.host_peak() / gib, s.host_budget / gib);
+  else
+    std::snprintf(host_text, sizeof host_text, "pinned host %.2f GiB", p.host_peak() / gib);
   std::fprintf(out, "%s, world size %zu, schedule %s (%zu steps, %zu forward%s per tick on rank 0), policy %s, umT5 on %s: "
-               "peak %zu bytes (%.2f GiB) of %zu (%.2f GiB) -> %s; %.3f s per forward, %.3f s per block (%.2f frames/s) on %s over %s\n",
+               "peak %zu bytes (%.2f GiB) of %zu (%.2f GiB), %s -> %s; %.3f s per forward, %.3f s per block against "
+               "%.3f s compute-bound (%.2fx), %.2f frames/s, on %s over %s\n",
                s.st.model.c_str(), s.rq.world_size, name_of(p.sched.kind), p.sched.steps, p.forwards_per_tick,
                p.forwards_per_tick == 1 ? "" : "s", p.policy.c_str(), name_of(s.rq.t5), p.peak(), p.peak() / gib, s.budget,
-               s.budget / gib, liveavatar::fits(p, s.budget, s.host_budget) ? "fits" : "does not fit", p.time_s, p.block_s,
-               p.frames_per_s, s.rq.device.name.c_str(), s.rq.link.name.c_str());
+               s.budget / gib, host_text, liveavatar::fits(p, s.budget, s.host_budget) ? "fits" : "does not fit", p.time_s,
+               p.block_s, p.compute_s, p.compute_ratio(), p.frames_per_s, s.rq.device.name.c_str(), s.rq.link.name.c_str());
+  if (const std::string note = time_note(p); !note.empty())
+    std::fprintf(out, "%.2fx compute-bound, above the %.1fx goal: %s\n", p.compute_ratio(), compute_bound_goal, note.c_str());
   if (!liveavatar::fits(p, s.budget, s.host_budget))
     std::fprintf(out, "does not fit: %s\n", why_not(p, s.budget, s.host_budget).c_str());
   for (std::size_t r = 0; r < s.rq.world_size; ++r) {
     const rank_ledger l = p.rank(r);
-    std::fprintf(out, "rank %zu planned_peak_bytes=%zu planned_peak_gib=%.3f steps=%s forwards_per_tick=%zu", r, l.peak(),
-                 l.peak() / gib, steps_text(l.cached_steps).c_str(), l.forwards);
+    std::fprintf(out, "rank %zu planned_peak_bytes=%zu planned_peak_gib=%.3f steps=%s forwards_per_tick=%zu compute_s=%.3f", r,
+                 l.peak(), l.peak() / gib, steps_text(l.cached_steps).c_str(), l.forwards, p.rank_compute_s(r));
     for (const auto& [k, v] : l.details) std::fprintf(out, " %s=%.3fGiB", k.c_str(), v / gib);
     std::fprintf(out, " host=%.3fGiB\n", l.host_bytes / gib);
   }
@@ -222,11 +236,13 @@ void print_candidates(const settings& s, const std::vector<stack_plan>& fits, st
   constexpr std::size_t shown = 10;
   if (fits.empty()) return;
   std::fprintf(out, "%zu configurations fit, fastest first:\n", fits.size());
-  std::fprintf(out, "  %-56s %-10s %9s %5s %9s %9s\n", "policy", "schedule", "peak GiB", "fits", "s/block", "frames/s");
+  std::fprintf(out, "  %-56s %-10s %9s %9s %5s %9s %9s %9s\n", "policy", "schedule", "peak GiB", "host GiB", "fits", "s/block",
+               "x compute", "frames/s");
   for (std::size_t i = 0; i < fits.size() && i < shown; ++i) {
     const stack_plan& p = fits[i];
-    std::fprintf(out, "  %-56s %-10s %9.2f %5s %9.3f %9.2f\n", p.policy.c_str(), name_of(p.sched.kind), p.peak() / gib,
-                 liveavatar::fits(p, s.budget, s.host_budget) ? "yes" : "no", p.block_s, p.frames_per_s);
+    std::fprintf(out, "  %-56s %-10s %9.2f %9.2f %5s %9.3f %9.2f %9.2f\n", p.policy.c_str(), name_of(p.sched.kind), p.peak() / gib,
+                 p.host_peak() / gib, liveavatar::fits(p, s.budget, s.host_budget) ? "yes" : "no", p.block_s, p.compute_ratio(),
+                 p.frames_per_s);
   }
   if (fits.size() > shown) std::fprintf(out, "  ... and %zu more that fit (--verbose lists every one)\n", fits.size() - shown);
   std::fprintf(out, "the best one, rank by rank:\n");
@@ -248,7 +264,7 @@ void write_timeline(const settings& s, const stack_plan& p, const std::string& p
   std::ofstream out(path);
   if (!out) throw error("--timeline: cannot create '" + path + "'");
   // One tick: under `steps` each gather serves the forwards of every step the rank owns.
-  const timeline tl = simulate_forward(p.tick_steps(), time_rates::of(s.rq.device, s.rq.link), p.prefetch);
+  const timeline tl = p.tick_timeline(time_rates::of(s.rq.device, s.rq.link));
   std::vector<std::map<std::string, std::size_t>> constant;
   for (std::size_t r = 0; r < s.rq.world_size; ++r) {
     constant.push_back(p.rank(r).terms);
@@ -263,6 +279,7 @@ void write_timeline(const settings& s, const stack_plan& p, const std::string& p
 
 int run(const cli::options& o, const std::filesystem::path& dir) {
   const settings s = settings_from(o, dir);
+  if (o.has("--fp8") && o.has("--no-fp8")) throw cli::usage_error("--fp8 and --no-fp8 contradict each other; give one");
   const bool json = o.has("--json");
   std::FILE* text = json ? stderr : stdout;
   if (o.has("--timeline") && s.policy == "auto")
@@ -275,9 +292,10 @@ int run(const cli::options& o, const std::filesystem::path& dir) {
     if (json) std::printf("%s\n", to_json(s, p).dump(2).c_str());
     return 0;
   }
-  // Every policy under each schedule (only the one asked for, if any); fastest block first.
-  // fp8 only when asked: a plan the CUDA backend refuses (no fp8 GEMM yet) is not offered by default.
-  const auto found = plan_auto(s.st, s.rq, s.budget, schedules_to_search(s.schedule), o.has("--fp8"), s.host_budget);
+  // Every policy under each schedule (only the one asked for, if any), with and without fp8 weights
+  // (--no-fp8: without) and the KV caches on the device or in host memory; fastest block first.
+  const auto found = plan_auto(s.st, s.rq, s.budget, schedules_to_search(s.schedule),
+                               auto_options{!o.has("--no-fp8"), true, s.host_budget});
   print_workload(s, *found.closest, text);
   nlohmann::json all = nlohmann::json::array();
   for (const auto& p : found.fits) all.push_back(to_json(s, p));
@@ -304,7 +322,7 @@ int main(int argc, char** argv) {
                                   {"--model", "--world-size", "--device-memory", "--reserve", "--policy", "--resolution",
                                    "--frames", "--schedule", "--steps", "--t5", "--host-memory", "--device-profile", "--link-profile",
                                    "--profiles", "--timeline"},
-                                  {"--json", "--verbose", "--fp8"});
+                                  {"--json", "--verbose", "--fp8", "--no-fp8"});
     return run(o, exe_dir(argv[0]));
   });
 }

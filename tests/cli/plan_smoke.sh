@@ -12,6 +12,11 @@ json_ok() {  # json_ok PYTHON_CHECK -- args...: exit 0 and stdout one JSON docum
   if python3 -c "import json,sys; d=json.load(open('$tmp/out')); assert $check, d" 2>"$tmp/py"; then echo "ok   json: $*"
   else echo "FAIL (json check '$check'): $*"; tail -2 "$tmp/py"; fail=1; fi
 }
+text_ok() {  # text_ok TEXT -- args...: exit 0 and stdout contains TEXT
+  local text=$1; shift 2
+  if ! "$bin" "$@" >"$tmp/out" 2>"$tmp/err"; then echo "FAIL (exit non-zero): $*"; cat "$tmp/err"; fail=1; return; fi
+  if grep -qF -- "$text" "$tmp/out"; then echo "ok   text '$text': $*"; else echo "FAIL (no '$text' in stdout): $*"; fail=1; fi
+}
 P=(--model liveavatar-14b --world-size 5 --device-memory 24GiB)
 WAN=$(dirname "$0")/../data/wan_tiny_a.config.json
 json_ok "d['fits'] is False and d['world_size']==5 and len(d['ranks'])==5 and d['peak_bytes']==sum(d['ranks'][0]['terms'].values())" -- "${P[@]}" --policy fsdp
@@ -25,7 +30,24 @@ json_ok "d['schedule']=='replicated' and len({r['peak_bytes'] for r in d['ranks'
 json_ok "d['ranks'][0]['terms']['shards']<d['ranks'][0]['host_bytes'] and 'shards.text_encoder' not in d['ranks'][0]['details'] and d['t5']=='host'" -- "${P[@]}" --policy chunked:64MiB+prefetch:1 --t5 host
 json_ok "len(d['candidates'])>0 and all(c['fits'] for c in d['candidates']) and [c['block_s'] for c in d['candidates']]==sorted(c['block_s'] for c in d['candidates'])" -- "${P[@]}" --policy auto
 json_ok "len(d['candidates'])>0 and {c['schedule'] for c in d['candidates']}=={'replicated'}" -- --model liveavatar-14b --world-size 5 --device-memory 80GiB --policy auto --schedule replicated
-json_ok "d['candidates']==[] and 'the KV cache alone' in d['closest']['why_not']" -- --model liveavatar-14b --world-size 1 --device-memory 24GiB --policy auto
+# 1 x 24 GiB: the four steps' caches alone (40.69 GiB) are over the budget on the device ...
+json_ok "d['fits'] is False and 'the KV cache alone is 40.69 GiB' in d['why_not']" -- --model liveavatar-14b --world-size 1 --device-memory 24GiB --policy fsdp
+# ... so auto, which searches fp8 weights and the caches in host memory by default, finds plans that
+# stream both from host memory, each reporting the pinned host memory it needs, within 1.3x of compute.
+json_ok "len(d['candidates'])>0 and all('kv:offload' in c['policy'] and '+offload+' in c['policy'] and c['host_bytes']>40*2**30 for c in d['candidates']) and d['candidates'][0]['compute_ratio']<=1.3 and abs(d['candidates'][0]['compute_s']-4*1.42988)<0.01" -- --model liveavatar-14b --world-size 1 --device-memory 24GiB --policy auto
+json_ok "len(d['candidates'])>0 and d['candidates'][0]['compute_ratio']<=1.3 and abs(d['candidates'][0]['compute_s']-2*1.42988)<0.005 and all(r['compute_s']==d['candidates'][0]['compute_s'] for r in d['candidates'][0]['ranks'])" -- --model liveavatar-14b --world-size 2 --device-memory 24GiB --policy auto
+# --host-memory caps what a plan may pin: every candidate within it, or none and the closest says why.
+json_ok "len(d['candidates'])>0 and all(r['host_bytes']<=72*2**30 for c in d['candidates'] for r in c['ranks']) and d['candidates'][0]['host_budget_bytes']==72*2**30" -- --model liveavatar-14b --world-size 1 --device-memory 24GiB --policy auto --host-memory 72GiB
+json_ok "d['candidates']==[] and '--host-memory' in d['closest']['why_not']" -- --model liveavatar-14b --world-size 2 --device-memory 24GiB --policy auto --host-memory 16GiB
+json_ok "len(d['candidates'])>0 and not any('fp8' in c['policy'] for c in d['candidates'])" -- "${P[@]}" --policy auto --no-fp8
+json_ok "any('fp8' in c['policy'] for c in d['candidates']) and any('kv:offload' in c['policy'] for c in d['candidates'])" -- "${P[@]}" --policy auto --fp8
+# compute_s: the compute-bound seconds of the forwards block_s times; per rank, rank 4 (no step) computes nothing.
+json_ok "abs(d['compute_s']-1.42988)<0.001 and abs(d['compute_ratio']-d['block_s']/d['compute_s'])<1e-9 and d['ranks'][4]['compute_s']==0 and d['ranks'][0]['compute_s']==d['compute_s'] and 'transfer-bound' in d['time_note'] and d['transfers_s']['all_gather']>d['compute_s']" -- "${P[@]}" --policy fsdp
+json_ok "'time_note' not in d and d['compute_ratio']<=1.3 and d['transfers_s']['kv_in']==0" -- "${P[@]}" --policy full+fp8
+json_ok "d['kv_prefetch']==2 and d['transfers_s']['kv_in']>0 and d['transfers_s']['kv_out']>0 and d['host_bytes']==d['ranks'][0]['host_bytes']" -- "${P[@]}" --policy prefetch:1+kv:offload:2
+text_ok "s per block against 1.430 s compute-bound (1.55x)" -- "${P[@]}" --policy fsdp
+text_ok "1.55x compute-bound, above the 1.3x goal: transfer-bound" -- "${P[@]}" --policy fsdp
+text_ok "x compute" -- "${P[@]}" --policy auto
 json_ok "d['effective_chunk_bytes']>0" -- "${P[@]}" --policy chunked:64MiB+prefetch:1
 json_ok "d['fits'] is True" -- --model liveavatar-14b --world-size 5 --device-memory 80GiB --policy fsdp --resolution 704x384
 json_ok "d['resolution']['rendered']=='704x384'" -- "${P[@]}" --resolution 721x400
@@ -46,6 +68,7 @@ expect 2 "unknown umT5 placement 'gpu' (expected device or host)" -- "${P[@]}" -
 expect 2 "option --steps needs a non-negative integer, got 'four'" -- "${P[@]}" --steps four
 expect 2 "unknown term 'warp'" -- "${P[@]}" --policy warp
 expect 2 "unknown option '--bogus'" -- "${P[@]}" --bogus
+expect 2 "--fp8 and --no-fp8 contradict each other" -- "${P[@]}" --policy auto --fp8 --no-fp8
 expect 2 "missing required option --device-memory" -- --model liveavatar-14b --world-size 5
 expect 2 "invalid --device-memory '24XB'" -- --model liveavatar-14b --world-size 5 --device-memory 24XB
 exit $fail

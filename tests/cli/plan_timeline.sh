@@ -29,6 +29,17 @@ import json,sys; d=sys.argv[1]
 plan=json.load(open(d+"/out")); tl=json.load(open(d+"/tl.json"))["traceEvents"]
 end=max(e["ts"]+e["dur"] for e in tl if e["ph"]=="X" and e["pid"]==0)/1e6
 assert abs(end-plan["block_s"])<1e-6*plan["block_s"] and plan["block_s"]>plan["time_s"], (end, plan["block_s"])' -- --model liveavatar-14b --world-size 2 --device-memory 80GiB --policy chunked:64MiB+prefetch:1 --json --timeline "$tmp/tl.json"
+check "kv:offload: page copies and write-backs on the communication thread; the tick lasts block_s; within the plan" '
+import json,sys; d=sys.argv[1]
+plan=json.load(open(d+"/out")); tl=json.load(open(d+"/tl.json"))["traceEvents"]
+ins=[e for e in tl if e["ph"]=="X" and e["pid"]==0 and e["name"].startswith("kv in ")]
+outs=[e for e in tl if e["ph"]=="X" and e["pid"]==0 and e["name"].startswith("kv out ")]
+assert len(ins)==40 and len(outs)==40 and all(e["tid"]==1 for e in ins+outs), (len(ins), len(outs))
+end=max(e["ts"]+e["dur"] for e in tl if e["ph"]=="X" and e["pid"]==0)/1e6
+assert abs(end-plan["block_s"])<1e-6*plan["block_s"], (end, plan["block_s"])
+for r in plan["ranks"]:  # the device slots are the kv_cache term; sub-unit pieces never fill the whole ring
+  cs=[e["args"] for e in tl if e["ph"]=="C" and e["pid"]==r["rank"]]
+  assert max(sum(a.values()) for a in cs)<=r["peak_bytes"] and all(a["kv_cache"]==r["terms"]["kv_cache"] for a in cs), r["rank"]' -- --model liveavatar-14b --world-size 2 --device-memory 24GiB --policy selective:subunit+prefetch:2+fp8+kv:offload --json --timeline "$tmp/tl.json"
 check "chunked: effective chunk and (K+1) chunks gathered" '
 import json,sys; d=json.load(open(sys.argv[1]+"/out"))
 assert d["effective_chunk_bytes"]==64*2**20 and d["ranks"][0]["terms"]["gathered"]==3*64*2**20, d' -- "${P[@]}" --policy chunked:64MiB+prefetch:2 --json

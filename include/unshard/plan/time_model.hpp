@@ -1,11 +1,14 @@
 #pragma once
 // Time model of one forward: a list of steps (a unit, or a chunk of one), each with the FLOPs it
 // computes and the bytes that must arrive before it can. The model replays the runtime's schedule
-// (rank_runtime::forward): one communication stream runs gathers in order, each paying the link's
-// per-collective latency plus bytes / bus bandwidth (and host-to-device copies under offload); a
-// gather is issued when compute reaches the step K gathers before it (prefetch:K), so at most K+1
-// gathered buffers are live; compute runs a step once its gather has landed. The result is a
-// timeline (what the planner writes as a Chrome trace) and its end, the forward time.
+// (rank_runtime::forward): one in-order communication stream runs gathers in order, each paying the
+// link's per-collective latency plus bytes / bus bandwidth (and host-to-device copies under
+// offload); a gather is issued when compute reaches the step K gathers before it (prefetch:K), so
+// at most K+1 gathered buffers are live; compute runs a step once its gather has landed. Under
+// kv:offload (runtime/paged_buffers.hpp) the same stream also carries the KV pages: a paged layer's
+// pages are copied in K_kv paged layers ahead of it (kv:offload:K_kv, independent of the weights'
+// K), and the rows the layer wrote go back once its compute is done. The result is a timeline
+// (what the planner writes as a Chrome trace) and its end, the forward time.
 #include <algorithm>
 #include <cstddef>
 #include <map>
@@ -39,6 +42,10 @@ struct step_cost {
   double h2d_bytes = 0;         // own shard copied from host first (offload)
   std::size_t buffer_bytes = 0; // gathered bytes held from the gather's start to the step's end
   bool kept = false;            // the buffer stays live to the end of the forward (fsdp's root, full)
+  // kv:offload: a paged layer's pages copied host -> device before the layer's first step (> 0
+  // marks that step), and the rows the layer wrote copied back after its last step's compute.
+  double kv_in_bytes = 0;
+  double kv_out_bytes = 0;
   bool gathers() const noexcept { return gather_bytes > 0 || h2d_bytes > 0 || buffer_bytes > 0; }
 };
 
@@ -69,38 +76,108 @@ inline double transfer_seconds(const step_cost& s, const time_rates& r) {
   return t;
 }
 
-// Replays the schedule. prefetch = K: gather j is issued when compute reaches the step that owns
-// gather j-K (at the start for j <= K); K = 0 gathers each step after the previous one computed.
-inline timeline simulate_forward(const std::vector<step_cost>& steps, const time_rates& r, std::size_t prefetch) {
+// One copy between host and device memory (KV pages in, rows back): the same pinned copy rate.
+inline double copy_seconds(double bytes, const time_rates& r) {
+  if (bytes <= 0) return 0;
+  if (r.h2d_bytes_s <= 0) throw_error("time model: KV pages are copied, but the device's host-to-device rate is not positive");
+  return r.h2d_latency_s + bytes / r.h2d_bytes_s;
+}
+
+// The busy time of the communication stream over a list of steps, by kind.
+struct stream_load {
+  double all_gather_s = 0;    // link latency + received bytes / bus bandwidth
+  double shard_copy_s = 0;    // offload: each rank's own shard, host -> device
+  double kv_in_s = 0;         // kv:offload: pages in
+  double kv_out_s = 0;        // kv:offload: written rows back
+  double transfers_s() const noexcept { return all_gather_s + shard_copy_s + kv_in_s + kv_out_s; }
+  stream_load& operator*=(double f) noexcept {
+    all_gather_s *= f;
+    shard_copy_s *= f;
+    kv_in_s *= f;
+    kv_out_s *= f;
+    return *this;
+  }
+};
+
+inline stream_load stream_load_of(const std::vector<step_cost>& steps, const time_rates& r) {
+  stream_load l;
+  for (const step_cost& s : steps) {
+    if (s.h2d_bytes > 0) l.shard_copy_s += r.h2d_latency_s + s.h2d_bytes / r.h2d_bytes_s;
+    if (s.gather_bytes > 0 || s.buffer_bytes > 0) l.all_gather_s += r.link_latency_s + s.gather_bytes / r.link_bytes_s;
+    l.kv_in_s += copy_seconds(s.kv_in_bytes, r);
+    l.kv_out_s += copy_seconds(s.kv_out_bytes, r);
+  }
+  return l;
+}
+
+// Compute-bound time of a list of steps: their FLOPs at the sustained rate, nothing waited for.
+inline double compute_seconds(const std::vector<step_cost>& steps, const time_rates& r) {
+  if (r.flops <= 0) throw_error("time model: the device's FLOP rate must be positive");
+  double f = 0;
+  for (const step_cost& s : steps) f += s.flops;
+  return f / r.flops;
+}
+
+// Replays the schedule, in the order the runtime's host loop enqueues work for each step i:
+//  1. weight gathers: prefetch = K, gather j is issued when compute reaches the step that owns gather
+//     j-K (at the start for j <= K); K = 0 gathers each step after the previous one computed;
+//  2. if step i starts paged layer k (kv_in_bytes > 0), the pages of paged layers up to k + kv_prefetch
+//     not yet copied (a page's K_kv+1 device slots are free by then: the layer K_kv+1 before it is done);
+//  3. compute, once the step's gather and, for a paged layer's first step, its pages have landed;
+//  4. if step i ends a paged layer (kv_out_bytes > 0), the write-back, after the step's compute.
+// Everything on the communication stream runs in the order it was issued, one thing at a time, and
+// starts no earlier than the compute loop reached the point that issued it. The forward ends when
+// compute has and the stream is idle (the runtime waits for the last write-back at the end of a tick).
+// Without paged layers this is exactly the gathers-and-compute schedule, whatever kv_prefetch.
+inline timeline simulate_forward(const std::vector<step_cost>& steps, const time_rates& r, std::size_t prefetch,
+                                 std::size_t kv_prefetch = 1) {
   if (r.flops <= 0) throw_error("time model: the device's FLOP rate must be positive");
   timeline tl;
-  std::vector<std::size_t> gather_steps;  // step index of each gather, in order
-  for (std::size_t i = 0; i < steps.size(); ++i)
+  std::vector<std::size_t> gather_steps, kv_steps;  // step index of each gather, of each paged layer's start
+  for (std::size_t i = 0; i < steps.size(); ++i) {
     if (steps[i].gathers()) gather_steps.push_back(i);
+    if (steps[i].kv_in_bytes > 0) kv_steps.push_back(i);
+  }
   std::vector<double> compute_start(steps.size(), 0), compute_end(steps.size(), 0), gather_end(steps.size(), 0);
-  std::vector<double> gather_begin(steps.size(), 0);
-  // Compute runs in order; gathers are issued lazily as compute advances, so process both in one
-  // sweep: before computing step i, issue every gather whose turn has come.
+  std::vector<double> gather_begin(steps.size(), 0), kv_ready(steps.size(), 0);
+  // Compute runs in order; transfers are issued lazily as compute advances, so process both in one
+  // sweep: before computing step i, issue every transfer whose turn has come.
   double comm_free = 0, compute_free = 0;
   std::size_t issued = 0, done_gathers = 0;  // gathers issued; gathers owned by steps before i
+  std::size_t kv_issued = 0, kv_layer = 0;   // pages issued; paged layers started before step i
+  const auto on_stream = [&](double earliest, double seconds, const std::string& name, double bytes) {
+    const double start = std::max(comm_free, earliest);
+    comm_free = start + seconds;
+    tl.spans.push_back({name, timeline_lane::comm, start, comm_free, bytes});
+    return comm_free;
+  };
   for (std::size_t i = 0; i < steps.size(); ++i) {
     while (done_gathers < gather_steps.size() && gather_steps[done_gathers] < i) ++done_gathers;
     while (issued < gather_steps.size() && issued <= done_gathers + prefetch) {
       const std::size_t g = gather_steps[issued++];
-      const double start = std::max(comm_free, compute_free);  // issued by the compute loop, now
-      gather_begin[g] = start;
-      gather_end[g] = start + transfer_seconds(steps[g], r);
-      comm_free = gather_end[g];
-      tl.spans.push_back({"gather " + steps[g].name, timeline_lane::comm, start, gather_end[g],
-                          steps[g].gather_bytes + steps[g].h2d_bytes});
+      gather_begin[g] = std::max(comm_free, compute_free);  // issued by the compute loop, now
+      gather_end[g] = on_stream(compute_free, transfer_seconds(steps[g], r), "gather " + steps[g].name,
+                                steps[g].gather_bytes + steps[g].h2d_bytes);
     }
-    const double ready = steps[i].gathers() ? gather_end[i] : 0;
+    const bool pages = steps[i].kv_in_bytes > 0;
+    if (pages) {
+      while (kv_issued < kv_steps.size() && kv_issued <= kv_layer + kv_prefetch) {
+        const std::size_t k = kv_steps[kv_issued++];
+        kv_ready[k] = on_stream(compute_free, copy_seconds(steps[k].kv_in_bytes, r), "kv in " + steps[k].name,
+                                steps[k].kv_in_bytes);
+      }
+      ++kv_layer;
+    }
+    double ready = steps[i].gathers() ? gather_end[i] : 0;
+    if (pages) ready = std::max(ready, kv_ready[i]);
     compute_start[i] = std::max(compute_free, ready);
     compute_end[i] = compute_start[i] + steps[i].flops / r.flops;
     compute_free = compute_end[i];
     tl.spans.push_back({"compute " + steps[i].name, timeline_lane::compute, compute_start[i], compute_end[i], steps[i].flops});
+    if (steps[i].kv_out_bytes > 0)
+      on_stream(compute_free, copy_seconds(steps[i].kv_out_bytes, r), "kv out " + steps[i].name, steps[i].kv_out_bytes);
   }
-  tl.total_s = compute_free;
+  tl.total_s = std::max(compute_free, comm_free);
   // Live gathered bytes: a buffer is taken when its gather starts and released when its step's
   // compute ends (kept buffers: at the end of the forward).
   std::vector<std::pair<double, long long>> deltas;
@@ -125,8 +202,9 @@ inline timeline simulate_forward(const std::vector<step_cost>& steps, const time
   return tl;
 }
 
-inline double forward_seconds(const std::vector<step_cost>& steps, const time_rates& r, std::size_t prefetch) {
-  return simulate_forward(steps, r, prefetch).total_s;
+inline double forward_seconds(const std::vector<step_cost>& steps, const time_rates& r, std::size_t prefetch,
+                              std::size_t kv_prefetch = 1) {
+  return simulate_forward(steps, r, prefetch, kv_prefetch).total_s;
 }
 
 // The timeline as Chrome trace JSON (Perfetto, chrome://tracing), laid out as the runtime's own

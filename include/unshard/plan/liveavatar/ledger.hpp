@@ -73,6 +73,12 @@ struct stack_plan {
   double time_s = 0;                // one DiT forward (one step of one streamed block)
   double block_s = 0;               // steady state: one denoised block, all its steps
   double frames_per_s = 0;          // video frames per second at block_s
+  // The compute-bound time of the work block_s times (rank 0's forwards of a block: its FLOPs at the
+  // sustained rate, nothing waited for), one forward's share, and what the communication stream
+  // carries in the same time, by kind (docs/planner.md, "Time model").
+  double compute_s = 0;
+  double forward_compute_s = 0;
+  stream_load transfers;
   std::vector<step_cost> steps;     // one forward, as the time model replays it (and --timeline draws)
   std::size_t prefetch = 0;         // gathers in flight ahead of compute
   std::size_t forwards_per_tick = 1;  // rank 0's: forwards one pass of gathers serves
@@ -87,8 +93,8 @@ struct stack_plan {
   bool kv_offload = false;
   std::size_t kv_prefetch = 1;
   std::size_t cache_pages = 1;                             // the blocks: pages of each cache
-  double kv_forward_bytes = 0;                             // per block and forward: its noisy page in, its rows back
-  std::vector<std::size_t> kv_steps;                       // the steps (of `steps`) that carry a block's page copies
+  // Per block: each forward's noisy page in and the rows it wrote back; the cond page once a tick.
+  double kv_noisy_in_bytes = 0, kv_rows_out_bytes = 0, kv_cond_in_bytes = 0;
 
   std::size_t peak() const {
     std::size_t t = 0;
@@ -124,13 +130,28 @@ struct stack_plan {
   // the rank runs in the tick (one under `replicated`).
   std::vector<step_cost> tick_steps() const {
     std::vector<step_cost> tick = steps;
-    for (auto& s : tick) s.flops *= static_cast<double>(forwards_per_tick);
-    // kv:offload: each forward's noisy pages in and rows back; the cond pages once per tick.
-    for (const std::size_t i : kv_steps) tick[i].h2d_bytes += static_cast<double>(forwards_per_tick - 1) * kv_forward_bytes;
+    const double more = static_cast<double>(forwards_per_tick - 1);
+    for (auto& s : tick) {
+      s.flops *= static_cast<double>(forwards_per_tick);
+      // kv:offload: each forward's noisy page in and rows back; the cond page once per tick.
+      if (s.kv_in_bytes > 0) s.kv_in_bytes += more * kv_noisy_in_bytes;
+      if (s.kv_out_bytes > 0) s.kv_out_bytes += more * kv_rows_out_bytes;
+    }
     return tick;
   }
+  // The predicted tick (under `replicated`, one forward), as --timeline draws it.
+  timeline tick_timeline(const time_rates& r) const { return simulate_forward(tick_steps(), r, prefetch, kv_prefetch); }
   // The busiest rank's pinned host memory (rank 0 holds the most caches).
   std::size_t host_peak() const { return rank(0).host_bytes; }
+  // Rank r's compute-bound seconds per block: one forward's FLOPs for every step it runs in a block
+  // (its own steps under `steps`, all S under `replicated`). Rank 0's is compute_s.
+  double rank_compute_s(std::size_t r) const {
+    std::size_t forwards = 0;
+    for (const auto& lane : sched.lanes(r, world_size)) forwards += lane.size();
+    return static_cast<double>(forwards) * forward_compute_s;
+  }
+  // block_s over compute_s: 1 when every transfer hides under compute.
+  double compute_ratio() const { return compute_s > 0 ? block_s / compute_s : 0; }
 };
 
 struct plan_request {
@@ -267,6 +288,9 @@ inline double unit_flops(const stack& st, const dit_unit& u, const cache_sizes& 
   return f;
 }
 
+// forward_steps' mark for a step that belongs to no unit of st.units (fsdp's root gather).
+inline constexpr std::size_t no_unit = static_cast<std::size_t>(-1);
+
 // The steps of one forward under a policy, in order (see time_model.hpp). Every rank receives
 // (N-1)/N of each gathered unit; under offload it first copies its own 1/N from host memory.
 //  * fsdp: the root unit (everything outside `blocks`) is one gather before the first block and
@@ -275,20 +299,26 @@ inline double unit_flops(const stack& st, const dit_unit& u, const cache_sizes& 
 //  * selective:subunit: a unit's gathers are ceil(unit / largest sub-unit) equal pieces.
 //  * chunked: ceil(unit / effective chunk) equal chunks, each one collective (paying the link's
 //    latency) and one buffer of the effective chunk; compute splits in proportion.
+// `unit_of_step`, if given, receives the index in st.units of each step's unit (no_unit: fsdp's root).
 inline std::vector<step_cost> forward_steps(const stack& st, const parsed_policy& pol, const plan_request& rq,
-                                            const cache_sizes& caches, std::size_t chunk) {
+                                            const cache_sizes& caches, std::size_t chunk,
+                                            std::vector<std::size_t>* unit_of_step = nullptr) {
   const policy_values& v = pol.values;
   const double n = static_cast<double>(rq.world_size), remote = (n - 1) / n;
   std::vector<step_cost> steps;
+  std::vector<std::size_t> owners;
   if (pol.fsdp) {
     const std::size_t root = dit_bytes(st, v.fp8, /*root_only=*/true);
     steps.push_back({"root", 0, static_cast<double>(root) * remote, 0, root, true});
+    owners.push_back(no_unit);
   }
-  for (const auto& u : st.units) {
+  for (std::size_t ui = 0; ui < st.units.size(); ++ui) {
+    const dit_unit& u = st.units[ui];
     const double flops = unit_flops(st, u, caches);
     const std::size_t bytes = unit_bytes(u, v.fp8);
     if (v.full || (pol.fsdp && u.root) || bytes == 0) {
       steps.push_back({u.name, flops, 0, 0, 0, false});
+      owners.push_back(ui);
       continue;
     }
     std::size_t pieces = 1, piece_buffer = bytes;
@@ -301,38 +331,53 @@ inline std::vector<step_cost> forward_steps(const stack& st, const parsed_policy
       piece_buffer = (bytes + pieces - 1) / pieces;
     }
     const double piece = static_cast<double>(bytes) / static_cast<double>(pieces);
-    for (std::size_t i = 0; i < pieces; ++i)
+    for (std::size_t i = 0; i < pieces; ++i) {
       steps.push_back({pieces == 1 ? u.name : u.name + "#" + std::to_string(i), flops / static_cast<double>(pieces),
                        piece * remote, v.offload ? piece / n : 0, piece_buffer, false});
+      owners.push_back(ui);
+    }
   }
+  if (unit_of_step) *unit_of_step = std::move(owners);
   return steps;
 }
 
-// kv:offload on the copy stream (the runtime's, shared with offloaded shards): before each block, in
-// the steady state, its page of the whole noisy cache of each step run (the ring has wrapped, so it
-// attends every slot) and of the cond cache (once per tick); after it, the L rows it wrote go back.
-// On the first step of each block (its first piece); tick_steps adds the tick's further forwards.
-inline void add_kv_copies(const stack& st, stack_plan& p, const cache_sizes& c) {
-  const double noisy_page = static_cast<double>(p.noisy_cache_bytes / p.cache_pages);
-  const double cond_page = static_cast<double>(p.cond_cache_bytes / p.cache_pages);
-  p.kv_forward_bytes = noisy_page + noisy_page * static_cast<double>(c.streamed_tokens) / static_cast<double>(c.noisy_slots);
-  for (const auto& u : st.units) {
-    if (!u.block) continue;
-    for (std::size_t i = 0; i < p.steps.size(); ++i)
-      if (p.steps[i].name == u.name || p.steps[i].name == u.name + "#0") {
-        p.steps[i].h2d_bytes += p.kv_forward_bytes + cond_page;
-        p.kv_steps.push_back(i);
-        break;
-      }
+// kv:offload on the copy stream (runtime/paged_buffers.hpp: the stream the gathers and offloaded
+// shards use): in the steady state each block reads its page of the whole noisy cache of the step a
+// forward runs (the ring has wrapped, so it attends every slot) and of the cond cache (once per
+// tick), copied in before the block's first step (its first piece, or its first chunk), and after
+// its last step (last piece or chunk) the L rows the forward wrote go back. These are one forward's;
+// tick_steps adds the tick's further forwards. The time model issues them kv_prefetch blocks ahead.
+inline void add_kv_copies(const stack& st, stack_plan& p, const cache_sizes& c, const std::vector<std::size_t>& unit_of_step) {
+  p.kv_noisy_in_bytes = static_cast<double>(p.noisy_cache_bytes / p.cache_pages);
+  p.kv_cond_in_bytes = static_cast<double>(p.cond_cache_bytes / p.cache_pages);
+  p.kv_rows_out_bytes = p.kv_noisy_in_bytes * static_cast<double>(c.streamed_tokens) / static_cast<double>(c.noisy_slots);
+  for (std::size_t i = 0; i < p.steps.size(); ++i) {
+    const std::size_t u = unit_of_step[i];
+    if (u == no_unit || !st.units[u].block) continue;
+    if (i == 0 || unit_of_step[i - 1] != u) p.steps[i].kv_in_bytes = p.kv_noisy_in_bytes + p.kv_cond_in_bytes;
+    if (i + 1 == p.steps.size() || unit_of_step[i + 1] != u) p.steps[i].kv_out_bytes = p.kv_rows_out_bytes;
   }
 }
 
-// Steady-state time of one denoised block. `replicated`: every rank runs the S forwards one after
-// another, each gathering every unit again. `steps`: a block leaves the pipeline every tick, and a
-// tick is one pass of gathers serving ceil(S/W) forwards on the busiest rank (all ranks in lockstep).
-inline double block_seconds(const stack_plan& p, const time_rates& r) {
-  if (p.sched.kind == schedule_kind::replicated) return static_cast<double>(p.sched.steps) * p.time_s;
-  return forward_seconds(p.tick_steps(), r, p.prefetch);
+// Steady-state time of one denoised block, its compute-bound time and the stream's load in it.
+// `replicated`: every rank runs the S forwards one after another, each gathering every unit again.
+// `steps`: a block leaves the pipeline every tick, and a tick is one pass of gathers serving
+// ceil(S/W) forwards on the busiest rank (all ranks in lockstep).
+inline void time_block(stack_plan& p, const time_rates& r) {
+  p.time_s = forward_seconds(p.steps, r, p.prefetch, p.kv_prefetch);
+  p.forward_compute_s = compute_seconds(p.steps, r);
+  if (p.sched.kind == schedule_kind::replicated) {
+    const double s = static_cast<double>(p.sched.steps);
+    p.block_s = s * p.time_s;
+    p.compute_s = s * p.forward_compute_s;
+    p.transfers = stream_load_of(p.steps, r);
+    p.transfers *= s;
+  } else {
+    const std::vector<step_cost> tick = p.tick_steps();
+    p.block_s = forward_seconds(tick, r, p.prefetch, p.kv_prefetch);
+    p.compute_s = compute_seconds(tick, r);
+    p.transfers = stream_load_of(tick, r);
+  }
 }
 }  // namespace detail
 
@@ -366,13 +411,12 @@ inline stack_plan plan_stack(const stack& st, const parsed_policy& pol, const pl
   p.forwards_per_tick = std::max<std::size_t>(busiest.forwards, 1);
 
   // Time of one DiT forward (one denoising step of one streamed block), then of a block.
-  p.steps = detail::forward_steps(st, pol, rq, caches, p.effective_chunk);
-  if (p.kv_offload) detail::add_kv_copies(st, p, caches);
+  std::vector<std::size_t> unit_of_step;
+  p.steps = detail::forward_steps(st, pol, rq, caches, p.effective_chunk, &unit_of_step);
+  if (p.kv_offload) detail::add_kv_copies(st, p, caches, unit_of_step);
   p.prefetch = pol.fsdp ? 1 : pol.values.prefetch_depth;
   for (const auto& c : p.steps) p.chunks += pol.chunk_bytes && c.gather_bytes + c.h2d_bytes > 0 ? 1 : 0;
-  const time_rates rates = time_rates::of(rq.device, rq.link);
-  p.time_s = forward_seconds(p.steps, rates, p.prefetch);
-  p.block_s = detail::block_seconds(p, rates);
+  detail::time_block(p, time_rates::of(rq.device, rq.link));
   p.frames_per_s = static_cast<double>(video_frames_per_latent_frame * static_cast<std::size_t>(p.work.frames_per_block)) / p.block_s;
   return p;
 }
@@ -380,7 +424,8 @@ inline stack_plan plan_stack(const stack& st, const parsed_policy& pol, const pl
 // --policy auto: the policies searched, in the grammar's spelling: every granularity with and
 // without prefetch and offload, and chunk sizes from 16 MiB to 1 GiB; with `with_fp8`, each of them
 // also with fp8 weights (per channel: the default scaling, whose scales cost a few MiB more than
-// per tensor). fp8 changes the numbers a forward computes, so a caller opts in (unshard-plan does).
+// per tensor). fp8 changes the numbers a forward computes, so a caller opts in (unshard-plan's auto
+// does unless --no-fp8).
 inline std::vector<std::string> auto_candidates(bool with_fp8 = false) {
   std::vector<std::string> out{"full", "fsdp"};
   std::vector<std::string> grains{"selective:block", "selective:subunit"};

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdio>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <utility>
@@ -31,24 +32,37 @@ inline bool fits(const stack_plan& p, std::size_t budget, std::size_t host_budge
   return p.peak() <= budget && (host_budget == 0 || p.host_peak() <= host_budget);
 }
 
-// The KV placements searched: the caches on the device, or, with a host budget to hold them, also in
-// host memory with one or two blocks' pages prefetched (not with chunked, which kv:offload does not
-// support yet).
-inline std::vector<std::string> kv_candidates(const std::string& policy, std::size_t host_budget) {
+// The KV placements searched: the caches on the device and, with `placement`, also in host memory
+// with one or two blocks' pages prefetched, wherever the runtime runs kv:offload with the weight
+// policy: plan/ledger.hpp's require_kv_placement_supported decides (it refused chunked:SIZE until
+// the runtime streamed pages under chunked unshard), so the search follows what the runtime can run.
+inline std::vector<std::string> kv_candidates(const std::string& policy, bool placement) {
   std::vector<std::string> out{policy};
-  if (host_budget && !policy.starts_with("chunked:"))
-    for (const char* kv : {"+kv:offload", "+kv:offload:2"}) out.push_back(policy + kv);
+  if (!placement) return out;
+  for (const char* kv : {"+kv:offload", "+kv:offload:2"}) {
+    const std::string candidate = policy + kv;
+    try {
+      require_kv_placement_supported(parse_policy(candidate).values);
+    } catch (const error&) {
+      continue;
+    }
+    out.push_back(candidate);
+  }
   return out;
 }
 
-// Plans every candidate policy under each schedule (rq's step count); keeps those within budget. A
-// schedule that cannot run this world size and step count is refused if it is the only one asked
-// for, and skipped otherwise. `with_fp8`: the candidates with fp8 weights too (auto_candidates).
-// `host_budget` > 0: pinned host memory per rank is capped there, and the KV caches may be placed in
-// it (kv_candidates).
+// What `--policy auto` searches besides every weight policy (auto_candidates) under each schedule.
+struct auto_options {
+  bool fp8 = true;               // each candidate also with fp8 weights
+  bool kv_placement = true;      // each also with the KV caches in host memory (kv_candidates)
+  std::size_t host_budget = 0;   // pinned host memory per rank; 0: not capped (a plan reports what it needs)
+};
+
+// Plans every candidate policy under each schedule (rq's step count); keeps those within budget (and
+// within opt.host_budget, if any). A schedule that cannot run this world size and step count is
+// refused if it is the only one asked for, and skipped otherwise.
 inline auto_result plan_auto(const stack& st, const plan_request& rq, std::size_t budget,
-                             const std::vector<schedule_kind>& schedules, bool with_fp8 = false,
-                             std::size_t host_budget = 0) {
+                             const std::vector<schedule_kind>& schedules, const auto_options& opt) {
   auto_result out;
   for (const schedule_kind kind : schedules) {
     plan_request r = rq;
@@ -60,17 +74,25 @@ inline auto_result plan_auto(const stack& st, const plan_request& rq, std::size_
         continue;
       }
     }
-    for (const auto& weights : auto_candidates(with_fp8))
-      for (const auto& candidate : kv_candidates(weights, host_budget)) {
+    for (const auto& weights : auto_candidates(opt.fp8))
+      for (const auto& candidate : kv_candidates(weights, opt.kv_placement)) {
         stack_plan p = plan_stack(st, parse_policy(candidate), r);
         if (!out.closest || p.peak() < out.closest->peak()) out.closest = p;
-        if (fits(p, budget, host_budget)) out.fits.push_back(std::move(p));
+        if (fits(p, budget, opt.host_budget)) out.fits.push_back(std::move(p));
       }
   }
   std::stable_sort(out.fits.begin(), out.fits.end(), [](const stack_plan& a, const stack_plan& b) {
     return a.block_s < b.block_s || (a.block_s == b.block_s && a.peak() < b.peak());
   });
   return out;
+}
+
+// The earlier form: fp8 only `with_fp8`, and the KV caches placed in host memory only when a host
+// budget (> 0) caps it.
+inline auto_result plan_auto(const stack& st, const plan_request& rq, std::size_t budget,
+                             const std::vector<schedule_kind>& schedules, bool with_fp8 = false,
+                             std::size_t host_budget = 0) {
+  return plan_auto(st, rq, budget, schedules, auto_options{with_fp8, host_budget > 0, host_budget});
 }
 
 namespace detail {
@@ -80,6 +102,27 @@ inline std::string gib_text(std::size_t bytes) {
   return buf;
 }
 }  // namespace detail
+
+// The goal a plan's block time is held to: within 1.3x of the compute-bound time of the same work.
+inline constexpr double compute_bound_goal = 1.3;
+
+// Why a block takes longer than compute_bound_goal x its compute-bound time, naming what dominates;
+// "" when it does not.
+inline std::string time_note(const stack_plan& p) {
+  if (p.compute_ratio() <= compute_bound_goal) return "";
+  const stream_load& t = p.transfers;
+  const std::pair<double, const char*> terms[] = {{t.all_gather_s, "all-gathers"}, {t.shard_copy_s, "offloaded shards in"},
+                                                  {t.kv_in_s, "KV pages in"}, {t.kv_out_s, "KV rows back"}};
+  const auto largest = *std::max_element(std::begin(terms), std::end(terms),
+                                         [](const auto& x, const auto& y) { return x.first < y.first; });
+  char buf[512];
+  const char* what = p.prefetch == 0 && t.all_gather_s + t.shard_copy_s > 0
+                         ? "compute and transfers take turns, without prefetch"
+                         : t.transfers_s() >= p.compute_s ? "transfer-bound" : "compute waits for transfers that come in bursts";
+  std::snprintf(buf, sizeof buf, "%s (the copy stream carries %.3f s a block against %.3f s of compute; the most, %.3f s, %s)",
+                what, t.transfers_s(), p.compute_s, largest.first, largest.second);
+  return buf;
+}
 
 // Why a plan does not fit: the excess, a term that alone is over the budget (then no policy can
 // help with it), and the busiest rank's terms, largest first.
