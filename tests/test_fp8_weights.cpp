@@ -22,12 +22,14 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "unshard/io/checkpoint.hpp"
 #include "unshard/io/json_config.hpp"
 #include "unshard/io/safetensors_writer.hpp"
+#include "unshard/kernels/host/gemm.hpp"
 #include "unshard/models/liveavatar/denoiser.hpp"
 #include "unshard/models/liveavatar/loop_inputs.hpp"
 #include "unshard/models/liveavatar/params.hpp"
@@ -724,4 +726,83 @@ TEST_CASE("the Wan stack planner's fp8 formulas agree with the unit layouts of a
   CHECK(st.widest_row_fp8_bytes == widest);
   const auto d = static_cast<count>(c.config.dim);
   CHECK(st.largest_subunit_fp8_bytes == 2 * st.largest_subunit - 6 * d * d);  // the time projection: d x 6d at 1 byte
+}
+
+// The per-tensor activation quantization of the CUDA backend's --fp8-activations tensor (the official
+// fp8_linear.py path), on the host: the reference the GPU test compares the device against, so its
+// codes, scale and GEMM are checked here from first principles.
+TEST_CASE("fp8 activations per tensor: codes and scale from amax / 448; the fp8 x fp8 linear; chunks equal the whole") {
+  std::mt19937 gen(1515);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  const std::size_t m = 7, k = 48, n = 19;
+  std::vector<float> x(m * k), w(n * k), b(n);
+  for (float& v : x) v = dist(gen);
+  for (float& v : w) v = 0.1f * dist(gen);
+  for (float& v : b) v = dist(gen);
+  x[13] = -9.5f;  // the amax, negative: its code is -448
+
+  // Codes and scale.
+  std::vector<f8e4m3> xc(m * k);
+  const float sx = quantize_activations_per_tensor(x.data(), x.size(), xc.data());
+  CHECK(sx == 9.5f / 448.0f);
+  CHECK(xc[13].bits == 0xfe);  // -448
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float v = xc[i].to_float() * sx, q = x[i] / sx;
+    CHECK(xc[i].bits == float_to_e4m3(q).bits);  // |q| <= 448: never clamped here
+    // Round to nearest: within half a step of e4m3 (2^-4 relative for normals, 2^-10 sx below 2^-6 sx).
+    CHECK(std::abs(v - x[i]) <= std::max(std::abs(x[i]) / 16.0f, sx / 1024.0f) * 1.0001f);
+  }
+  // All zeros: scale 1, zero codes; a value that would round past 448 is clamped to it.
+  std::vector<float> zeros(5, 0.0f);
+  std::vector<f8e4m3> zc(5);
+  CHECK(quantize_activations_per_tensor(zeros.data(), 5, zc.data()) == 1.0f);
+  for (const f8e4m3 c : zc) CHECK((c.bits & 0x7f) == 0);
+  CHECK(fp8_activation_code(std::nextafter(448.0f, 1000.0f) * 2.0f, 2.0f) == 0x7e);
+
+  for (const fp8_scaling scaling : {fp8_scaling::per_channel, fp8_scaling::per_tensor}) {
+    CAPTURE(quant::name_of(scaling));
+    quant::fp8_weight q = quant::quantize("w", std::span<const float>(w), shape{std::int64_t(n), std::int64_t(k)}, scaling);
+    const tensor_view wv =
+        tensor_view(q.codes.data(), dtype::f8e4m3, shape{std::int64_t(n), std::int64_t(k)}).with_scales(q.scales.data(), q.scales.size());
+    const tensor_view bv(b.data(), dtype::f32, shape{std::int64_t(n)});
+    std::vector<float> y(m * n);
+    linear_rows_fp8_activations(x.data(), m, k, wv, bv, 0, y.data(), n);
+    // Against the definition in double: exact products of the values, sums within k 2^-24 of Σ.
+    double worst = 0.0, worst_vs_f32 = 0.0, ymax = 0.0;
+    for (std::size_t i = 0; i < m; ++i)
+      for (std::size_t j = 0; j < n; ++j) {
+        double sum = 0.0, abs_sum = 0.0, exact = b[j];
+        for (std::size_t l = 0; l < k; ++l) {
+          const double p = double(xc[i * k + l].to_float()) * q.codes[j * k + l].to_float();
+          sum += p;
+          abs_sum += std::abs(p);
+          exact += double(x[i * k + l]) * w[j * k + l];
+        }
+        const double s = double(sx) * q.row_scale(j), want = sum * s + b[j];
+        const double bound = (double(k) + 4.0) * 0x1p-24 * (abs_sum * s + std::abs(b[j]));
+        CHECK(std::abs(y[i * n + j] - want) <= bound);
+        worst = std::max(worst, std::abs(y[i * n + j] - want) / bound);
+        worst_vs_f32 = std::max(worst_vs_f32, std::abs(y[i * n + j] - exact));
+        ymax = std::max(ymax, std::abs(exact));
+      }
+    // The quantization error itself (x and W each within 2^-4 relative, most far less): reported, and
+    // a coarse check that nothing is lost (a wrong scale is off by order 1).
+    MESSAGE("fp8 activations, ", quant::name_of(scaling), " weights: worst err / bound ", worst,
+            "; max|y - f32 linear| / max|y| = ", worst_vs_f32 / ymax);
+    CHECK(worst_vs_f32 <= 0.1 * ymax);
+    // Row chunks (as a chunked unshard hands them over) give the same values, bit for bit: x is
+    // quantized whole either way and the portable order depends on K alone.
+    std::vector<float> yc(m * n, -1.0f);
+    for (std::int64_t r0 = 0; r0 < std::int64_t(n); r0 += 5) {
+      const std::int64_t r1 = std::min<std::int64_t>(n, r0 + 5);
+      linear_rows_fp8_activations(x.data(), m, k, row_slice(wv, r0, r1), row_slice(bv, r0, r1), std::size_t(r0),
+                                  yc.data(), n);
+    }
+    CHECK(std::memcmp(yc.data(), y.data(), y.size() * sizeof(float)) == 0);
+  }
+  // Not an fp8 weight, or codes without scales: an error naming the shape.
+  const tensor_view f32w(w.data(), dtype::f32, shape{std::int64_t(n), std::int64_t(k)});
+  std::vector<float> y(m * n);
+  CHECK_THROWS_WITH_AS(linear_rows_fp8_activations(x.data(), m, k, f32w, tensor_view{}, 0, y.data(), n),
+                       doctest::Contains("must be f8e4m3 [N, 48]"), error);
 }

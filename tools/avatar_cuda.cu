@@ -51,6 +51,9 @@ bool run_denoise_cuda(const avatar_cuda_job& job, const std::function<void(s2v::
   s2v::cuda_options cuda_options;
   cuda_options.precision = job.bf16_compute ? cuda_precision::bf16 : cuda_precision::f32;
   cuda_options.attention_engine = make_cudnn_attention;
+  // fp8 policies: scratch for the dequantized weights, and the activation path asked for.
+  cuda_options.fp8_weights = job.options.policy.fp8;
+  cuda_options.fp8_activations = job.fp8_activations ? cuda::fp8_activations::per_tensor : cuda::fp8_activations::none;
   const s2v::cuda_model m(job.config, job.workload, job.model_options, cuda_options);
   if (!job.weights) return run_with(m, synthetic_weights(m, job.synthetic_seed), job, on_result);
   bool rank0 = false;

@@ -30,6 +30,7 @@ struct avatar_cuda_job {
   const std::vector<s2v::block>* blocks = nullptr;
   bool all_steps = false;
   bool bf16_compute = false;  // --compute bf16: tensor-core GEMMs and fused attention (else the f32 path)
+  bool fp8_activations = false;  // --fp8-activations tensor: e4m3 x e4m3 GEMMs over per-tensor quantized inputs
 };
 
 // The loop on options.world_size local GPUs in this process (rank r on device r), or, under a

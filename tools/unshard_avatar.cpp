@@ -44,7 +44,8 @@ constexpr const char* usage =
     "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--strict]\n"
     "       unshard-avatar --demo [--world-size N] [--policy POLICY] [--dtype f32|bf16]\n"
     "       unshard-avatar --denoise --config C --weights W --inputs I --out O [--world-size N] [--schedule steps|replicated]\n"
-    "                      [--policy P] [--all-steps] [--seed N] [--backend host|process|cuda [--compute f32|bf16]] [--size WxH --clips N\n"
+    "                      [--policy P] [--all-steps] [--seed N] [--backend host|process|cuda [--compute f32|bf16]\n"
+    "                      [--fp8-activations none|tensor]] [--size WxH --clips N\n"
     "                      --blocks-per-clip N --steps N --shift X] (and --lora, --dtype, --gemm, --budget, --strict)\n"
     "       unshard-avatar --demo --denoise [--world-size N] [--schedule steps|replicated] [--policy P]\n"
     "  --denoise runs Live Avatar's denoising loop (sink, then every block through S Euler steps) and writes\n"
@@ -53,11 +54,14 @@ constexpr const char* usage =
     "  config the options give it (defaults 720x400, 1 clip of 4 blocks, 4 steps, shift 3).\n"
     "  --policy takes the terms of docs/conventions.md, fp8|fp8:tensor (2-D GEMM weights stored as f8e4m3 plus f32\n"
     "  scales per output channel or per tensor, quantized at load) and kv:device|kv:offload[:K] included: kv:offload keeps the KV\n"
-    "  caches in (pinned) host memory and streams each block's pages in K blocks ahead (not with chunked:SIZE).\n"
+    "  caches in (pinned) host memory and streams each block's pages in K blocks ahead (chunked:SIZE included).\n"
     "  --backend process: one rank per process under unshard-launch --nproc N -- unshard-avatar ...\n"
     "  --backend cuda: the ranks are the local GPUs 0..N-1 (or, under a launcher, one GPU per process:\n"
     "  LOCAL_RANK); needs a build with -DUNSHARD_ENABLE_CUDA=ON. --compute f32 (default: the path checked\n"
-    "  against the references) or bf16 (tensor-core GEMMs, cuDNN fused attention).";
+    "  against the references) or bf16 (tensor-core GEMMs, cuDNN fused attention). fp8 policies run there too:\n"
+    "  weight-only by default (codes dequantized per chunk, then the f32/bf16 GEMM); --fp8-activations tensor\n"
+    "  quantizes each GEMM's input to e4m3 with one scale per tensor and multiplies on fp8 tensor cores (sm_89+;\n"
+    "  as the official --fp8; cuda backend with an fp8 policy only).";
 
 struct run_settings {
   std::size_t world_size = 1;
@@ -163,6 +167,7 @@ struct denoise_settings {
   bool process = false;  // --backend process: this process is one rank of a launched job
   bool cuda = false;     // --backend cuda: the ranks are GPUs
   bool bf16_compute = false;  // --compute bf16 (cuda only)
+  bool fp8_activations = false;  // --fp8-activations tensor (cuda with an fp8 policy only)
   std::uint64_t seed = 0;
   s2v::loop_spec cli_loop;                   // Live Avatar's defaults, or the options'
   std::vector<std::string> loop_overrides;  // the loop options given explicitly
@@ -190,9 +195,15 @@ denoise_settings denoise_settings_from(const cli::options& o) {
     throw cli::usage_error("--backend must be host, process or cuda, got '" + backend + "'");
   d.process = backend == "process";
   d.cuda = backend == "cuda";
-  if (d.cuda && o.has("--policy") && parse_policy(o.get("--policy")).values.fp8)  // parsed (and checked) before
-    throw cli::usage_error("--backend cuda: fp8 weights (policy " + o.get("--policy") +
-                           ") run on the host and process backends only, for now");
+  const std::string fp8_act = o.get("--fp8-activations", "none");
+  if (fp8_act != "none" && fp8_act != "tensor")
+    throw cli::usage_error("--fp8-activations must be none or tensor, got '" + fp8_act + "'");
+  d.fp8_activations = fp8_act == "tensor";
+  if (d.fp8_activations && !d.cuda)
+    throw cli::usage_error("--fp8-activations tensor applies to --backend cuda only (the host backends run fp8 weights "
+                           "weight-only: an fp8 GEMM on activation codes is a tensor-core speed-up, not a host one)");
+  if (d.fp8_activations && !(o.has("--policy") && parse_policy(o.get("--policy")).values.fp8))  // parsed before
+    throw cli::usage_error("--fp8-activations tensor needs fp8 weights (a policy with fp8 or fp8:tensor)");
   const std::string compute = o.get("--compute", "f32");
   if (compute != "f32" && compute != "bf16") throw cli::usage_error("--compute must be f32 or bf16, got '" + compute + "'");
   if (o.has("--compute") && !d.cuda) throw cli::usage_error("--compute applies to --backend cuda only");
@@ -270,7 +281,8 @@ bool denoise_cuda(const cli::options& o, const s2v::model& m, const run_settings
   const s2v::sink_inputs sink = s2v::loop_sink(inputs);
   const std::vector<s2v::block> blocks = s2v::loop_blocks(loop, inputs, d.seed);
   tools::avatar_cuda_job job{m.config(), m.workload(), rs.model_options, &ck, lora ? &*lora : nullptr, lora_alpha, 0,
-                             loop_session_options(rs, d, loop), loop, &sink, &blocks, d.all_steps, d.bf16_compute};
+                             loop_session_options(rs, d, loop), loop, &sink, &blocks, d.all_steps, d.bf16_compute,
+                             d.fp8_activations};
   return tools::run_denoise_cuda(job, [&](s2v::block_result&& r) { add_result(out, r, blocks.front().noise.dims()); });
 }
 #endif
@@ -518,12 +530,15 @@ int main(int argc, char** argv) {
     const unshard::cli::options o(argc, argv,
                                   {"--config", "--weights", "--lora", "--lora-alpha", "--inputs", "--out", "--world-size",
                                    "--policy", "--dtype", "--gemm", "--budget", "--schedule", "--seed", "--backend",
-                                   "--size", "--clips", "--blocks-per-clip", "--steps", "--shift", "--compute"},
+                                   "--size", "--clips", "--blocks-per-clip", "--steps", "--shift", "--compute",
+                                   "--fp8-activations"},
                                   {"--strict", "--demo", "--denoise", "--all-steps"});
     if (!o.has("--denoise"))
       for (const char* k : {"--schedule", "--seed", "--backend", "--size", "--clips", "--blocks-per-clip", "--steps", "--shift",
-                            "--all-steps", "--compute"})
+                            "--all-steps", "--compute", "--fp8-activations"})
         if (o.has(k)) throw cli::usage_error(std::string(k) + " applies to --denoise only");
+    if (o.has("--demo") && o.has("--fp8-activations"))  // the demo checks against the sequential loop at 1e-5
+      throw cli::usage_error("--fp8-activations applies to --denoise with --weights (not --demo)");
     if (o.has("--denoise")) return o.has("--demo") ? run_demo_denoise(o) : run_denoise_files(o);
     return o.has("--demo") ? run_demo(o) : run_files(o);
   });

@@ -61,9 +61,6 @@ run_settings settings_from(const cli::options& o) {
     throw cli::usage_error("--backend must be host, process or cuda, got '" + backend + "'");
   s.cuda = backend == "cuda";
   s.process = backend == "process";
-  if (s.cuda && s.policy.values.fp8)
-    throw cli::usage_error("--backend cuda: fp8 weights (" + s.policy.values.name +
-                           ") run on the host and process backends only, for now");
 #if !defined(UNSHARD_DIT_CUDA)
   if (s.cuda) throw cli::usage_error("--backend cuda: this unshard-dit was built without CUDA (configure with -DUNSHARD_ENABLE_CUDA=ON)");
 #endif

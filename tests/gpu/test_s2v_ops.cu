@@ -19,11 +19,16 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <span>
 #include <vector>
 
+#include "unshard/kernels/cuda/fp8.cuh"
 #include "unshard/kernels/cuda/gemm.cuh"
+#include "unshard/kernels/host/gemm.hpp"
 #include "unshard/ops/cuda_ops.cuh"
 #include "unshard/ops/host_ops.hpp"
+#include "unshard/quant/fp8.hpp"
 
 #include "device_checks.cuh"
 
@@ -335,4 +340,218 @@ TEST_CASE("s2v ops: linear over row chunks, f32 and bf16 weights, bias slices at
       expect_linear(act == linear_act::gelu_tanh ? "linear + gelu" : "linear", host_copy(dy, dev), ref);
     }
   }
+}
+
+// ---- fp8 weights (issue 15 item 1, the GPU part) ----------------------------------------------
+// f8e4m3 codes with their scales in device memory (the views carry them, as the fp8 policy's
+// resident "<w>.scale" parameters), through cuda_ops::linear in both precisions and both activation
+// modes, per-channel and per-tensor scales, with a bias, with GELU, whole and in row chunks, m = 1
+// and m = 9, against the host computing the same thing. Bounds (u32 = 2^-24, Σ = Σ_k |x_k w_k| of
+// the values multiplied, + |b|):
+//  * dequantization (kernels/cuda/fp8.cuh): bit-identical to quant::dequantize_rows (f32), and to
+//    those values rounded to bf16 (one RNE rounding on both sides), vector and scalar paths;
+//  * weight-only, f32 precision: the same f32 weights as the host's fp8 path, another summation
+//    order: device_checks.cuh's 8 sqrt(K) u32 Σ (GELU as a separate pass: 1.2x + 1e-6 |y|);
+//  * weight-only, bf16 precision: x and the dequantized weights each rounded to bf16 (then exact
+//    products), f32 tensor-core accumulation: 2 (ceil(K/4) + 16) u32 Σ (test_gemm_bf16.cu says why)
+//    against the host on the same rounded inputs, GELU in cuBLASLt's epilogue (gelu_epilogue_bound).
+//    Against the host's fp8 result (f32 inputs) the two bf16 roundings add (2 2^-9 + 2^-18) Σ;
+//  * per-tensor activations: the codes and the scale bit-identical to the host's
+//    (quantize_activations_per_tensor); the e4m3 x e4m3 products are exact (4 x 4 significant bits);
+//    Hopper's fp8 MMA adds them with a reduced-precision accumulator (about 14 bits kept, DeepSeek-V3
+//    report sec. 3.3.2) that cuBLASLt (FAST_ACCUM off) promotes to f32 at least every 128 products:
+//    (128 2^-13 + 2 (ceil(K/128) + 16) u32) Σ|value products| sx sw, + 4 u32 |y| for the scale
+//    multiplications and the bias. A lost or doubled scale (a factor of 448 or of sx), a wrong
+//    layout or a lost chunk is off by order 1 and fails.
+namespace {
+
+std::vector<float> fp8_test_weights(std::size_t n, std::size_t k, unsigned seed) {
+  std::vector<float> w = random_floats(n * k, seed, 0.f, 0.2f);
+  for (std::size_t r = 0; r < n; r += 3)  // rows of smaller ranges: per-channel scales differ from the tensor's
+    for (std::size_t c = 0; c < k; ++c) w[r * k + c] *= std::ldexp(1.0f, -static_cast<int>(r % 11));
+  return w;
+}
+
+std::vector<float> bf16_rounded(const std::vector<float>& v) {
+  std::vector<float> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = to_f32(bf16::from_float(v[i]));
+  return out;
+}
+
+// y = act(x · Wᵀ + b) in double over the given values, with Σ per element.
+struct plain_reference {
+  std::vector<float> y;
+  std::vector<double> abs_sum;
+};
+plain_reference double_linear(const std::vector<float>& x, std::size_t m, std::size_t k, const std::vector<float>& w,
+                              const std::vector<float>& b, std::size_t n, bool gelu) {
+  plain_reference r{std::vector<float>(m * n), std::vector<double>(m * n)};
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j) {
+      double sum = b[j], abs_sum = std::abs(b[j]);
+      for (std::size_t l = 0; l < k; ++l) {
+        const double p = static_cast<double>(x[i * k + l]) * w[j * k + l];
+        sum += p;
+        abs_sum += std::abs(p);
+      }
+      r.y[i * n + j] = gelu ? gelu_tanh(static_cast<float>(sum)) : static_cast<float>(sum);
+      r.abs_sum[i * n + j] = abs_sum;
+    }
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("s2v ops: fp8 weights dequantize on the device bit for bit as the host, whole weights and row chunks") {
+  device_ops dev;
+  for (const std::size_t k : {std::size_t{64}, std::size_t{50}}) {  // the vector path, then the element path
+    for (const quant::fp8_scaling scaling : {quant::fp8_scaling::per_channel, quant::fp8_scaling::per_tensor}) {
+      CAPTURE(k);
+      CAPTURE(quant::name_of(scaling));
+      const std::size_t n = 23;
+      const std::vector<float> w = fp8_test_weights(n, k, 71);
+      const quant::fp8_weight q = quant::quantize("w", std::span<const float>(w), shape{std::int64_t(n), std::int64_t(k)}, scaling);
+      const std::vector<float> want = quant::dequantize(q);
+      device_vector<f8e4m3> codes(q.codes);
+      device_vector<float> scales(q.scales), out32(n * k);
+      device_vector<bf16> out16(n * k);
+      const auto* c = reinterpret_cast<const std::uint8_t*>(codes.p);
+      cuda::dequantize_fp8_rows(c, n, k, scales.p, q.scales.size(), out32.p, dev.stream.s);
+      cuda::dequantize_fp8_rows(c, n, k, scales.p, q.scales.size(), out16.p, dev.stream.s);
+      expect_equal("dequantized f32", out32.get(dev.stream), want);
+      expect_equal("dequantized bf16", widened(out16.get(dev.stream)), bf16_rounded(want));
+      // Rows [5, 12) alone, with those rows' scales (as a chunk's view carries them).
+      const std::size_t r0 = 5, r1 = 12, count = scaling == quant::fp8_scaling::per_tensor ? 1 : r1 - r0;
+      device_vector<float> part(n * k);
+      cuda::dequantize_fp8_rows(c + r0 * k, r1 - r0, k, scales.p + (count == 1 ? 0 : r0), count, part.p, dev.stream.s);
+      std::vector<float> got = part.get(dev.stream);
+      got.resize((r1 - r0) * k);
+      expect_equal("dequantized rows [5, 12)", got, std::vector<float>(want.begin() + r0 * k, want.begin() + r1 * k));
+    }
+  }
+}
+
+TEST_CASE("s2v ops: fp8 linear on the device (weight-only and per-tensor activations) against the host") {
+  device_ops dev;
+  const host_ops host{gemm_path::portable};
+  const std::size_t max_input = 9 * 64;
+  device_vector<bf16> narrow(cuda_ops::bf16_scratch_elems(max_input, 0, 0, 0));
+  device_vector<std::byte> fp8_scratch(cuda_ops::fp8_scratch_bytes(max_input));
+  const int sm = dev.ops.gemm().compute_capability();
+  MESSAGE("device sm_", sm, (sm >= 89 ? ": fp8 tensor cores" : ": no fp8 tensor cores, per-tensor activations fall back"));
+  struct dims { std::size_t m, k, n; };
+  // N a multiple of 16 and chunks of 16 rows where the fp8 GEMM must run (cuBLASLt's fp8 kernels want
+  // 16-byte multiples, as torch._scaled_mm checks); K = 50 cannot run it: the fallback, counted.
+  for (const dims d : {dims{9, 64, 48}, dims{1, 64, 48}, dims{9, 50, 23}}) {
+    const std::size_t m = d.m, k = d.k, n = d.n;
+    const std::vector<float> x = random_floats(m * k, 80 + static_cast<unsigned>(m + k)), b = random_floats(n, 81);
+    const std::vector<float> w = fp8_test_weights(n, k, 82);
+    device_vector<float> dx(x), dy(m * n), db(b);
+    for (const quant::fp8_scaling scaling : {quant::fp8_scaling::per_channel, quant::fp8_scaling::per_tensor}) {
+      quant::fp8_weight q = quant::quantize("w", std::span<const float>(w), shape{std::int64_t(n), std::int64_t(k)}, scaling);
+      const std::vector<float> deq = quant::dequantize(q);
+      device_vector<f8e4m3> dcodes(q.codes);
+      device_vector<float> dscales(q.scales);
+      const shape wd{std::int64_t(n), std::int64_t(k)}, bd{std::int64_t(n)};
+      const tensor_view hw = tensor_view(q.codes.data(), dtype::f8e4m3, wd).with_scales(q.scales.data(), q.scales.size());
+      const tensor_view dw = tensor_view(dcodes.p, dtype::f8e4m3, wd).with_scales(dscales.p, q.scales.size());
+      std::vector<float> bcopy = b;
+      const tensor_view hb(bcopy.data(), dtype::f32, bd), dbv(db.p, dtype::f32, bd);
+      // The host's per-tensor activation path, and Σ of its value products scaled (its bound).
+      std::vector<f8e4m3> xc(m * k);
+      const float sx = quantize_activations_per_tensor(x.data(), m * k, xc.data());
+      std::vector<float> y_act(m * n);
+      linear_rows_fp8_activations(x.data(), m, k, hw, hb, 0, y_act.data(), n);
+      std::vector<double> act_abs(m * n);
+      for (std::size_t i = 0; i < m; ++i)
+        for (std::size_t j = 0; j < n; ++j) {
+          double s = 0.0;
+          for (std::size_t l = 0; l < k; ++l) s += std::abs(double(xc[i * k + l].to_float()) * q.codes[j * k + l].to_float());
+          act_abs[i * n + j] = s * sx * q.row_scale(j);
+        }
+      for (const cuda_precision prec : {cuda_precision::f32, cuda_precision::bf16}) {
+        dev.ops.set_precision(prec, prec == cuda_precision::bf16 ? narrow.p : nullptr, narrow.n);
+        for (const cuda::fp8_activations mode : {cuda::fp8_activations::none, cuda::fp8_activations::per_tensor}) {
+          dev.ops.set_fp8_activations(mode, fp8_scratch.p, fp8_scratch.n);
+          for (const std::size_t rows_per : {n, std::size_t{16}}) {
+            for (const linear_act act : {linear_act::none, linear_act::gelu_tanh}) {
+              const bool gelu = act == linear_act::gelu_tanh;
+              const std::size_t chunks = (n + rows_per - 1) / rows_per;
+              CAPTURE(m);
+              CAPTURE(k);
+              CAPTURE(quant::name_of(scaling));
+              CAPTURE(name_of(prec));
+              CAPTURE(cuda::name_of(mode));
+              CAPTURE(rows_per);
+              CAPTURE(gelu);
+              chunked_params hp{param_views({hw, hb}), rows_per}, dp{param_views({dw, dbv}), rows_per};
+              dev.ops.gemm().reset_stats();
+              dev.ops.linear(dx.p, m, k, dp, 0, 1, dy.p, act);
+              const std::vector<float> got = host_copy(dy, dev);
+              const cuda::blaslt_stats st = dev.ops.gemm().stats();
+              // Where cuBLASLt's fp8 GEMM can run (sm_89+, K a multiple of 16) it must for m = 9; for m = 1
+              // (cuBLASLt's n = 1) its heuristic may decline, and the fallback is then checked instead.
+              const bool fp8_possible = mode == cuda::fp8_activations::per_tensor && k % 16 == 0 && sm >= 89;
+              if (fp8_possible && m > 1) CHECK_MESSAGE(st.fp8_gemm > 0, "fp8 GEMM did not run: fp8_fallback ", st.fp8_fallback);
+              if (fp8_possible && st.fp8_gemm == 0) MESSAGE("m = ", m, ": cuBLASLt gave no fp8 algorithm, weight-only fp8 ran");
+              if (st.fp8_gemm > 0) {
+                // Every chunk on fp8 tensor cores; the activation codes and scale are the host's.
+                CHECK(st.fp8_gemm == chunks);
+                CHECK(st.fp8_fallback == 0);
+                CHECK(st.fp8_dequantized == 0);
+                const std::vector<std::byte> scratch = fp8_scratch.get(dev.stream);
+                float dsx = 0.0f;
+                std::memcpy(&dsx, scratch.data() + 16, sizeof(float));
+                CHECK(dsx == sx);
+                std::size_t differ = 0;
+                for (std::size_t i = 0; i < m * k; ++i)
+                  differ += static_cast<std::uint8_t>(scratch[cuda_ops::fp8_scalar_bytes + i]) != xc[i].bits;
+                CHECK_MESSAGE(differ == 0, differ, " of ", m * k, " activation codes differ from the host's");
+                std::vector<float> want = y_act;
+                if (gelu)
+                  for (float& v : want) v = gelu_tanh(v);
+                const double acc = 128.0 / 8192.0 + 2.0 * (double((k + 127) / 128) + 16.0) * u32;
+                expect_close<float>("fp8 x fp8 linear", got, want, [&](std::size_t i) {
+                  const double bound = acc * act_abs[i] + 4.0 * u32 * std::abs(double(y_act[i])) + 1e-30;
+                  return gelu ? 1.2 * bound + row_rel * std::max(1.0, std::abs(double(want[i]))) : bound;
+                });
+                continue;
+              }
+              // Weight-only fp8 (asked for, or the fallback: counted, per chunk).
+              CHECK(st.fp8_gemm == 0);
+              CHECK(st.fp8_dequantized == chunks);
+              CHECK(st.fp8_fallback == (mode == cuda::fp8_activations::per_tensor ? chunks : 0));
+              std::vector<float> y_host(m * n);
+              host.linear(x.data(), m, k, hp, 0, 1, y_host.data(), act);  // the host's fp8 path
+              if (prec == cuda_precision::f32) {
+                linear_reference ref = host_linear(x, m, k, deq, b, n);
+                for (std::size_t i = 0; i < y_host.size(); ++i)
+                  ref.bound[i] = gelu ? 1.2 * ref.bound[i] + row_rel * std::max(1.0, std::abs(double(y_host[i])))
+                                      : ref.bound[i];
+                ref.y = y_host;
+                expect_linear("fp8 weight-only linear, f32", got, ref);
+              } else {
+                const plain_reference r = double_linear(bf16_rounded(x), m, k, bf16_rounded(deq), b, n, gelu);
+                const plain_reference f = double_linear(x, m, k, deq, b, n, gelu);
+                const double steps = 2.0 * (double((k + 3) / 4) + 16.0) * u32;
+                const double rounding = 2.0 / 512.0 + 1.0 / 262144.0;
+                expect_close<float>("fp8 weight-only linear, bf16 (vs the host on the same bf16 inputs)", got, r.y,
+                                    [&](std::size_t i) {
+                                      const double bound = steps * r.abs_sum[i] + 1e-30;
+                                      return gelu ? gelu_epilogue_bound(r.y[i], bound) : bound;
+                                    });
+                expect_close<float>("fp8 weight-only linear, bf16 (vs the host's fp8 result)", got, y_host,
+                                    [&](std::size_t i) {
+                                      // |got - r| + |r - f| + |f - host|: r's Σ is within 1% of f's
+                                      const double bound = (1.01 * steps + rounding + double(k) * u32) * f.abs_sum[i] + 1e-30;
+                                      return gelu ? gelu_epilogue_bound(y_host[i], bound) : bound;
+                                    });
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  dev.ops.set_precision(cuda_precision::f32);
 }

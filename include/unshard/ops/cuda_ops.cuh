@@ -7,6 +7,9 @@
 //    GELU in its epilogue; attention rounds q, k, v to bf16 and runs the installed bf16 attention
 //    engine (ops/cudnn_attention.cuh: cuDNN's fused SDPA), or our flash kernel. Norm statistics, modulation, the time embedding, residuals
 //    and the KV cache stay f32, as the official code keeps them f32 or as our cache is.
+// f8e4m3 weights (the fp8 policy) run in either precision: dequantized per chunk into the widening
+// scratch (weight-only, the default), or, with set_fp8_activations(per_tensor), as e4m3 x e4m3
+// GEMMs on fp8 tensor cores over per-tensor quantized activations (the official path).
 // Every op enqueues on the
 // context's stream and never synchronises the device, except where the op set returns a value to
 // the host (load_count, answered from a host shadow) or reuses pinned staging still being copied.
@@ -24,10 +27,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "unshard/backend/cuda/check.cuh"
@@ -36,6 +41,7 @@
 #include "unshard/kernels/cuda/attention.cuh"
 #include "unshard/kernels/cuda/common.cuh"
 #include "unshard/kernels/cuda/elementwise.cuh"
+#include "unshard/kernels/cuda/fp8.cuh"
 #include "unshard/kernels/cuda/gemm.cuh"
 #include "unshard/kernels/cuda/norm.cuh"
 #include "unshard/kernels/host/linear_params.hpp"
@@ -253,6 +259,30 @@ class cuda_ops {
                                         std::size_t width) {
     return std::max(gemm_input, (2 * queries + 2 * keys) * width);
   }
+  // fp8 weights (f8e4m3 codes whose views carry their scales, in device memory) always run; this
+  // chooses how (docs/design.md, fp8 weights):
+  //  * none (default): weight-only fp8. Each weight chunk is dequantized (kernels/cuda/fp8.cuh) into
+  //    the widening scratch, as bf16 for the bf16 precision, as f32 for the f32 one, and the usual
+  //    GEMM runs: exactly the host's f32 dequantized weights, rounded to bf16 in the bf16 precision;
+  //  * per_tensor: the official path. A GEMM's whole input is quantized to e4m3 with one scale
+  //    (amax / 448, on the device) into `scratch` (fp8_scratch_bytes of it), and each chunk runs
+  //    cuBLASLt's e4m3 x e4m3 GEMM (the weight's per-tensor scale as its A scale, the activations'
+  //    as B), then fp8_epilogue applies per-channel weight scales, the bias and (bf16 precision)
+  //    GELU. Where cuBLASLt cannot (device below sm_89, K not a multiple of 16, no algorithm), that
+  //    chunk runs weight-only instead: blaslt_stats::fp8_fallback counts it, stderr says so once.
+  void set_fp8_activations(cuda::fp8_activations a, void* scratch = nullptr, std::size_t bytes = 0) {
+    if (a == cuda::fp8_activations::per_tensor && (scratch == nullptr || bytes <= fp8_scalar_bytes))
+      throw_error("cuda_ops: fp8 activation quantization needs a scratch (fp8_scratch_bytes)");
+    fp8_act_ = a;
+    fp8_scratch_ = static_cast<std::byte*>(scratch);
+    fp8_scratch_bytes_ = bytes;
+  }
+  cuda::fp8_activations fp8_activations() const noexcept { return fp8_act_; }
+  // Bytes of the fp8 activation scratch for GEMM inputs of at most `gemm_input` elements (rows x K):
+  // the amax word and the scale (256 bytes, keeping the codes 256-byte aligned), then one code each.
+  static constexpr std::size_t fp8_scalar_bytes = 256;
+  static std::size_t fp8_scratch_bytes(std::size_t gemm_input) { return fp8_scalar_bytes + (gemm_input + 15) / 16 * 16; }
+
   // The bf16 attention engine (null: our segmented flash kernel in bf16).
   void set_attention_engine(std::shared_ptr<bf16_attention_engine> e) { engine_ = std::move(e); }
   // Which attention implementation the last bf16 attention ran.
@@ -275,9 +305,13 @@ class cuda_ops {
     const tensor_view bias = b == no_param ? tensor_view{} : tensor_view(p.whole(b));  // 1-D: resident
     cuda::blaslt& blas = gemm();
     if (precision_ == cuda_precision::bf16) return linear_bf16(x, rows, in, p, w, bias, y, n, act);
+    bool x_quantized = false;
     p.rows(w, [&](const tensor_view& w_rows, std::int64_t r0, std::int64_t r1) {
       const auto nr = static_cast<std::size_t>(r1 - r0);
-      const float* wf = widened(w_rows, nr * in, 0);
+      // GELU after all chunks (below), so not in the fp8 epilogue.
+      if (linear_fp8_activations(x, rows, in, w_rows, static_cast<std::size_t>(r0), nr, bias, y, n, false, x_quantized))
+        return;
+      const float* wf = w_rows.type() == dtype::f8e4m3 ? dequantized_f32(w_rows, nr, in) : widened(w_rows, nr * in, 0);
       const float* bf = bias.empty() ? nullptr : widened_slice(bias, static_cast<std::size_t>(r0), nr);
       // GELU as a separate pass of the host's gelu_tanh: cuBLASLt's epilogue approximates tanh.
       blas.linear_rows(x, rows, in, wf, bf, nr, static_cast<std::size_t>(r0), y, n, cuda::activation::none, stream_);
@@ -533,16 +567,82 @@ class cuda_ops {
   template <param_source P>
   void linear_bf16(const float* x, std::size_t rows, std::size_t in, P& p, std::size_t w, const tensor_view& bias,
                    float* y, std::size_t n, linear_act act) {
-    bf16* xb = narrow(rows * in, "a GEMM's input rows");
-    cuda::convert(x, rows * in, xb, stream_);
+    bf16* xb = nullptr;  // rounded at the first chunk that needs it (none if every chunk runs fp8 x fp8)
+    bool x_quantized = false;
     cuda::blaslt& blas = gemm();
     const cuda::activation a = act == linear_act::gelu_tanh ? cuda::activation::gelu_tanh : cuda::activation::none;
     p.rows(w, [&](const tensor_view& w_rows, std::int64_t r0, std::int64_t r1) {
       const auto nr = static_cast<std::size_t>(r1 - r0);
+      if (linear_fp8_activations(x, rows, in, w_rows, static_cast<std::size_t>(r0), nr, bias, y, n,
+                                 act == linear_act::gelu_tanh, x_quantized))
+        return;
+      if (!xb) {
+        xb = narrow(rows * in, "a GEMM's input rows");
+        cuda::convert(x, rows * in, xb, stream_);
+      }
+      const bf16* wb = narrowed(w_rows, nr, in);
       const float* bf = bias.empty() ? nullptr : widened_slice(bias, static_cast<std::size_t>(r0), nr);
-      blas.linear_rows(static_cast<const bf16*>(xb), rows, in, narrowed(w_rows, nr * in), bf, nr,
-                       static_cast<std::size_t>(r0), y, n, a, stream_);
+      blas.linear_rows(static_cast<const bf16*>(xb), rows, in, wb, bf, nr, static_cast<std::size_t>(r0), y, n, a, stream_);
     });
+  }
+
+  // The fp8 scales of a weight chunk of nr rows (device memory), checked for count.
+  static std::pair<const float*, std::size_t> fp8_scales_of(const tensor_view& w_rows, std::size_t nr) {
+    if (!w_rows.has_scales() || (w_rows.scale_count() != 1 && w_rows.scale_count() != nr))
+      throw_error("cuda_ops: f8e4m3 weight of shape ", w_rows.dims().to_string(), " carries ", w_rows.scale_count(),
+                  " scales; it needs 1 (per tensor) or ", nr,
+                  " (one per row): the fp8 policy's parameter views carry them (quant/fp8.hpp)");
+    return {w_rows.scales(), w_rows.scale_count()};
+  }
+
+  // The per-tensor activation path for one chunk of an f8e4m3 weight: true when it ran (GEMM and
+  // epilogue enqueued), false when the chunk must take the weight-only path (not fp8, the option
+  // off, or cuBLASLt unable: counted, and said once). x is quantized at the first chunk that runs.
+  bool linear_fp8_activations(const float* x, std::size_t rows, std::size_t in, const tensor_view& w_rows,
+                              std::size_t r0, std::size_t nr, const tensor_view& bias, float* y, std::size_t n,
+                              bool gelu, bool& x_quantized) {
+    if (w_rows.type() != dtype::f8e4m3 || fp8_act_ != cuda::fp8_activations::per_tensor || rows == 0 || nr == 0)
+      return false;
+    const auto [sw, count] = fp8_scales_of(w_rows, nr);
+    cuda::blaslt& blas = gemm();
+    auto* amax = reinterpret_cast<std::uint32_t*>(fp8_scratch_);
+    auto* sx = reinterpret_cast<float*>(fp8_scratch_ + 16);
+    auto* codes = reinterpret_cast<std::uint8_t*>(fp8_scratch_ + fp8_scalar_bytes);
+    if (blas.compute_capability() >= 89 && in % 16 == 0 && !x_quantized) {
+      if (fp8_scalar_bytes + rows * in > fp8_scratch_bytes_)
+        throw_error("cuda_ops: fp8 activations of ", rows, " x ", in, " need ", fp8_scratch_bytes(rows * in),
+                    " bytes of fp8 scratch, the state has ", fp8_scratch_bytes_);
+      cuda::quantize_activations_fp8(x, rows * in, amax, sx, codes, stream_);
+      x_quantized = true;
+    }
+    if (!x_quantized || !blas.linear_rows_fp8(codes, rows, in, reinterpret_cast<const std::uint8_t*>(w_rows.data()),
+                                              nr, r0, y, n, count == 1 ? sw : nullptr, sx, stream_)) {
+      ++blas.mutable_stats().fp8_fallback;
+      if (!fp8_fallback_said_) {
+        fp8_fallback_said_ = true;
+        std::fprintf(stderr,
+                     "unshard: fp8 activations: cuBLASLt's fp8 GEMM is unavailable for m=%zu n=%zu k=%zu on sm_%d "
+                     "(it needs sm_89+, K a multiple of 16, 16-byte aligned rows and an algorithm; status %d); such "
+                     "GEMMs run weight-only fp8 (bf16/f32 GEMM over dequantized weights)\n",
+                     rows, nr, in, blas.compute_capability(), static_cast<int>(blas.last_status()));
+      }
+      return false;
+    }
+    const float* bf = bias.empty() ? nullptr : widened_slice(bias, r0, nr);
+    cuda::fp8_epilogue(y + r0, rows, nr, n, count == 1 ? nullptr : sw, count, bf, gelu, stream_);
+    return true;
+  }
+
+  // An f8e4m3 chunk of nr rows x in dequantized to f32 into the widening scratch (f32 precision).
+  const float* dequantized_f32(const tensor_view& w_rows, std::size_t nr, std::size_t in) {
+    const auto [sw, count] = fp8_scales_of(w_rows, nr);
+    if (widen_ == nullptr || nr * in > widen_floats_)
+      throw_error("cuda_ops: an f8e4m3 weight chunk of ", nr * in, " elements needs ", nr * in,
+                  " floats of widening scratch to dequantize it, the state has ", widen_floats_,
+                  " (a model declares it with its cuda_options' fp8_weights)");
+    cuda::dequantize_fp8_rows(reinterpret_cast<const std::uint8_t*>(w_rows.data()), nr, in, sw, count, widen_, stream_);
+    ++gemm().mutable_stats().fp8_dequantized;
+    return widen_;
   }
 
   bool uses_sdpa() const noexcept { return precision_ == cuda_precision::bf16; }
@@ -601,14 +701,22 @@ class cuda_ops {
       throw_error("cuda_ops: ", what, " need ", elems, " bf16 values of scratch, the state has ", narrow_elems_);
     return narrow_;
   }
-  // The first n elements of a weight chunk as bf16: in place when stored bf16, else rounded into
-  // the widening scratch.
-  const bf16* narrowed(const tensor_view& t, std::size_t n) {
+  // A weight chunk of nr rows x in as bf16: in place when stored bf16, else rounded (f32, f16) or
+  // dequantized (f8e4m3 codes with their scales) into the widening scratch.
+  const bf16* narrowed(const tensor_view& t, std::size_t nr, std::size_t in) {
+    const std::size_t n = nr * in;
     if (t.type() == dtype::bf16) return reinterpret_cast<const bf16*>(t.data());
     if (widen_ == nullptr || n > 2 * widen_floats_)
       throw_error("cuda_ops: a ", name_of(t.type()), " weight of ", n, " elements needs ", (n + 1) / 2,
-                  " floats of scratch to round it to bf16, the state has ", widen_floats_);
+                  " floats of scratch to round it to bf16, the state has ", widen_floats_,
+                  t.type() == dtype::f8e4m3 ? " (a model declares it with its cuda_options' fp8_weights)" : "");
     bf16* dst = reinterpret_cast<bf16*>(widen_);
+    if (t.type() == dtype::f8e4m3) {
+      const auto [sw, count] = fp8_scales_of(t, nr);
+      cuda::dequantize_fp8_rows(reinterpret_cast<const std::uint8_t*>(t.data()), nr, in, sw, count, dst, stream_);
+      ++gemm().mutable_stats().fp8_dequantized;
+      return dst;
+    }
     visit_storage(t, [&](const auto* src) { cuda::convert(src, n, dst, stream_); });
     return dst;
   }
@@ -658,6 +766,10 @@ class cuda_ops {
   cuda_precision precision_ = cuda_precision::f32;
   bf16* narrow_ = nullptr;
   std::size_t narrow_elems_ = 0;
+  cuda::fp8_activations fp8_act_ = cuda::fp8_activations::none;
+  std::byte* fp8_scratch_ = nullptr;
+  std::size_t fp8_scratch_bytes_ = 0;
+  bool fp8_fallback_said_ = false;
   std::shared_ptr<cuda_ops_detail::pinned_staging> staging_ = std::make_shared<cuda_ops_detail::pinned_staging>();
 };
 

@@ -96,6 +96,10 @@ struct blaslt_stats {
   std::size_t activation_kernel = 0;  // f32 GELU applied by bias_activation after the matmul (by design)
   std::size_t heuristic_queries = 0;  // cublasLtMatmulAlgoGetHeuristic calls (cache misses)
   std::size_t heuristic_failures = 0; // of which: an error status or no algorithm (cached as "none")
+  // fp8 weights (kernels/cuda/fp8.cuh, ops/cuda_ops.cuh):
+  std::size_t fp8_dequantized = 0;    // weight chunks dequantized to bf16/f32 for the bf16/f32 GEMM (weight-only fp8)
+  std::size_t fp8_gemm = 0;           // e4m3 x e4m3 GEMMs on fp8 tensor cores (per-tensor activation quantization)
+  std::size_t fp8_fallback = 0;       // activation quantization asked for, weight-only fp8 ran instead (see below)
 };
 
 // A cuBLASLt handle with its workspace and heuristic cache; one per rank (per stream user): not
@@ -219,6 +223,62 @@ class blaslt {
     linear_rows(x, m, k, w, b, n, 0, y, n, act, stream);
   }
 
+  // Compute capability of the handle's device (major * 10 + minor), read once.
+  int compute_capability() {
+    if (sm_ < 0) {
+      int dev = 0, major = 0, minor = 0;
+      UNSHARD_CUDA_CHECK(cudaGetDevice(&dev));
+      UNSHARD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+      UNSHARD_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+      sm_ = major * 10 + minor;
+    }
+    return sm_;
+  }
+
+  // The fp8 tensor-core GEMM: output columns [n0, n0 + n_rows) of y [m, ldy] (f32),
+  //   y[:, n0 + j] = a_scale * b_scale * Σ_k value(x_codes[:, k]) · value(w_codes[j, k]),
+  // x_codes [m, k] and w_codes rows n0.. of W [N, k] as e4m3 codes (row-major), a_scale/b_scale device
+  // f32 scalars (CUBLASLT_MATMUL_DESC_A/B_SCALE_POINTER; null: 1). cuBLASLt's fp8 kernels take only
+  // the "TN" layout, which is ours (W used transposed, x not: see the header comment), on sm_89 and
+  // later, with 16-byte aligned A and B and their leading dimensions (k a multiple of 16).
+  // Compute and scale type f32, FAST_ACCUM off (cuBLASLt promotes partial sums to f32 periodically).
+  // No epilogue (bias, column scales and GELU: kernels/cuda/fp8.cuh's fp8_epilogue). Returns false,
+  // with nothing enqueued, when the device is older than sm_89, a requirement above is not met, or the
+  // heuristic finds no algorithm (cached per problem like linear_rows'): the caller falls back.
+  bool linear_rows_fp8(const std::uint8_t* x_codes, std::size_t m, std::size_t k, const std::uint8_t* w_codes,
+                       std::size_t n_rows, std::size_t n0, float* y, std::size_t ldy, const float* a_scale,
+                       const float* b_scale, cudaStream_t stream) {
+    if (m == 0 || n_rows == 0) return true;
+    if (n0 + n_rows > ldy)
+      throw_error("linear: output columns [", n0, ", ", n0 + n_rows, ") exceed the leading dimension ", ldy);
+    float* d = y + n0;
+    // cuBLASLt's fp8 requirements we know of up front; the rest (D's alignment and leading dimension
+    // under a row chunk at any offset, m = 1) are the heuristic's to accept or refuse.
+    if (compute_capability() < 89 || k % 16 != 0 || alignment_of(w_codes) < 16 || alignment_of(x_codes) < 16)
+      return false;
+    const problem p{m, n_rows, k, ldy, CUDA_R_8F_E4M3, CUDA_R_32F, CUDA_R_32F,
+                    alignment_of(w_codes), alignment_of(x_codes), alignment_of(d)};
+    detail::lt_matmul_desc desc;
+    desc.set(CUBLASLT_MATMUL_DESC_TRANSA, static_cast<std::int32_t>(CUBLAS_OP_T));
+    desc.set(CUBLASLT_MATMUL_DESC_TRANSB, static_cast<std::int32_t>(CUBLAS_OP_N));
+    desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<std::uint32_t>(CUBLASLT_EPILOGUE_DEFAULT));
+    desc.set(CUBLASLT_MATMUL_DESC_FAST_ACCUM, static_cast<std::int8_t>(0));
+    if (a_scale) desc.set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(a_scale));
+    if (b_scale) desc.set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(b_scale));
+    // The scale pointers take part in the key as present/absent (an algorithm does not depend on
+    // their values); the fp8 type and the epilogue marker keep these apart from linear_rows' entries.
+    const key kk{p.m, p.n, p.k, p.ldy, p.tx, p.ty, (a_scale ? 1 : 0) | (b_scale ? 2 : 0), fp8_epilogue_marker,
+                 p.align_w, p.align_x, p.align_y, 0u};
+    if (!run(p, kk, desc, w_codes, x_codes, d, stream)) return false;
+    ++stats_.calls;
+    ++stats_.fp8_gemm;
+    return true;
+  }
+  // Counters the fp8 paths of cuda_ops keep here, with the GEMMs they run.
+  blaslt_stats& mutable_stats() noexcept { return stats_; }
+  // The last heuristic or launch status that made a matmul unavailable (for messages).
+  cublasStatus_t last_status() const noexcept { return last_status_; }
+
   // Problems the heuristic has been asked about (found or not).
   std::size_t cached_algorithms() const noexcept { return cache_.size(); }
 
@@ -235,8 +295,10 @@ class blaslt {
     cublasLtMatmulAlgo_t algo{};
   };
 
+  static constexpr std::uint32_t fp8_epilogue_marker = 0xf8f8f8f8u;  // fp8 entries' "epilogue" in the key
+
   static const char* type_name(cudaDataType_t t) {
-    return t == CUDA_R_32F ? "f32" : t == CUDA_R_16BF ? "bf16" : t == CUDA_R_16F ? "f16" : "?";
+    return t == CUDA_R_32F ? "f32" : t == CUDA_R_16BF ? "bf16" : t == CUDA_R_16F ? "f16" : t == CUDA_R_8F_E4M3 ? "e4m3" : "?";
   }
 
   // Enqueues D = epi(op(W)·x [+ b]) if cuBLASLt has an algorithm for it; false (nothing enqueued)
@@ -254,11 +316,20 @@ class blaslt {
       desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(b));
       desc.set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<std::int32_t>(p.tb));
     }
+    const key k{p.m, p.n, p.k, p.ldy, p.tx, p.ty, b ? p.tb : -1, static_cast<std::uint32_t>(epi),
+                p.align_w, p.align_x, p.align_y, b ? alignment_of(b) : 0u};
+    return run(p, k, desc, w, x, d, stream);
+  }
+
+  // Enqueues desc's D = op(W)·x for problem p (W: A, n x k used transposed; x: B, k x m; D: n x m
+  // with leading dimension ldy: the column-major view of our row-major tensors) with the algorithm
+  // cached under k, asking the heuristic the first time; false, nothing enqueued, when it has none
+  // or the launch refuses the problem (remembered: the caller falls back).
+  bool run(const problem& p, const key& k, const detail::lt_matmul_desc& desc, const void* w, const void* x, void* d,
+           cudaStream_t stream) {
     const detail::lt_layout a(p.tx, p.k, p.n, static_cast<std::int64_t>(p.k));    // Wᵀ slice, used transposed
     const detail::lt_layout bl(p.tx, p.k, p.m, static_cast<std::int64_t>(p.k));   // xᵀ
     const detail::lt_layout c(p.ty, p.n, p.m, static_cast<std::int64_t>(p.ldy));  // yᵀ, columns n0..
-    const key k{p.m, p.n, p.k, p.ldy, p.tx, p.ty, b ? p.tb : -1, static_cast<std::uint32_t>(epi),
-                p.align_w, p.align_x, p.align_y, b ? alignment_of(b) : 0u};
     auto it = cache_.find(k);
     if (it == cache_.end()) {
       detail::lt_preference pref;
@@ -298,6 +369,7 @@ class blaslt {
   std::size_t workspace_bytes_ = 0;
   void* bias_scratch_ = nullptr;
   cublasStatus_t last_status_ = CUBLAS_STATUS_SUCCESS;
+  int sm_ = -1;
   blaslt_stats stats_{};
   std::map<key, cached> cache_;
 };

@@ -23,10 +23,12 @@
 #include <string_view>
 #include <cstdlib>
 #include <type_traits>
+#include <vector>
 
 #include "unshard/core/dtype.hpp"
 #include "unshard/core/error.hpp"
 #include "unshard/core/tensor_view.hpp"
+#include "unshard/kernels/thread/fp8_activation.hpp"
 #include "unshard/kernels/thread/storage.hpp"
 
 #if defined(UNSHARD_HAVE_CBLAS)
@@ -273,6 +275,61 @@ inline void linear(const float* x, std::size_t m, std::size_t k, const tensor_vi
                    gemm_path path = gemm_path::portable) {
   const std::size_t n = w.dims().rank() == 0 ? 0 : static_cast<std::size_t>(w.dims()[0]);
   linear_rows(x, m, k, w, b, 0, y, n, path);
+}
+
+// ---- fp8 activations (the official per-tensor path) -------------------------------------------
+// The CUDA backend's `--fp8-activations tensor` (ops/cuda_ops.cuh) quantizes a GEMM's input to e4m3
+// with one scale per tensor and multiplies codes by codes on fp8 tensor cores. These are the same
+// computation on the host, for checking the device against (tests/gpu/test_s2v_ops.cu) and for
+// tests/test_fp8_weights.cpp; the host backends run weight-only fp8 (linear_rows above) and refuse
+// the option (docs/design.md, fp8 weights, says why). They allocate: a reference, not a forward.
+
+// x[n] to e4m3 codes with one scale for the whole tensor (kernels/thread/fp8_activation.hpp):
+// returns the scale; value(codes[i]) * scale approximates x[i].
+inline float quantize_activations_per_tensor(const float* x, std::size_t n, f8e4m3* codes) {
+  std::uint32_t amax = 0;
+  for (std::size_t i = 0; i < n; ++i) amax = std::max(amax, fp8_abs_bits(x[i]));
+  const float scale = fp8_activation_scale(amax);
+  for (std::size_t i = 0; i < n; ++i) codes[i] = f8e4m3{fp8_activation_code(x[i], scale)};
+  return scale;
+}
+
+// Output columns [n0, n0 + R) of y[m, ldy] with x[m, k] quantized per tensor (its scale s_x) and
+// w_rows an f8e4m3 weight's rows with their scales s_w (1, or one per row):
+//   y[i, n0 + j] = (Σ_k value(xc[i, k]) · value(wc[j, k])) · s_x · s_w[j] + b[j],
+// the code products exact in f32 and summed in the portable order (detail::linear_portable), the
+// scales applied to the sum in that order (as the device: cuBLASLt's B scale, then the column scale
+// of our epilogue). x is quantized whole, as the device quantizes a GEMM's whole input once for all
+// its row chunks.
+inline void linear_rows_fp8_activations(const float* x, std::size_t m, std::size_t k, const tensor_view& w_rows,
+                                        const tensor_view& b_rows, std::size_t n0, float* y, std::size_t ldy) {
+  const shape& wd = w_rows.dims();
+  const std::size_t n_rows = wd.rank() == 0 ? 0 : static_cast<std::size_t>(wd[0]);
+  if (w_rows.type() != dtype::f8e4m3 || !w_rows.has_scales() || wd.rank() != 2 ||
+      static_cast<std::size_t>(wd[1]) != k || (w_rows.scale_count() != 1 && w_rows.scale_count() != n_rows))
+    throw_error("linear (fp8 activations): the weight of shape ", wd.to_string(), " must be f8e4m3 [N, ", k,
+                "] with 1 or N scales (it is ", name_of(w_rows.type()), " with ", w_rows.scale_count(), " scales)");
+  if (!b_rows.empty() && (b_rows.type() == dtype::f8e4m3 || static_cast<std::size_t>(b_rows.numel()) != n_rows))
+    throw_error("linear (fp8 activations): bias of shape ", b_rows.dims().to_string(), " (", name_of(b_rows.type()),
+                ") does not fit the ", n_rows, " weight rows");
+  if (n0 + n_rows > ldy)
+    throw_error("linear: output columns [", n0, ", ", n0 + n_rows, ") exceed the leading dimension ", ldy);
+  if (m == 0 || n_rows == 0) return;
+  std::vector<f8e4m3> xc(m * k);
+  const float sx = quantize_activations_per_tensor(x, m * k, xc.data());
+  std::vector<float> xv(m * k);
+  const float* value = detail::e4m3_value_table();
+  for (std::size_t i = 0; i < xv.size(); ++i) xv[i] = value[xc[i].bits];
+  const float one = 1.0f;
+  float* out = y + n0;
+  detail::linear_portable(xv.data(), m, k, reinterpret_cast<const f8e4m3*>(w_rows.data()), n_rows, tensor_view{}, out,
+                          ldy, &one, 1);
+  const float* sw = w_rows.scales();
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n_rows; ++j) {
+      float& v = out[i * ldy + j];
+      v = v * sx * sw[w_rows.scale_count() == 1 ? 0 : j] + (b_rows.empty() ? 0.0f : b_rows.load(j));
+    }
 }
 
 }  // namespace unshard

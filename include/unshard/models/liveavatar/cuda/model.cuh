@@ -45,6 +45,13 @@ struct cuda_options {
   // The engine's workspace, a declared workspace buffer (with an engine only). cuDNN's inference
   // SDPA graphs ask for none or little; one that needs more runs on our kernel, saying why.
   std::size_t attention_workspace_bytes = std::size_t{16} << 20;
+  // fp8 weights (the policy's fp8 / fp8:tensor term): the widening scratch then holds the largest
+  // weight dequantized (bf16 for the bf16 precision, f32 for the f32 one). Set it with the policy:
+  // without it an fp8 GEMM is an error naming the scratch it lacks.
+  bool fp8_weights = false;
+  // How fp8 GEMMs treat their activations (ops/cuda_ops.cuh, set_fp8_activations): per_tensor adds
+  // the declared workspace "fp8_scratch" (the largest GEMM input as e4m3 codes). Needs fp8_weights.
+  cuda::fp8_activations fp8_activations = cuda::fp8_activations::none;
 };
 
 using cuda_state = unshard::cuda_state<s2v::state>;
@@ -86,20 +93,35 @@ inline weight_extents weight_extents_of(const s2v::model& m) {
 // weight widened to f32 (f32 compute), or the largest f32 weight rounded to bf16 (bf16 compute,
 // two per float), plus the largest 1-D parameter; each 64-float aligned so the bias, kept at the
 // end, starts 256-byte aligned.
-inline std::size_t cuda_widen_floats(const s2v::model& m, cuda_precision precision) {
+// Under fp8 weights, the largest weight dequantized: bf16 (half a float each) or f32.
+inline std::size_t cuda_widen_floats(const s2v::model& m, cuda_precision precision, bool fp8_weights = false) {
   const weight_extents e = weight_extents_of(m);
   const bool f32_storage = m.geometry().storage == dtype::f32;
-  const std::size_t weight = precision == cuda_precision::bf16 ? (f32_storage ? (e.weight + 1) / 2 : 0)
-                                                               : (f32_storage ? 0 : e.weight);
+  const std::size_t weight = fp8_weights ? (precision == cuda_precision::bf16 ? (e.weight + 1) / 2 : e.weight)
+                             : precision == cuda_precision::bf16 ? (f32_storage ? (e.weight + 1) / 2 : 0)
+                                                                 : (f32_storage ? 0 : e.weight);
   const auto up = [](std::size_t f) { return (f + 63) / 64 * 64; };
   return up(weight) + up(e.bias);
+}
+
+// Elements of the largest GEMM input (rows x K).
+inline std::size_t cuda_gemm_input_elems(const s2v::model& m) {
+  const s2v::geometry& g = m.geometry();
+  const std::size_t rows = std::max({g.kv_scratch_rows(), (g.audio_tokens + 1) * g.audio_t, 2 * g.frames});
+  return rows * weight_extents_of(m).inner;
 }
 
 // bf16 scratch elements of the bf16 compute: the largest GEMM input (rows x K) or attention.
 inline std::size_t cuda_bf16_elems(const s2v::model& m) {
   const s2v::geometry& g = m.geometry();
-  const std::size_t rows = std::max({g.kv_scratch_rows(), (g.audio_tokens + 1) * g.audio_t, 2 * g.frames});
-  return cuda_ops::bf16_scratch_elems(rows * weight_extents_of(m).inner, g.max_tokens(), g.max_keys(), g.dim);
+  return cuda_ops::bf16_scratch_elems(cuda_gemm_input_elems(m), g.max_tokens(), g.max_keys(), g.dim);
+}
+
+inline const s2v::cuda_options& checked(const s2v::cuda_options& o) {
+  if (o.fp8_activations != cuda::fp8_activations::none && !o.fp8_weights)
+    throw_error("liveavatar cuda model: fp8 activation quantization (", name_of(o.fp8_activations),
+                ") applies to fp8 weights only (a policy with fp8 or fp8:tensor)");
+  return o;
 }
 
 // The host's "scores" scratch is dropped: device attention keeps its scores on chip; so is its
@@ -124,9 +146,12 @@ class cuda_model {
   cuda_model(const s2v::config& config, const s2v::workload& workload, const s2v::options& options = {},
                  const s2v::cuda_options& cuda_options = {})
       : host_(config, workload, detail::with_cache_of(options, cuda_options.precision)),
-        options_(cuda_options),
-        widen_floats_(detail::cuda_widen_floats(host_, cuda_options.precision)),
-        bf16_elems_(cuda_options.precision == cuda_precision::bf16 ? detail::cuda_bf16_elems(host_) : 0) {
+        options_(detail::checked(cuda_options)),
+        widen_floats_(detail::cuda_widen_floats(host_, cuda_options.precision, cuda_options.fp8_weights)),
+        bf16_elems_(cuda_options.precision == cuda_precision::bf16 ? detail::cuda_bf16_elems(host_) : 0),
+        fp8_scratch_bytes_(cuda_options.fp8_activations == cuda::fp8_activations::per_tensor
+                               ? cuda_ops::fp8_scratch_bytes(detail::cuda_gemm_input_elems(host_))
+                               : 0) {
     for (std::size_t i = 0; i < host_.layer_count(); ++i) layers_.emplace_back(host_.layer(i));
   }
 
@@ -150,6 +175,7 @@ class cuda_model {
     if (bf16_elems_) specs.push_back({"bf16_scratch", bf16_elems_ * sizeof(bf16), memory_category::workspace});
     if (bf16_elems_ && options_.attention_engine)
       specs.push_back({"attention_workspace", options_.attention_workspace_bytes, memory_category::workspace});
+    if (fp8_scratch_bytes_) specs.push_back({"fp8_scratch", fp8_scratch_bytes_, memory_category::workspace});
     return specs;
   }
 
@@ -168,6 +194,10 @@ class cuda_model {
     const auto ws = buffers.bytes("gemm_workspace");
     const auto widen = buffers.bytes("weight_f32");
     s.ops = cuda_ops(nullptr, reinterpret_cast<float*>(widen.data()), widen_floats_, ws.data(), ws.size());
+    if (fp8_scratch_bytes_) {
+      const auto f8 = buffers.bytes("fp8_scratch");
+      s.ops.set_fp8_activations(options_.fp8_activations, f8.data(), f8.size());
+    }
     if (bf16_elems_) {
       s.ops.set_precision(cuda_precision::bf16, reinterpret_cast<bf16*>(buffers.bytes("bf16_scratch").data()), bf16_elems_);
       if (options_.attention_engine) {
@@ -235,6 +265,7 @@ class cuda_model {
   s2v::cuda_options options_;
   std::size_t widen_floats_;
   std::size_t bf16_elems_;
+  std::size_t fp8_scratch_bytes_;
   std::vector<s2v::cuda_layer> layers_;
 };
 

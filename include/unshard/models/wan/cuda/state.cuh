@@ -29,6 +29,9 @@ namespace unshard::wan {
 struct cuda_options {
   // cuBLASLt workspace, a declared workspace buffer (NVIDIA recommends 32 MiB on Hopper).
   std::size_t gemm_workspace_bytes = std::size_t{32} << 20;
+  // fp8 weights (the policy's fp8 / fp8:tensor term): the widening scratch then holds the largest
+  // weight dequantized to f32 (ops/cuda_ops.cuh: weight-only fp8). Set it with the policy.
+  bool fp8_weights = false;
 };
 
 // The host model's buffers, in device memory, plus the lane's ops context (ops/cuda_model.cuh).
@@ -40,7 +43,7 @@ namespace detail {
 // is not f32 (a row chunk of a weight is smaller still), then room for the largest 1-D parameter,
 // which cuda_ops keeps 16-byte aligned at the scratch's tail (a bf16 bias widened, or an f32 bias
 // slice that starts at an odd row realigned). Each part is a multiple of 64 floats.
-inline std::size_t cuda_widen_floats(const wan::geometry& g) {
+inline std::size_t cuda_widen_floats(const wan::geometry& g, bool fp8_weights = false) {
   std::size_t weight = 0, bias = 0;
   for (const param_table& t :
        {patch_embedding_layout(g).table, time_layout(g).table, text_layout(g).table,
@@ -54,7 +57,7 @@ inline std::size_t cuda_widen_floats(const wan::geometry& g) {
       if (t.slots[i].dims.rank() == 2 || t.slots[i].dims.rank() == 5) weight = std::max(weight, n);
     }
   const auto up = [](std::size_t f) { return (f + 63) / 64 * 64; };
-  return (g.storage == dtype::f32 ? 0 : up(weight)) + up(bias);
+  return (g.storage == dtype::f32 && !fp8_weights ? 0 : up(weight)) + up(bias);
 }
 
 struct cuda_extra {
@@ -63,7 +66,7 @@ struct cuda_extra {
 };
 
 inline std::vector<cuda_extra> cuda_extra_buffers(const wan::geometry& g, const wan::cuda_options& o) {
-  return {{"gemm_workspace", o.gemm_workspace_bytes}, {"weight_f32", cuda_widen_floats(g) * sizeof(float)}};
+  return {{"gemm_workspace", o.gemm_workspace_bytes}, {"weight_f32", cuda_widen_floats(g, o.fp8_weights) * sizeof(float)}};
 }
 
 inline bool cuda_uses_buffer(std::string_view name) { return name != "scores"; }
