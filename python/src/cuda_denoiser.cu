@@ -317,7 +317,8 @@ class engine final : public cuda_denoiser {
     results_.init(devices_[0]);
     s2v::cuda_options co;
     co.precision = job.bf16_compute ? cuda_precision::bf16 : cuda_precision::f32;
-    co.fp8_weights = job.options.policy.fp8;  // fp8 policies: weight-only fp8 (the weights dequantized per chunk)
+    co.fp8_weights = job.options.policy.fp8;  // fp8 policies: weight-only fp8 by default (dequantized per chunk)
+    co.fp8_activations = job.fp8_activations ? cuda::fp8_activations::per_tensor : cuda::fp8_activations::none;
     co.attention_engine = make_cudnn_attention;  // cuDNN SDPA where built, else unshard's kernel (sdpa.cuh)
     model_ = std::make_unique<py_model>(job.config, job.workload, job.model_options, co, inputs_, results_);
     const checkpoint_weights base(*job.weights);

@@ -89,6 +89,7 @@ struct cuda_job {
   session_options options;            // world_size, policy, schedule, budget, steps
   std::vector<int> devices;           // rank r on devices[r] (size world_size, distinct, visible)
   bool bf16_compute = false;          // compute="bf16": tensor-core GEMMs, fused attention
+  bool fp8_activations = false;       // fp8_activations="tensor": e4m3 x e4m3 GEMMs (an fp8 policy's weights)
   const checkpoint* weights = nullptr;
   const checkpoint* lora = nullptr;   // merged into each rank's slice while it loads
   std::optional<double> lora_alpha;

@@ -453,6 +453,15 @@ bool parse_compute_bf16(const std::string& s) {
   raise(PyExc_ValueError, "compute must be 'f32' or 'bf16', got '" + s + "'");
 }
 
+// fp8_activations=: how the CUDA backend's GEMMs over fp8 weights treat their inputs
+// (unshard-avatar --fp8-activations): "none" (weight-only fp8) or "tensor" (the official per-tensor e4m3
+// quantization, cuBLASLt's fp8 GEMM).
+bool parse_fp8_activations_tensor(const std::string& s) {
+  if (s == "none") return false;
+  if (s == "tensor") return true;
+  raise(PyExc_ValueError, "fp8_activations must be 'none' or 'tensor', got '" + s + "'");
+}
+
 // devices=: one distinct visible GPU per rank (rank r on devices[r]); None: GPUs 0..world_size-1.
 std::vector<int> parse_devices(nb::handle devices, std::size_t world_size, int visible) {
   std::vector<int> out;
@@ -507,7 +516,7 @@ class live_avatar_denoiser {
                        std::optional<std::size_t> blocks_per_clip, std::optional<std::size_t> steps,
                        std::optional<double> shift, std::uint64_t seed, nb::handle budget, bool strict,
                        std::optional<std::size_t> audio_frames, std::optional<std::pair<std::int64_t, std::int64_t>> motion_frames,
-                       const std::string& compute)
+                       const std::string& compute, const std::string& fp8_activations)
       : seed_(seed), draws_(seed) {
     using namespace unshard;
     const bool on_cuda = backend == "cuda";
@@ -532,6 +541,13 @@ class live_avatar_denoiser {
     session_options opt;
     opt.world_size = world_size;
     opt.policy = parse_policy(policy).values;  // an unshard::error naming the term -> ValueError
+    const bool fp8_act_tensor = parse_fp8_activations_tensor(fp8_activations);
+    if (fp8_act_tensor && !on_cuda)
+      raise(PyExc_ValueError, "fp8_activations='tensor' needs backend='cuda' (the host backend runs fp8 weights "
+                              "weight-only: codes dequantized per chunk)");
+    if (fp8_act_tensor && !opt.policy.fp8)
+      raise(PyExc_ValueError, "fp8_activations='tensor' needs an fp8 policy (a term fp8 or fp8:tensor), policy is '" +
+                                  policy + "'");
     opt.schedule = parse_schedule(schedule);
     if (budget.is_valid() && !budget.is_none()) {
       if (nb::isinstance<nb::str>(budget)) opt.budget_bytes = parse_size(nb::cast<std::string>(budget), "budget");
@@ -644,6 +660,7 @@ class live_avatar_denoiser {
       job.options = opt;
       job.devices = device_list;
       job.bf16_compute = bf16_compute;
+      job.fp8_activations = fp8_act_tensor;
       job.weights = &ck;
       job.lora = lora_file ? &*lora_file : nullptr;
       job.lora_alpha = lora_alpha;
@@ -662,6 +679,7 @@ class live_avatar_denoiser {
     if (!on_cuda)
       denoiser_ = std::make_unique<denoiser_t>(*model_, *session_, s2v::denoise_options{loop_.sampler, loop_.blocks_per_clip, false});
     compute_ = on_cuda ? (bf16_compute ? "bf16" : "f32") : "f32";
+    fp8_activations_ = fp8_act_tensor ? "tensor" : "none";
   }
 
   // ---- calls ----
@@ -855,6 +873,7 @@ class live_avatar_denoiser {
   std::size_t ticks_run() const { return cuda_ ? cuda_->ticks_run() : denoiser_->ticks_run(); }
   std::string backend() const { return cuda_ ? "cuda" : "host"; }
   const std::string& compute() const { return compute_; }
+  const std::string& fp8_activations() const { return fp8_activations_; }
   nb::object devices() const {
     if (!cuda_) return nb::none();
     nb::list l;
@@ -1046,6 +1065,7 @@ class live_avatar_denoiser {
   std::unique_ptr<upy::cuda_denoiser> cuda_;
   std::optional<s2v::flow_match_euler> sampler_;
   std::string compute_ = "f32";
+  std::string fp8_activations_ = "none";
   s2v::loop_spec loop_;
   std::uint64_t seed_;
   s2v::relative_dist_draws draws_;
@@ -1148,17 +1168,19 @@ NB_MODULE(_unshard, m) {
              std::optional<std::string> gemm, const std::string& dtype, nb::handle size, std::optional<std::size_t> clips,
              std::optional<std::size_t> blocks_per_clip, std::optional<std::size_t> steps, std::optional<double> shift,
              std::uint64_t seed, nb::handle budget, bool strict, std::optional<std::size_t> audio_frames,
-             std::optional<std::pair<std::int64_t, std::int64_t>> motion_frames, const std::string& compute) {
+             std::optional<std::pair<std::int64_t, std::int64_t>> motion_frames, const std::string& compute,
+             const std::string& fp8_activations) {
             new (self) live_avatar_denoiser(config, weights, std::move(lora), lora_alpha, world_size, policy, schedule, backend,
                                             devices, std::move(gemm), dtype, size, clips, blocks_per_clip, steps, shift, seed,
-                                            budget, strict, audio_frames, motion_frames, compute);
+                                            budget, strict, audio_frames, motion_frames, compute,
+                                            fp8_activations);
           },
           "config"_a, "weights"_a, "lora"_a = nb::none(), "lora_alpha"_a = nb::none(), "world_size"_a = 1,
           "policy"_a = "prefetch:1", "schedule"_a = "steps", "backend"_a = "host", "devices"_a = nb::none(),
           "gemm"_a = nb::none(), "dtype"_a = "f32", "size"_a = nb::none(), "clips"_a = nb::none(),
           "blocks_per_clip"_a = nb::none(), "steps"_a = nb::none(), "shift"_a = nb::none(), "seed"_a = 0,
           "budget"_a = nb::none(), "strict"_a = false, "audio_frames"_a = nb::none(), "motion_frames"_a = nb::none(),
-          "compute"_a = "f32")
+          "compute"_a = "f32", "fp8_activations"_a = "none")
       .def("sink", &live_avatar_denoiser::sink, "ref_latents"_a.none(), "motion_latents"_a.none(), "context"_a.none(), "audio"_a = nb::none(),
            "cond_states"_a = nb::none(), "stream"_a = nb::none(),
            "The cond prefill: reference and motion latents into every step's cond cache. `context` [L <= text_len, "
@@ -1194,6 +1216,7 @@ NB_MODULE(_unshard, m) {
                    "when read in place, host or device).")
       .def_prop_ro("backend", &live_avatar_denoiser::backend)
       .def_prop_ro("compute", &live_avatar_denoiser::compute)
+      .def_prop_ro("fp8_activations", &live_avatar_denoiser::fp8_activations)
       .def_prop_ro("devices", &live_avatar_denoiser::devices, "(backend='cuda') the GPU of each rank; None on the host")
       .def("__repr__", &live_avatar_denoiser::repr);
 }

@@ -94,8 +94,13 @@ def test_cuda_only_arguments_on_the_host_backend(denoise_case):
         make(denoise_case, compute="bf16")
     with pytest.raises(ValueError, match="compute must be"):
         make(denoise_case, compute="f16")
+    with pytest.raises(ValueError, match="fp8_activations='tensor' needs backend='cuda'"):
+        make(denoise_case, policy="prefetch:1+fp8", fp8_activations="tensor")
+    with pytest.raises(ValueError, match="fp8_activations must be 'none' or 'tensor', got 'channel'"):
+        make(denoise_case, policy="prefetch:1+fp8", fp8_activations="channel")
     den = make(denoise_case)
     assert den.backend == "host" and den.devices is None and den.compute == "f32"
+    assert den.fp8_activations == "none"
     with pytest.raises(ValueError, match="stream applies to backend='cuda' only"):
         den.sink(**denoise_case.sink_inputs(), stream=0)
     assert not den.sunk
@@ -173,6 +178,33 @@ def test_bf16_compute_within_its_coarse_bound(denoise_case):
     for clip, block in denoise_case.blocks():
         r = den.denoise_block(**denoise_case.block_inputs(clip, block), all_steps=True)
         check_block(denoise_case, r, clip, block, BF16_RULE)
+
+
+# fp8 activations quantize every GEMM input to e4m3 (2^-4 relative): the rule of
+# tests/cli/s2v_avatar_cuda.sh, a check that catches a lost or doubled scale or a wrong layout (errors of
+# order 1), not a precision claim.
+FP8_ACTIVATIONS_RULE = 2e-1
+
+
+@pytest.mark.parametrize("policy", ["prefetch:1+fp8", "chunked:64KiB+prefetch:1+fp8:tensor"])
+def test_fp8_weights_against_the_host_fp8_run(denoise_case, policy):
+    """fp8 weights on the GPU answer to the host backend's run of the same policy (the same codes and
+    scales): weight-only fp8 in f32 dequantizes to the host's f32 weights exactly (the 1e-5 rule),
+    fp8_activations='tensor' within FP8_ACTIVATIONS_RULE."""
+    require_gpu()
+    on_host = make(denoise_case, policy=policy)
+    on_host.sink(**denoise_case.sink_inputs())
+    expected = [np.array(on_host.denoise_block(**denoise_case.block_inputs(c, b))) for c, b in denoise_case.blocks()]
+    with pytest.raises(ValueError, match="needs an fp8 policy"):
+        make(denoise_case, backend="cuda", policy="prefetch:1", fp8_activations="tensor")
+    for act, rule in (("none", 1e-5), ("tensor", FP8_ACTIVATIONS_RULE)):
+        den = make(denoise_case, backend="cuda", policy=policy, fp8_activations=act)
+        assert den.fp8_activations == act
+        den.sink(**denoise_case.sink_inputs())
+        for (clip, block), ref in zip(denoise_case.blocks(), expected):
+            ok, err, tol = within(host(den.denoise_block(**denoise_case.block_inputs(clip, block))), ref, rule)
+            assert ok, "%s fp8_activations=%s clip%d.block%d: max|gpu - host| = %g > %g" % (policy, act, clip, block,
+                                                                                          err, tol)
 
 
 def test_bad_devices(denoise_case):

@@ -100,16 +100,19 @@ __global__ void quantize_kernel(const float* x, std::size_t n, const std::uint32
   }
 }
 
+// Rows over blockIdx.y, columns over x: no 64-bit division per element.
 template <int = 0>
 __global__ void epilogue_kernel(float* y, std::size_t m, std::size_t n, std::size_t ldy, const float* col_scale,
                                 bool per_column, const float* bias, bool gelu) {
-  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < m * n;
-       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
-    const std::size_t r = i / n, j = i % n;
-    float v = y[r * ldy + j];
-    if (col_scale) v = v * col_scale[per_column ? j : 0];
-    if (bias) v = v + bias[j];
-    y[r * ldy + j] = gelu ? unshard::gelu_tanh(v) : v;
+  for (std::size_t r = blockIdx.y; r < m; r += gridDim.y) {
+    float* row = y + r * ldy;
+    for (std::size_t j = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; j < n;
+         j += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+      float v = row[j];
+      if (col_scale) v = v * col_scale[per_column ? j : 0];
+      if (bias) v = v + bias[j];
+      row[j] = gelu ? unshard::gelu_tanh(v) : v;
+    }
   }
 }
 
@@ -159,8 +162,9 @@ inline void quantize_activations_fp8(const float* x, std::size_t n, std::uint32_
 inline void fp8_epilogue(float* y, std::size_t m, std::size_t n, std::size_t ldy, const float* col_scale,
                          std::size_t scale_count, const float* bias, bool gelu, cudaStream_t stream) {
   if (m * n == 0 || (!col_scale && !bias && !gelu)) return;
-  fp8_detail::epilogue_kernel<><<<blocks_for(m * n, fp8_detail::threads), fp8_detail::threads, 0, stream>>>(
-      y, m, n, ldy, col_scale, scale_count != 1, bias, gelu);
+  const dim3 grid(blocks_for(n, fp8_detail::threads), static_cast<unsigned>(m < 65535 ? m : 65535));
+  fp8_detail::epilogue_kernel<><<<grid, fp8_detail::threads, 0, stream>>>(y, m, n, ldy, col_scale, scale_count != 1,
+                                                                          bias, gelu);
   check_launch("fp8 epilogue");
 }
 
