@@ -547,18 +547,26 @@ TEST_CASE("safetensors: F8_E4M3 tensors write and read back as f8e4m3") {
   msg = error_of([&] { (void)read_f32(c, "blocks.0.w"); });
   CHECK(contains(msg, "'blocks.0.w'"));
 
-  // The loader reads f8e4m3 as f8e4m3 (bytes as stored) and refuses to convert it to another dtype.
+  // The loader reads f8e4m3 as f8e4m3 (bytes as stored); into another dtype it dequantizes with the
+  // stored scales (a range starting mid-row included), and codes without scales are refused.
   const checkpoint_weights cw(c);
   CHECK(cw.describe("blocks.0.w").type == dtype::f8e4m3);
   std::vector<std::byte> raw(rows * cols);
   detail::load_elements(cw, param_spec{"blocks.0.w", mat(rows, cols), dtype::f8e4m3}, 0, rows * cols, raw.data());
   CHECK(std::memcmp(raw.data(), q.codes.data(), raw.size()) == 0);
-  std::vector<std::byte> as_bf16(rows * cols * 2);
+  const std::size_t first = 4, count = 17;
+  std::vector<bf16> as_bf16(count);
+  detail::load_elements(cw, param_spec{"blocks.0.w", mat(rows, cols), dtype::bf16}, first, count,
+                        reinterpret_cast<std::byte*>(as_bf16.data()));
+  for (std::size_t i = 0; i < count; ++i) CHECK(as_bf16[i].bits == bf16::from_float(want[first + i]).bits);
+  std::vector<float> as_f32(rows * cols);
+  detail::load_elements(cw, param_spec{"blocks.0.w", mat(rows, cols), dtype::f32}, 0, rows * cols,
+                        reinterpret_cast<std::byte*>(as_f32.data()));
+  for (std::size_t i = 0; i < as_f32.size(); ++i) CHECK(same_bits(as_f32[i], want[i]));
   msg = error_of([&] {
-    detail::load_elements(cw, param_spec{"blocks.0.w", mat(rows, cols), dtype::bf16}, 0, rows * cols, as_bf16.data());
+    detail::load_elements(cw, param_spec{"direct", mat(2, 2), dtype::f32}, 0, 4, reinterpret_cast<std::byte*>(as_f32.data()));
   });
-  CHECK(contains(msg, "'blocks.0.w'"));
-  CHECK(contains(msg, "f8e4m3"));
+  CHECK(contains(msg, "'direct' is f8e4m3 but has no scale tensor"));
   msg = error_of([&] {
     detail::load_elements(cw, param_spec{"bias", shape{3}, dtype::f8e4m3}, 0, 3, raw.data());
   });
@@ -574,7 +582,7 @@ TEST_CASE("safetensors: F8_E4M3 tensors write and read back as f8e4m3") {
   CHECK(contains(msg, "'nan'"));
 }
 
-TEST_CASE("a LoRA is not merged into f8e4m3 weights, nor read from f8e4m3 tensors") {
+TEST_CASE("a LoRA merges into f8e4m3 weights through their scales (none: an error), and is never read from f8e4m3") {
   temp_dir dir;
   const std::vector<std::uint8_t> codes{0x38, 0x40, 0x30, 0xb8};
   safetensors_writer base;
@@ -586,9 +594,22 @@ TEST_CASE("a LoRA is not merged into f8e4m3 weights, nor read from f8e4m3 tensor
   lora.write(dir / "lora.safetensors");
   const checkpoint bc = checkpoint::open(dir / "base.safetensors"), lc = checkpoint::open(dir / "lora.safetensors");
   const checkpoint_weights bw(bc);
+  // Codes without scales mean nothing: refused, naming the weight.
   std::string msg = error_of([&] { lora_weights<checkpoint_weights> merged(bw, lc, 1.0); });
-  CHECK(contains(msg, "'blocks.0.weight'"));
-  CHECK(contains(msg, "f8e4m3"));
+  CHECK(contains(msg, "'blocks.0.weight' is f8e4m3 but has no scale tensor"));
+  // With its scales (one per row): W = code x scale, then W + s B A (s = alpha / r = 1), in f32:
+  // [[1, 2], [0.5, -1]] x [0.5, 0.25] per row + [[3, 6], [4, 8]].
+  safetensors_writer scaled;
+  scaled.add("blocks.0.weight", dtype::f8e4m3, shape{2, 2}, std::as_bytes(std::span(codes)));
+  scaled.add("blocks.0.weight.scale", shape{2}, std::vector<float>{0.5f, 0.25f});
+  scaled.write(dir / "scaled.safetensors");
+  const checkpoint sc = checkpoint::open(dir / "scaled.safetensors");
+  const checkpoint_weights sw(sc);
+  const lora_weights<checkpoint_weights> merged(sw, lc, 1.0);
+  CHECK(merged.describe("blocks.0.weight").type == dtype::f32);
+  std::vector<float> w(4);
+  merged.read("blocks.0.weight", 0, std::as_writable_bytes(std::span(w)));
+  CHECK(w == std::vector<float>{3.5f, 7.0f, 4.125f, 7.75f});
 
   safetensors_writer lora8;
   lora8.add("base_model.model.blocks.0.lora_A.weight", dtype::f8e4m3, shape{1, 2}, std::as_bytes(std::span(codes).first(2)));

@@ -473,10 +473,14 @@ TEST_CASE("fp8 checkpoints load directly: a round trip equals converting at load
         CHECK(msg.find("one scale per output row") != std::string::npos);
         CHECK(msg.find(".weight' has one scale per output row ('") != std::string::npos);
       }
-      // Without an fp8 term, f8e4m3 weights are refused, naming the tensor and the way out.
-      const std::string msg = error_of([&] { session<wan::model> s(m, checkpoint_weights(ck), sharded_options(policy, 2)); });
-      CHECK(msg.find("is stored as f8e4m3") != std::string::npos);
-      CHECK(msg.find("fp8 policy term") != std::string::npos);
+      // Without an fp8 term the codes are dequantized at load (code x stored scale): the run equals,
+      // bit for bit, the same policy over the dequantized f32 checkpoint.
+      const removing deq_file{write_quantized(m, c.file, scaling, rewrite::dequantized_f32, temp_file("deq8.safetensors"))};
+      const checkpoint dc = checkpoint::open(deq_file.path);
+      const wan_run want = run_wan(m, checkpoint_weights(dc), c.file, policy, 2);
+      const wan_run got = run_wan(m, checkpoint_weights(ck), c.file, policy, 2);
+      CHECK(same_bits(got.out.output, want.out.output));
+      CHECK(same_bits(got.out.output, converted.out.output));  // and the fp8 policy's run: the same weights
     }
   }
   // Damaged fp8 checkpoints: a NaN code, a missing, zero, negative or infinite scale, a scale of the
@@ -529,27 +533,32 @@ TEST_CASE("fp8 checkpoints load directly: a round trip equals converting at load
   CHECK(msg.find("scale tensor '" + w0 + ".scale' of f8e4m3 weight '" + w0 + "'") != std::string::npos);
 }
 
-TEST_CASE("fp8 with a LoRA: merged into each rank's slice first, then quantized") {
-  const wan_case c = load_wan_case("wan_tiny_a");
-  const wan::model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
-  const checkpoint_weights base(c.file);
-  // A rank-3 LoRA on two weights.
+// A rank-3 LoRA on two weights of the tiny Wan model, written to `path`.
+const std::vector<std::string> lora_modules = {"blocks.0.ffn.0", "blocks.1.self_attn.q"};
+void write_test_lora(const checkpoint& base, const std::string& path) {
   safetensors_writer lw;
   std::uint32_t seed = 12345;
   const auto next = [&] {
     seed = seed * 1664525u + 1013904223u;
     return static_cast<float>(seed >> 8) / static_cast<float>(1u << 24) - 0.5f;
   };
-  for (const std::string module : {"blocks.0.ffn.0", "blocks.1.self_attn.q"}) {
-    const shape d = c.file.at(module + ".weight").dims;
+  for (const std::string& module : lora_modules) {
+    const shape d = base.at(module + ".weight").dims;
     std::vector<float> a(static_cast<std::size_t>(3 * d[1])), b(static_cast<std::size_t>(d[0] * 3));
     for (auto& v : a) v = next();
     for (auto& v : b) v = next();
     lw.add("base_model.model." + module + ".lora_A.weight", shape{3, d[1]}, a);
     lw.add("base_model.model." + module + ".lora_B.weight", shape{d[0], 3}, b);
   }
+  lw.write(path);
+}
+
+TEST_CASE("fp8 with a LoRA: merged into each rank's slice first, then quantized") {
+  const wan_case c = load_wan_case("wan_tiny_a");
+  const wan::model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const checkpoint_weights base(c.file);
   const removing lora_file{temp_file("lora.safetensors")};
-  lw.write(lora_file.path);
+  write_test_lora(c.file, lora_file.path);
   const checkpoint lc = checkpoint::open(lora_file.path);
   const lora_weights<checkpoint_weights> merged(base, lc, 0.75);
   // The same merge written out whole, in f32: the weights an fp8 run with the LoRA must quantize.
@@ -571,6 +580,66 @@ TEST_CASE("fp8 with a LoRA: merged into each rank's slice first, then quantized"
     const wan_run got = run_wan(m, merged, c.file, std::string("chunked:3000B+prefetch:2+") + term, 3);
     CHECK(same_bits(got.out.output, want.out.output));
     const wan_run plain = run_wan(m, base, c.file, std::string("chunked:4KiB+") + term, 1);
+    CHECK(!same_bits(plain.out.output, want.out.output));  // the LoRA changed something
+  }
+}
+
+TEST_CASE("a LoRA over an fp8 checkpoint: merged into the dequantized weights, then quantized afresh") {
+  const wan_case c = load_wan_case("wan_tiny_a");
+  const wan::model m(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const removing lora_file{temp_file("lora8.safetensors")};
+  write_test_lora(c.file, lora_file.path);
+  const checkpoint lc = checkpoint::open(lora_file.path);
+  for (const fp8_scaling scaling : {fp8_scaling::per_channel, fp8_scaling::per_tensor}) {
+    const std::string term = term_of(scaling);
+    CAPTURE(term);
+    const removing fp8_file{write_quantized(m, c.file, scaling, rewrite::fp8_codes, temp_file("ckpt8l.safetensors"))};
+    const checkpoint q = checkpoint::open(fp8_file.path);
+    // The expected source: the fp8 checkpoint with the LoRA's two weights written out as their
+    // dequantized f32 values (codes x stored scales, by hand) and their scales dropped.
+    safetensors_writer ww;
+    for (const std::string& name : q.names()) {
+      const tensor_info& t = q.at(name);
+      const bool target = std::any_of(lora_modules.begin(), lora_modules.end(), [&](const std::string& mod) {
+        return name == mod + ".weight";
+      });
+      const bool target_scale = std::any_of(lora_modules.begin(), lora_modules.end(), [&](const std::string& mod) {
+        return name == mod + ".weight.scale";
+      });
+      if (target_scale) continue;
+      std::vector<std::byte> raw(t.bytes);
+      q.read(name, 0, raw);
+      if (!target) {
+        ww.add(name, *t.type, t.dims, raw);
+        continue;
+      }
+      REQUIRE(*t.type == dtype::f8e4m3);
+      const std::vector<float> sc = read_f32(q, name + ".scale");
+      const auto rows = static_cast<std::size_t>(t.dims[0]), cols = static_cast<std::size_t>(t.dims[1]);
+      std::vector<float> deq(rows * cols);
+      for (std::size_t i = 0; i < deq.size(); ++i)
+        deq[i] = quant::e4m3_values()[static_cast<std::uint8_t>(raw[i])] * sc[sc.size() == 1 ? 0 : i / cols];
+      ww.add(name, t.dims, deq);
+    }
+    const removing want_file{temp_file("want8l.safetensors")};
+    ww.write(want_file.path);
+    const checkpoint wc = checkpoint::open(want_file.path);
+    const checkpoint_weights fp8_base(q), want_base(wc);
+    const lora_weights<checkpoint_weights> over_fp8(fp8_base, lc, 0.75), over_want(want_base, lc, 0.75);
+    CHECK(over_fp8.describe("blocks.0.ffn.0.weight").type == dtype::f32);
+    const auto merged = [](const lora_weights<checkpoint_weights>& src, const std::string& name) {
+      std::vector<float> v(static_cast<std::size_t>(src.describe(name).dims.numel()));
+      src.read(name, 0, std::as_writable_bytes(std::span(v)));
+      return v;
+    };
+    for (const std::string& mod : lora_modules)  // the merged values themselves
+      CHECK(same_bits(merged(over_fp8, mod + ".weight"), merged(over_want, mod + ".weight")));
+    const wan_run want = run_wan(m, over_want, c.file, "chunked:4KiB+" + term, 1);
+    for (const std::size_t world : {std::size_t{1}, std::size_t{3}}) {
+      const wan_run got = run_wan(m, over_fp8, c.file, "chunked:3000B+prefetch:2+" + term, world);
+      CHECK(same_bits(got.out.output, want.out.output));
+    }
+    const wan_run plain = run_wan(m, fp8_base, c.file, "chunked:4KiB+" + term, 1);
     CHECK(!same_bits(plain.out.output, want.out.output));  // the LoRA changed something
   }
 }

@@ -14,7 +14,9 @@
 //     W'[i, j] = W[i, j] + Σ_k (s · B[i, k]) · A[k, j]
 // with s · B[i, k] rounded to f32, the sum taken by the portable GEMM (kernels/host/gemm.hpp),
 // whose summation order depends on r alone, not on which rows or columns a call asks for, and
-// one f32 addition of the base value last.
+// one f32 addition of the base value last. A base weight stored as f8e4m3 (an fp8 checkpoint) is
+// dequantized first, W = code x its stored scale; under an fp8 policy the merged f32 weight is then
+// quantized afresh.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -149,6 +151,7 @@ class lora_weights {
     dtype base_type;    // the base weight's stored dtype
     std::int64_t rank;  // r
     float scale;        // s, rounded to f32 once
+    std::vector<float> fp8_scales;  // an f8e4m3 base weight's stored scales (1, or one per row)
   };
 
   // Rows merged at once (at least; more when rows are short): bounds the scratch memory per rank
@@ -213,17 +216,19 @@ class lora_weights {
         throw_error(lora_.path(), ": LoRA tensor '", a_name, "' targets no base weight: '", weight,
                     "' is not in the base weights (", e.what(), ")");
       }
-      if (base.type == dtype::f8e4m3)
-        throw_error(lora_.path(), ": LoRA for '", weight, "': the base weight in ", base_.origin(),
-                    " is f8e4m3; merging a LoRA into f8e4m3 weights is not supported yet (merge into the bf16 or f32 "
-                    "checkpoint, then quantize)");
       const shape update{b.dims[0], a.dims[1]};
       if (!(base.dims == update))
         throw_error(lora_.path(), ": LoRA for '", weight, "' is a ", update.to_string(), " update ('", b_name, "' ",
                     b.dims.to_string(), " x '", a_name, "' ", a.dims.to_string(), ") but the base weight in ",
                     base_.origin(), " has shape ", base.dims.to_string());
+      // An fp8 checkpoint's weight merges from its dequantized values (codes x stored scales); an
+      // fp8 policy then quantizes the merged f32 weight afresh (fp8_weight_source), as it would a
+      // bf16 checkpoint's: the LoRA's update is far finer than an e4m3 step, so it cannot be added
+      // to the codes.
+      std::vector<float> fp8_scales;
+      if (base.type == dtype::f8e4m3) fp8_scales = read_fp8_scales(base_, weight, static_cast<std::size_t>(base.dims[0])).values;
       const double s = config && config->rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
-      targets_.emplace(weight, target{a_name, b_name, base.dims, base.type, r, static_cast<float>(s)});
+      targets_.emplace(weight, target{a_name, b_name, base.dims, base.type, r, static_cast<float>(s), std::move(fp8_scales)});
     }
   }
 
@@ -259,7 +264,8 @@ class lora_weights {
     return out;
   }
 
-  // Base elements [first, first + n) widened to f32 into out.
+  // Base elements [first, first + n) widened to f32 into out (whole rows: merge_block's); f8e4m3
+  // codes checked for the NaN code and dequantized with their stored scales, as the host GEMM would.
   void base_values(std::string_view name, const target& t, std::size_t first, std::size_t n, float* out) const {
     const std::size_t es = size_of(t.base_type);
     if (t.base_type == dtype::f32) {
@@ -268,6 +274,15 @@ class lora_weights {
     }
     std::vector<std::byte> raw(n * es);
     base_.read(name, first * es, raw);
+    if (t.base_type == dtype::f8e4m3) {
+      const auto cols = static_cast<std::size_t>(t.dims[1]);
+      const auto* codes = reinterpret_cast<const f8e4m3*>(raw.data());
+      quant::check_codes(name, codes, first, n, cols);
+      quant::dequantize_rows(codes, first / cols, (first + n) / cols, cols,
+                             t.fp8_scales.size() == 1 ? quant::fp8_scaling::per_tensor : quant::fp8_scaling::per_channel,
+                             t.fp8_scales, out);
+      return;
+    }
     for (std::size_t i = 0; i < n; ++i) out[i] = load_as_float(raw.data(), t.base_type, i);
   }
 

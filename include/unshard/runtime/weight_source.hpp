@@ -1,5 +1,6 @@
 #pragma once
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -48,7 +49,72 @@ concept weight_source = requires(const S& s, std::string_view name, std::uint64_
   { s.origin() } -> std::convertible_to<std::string>;          // a file path or a description, for errors
 };
 
+// An fp8 checkpoint's scales of its f8e4m3 weight `name` with `rows` output rows: the tensor
+// "<name>.scale" or "<name>_scale" (so "x.weight_scale"), F32/BF16/F16, of 1 element (per tensor)
+// or `rows` (per output row), each positive and finite; an error naming the tensor otherwise.
+struct fp8_stored_scales {
+  std::string tensor;         // which of the two names holds them
+  std::vector<float> values;  // 1 or `rows`
+};
+
+template <weight_source S>
+fp8_stored_scales read_fp8_scales(const S& src, const std::string& name, std::size_t rows) {
+  std::optional<std::string> found;
+  stored_tensor st;
+  for (const std::string& candidate : {name + ".scale", name + "_scale"}) {
+    try {
+      st = src.describe(candidate);
+    } catch (const error&) {
+      continue;
+    }
+    found = candidate;
+    break;
+  }
+  if (!found)
+    throw_error(src.origin(), ": tensor '", name, "' is f8e4m3 but has no scale tensor ('", name, ".scale' or '", name,
+                "_scale'); f8e4m3 codes mean nothing without their scales");
+  const auto count = static_cast<std::size_t>(st.dims.numel());
+  if (st.type == dtype::f8e4m3 || (count != 1 && count != rows))
+    throw_error(src.origin(), ": scale tensor '", *found, "' of f8e4m3 weight '", name, "' is ", name_of(st.type), " ",
+                st.dims.to_string(), "; it must be F32, BF16 or F16 with 1 element (per tensor) or ", rows,
+                " (one per output row)");
+  std::vector<std::byte> raw(count * size_of(st.type));
+  src.read(*found, 0, raw);
+  fp8_stored_scales out{*found, std::vector<float>(count)};
+  for (std::size_t i = 0; i < count; ++i) {
+    out.values[i] = load_as_float(raw.data(), st.type, i);
+    if (!(out.values[i] > 0.0f) || !std::isfinite(out.values[i]))
+      throw_error(src.origin(), ": scale ", i, " of f8e4m3 weight '", name, "' ('", *found, "') is ", out.values[i],
+                  "; a scale must be positive and finite");
+  }
+  return out;
+}
+
 namespace detail {
+// Elements [first, first+count) of an f8e4m3 weight [rows, cols] of an fp8 checkpoint, dequantized
+// with its stored scales (read_fp8_scales) and stored as p's dtype into dst; codes checked for the
+// NaN code. In bounded pieces (load time only).
+template <weight_source S>
+void load_dequantized(const S& src, const param_spec& p, std::size_t first, std::size_t count, std::byte* dst) {
+  if (p.dims.rank() != 2)
+    throw_error(src.origin(), ": tensor '", p.name, "' is stored as f8e4m3 with shape ", p.dims.to_string(),
+                "; only 2-D [out, in] weights are read from f8e4m3 codes");
+  const auto cols = static_cast<std::size_t>(p.dims[1]);
+  const std::vector<float> scales = read_fp8_scales(src, p.name, static_cast<std::size_t>(p.dims[0])).values;
+  const std::array<float, 256>& value = quant::e4m3_values();
+  constexpr std::size_t piece = 16384;
+  std::vector<f8e4m3> codes(piece);
+  for (std::size_t done = 0; done < count; done += piece) {
+    const std::size_t n = std::min(piece, count - done);
+    src.read(p.name, first + done, std::as_writable_bytes(std::span(codes.data(), n)));
+    quant::check_codes(p.name, codes.data(), first + done, n, cols);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t e = first + done + i;
+      store_from_float(dst, p.type, done + i, value[codes[i].bits] * scales[scales.size() == 1 ? 0 : e / cols]);
+    }
+  }
+}
+
 // Elements [first, first+count) of parameter p, converted to p's storage dtype, into dst.
 template <weight_source S>
 void load_elements(const S& src, const param_spec& p, std::size_t first, std::size_t count, std::byte* dst) {
@@ -60,13 +126,12 @@ void load_elements(const S& src, const param_spec& p, std::size_t first, std::si
     src.read(p.name, first * size_of(p.type), {dst, count * size_of(p.type)});
     return;
   }
-  // f8e4m3 codes mean nothing without their scales, and quantizing needs a whole row (per-channel
-  // scales) or tensor (per-tensor): neither fits an element-wise conversion of a shard's range. The
-  // fp8 policy quantizes through fp8_weight_source (below), which hands the loader codes as codes.
-  if (st.type == dtype::f8e4m3)
-    throw_error(src.origin(), ": tensor '", p.name, "' is stored as f8e4m3, the model expects ", name_of(p.type),
-                ": converting from f8e4m3 weights element by element is not supported by the loader yet (an fp8 "
-                "checkpoint's GEMM weights load under an fp8 policy term: fp8 or fp8:tensor)");
+  // An fp8 checkpoint's weight under a policy without fp8: dequantized with its stored scales
+  // (code x scale, in f32, as the fp8 GEMM would), then stored as the model's dtype.
+  if (st.type == dtype::f8e4m3) return load_dequantized(src, p, first, count, dst);
+  // Quantizing needs a whole row (per-channel scales) or tensor (per-tensor): it does not fit an
+  // element-wise conversion of a shard's range. The fp8 policy quantizes through fp8_weight_source
+  // (below), which hands the loader codes as codes.
   if (p.type == dtype::f8e4m3)
     throw_error(src.origin(), ": tensor '", p.name, "' is stored as ", name_of(st.type),
                 ", the model expects f8e4m3: converting to f8e4m3 element by element is not supported by the loader "
@@ -242,40 +307,14 @@ class fp8_weight_source {
     return sc;
   }
 
-  // An fp8 checkpoint's scale tensor for `name`: 1 value or one per row.
+  // An fp8 checkpoint's scales for `name` (read_fp8_scales), as this policy keeps them.
   std::vector<float> stored_scales(const std::string& name, const entry& w) const {
-    std::optional<std::string> found;
-    stored_tensor st;
-    for (const std::string& candidate : {name + ".scale", name + "_scale"}) {
-      try {
-        st = base_.describe(candidate);
-      } catch (const error&) {
-        continue;
-      }
-      found = candidate;
-      break;
-    }
-    if (!found)
-      throw_error(origin(), ": tensor '", name, "' is f8e4m3 but has no scale tensor ('", name, ".scale' or '", name,
-                  "_scale'); f8e4m3 codes mean nothing without their scales");
-    const auto count = static_cast<std::size_t>(st.dims.numel());
-    if (st.type == dtype::f8e4m3 || (count != 1 && count != w.rows))
-      throw_error(origin(), ": scale tensor '", *found, "' of f8e4m3 weight '", name, "' is ", name_of(st.type), " ",
-                  st.dims.to_string(), "; it must be F32, BF16 or F16 with 1 element (per tensor) or ", w.rows,
-                  " (one per output row)");
-    if (count != 1 && scaling_ == quant::fp8_scaling::per_tensor)
-      throw_error(origin(), ": f8e4m3 weight '", name, "' has one scale per output row ('", *found,
+    fp8_stored_scales stored = read_fp8_scales(base_, name, w.rows);
+    std::vector<float>& sc = stored.values;
+    if (sc.size() != 1 && scaling_ == quant::fp8_scaling::per_tensor)
+      throw_error(origin(), ": f8e4m3 weight '", name, "' has one scale per output row ('", stored.tensor,
                   "'); the policy's fp8:tensor keeps one scale per tensor: use fp8 (per channel) for this checkpoint");
-    std::vector<std::byte> raw(count * size_of(st.type));
-    base_.read(*found, 0, raw);
-    std::vector<float> sc(count);
-    for (std::size_t i = 0; i < count; ++i) {
-      sc[i] = load_as_float(raw.data(), st.type, i);
-      if (!(sc[i] > 0.0f) || !std::isfinite(sc[i]))
-        throw_error(origin(), ": scale ", i, " of f8e4m3 weight '", name, "' ('", *found, "') is ", sc[i],
-                    "; a scale must be positive and finite");
-    }
-    if (count == 1 && scaling_ == quant::fp8_scaling::per_channel) sc.assign(w.rows, sc[0]);  // exact
+    if (sc.size() == 1 && scaling_ == quant::fp8_scaling::per_channel) sc.assign(w.rows, sc[0]);  // exact
     return sc;
   }
 

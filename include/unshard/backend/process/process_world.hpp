@@ -54,6 +54,11 @@ class process_world {
       throw;
     }
     pollfds_.reserve(size_ + 1);
+    // The monitor's poll set is made here, not by the thread: a thread that allocated when it first
+    // ran could do so in the middle of a forward (it may be scheduled late), which allocates nothing.
+    monitor_fds_.assign(size_ + 1, pollfd{});
+    monitor_fds_[0] = {wake_fd_, POLLIN, 0};
+    for (std::size_t p = 0; p < size_; ++p) monitor_fds_[p + 1] = {p == rank_ ? -1 : peers_[p].fd(), POLLRDHUP, 0};
     monitor_ = std::thread([this] { monitor_connections(); });
   }
 
@@ -449,9 +454,7 @@ class process_world {
   // Watches every connection for a hang-up (POLLRDHUP: the peer's side closed) without reading
   // its data, so a rank that dies while this one computes is noticed at once.
   void monitor_connections() {
-    std::vector<pollfd> fds(size_ + 1);
-    fds[0] = {wake_fd_, POLLIN, 0};
-    for (std::size_t p = 0; p < size_; ++p) fds[p + 1] = {p == rank_ ? -1 : peers_[p].fd(), POLLRDHUP, 0};
+    std::vector<pollfd>& fds = monitor_fds_;
     while (!stop_.load() && !aborted()) {
       const int r = ::poll(fds.data(), fds.size(), 1000);
       if (r < 0 && errno != EINTR) return;
@@ -487,6 +490,7 @@ class process_world {
   std::atomic<std::thread::id> collective_owner_{};
   bool announce_pending_ = false;        // this rank failed inside a collective: announce on the way out
   int wake_fd_ = -1;
+  std::vector<pollfd> monitor_fds_;      // the monitor thread's own (wake fd, then one per peer)
   std::thread monitor_;
   std::atomic<bool> stop_{false}, closing_{false};
 
