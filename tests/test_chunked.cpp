@@ -72,6 +72,7 @@ TEST_CASE("chunks cover every streamed byte once, in flat order, of whole rows, 
     policy_values v = parse_policy("chunked:" + std::to_string(size)).values;
     const auto units = build_units(m, 3, v);
     const std::size_t row = largest_row_bytes(units);
+    std::size_t aligned_splits = 0;
     for (const auto& u : units) {
       REQUIRE(!u.chunks.empty());
       std::size_t param = 0;
@@ -85,6 +86,15 @@ TEST_CASE("chunks cover every streamed byte once, in flat order, of whole rows, 
           CHECK(c.row_begin == next_row);
           CHECK(c.bytes() == static_cast<std::size_t>(c.row_end - c.row_begin) * rb);
           CHECK(c.begin == u.sharded.entry(c.first_param).offset + static_cast<std::size_t>(c.row_begin) * rb);
+          // As many rows as fit, rounded down to a multiple of 16 once 16 fit (cuBLASLt's alignment);
+          // only a weight's last chunk may hold fewer.
+          const auto fit = static_cast<std::int64_t>(size / rb);
+          const std::int64_t per = fit < 16 ? std::max<std::int64_t>(1, fit) : fit - fit % 16;
+          CHECK(c.row_end - c.row_begin == std::min(per, p.dims[0] - c.row_begin));
+          if (fit >= 16) {
+            CHECK(c.row_begin % 16 == 0);
+            ++aligned_splits;
+          }
           next_row = c.row_end;
           if (next_row == p.dims[0]) {
             ++param;
@@ -101,6 +111,7 @@ TEST_CASE("chunks cover every streamed byte once, in flat order, of whole rows, 
       for (const auto& p : u.sharded_params) CHECK(p.dims.rank() >= 2);
     }
     if (size == 1) CHECK(effective_chunk_bytes(units) == row);  // one row: the smallest chunk there is
+    if (size == 4096) CHECK(aligned_splits > 0);  // 21 rows of mix.weight fit: chunks of 16 rows
   }
 }
 

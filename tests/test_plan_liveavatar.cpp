@@ -151,7 +151,7 @@ TEST_CASE("impossible input is refused, naming the culprit") {
   const stack st = liveavatar_stack(liveavatar_14b());
   plan_request rq;
   rq.world_size = 0;
-  CHECK(message_of([&] { plan_stack(st, parse_policy("fsdp"), rq); }) == "world size must be at least 1 (got 0)");
+  CHECK(message_of([&] { plan_stack(st, parse_policy("fsdp"), rq); }) == "plan: world size must be at least 1 (got 0)");
   rq.world_size = 5;
   rq.sched.steps = 0;
   CHECK(message_of([&] { plan_stack(st, parse_policy("fsdp"), rq); }) ==

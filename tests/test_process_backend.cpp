@@ -278,7 +278,8 @@ TEST_CASE("launch_env: every missing or malformed variable is an error naming it
   CHECK(message({}, {"LOCAL_WORLD_SIZE"}) == "environment variable LOCAL_WORLD_SIZE is not set");
   CHECK(message({}, {"MASTER_ADDR"}) == "environment variable MASTER_ADDR is not set");
   CHECK(message({}, {"MASTER_PORT"}) == "environment variable MASTER_PORT is not set");
-  CHECK(message({{"WORLD_SIZE", "0"}}, {}) == "environment variable WORLD_SIZE=0: the world size must be at least 1");
+  CHECK(message({{"WORLD_SIZE", "0"}}, {}) == "environment variable WORLD_SIZE: world size must be at least 1 (got 0)");
+  CHECK(message({{"WORLD_SIZE", "4096"}}, {}) == "environment variable WORLD_SIZE: world size 4096 is beyond the supported 1024");
   CHECK(message({{"RANK", "2"}}, {}) == "environment variable RANK=2 is not below WORLD_SIZE=2");
   CHECK(message({{"RANK", "-1"}}, {}) == "environment variable RANK='-1' is not a non-negative integer");
   CHECK(message({{"WORLD_SIZE", "2x"}}, {}) == "environment variable WORLD_SIZE='2x' is not a non-negative integer");

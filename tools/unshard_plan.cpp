@@ -39,7 +39,7 @@ constexpr double gib = 1024.0 * 1024.0 * 1024.0;
 
 // Bounds that keep every byte count far inside 64 bits (a 16384x16384 video, 256 latent frames per
 // block and 1000 steps on one rank still plan); well beyond any real run.
-constexpr std::size_t max_world_size = 1024, max_steps = 1000;
+constexpr std::size_t max_steps = 1000;
 constexpr count max_side = 16384, max_frames = 256;
 
 struct settings {
@@ -121,9 +121,7 @@ settings settings_from(const cli::options& o, const std::filesystem::path& dir) 
   s.rq.device = lookup("--device-profile", [&] { return profiles.device(o.get("--device-profile", "rtx4090")); });
   s.rq.link = lookup("--link-profile", [&] { return profiles.link(o.get("--link-profile", s.rq.device.link)); });
   // Input checks (exit 1): each names the culprit.
-  if (s.rq.world_size == 0) throw error("--world-size must be at least 1 (got 0)");
-  if (s.rq.world_size > max_world_size)
-    throw error("--world-size " + o.get("--world-size") + " is above the " + std::to_string(max_world_size) + " ranks planned");
+  require_world_size(s.rq.world_size, "--world-size");
   if (s.rq.sched.steps == 0) throw error("--steps must be at least 1 (got 0)");
   if (s.rq.sched.steps > max_steps)
     throw error("--steps " + o.get("--steps") + " is above the " + std::to_string(max_steps) + " denoising steps planned");

@@ -12,7 +12,8 @@ base=(--denoise --config "$cfg" --weights "$w" --inputs "$w" --out "$tmp/o.safet
 expect 2 "unknown schedule 'pipeline'" -- "${base[@]}" --schedule pipeline
 expect 2 "--steps must be at least 1" -- "${base[@]}" --steps 0
 expect 2 "--clips must be at least 1" -- "${base[@]}" --clips 0
-expect 2 "--world-size must be at least 1" -- "${base[@]}" --world-size 0
+expect 2 "--world-size: world size must be at least 1 (got 0)" -- "${base[@]}" --world-size 0
+expect 2 "--world-size: world size 1025 is beyond the supported 1024" -- "${base[@]}" --world-size 1025
 expect 2 "--schedule applies to --denoise only" -- --config "$cfg" --weights "$w" --inputs "$w" --out "$tmp/o" --schedule steps
 expect 2 "--size must be WxH" -- "${base[@]}" --size 720
 expect 2 "--compute applies to --backend cuda only" -- "${base[@]}" --compute bf16

@@ -21,7 +21,8 @@ PY
 expect 2 "unknown option '--bogus'" -- "${base[@]}" --bogus
 expect 2 "missing required option --config" -- --weights "$w" --inputs "$w" --out "$tmp/o"
 expect 2 "unknown term 'warp'" -- "${base[@]}" --policy warp
-expect 2 "--world-size must be at least 1" -- "${base[@]}" --world-size 0
+expect 2 "--world-size: world size must be at least 1 (got 0)" -- "${base[@]}" --world-size 0
+expect 2 "--world-size: world size 1025 is beyond the supported 1024" -- "${base[@]}" --world-size 1025
 expect 2 "--dtype must be f32 or bf16" -- "${base[@]}" --dtype f64
 expect 2 "--lora-alpha needs --lora" -- "${base[@]}" --lora-alpha 64
 expect 1 "nope.safetensors" -- --config "$cfg" --weights "$tmp/nope.safetensors" --inputs "$w" --out "$tmp/o"

@@ -52,11 +52,11 @@ json_ok "d['effective_chunk_bytes']>0" -- "${P[@]}" --policy chunked:64MiB+prefe
 json_ok "d['fits'] is True" -- --model liveavatar-14b --world-size 5 --device-memory 80GiB --policy fsdp --resolution 704x384
 json_ok "d['resolution']['rendered']=='704x384'" -- "${P[@]}" --resolution 721x400
 json_ok "d['cond_tokens']==0 and d['ranks'][0]['terms']['kv_cache']==0" -- --model "$WAN" --world-size 2 --device-memory 1GiB --reserve 0B --resolution 64x64
-expect 1 "--world-size must be at least 1 (got 0)" -- --model liveavatar-14b --world-size 0 --device-memory 24GiB
+expect 1 "--world-size: world size must be at least 1 (got 0)" -- --model liveavatar-14b --world-size 0 --device-memory 24GiB
 expect 1 "--steps must be at least 1 (got 0)" -- "${P[@]}" --steps 0
 expect 1 "puts more than 64 steps on one rank" -- "${P[@]}" --steps 1000
 expect 1 "--steps 1001 is above the 1000 denoising steps planned" -- "${P[@]}" --steps 1001
-expect 1 "--world-size 1025 is above the 1024 ranks planned" -- --model liveavatar-14b --world-size 1025 --device-memory 24GiB
+expect 1 "--world-size: world size 1025 is beyond the supported 1024" -- --model liveavatar-14b --world-size 1025 --device-memory 24GiB
 expect 1 "is not above the reserve" -- --model liveavatar-14b --world-size 5 --device-memory 1GiB
 expect 1 "unknown model 'liveavatar-1b'" -- --model liveavatar-1b --world-size 5 --device-memory 24GiB
 expect 1 "resolution 10x10 renders at 0x0" -- "${P[@]}" --resolution 10x10

@@ -1,9 +1,11 @@
 #pragma once
 // Shared by the command-line tools: option parsing, exit codes, the per-rank peak lines.
+#include <cerrno>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <limits>
 #include <map>
 #include <set>
 #include <string>
@@ -12,6 +14,7 @@
 #include "unshard/core/dtype.hpp"
 #include "unshard/core/error.hpp"
 #include "unshard/core/memory_category.hpp"
+#include "unshard/core/world_size.hpp"
 #include "unshard/kernels/host/gemm.hpp"
 #include "unshard/policy/parse_policy.hpp"
 
@@ -51,8 +54,13 @@ class options {
     if (!values_.count(k)) return fallback;
     const std::string& v = values_.at(k);
     char* end = nullptr;
-    const long long n = std::strtoll(v.c_str(), &end, 10);
-    if (v.empty() || *end != '\0' || n < 0) throw usage_error("option " + k + " needs a non-negative integer, got '" + v + "'");
+    errno = 0;
+    const unsigned long long n = std::strtoull(v.c_str(), &end, 10);
+    // strtoull accepts a sign (and wraps "-1"): only digits are a count.
+    if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos || *end != '\0')
+      throw usage_error("option " + k + " needs a non-negative integer, got '" + v + "'");
+    if (errno == ERANGE || n > std::numeric_limits<std::size_t>::max())
+      throw usage_error("option " + k + " is out of range: '" + v + "'");
     return static_cast<std::size_t>(n);
   }
 
@@ -74,7 +82,11 @@ template <class Settings>
   }
 void read_sharding_options(const options& o, Settings& s) {
   s.world_size = o.get_count("--world-size", 1);
-  if (s.world_size == 0) throw usage_error("--world-size must be at least 1 (got 0)");
+  try {
+    require_world_size(s.world_size, "--world-size");
+  } catch (const error& e) {
+    throw usage_error(e.what());
+  }
   try {
     s.policy = parse_policy(o.get("--policy", "prefetch:1"));
     if (o.has("--budget")) s.budget = parse_size(o.get("--budget"), "--budget");

@@ -8,6 +8,7 @@
 #include "unshard/core/memory_category.hpp"
 #include "unshard/core/tensor_view.hpp"
 #include "unshard/core/param_spec.hpp"
+#include "unshard/core/world_size.hpp"
 
 namespace unshard {
 
@@ -27,7 +28,7 @@ class flat_layout {
   flat_layout() = default;
   flat_layout(std::span<const param_spec> params, std::size_t world_size, std::size_t alignment = allocation_alignment)
       : world_size_(world_size), alignment_(alignment) {
-    if (world_size == 0) throw_error("flat_layout: world size must be at least 1 (got 0)");
+    require_world_size(world_size, "flat_layout");
     std::size_t offset = 0;
     for (const auto& p : params) {
       p.dims.validate("parameter '" + p.name + "'", size_of(p.type));

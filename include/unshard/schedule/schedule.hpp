@@ -22,6 +22,7 @@
 #include <string_view>
 #include <vector>
 
+#include "unshard/core/world_size.hpp"
 #include "unshard/core/error.hpp"
 
 namespace unshard {
@@ -46,7 +47,7 @@ struct schedule {
   // Refuses what cannot run: no step, no rank, more lanes on one rank than a tick can select.
   void validate(std::size_t world_size) const {
     if (steps == 0) throw_error("schedule ", name_of(kind), ": the number of denoising steps must be at least 1 (got 0)");
-    if (world_size == 0) throw_error("schedule ", name_of(kind), ": world size must be at least 1 (got 0)");
+    require_world_size(world_size, std::string("schedule ") + std::string(name_of(kind)));
     if (kind == schedule_kind::steps && (steps + world_size - 1) / world_size > max_lanes_per_rank)
       throw_error("schedule steps: ", steps, " steps over ", world_size, " ranks puts more than ", max_lanes_per_rank,
                   " steps on one rank");

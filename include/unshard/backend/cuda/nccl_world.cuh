@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "unshard/core/world_size.hpp"
 #include "unshard/backend/cuda/bootstrap.hpp"
 #include "unshard/backend/cuda/check.cuh"
 #include "unshard/backend/cuda/device.cuh"
@@ -63,7 +64,7 @@ class cuda_world {
 
   // One process, rank r on devices[r].
   explicit cuda_world(std::vector<int> devices, cuda_world_options opt = {}) : size_(devices.size()), opt_(opt) {
-    if (devices.empty()) throw_error("cuda_world: world size must be at least 1 (got 0)");
+    require_world_size(devices.size(), "cuda_world");
     const int visible = cuda::device_count();
     for (std::size_t r = 0; r < devices.size(); ++r)
       if (devices[r] < 0 || devices[r] >= visible)
@@ -84,7 +85,7 @@ class cuda_world {
   cuda_world(std::size_t rank, std::size_t world_size, int device, const cuda::unique_id_exchange& exchange,
              cuda_world_options opt = {})
       : size_(world_size), opt_(opt) {
-    if (world_size == 0) throw_error("cuda_world: world size must be at least 1 (got 0)");
+    require_world_size(world_size, "cuda_world");
     if (rank >= world_size) throw_error("cuda_world: rank ", rank, " is not below the world size ", world_size);
     const int visible = cuda::device_count();
     if (device < 0 || device >= visible)

@@ -10,6 +10,7 @@
 #include "unshard/backend/job_state.hpp"
 #include "unshard/backend/link_model.hpp"
 #include "unshard/core/error.hpp"
+#include "unshard/core/world_size.hpp"
 
 namespace unshard {
 
@@ -20,8 +21,7 @@ class host_world : private job_state {
  public:
   explicit host_world(std::size_t world_size, link_model link = {})
       : job_state(/*settle_waits=*/true), size_(world_size), link_(link), sends_(world_size, nullptr) {
-    if (world_size == 0) throw_error("host_world: world size must be at least 1 (got 0)");
-    if (world_size > 1024) throw_error("host_world: world size ", world_size, " is beyond the supported 1024");
+    require_world_size(world_size, "host_world");
   }
 
   std::size_t size() const noexcept { return size_; }

@@ -10,6 +10,7 @@
 #include <map>
 #include <string>
 
+#include "unshard/core/world_size.hpp"
 #include "unshard/core/error.hpp"
 
 namespace unshard::net {
@@ -78,7 +79,7 @@ inline launch_env read_launch_env(const env_lookup& env = process_environment())
   e.source = torchrun ? "torchrun" : "slurm";
   e.rank = detail::required_count(env, rank_var, torchrun ? "SLURM_PROCID" : nullptr);
   e.world_size = detail::required_count(env, world_var);
-  if (e.world_size == 0) throw_error("environment variable ", world_var, "=0: the world size must be at least 1");
+  require_world_size(e.world_size, std::string("environment variable ") + world_var);
   if (e.rank >= e.world_size)
     throw_error("environment variable ", rank_var, "=", e.rank, " is not below ", world_var, "=", e.world_size);
   e.local_rank = detail::required_count(env, local_var);

@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "unshard/core/world_size.hpp"
 #include "unshard/backend/job_state.hpp"
 #include "unshard/backend/net/rendezvous.hpp"
 #include "unshard/backend/net/socket.hpp"
@@ -44,7 +45,7 @@ class process_world {
  public:
   explicit process_world(net::rendezvous& rv, process_world_options opt = {})
       : rank_(rv.rank()), size_(rv.size()), opt_(opt), peers_(rv.size()), pending_(rv.size()) {
-    if (size_ == 0) throw_error("process_world: world size must be at least 1 (got 0)");
+    require_world_size(size_, "process_world");
     wake_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (wake_fd_ < 0) throw_error("process_world: eventfd failed: ", std::strerror(errno));
     try {

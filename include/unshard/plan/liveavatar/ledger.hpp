@@ -15,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "unshard/core/world_size.hpp"
 #include "unshard/core/memory_category.hpp"
 #include "unshard/plan/ledger.hpp"
 #include "unshard/plan/liveavatar/stack.hpp"
@@ -383,7 +384,7 @@ inline void time_block(stack_plan& p, const time_rates& r) {
 
 // The ledger and the time model for one parsed policy under the request's schedule.
 inline stack_plan plan_stack(const stack& st, const parsed_policy& pol, const plan_request& rq) {
-  if (rq.world_size == 0) throw_error("world size must be at least 1 (got 0)");
+  require_world_size(rq.world_size, "plan");
   rq.sched.validate(rq.world_size);
   stack_plan p;
   p.policy = pol.values.name;
