@@ -725,7 +725,26 @@ def default_backend():
     return "cuda" if torch.cuda.is_available() else "host"
 
 
-def settings_from(opts):
+def _torch_device_count():
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _unshard_device_count():
+    """The GPUs this process sees, asked of unshard instead of torch (--plan-only needs no torch); 0 when
+    unshard cannot tell (then the constructor says what is missing: a CUDA build, or a device)."""
+    try:
+        import unshard
+
+        return unshard.cuda_device_count()
+    except Exception:
+        return 0
+
+
+def settings_from(opts, device_count=_torch_device_count):
+    """The unshard settings from the options; device_count() gives the cuda backend's default world size
+    (one rank per visible GPU) when neither --unshard-world-size nor --unshard-devices does."""
     backend = opts.unshard_backend or default_backend()
     devices = [int(d) for d in opts.unshard_devices.split(",")] if opts.unshard_devices else None
     world = opts.unshard_world_size
@@ -733,9 +752,7 @@ def settings_from(opts):
         if devices:
             world = len(devices)
         elif backend == "cuda":
-            import torch
-
-            world = max(1, torch.cuda.device_count())
+            world = max(1, device_count())
         else:
             world = 1
     return dict(backend=backend, devices=devices, world_size=world, policy=opts.unshard_policy, schedule=opts.unshard_schedule,
@@ -778,9 +795,12 @@ def _probe_backend(settings):
 
 
 def plan_only(opts, official, make_denoiser=None):
-    settings = settings_from(opts)
+    settings = settings_from(opts, device_count=_unshard_device_count)  # no torch here
     make = make_denoiser or _make(_import_unshard())
-    config, weights = model_files(official.ckpt_dir, opts.config, opts.weights)
+    try:
+        config, weights = model_files(official.ckpt_dir, opts.config, opts.weights)
+    except PatchError as e:  # no --config / --weights / --ckpt_dir
+        raise SystemExit("run_liveavatar.py: %s" % e)
     kwargs = dict(world_size=settings["world_size"], policy=settings["policy"], schedule=settings["schedule"],
                   backend=settings["backend"], devices=settings["devices"], gemm=settings["gemm"],
                   dtype=settings["dtype"] or "bf16", budget=settings["budget"])

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -36,6 +37,7 @@
 #include "unshard/core/config.hpp"
 #include "unshard/core/dtype.hpp"
 #include "unshard/core/error.hpp"
+#include "unshard/core/world_size.hpp"
 #include "unshard/io/checkpoint.hpp"
 #include "unshard/io/json_config.hpp"
 #include "unshard/kernels/host/gemm.hpp"
@@ -60,8 +62,21 @@ namespace upy = unshard::python;
 using session_t = unshard::session<s2v::model>;
 using denoiser_t = s2v::denoiser<session_t>;
 
+// Sets a Python exception from a message that need not be valid UTF-8 (a message quoting the bytes
+// of a binary file): invalid bytes become \xNN escapes instead of a UnicodeDecodeError.
+void set_error(PyObject* type, const char* message) {
+  PyObject* s = PyUnicode_DecodeUTF8(message, static_cast<Py_ssize_t>(std::strlen(message)), "backslashreplace");
+  if (!s) {
+    PyErr_Clear();
+    PyErr_SetString(type, "(an error whose message could not be decoded)");
+    return;
+  }
+  PyErr_SetObject(type, s);
+  Py_DECREF(s);
+}
+
 [[noreturn]] void raise(PyObject* type, const std::string& message) {
-  PyErr_SetString(type, message.c_str());
+  set_error(type, message.c_str());
   throw nb::python_error();
 }
 
@@ -79,6 +94,59 @@ std::string dims_string(std::span<const std::int64_t> d) {
 }
 
 std::string py_type_name(nb::handle h) { return Py_TYPE(h.ptr())->tp_name; }
+
+// An integer argument in [lo, hi], named `name` in its errors: a Python int (or anything with
+// __index__, such as a numpy integer), not a bool. A bool or a non-integer is a TypeError, an
+// integer outside the range a ValueError; both name the argument (nanobind's own conversion would
+// give a generic TypeError for a negative value and take True as 1).
+std::uint64_t int_arg(nb::handle v, const std::string& name, std::uint64_t lo, std::uint64_t hi) {
+  if (PyBool_Check(v.ptr())) raise(PyExc_TypeError, name + " must be an integer, not a bool");
+  if (!PyIndex_Check(v.ptr())) raise(PyExc_TypeError, name + " must be an integer, got a " + py_type_name(v));
+  nb::object n = nb::steal(PyNumber_Index(v.ptr()));
+  if (!n.is_valid()) {
+    PyErr_Clear();
+    raise(PyExc_TypeError, name + " must be an integer, got a " + py_type_name(v));
+  }
+  const std::string shown = nb::cast<std::string>(nb::repr(n));
+  const auto below = [&] {
+    if (lo == 0) raise(PyExc_ValueError, name + " must be a non-negative integer (got " + shown + ")");
+    raise(PyExc_ValueError, name + " must be at least " + std::to_string(lo) + " (got " + shown + ")");
+  };
+  const auto above = [&] {
+    raise(PyExc_ValueError, name + " is " + shown + ", beyond the supported " + std::to_string(hi));
+  };
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(n.ptr(), &overflow);
+  if (overflow < 0 || (!overflow && x < 0)) below();
+  if (!overflow) {
+    if (static_cast<std::uint64_t>(x) < lo) below();
+    if (static_cast<std::uint64_t>(x) > hi) above();
+    return static_cast<std::uint64_t>(x);
+  }
+  const unsigned long long u = PyLong_AsUnsignedLongLong(n.ptr());
+  if (u == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {  // 2**64 or more
+    PyErr_Clear();
+    if (hi == std::numeric_limits<std::uint64_t>::max())
+      raise(PyExc_ValueError, name + " is " + shown + ", beyond the largest 64-bit value (2**64 - 1)");
+    above();
+  }
+  if (u > hi) above();
+  return u;
+}
+
+// The same, None allowed (None: the default).
+std::optional<std::size_t> optional_int_arg(nb::handle v, const std::string& name, std::uint64_t lo, std::uint64_t hi) {
+  if (!v.is_valid() || v.is_none()) return std::nullopt;
+  return static_cast<std::size_t>(int_arg(v, name, lo, hi));
+}
+
+constexpr std::uint64_t no_limit = std::numeric_limits<std::size_t>::max();
+
+// The official pipeline's draws: relative_dist = random.randint(4, 30), both ends included (the
+// rule the C++ loader applies to input.relative_dist in loop_inputs.hpp, stored_draws, and the range
+// of s2v::relative_dist_draws in stream.hpp; neither names the bounds as constants).
+constexpr std::int64_t relative_dist_min = 4;
+constexpr std::int64_t relative_dist_max = 30;
 
 // ---- tensors in -----------------------------------------------------------------------------
 
@@ -443,6 +511,14 @@ std::vector<std::int64_t> parse_draws(nb::handle rd, std::size_t steps, const st
   if (out.size() != steps)
     raise(PyExc_ValueError, name + " has " + std::to_string(out.size()) + " values, expected one per denoising step (" +
                                 std::to_string(steps) + ")");
+  // The official draws' range, as the C++ loader checks stored draws: a value outside it is no
+  // draw of the pipeline (and one near +-2**63 would overflow the roll-out's int64 positions).
+  for (std::size_t k = 0; k < out.size(); ++k)
+    if (out[k] < relative_dist_min || out[k] > relative_dist_max)
+      raise(PyExc_ValueError, name + "[" + std::to_string(k) + "] = " + std::to_string(out[k]) + " is outside [" +
+                                  std::to_string(relative_dist_min) + ", " + std::to_string(relative_dist_max) +
+                                  "] (the official random.randint(" + std::to_string(relative_dist_min) + ", " +
+                                  std::to_string(relative_dist_max) + "))");
   return out;
 }
 
@@ -551,13 +627,10 @@ class live_avatar_denoiser {
     opt.schedule = parse_schedule(schedule);
     if (budget.is_valid() && !budget.is_none()) {
       if (nb::isinstance<nb::str>(budget)) opt.budget_bytes = parse_size(nb::cast<std::string>(budget), "budget");
-      else {
-        try {
-          opt.budget_bytes = nb::cast<std::size_t>(budget);
-        } catch (const nb::cast_error&) {
-          raise(PyExc_TypeError, "budget must be a byte count or a size string such as '22GiB'");
-        }
-      }
+      else if (PyBool_Check(budget.ptr()) || !PyIndex_Check(budget.ptr()))
+        raise(PyExc_TypeError, "budget must be a byte count or a size string such as '22GiB', got a " + py_type_name(budget));
+      else
+        opt.budget_bytes = static_cast<std::size_t>(int_arg(budget, "budget", 0, no_limit));  // 0: no budget
     }
     s2v::options mo;
     mo.storage = parse_dtype(dtype);
@@ -579,12 +652,23 @@ class live_avatar_denoiser {
     }
 
     if (!std::filesystem::exists(config)) raise_file_not_found(config, "config");
+    if (std::filesystem::is_directory(config)) {
+      nb::object exc = nb::module_::import_("builtins")
+                           .attr("IsADirectoryError")(EISDIR, "config: is a directory, not a JSON config file", config.string());
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+      throw nb::python_error();
+    }
     if (!std::filesystem::exists(weights)) raise_file_not_found(weights, "weights");
     if (lora && !std::filesystem::exists(*lora)) raise_file_not_found(*lora, "lora");
 
     // The loop: the config's streaming/scheduler sections, else Live Avatar's defaults at `size`;
     // the keywords given explicitly on top (as unshard-avatar --denoise's options).
-    const nlohmann::json root = load_json_config(config, "liveavatar config");
+    nlohmann::json root;
+    try {
+      root = load_json_config(config, "liveavatar config");
+    } catch (const unshard::error& e) {  // names the path; a binary file's bytes are escaped by raise()
+      raise(PyExc_ValueError, std::string("config: ") + e.what());
+    }
     const s2v::config cfg = s2v::config::from_json(root, config.string());
     std::int64_t w = 720, h = 400;
     const bool size_given = size.is_valid() && !size.is_none();
@@ -716,7 +800,9 @@ class live_avatar_denoiser {
   }
 
   nb::object denoise_block(nb::handle noise, nb::handle audio, nb::handle cond_states, nb::handle relative_dist,
-                           std::optional<std::size_t> clip, std::optional<std::size_t> block, bool all_steps, nb::handle stream) {
+                           nb::handle clip_arg, nb::handle block_arg, bool all_steps, nb::handle stream) {
+    const std::optional<std::size_t> clip = optional_int_arg(clip_arg, "clip", 0, no_limit);
+    const std::optional<std::size_t> block = optional_int_arg(block_arg, "block", 0, no_limit);
     std::unique_lock lock = enter();
     const std::uintptr_t st = stream_arg(stream);
     call_record converted;
@@ -752,13 +838,7 @@ class live_avatar_denoiser {
       }
       const auto get = [&](const char* key) { return nb::handle(PyDict_GetItemString(d.ptr(), key)); };  // borrowed or null
       const auto count = [&](const char* key) -> std::optional<std::size_t> {
-        nb::handle v = get(key);
-        if (!v.is_valid() || v.is_none()) return std::nullopt;
-        try {
-          return nb::cast<std::size_t>(v);
-        } catch (const nb::cast_error&) {
-          raise(PyExc_TypeError, at + "['" + key + "'] must be a non-negative integer");
-        }
+        return optional_int_arg(get(key), at + "['" + key + "']", 0, no_limit);
       };
       for (const char* key : {"noise", "audio", "cond_states"})
         if (!get(key).is_valid()) raise(PyExc_ValueError, at + " has no '" + key + "'");
@@ -1110,13 +1190,13 @@ NB_MODULE(_unshard, m) {
     try {
       std::rethrow_exception(p);
     } catch (const unshard::rank_failure& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
+      set_error(PyExc_RuntimeError, e.what());
     } catch (const unshard::out_of_memory& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
+      set_error(PyExc_RuntimeError, e.what());
     } catch (const unshard::error& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
+      set_error(PyExc_ValueError, e.what());
     } catch (const upy::cuda_runtime_error& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
+      set_error(PyExc_RuntimeError, e.what());
     }
   });
 
@@ -1163,13 +1243,23 @@ NB_MODULE(_unshard, m) {
       .def(
           "__init__",
           [](live_avatar_denoiser* self, const std::filesystem::path& config, const std::filesystem::path& weights,
-             std::optional<std::filesystem::path> lora, std::optional<double> lora_alpha, std::size_t world_size,
+             std::optional<std::filesystem::path> lora, std::optional<double> lora_alpha, nb::handle world_size_arg,
              const std::string& policy, const std::string& schedule, const std::string& backend, nb::handle devices,
-             std::optional<std::string> gemm, const std::string& dtype, nb::handle size, std::optional<std::size_t> clips,
-             std::optional<std::size_t> blocks_per_clip, std::optional<std::size_t> steps, std::optional<double> shift,
-             std::uint64_t seed, nb::handle budget, bool strict, std::optional<std::size_t> audio_frames,
+             std::optional<std::string> gemm, const std::string& dtype, nb::handle size, nb::handle clips_arg,
+             nb::handle blocks_per_clip_arg, nb::handle steps_arg, std::optional<double> shift, nb::handle seed_arg,
+             nb::handle budget, bool strict, nb::handle audio_frames_arg,
              std::optional<std::pair<std::int64_t, std::int64_t>> motion_frames, const std::string& compute,
              const std::string& fp8_activations) {
+            // The integer keywords, checked before anything else: a bool, a negative value or a world
+            // size over the supported maximum (planning for 2**31 ranks would run for minutes before
+            // host_world refused it) is an error naming the keyword.
+            const std::size_t world_size =
+                static_cast<std::size_t>(int_arg(world_size_arg, "world_size", 1, unshard::max_world_size));
+            const std::optional<std::size_t> clips = optional_int_arg(clips_arg, "clips", 1, no_limit);
+            const std::optional<std::size_t> blocks_per_clip = optional_int_arg(blocks_per_clip_arg, "blocks_per_clip", 1, no_limit);
+            const std::optional<std::size_t> steps = optional_int_arg(steps_arg, "steps", 1, no_limit);
+            const std::uint64_t seed = int_arg(seed_arg, "seed", 0, std::numeric_limits<std::uint64_t>::max());
+            const std::optional<std::size_t> audio_frames = optional_int_arg(audio_frames_arg, "audio_frames", 1, no_limit);
             new (self) live_avatar_denoiser(config, weights, std::move(lora), lora_alpha, world_size, policy, schedule, backend,
                                             devices, std::move(gemm), dtype, size, clips, blocks_per_clip, steps, shift, seed,
                                             budget, strict, audio_frames, motion_frames, compute,

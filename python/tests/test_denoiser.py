@@ -408,3 +408,75 @@ def test_torch_tensors_in(denoise_case):
     assert den._last_converted == ["audio"]
     assert np.array_equal(got, base)
     assert torch.equal(torch.from_numpy(got), torch.from_numpy(base))
+
+
+# ---- argument checks: ranges, bools, files ---------------------------------------------------
+
+
+def test_relative_dist_outside_the_official_range_is_refused_before_any_rank_runs(denoise_case):
+    den = sunk(denoise_case)
+    ticks = den.ticks_run
+    block = denoise_case.block_inputs(0, 0, with_draws=False)
+    for bad, at, value in (([-5, 4, 5, 6], 0, -5), ([4, 0, 5, 6], 1, 0), ([4, 5, 3, 6], 2, 3), ([4, 5, 6, 31], 3, 31),
+                           ([10**9, 4, 5, 6], 0, 10**9), ([2**63 - 1] * 4, 0, 2**63 - 1), ([-2**63] * 4, 0, -2**63)):
+        with pytest.raises(ValueError, match=r"^relative_dist\[%d\] = %d is outside \[4, 30\]" % (at, value)):
+            den.denoise_block(**block, relative_dist=bad)
+        with pytest.raises(ValueError, match=r"^blocks\[1\]\['relative_dist'\]\[%d\] = %d is outside \[4, 30\]" % (at, value)):
+            list(den.denoise_blocks([dict(block, relative_dist=[4, 30, 4, 30]), dict(block, relative_dist=bad, block=1)]))
+    # Nothing ran: the stream is where it was, and both ends of the range are accepted.
+    assert den.next_block == (0, 0) and den.ticks_run == ticks
+    den.denoise_block(**block, relative_dist=[4, 30, 4, 30])
+    assert den.next_block == (0, 1)
+
+
+@pytest.mark.parametrize("kw", ["world_size", "steps", "blocks_per_clip", "clips", "audio_frames", "seed"])
+def test_negative_and_bool_integer_keywords_are_refused_naming_them(denoise_case, kw):
+    with pytest.raises(ValueError, match=r"^%s must be (at least 1|a non-negative integer) \(got -1\)" % kw):
+        make(denoise_case, **{kw: -1})
+    with pytest.raises(TypeError, match=r"^%s must be an integer, not a bool" % kw):
+        make(denoise_case, **{kw: True})
+    with pytest.raises(TypeError, match=r"^%s must be an integer, got a float" % kw):
+        make(denoise_case, **{kw: 2.0})
+
+
+def test_world_size_over_the_maximum_is_refused_at_once(denoise_case):
+    for n in (1025, 2**31, 2**40, 2**63, 2**64 + 1, 10**30):
+        with pytest.raises(ValueError, match=r"^world_size is %d, beyond the supported 1024" % n):
+            make(denoise_case, world_size=n)
+
+
+def test_budget_must_be_a_non_negative_byte_count_not_a_bool(denoise_case):
+    with pytest.raises(TypeError, match=r"^budget must be a byte count"):
+        make(denoise_case, budget=True)
+    with pytest.raises(TypeError, match=r"^budget must be a byte count"):
+        make(denoise_case, budget=1.5)
+    with pytest.raises(ValueError, match=r"^budget must be a non-negative integer \(got -1\)"):
+        make(denoise_case, budget=-1)
+    assert make(denoise_case, budget=0).plan()["budget_bytes"] == 0  # 0: no budget, as None
+
+
+def test_seed_takes_any_64_bit_value(denoise_case):
+    assert make(denoise_case, seed=2**64 - 1).loop["seed"] == 2**64 - 1
+    with pytest.raises(ValueError, match=r"^seed is %d, beyond the largest 64-bit value" % 2**64):
+        make(denoise_case, seed=2**64)
+
+
+def test_negative_or_bool_clip_and_block_are_refused_naming_them(denoise_case):
+    den = sunk(denoise_case)
+    block = denoise_case.block_inputs(0, 0)
+    for key in ("clip", "block"):
+        with pytest.raises(ValueError, match=r"^%s must be a non-negative integer \(got -1\)" % key):
+            den.denoise_block(**block, **{key: -1})
+        with pytest.raises(TypeError, match=r"^%s must be an integer, not a bool" % key):
+            den.denoise_block(**block, **{key: False})
+        with pytest.raises(ValueError, match=r"^blocks\[0\]\['%s'\] must be a non-negative integer \(got -1\)" % key):
+            list(den.denoise_blocks([dict(block, **{key: -1})]))
+    assert den.next_block == (0, 0)
+
+
+def test_a_directory_or_a_binary_file_as_config_is_refused_naming_it(denoise_case, tmp_path):
+    with pytest.raises(IsADirectoryError, match="config") as e:
+        unshard.LiveAvatarDenoiser(tmp_path, denoise_case.weights)
+    assert e.value.filename == str(tmp_path)
+    with pytest.raises(ValueError, match=r"^config: liveavatar config '%s': invalid JSON" % str(denoise_case.weights).replace("\\", "\\\\")):
+        unshard.LiveAvatarDenoiser(denoise_case.weights, denoise_case.weights)  # a safetensors file: binary

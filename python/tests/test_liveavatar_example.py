@@ -485,3 +485,19 @@ def test_model_files_finds_the_index_in_the_checkpoint_directory(tmp_path):
     assert cfg == str(tmp_path / "config.json") and w.endswith("diffusion_pytorch_model.safetensors.index.json")
     with pytest.raises(rl.PatchError, match="--config FILE or --ckpt_dir"):
         rl.model_files(None)
+
+
+def test_plan_only_errors_are_one_line_and_need_no_torch(tmp_path):
+    boot = "import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    base = [sys.executable, "-c", boot, str(SCRIPT), "--plan-only", "--liveavatar", str(tmp_path / "none")]
+    # No --config: the script's one-line message, no traceback.
+    r = subprocess.run(base, capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "run_liveavatar.py: no model config: give --config FILE or --ckpt_dir DIR"
+    if not HAVE_UNSHARD:
+        return
+    # --unshard-backend cuda without --unshard-world-size: the world size comes from unshard, not torch.
+    r = subprocess.run(base + ["--config", str(DATA_DIR / "liveavatar_denoise_a.config.json"),
+                               "--weights", str(DATA_DIR / "liveavatar_denoise_a.safetensors"), "--unshard-backend", "cuda"],
+                       capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert "No module named 'torch'" not in r.stderr and "ModuleNotFoundError" not in r.stderr, r.stderr
