@@ -578,3 +578,45 @@ TEST_CASE("auto's defaults (fp8 weights and the KV caches' placement searched): 
   for (const auto& p : bf16.fits) CHECK(!parse_policy(p.policy).values.fp8);
   CHECK(bf16.fits.front().compute_ratio() <= compute_bound_goal);
 }
+
+TEST_CASE("an S2V model config plans through the same stack: the 14B's config equals the preset, a small one counts its own modules") {
+  // The 14B's model config (what a Live Avatar config.json holds) against the preset.
+  const stack preset = liveavatar_stack(liveavatar_14b());
+  const stack from_config = liveavatar_stack(::unshard::s2v::liveavatar_14b_config(), "s2v_14b.json");
+  CHECK(from_config.model == "s2v_14b.json");
+  REQUIRE(from_config.units.size() == preset.units.size());
+  CHECK(from_config.total_dit() == preset.total_dit());
+  CHECK(from_config.root_params() == preset.root_params());
+  CHECK(from_config.largest_subunit == preset.largest_subunit);
+  CHECK(from_config.widest_row == preset.widest_row);
+  for (const auto kind : {schedule_kind::steps, schedule_kind::replicated})
+    for (const char* policy : {"fsdp", "prefetch:1", "chunked:64MiB+prefetch:2+offload+fp8+kv:offload"}) {
+      CAPTURE(policy);
+      plan_request rq;
+      rq.world_size = 2;
+      rq.sched = {kind, 4};
+      const stack_plan a = plan_stack(preset, parse_policy(policy), rq), b = plan_stack(from_config, parse_policy(policy), rq);
+      CHECK(a.peak() == b.peak());
+      CHECK(a.terms == b.terms);
+      CHECK(a.host_bytes == b.host_bytes);
+      CHECK(a.time_s == b.time_s);
+    }
+  // A 3-block model with two injectors: its units are its own layers, the KV cache its own width.
+  ::unshard::s2v::config small = ::unshard::s2v::liveavatar_14b_config();
+  small.dim = 256;
+  small.ffn_dim = 512;
+  small.num_heads = 2;
+  small.num_layers = 3;
+  small.audio_dim = 64;
+  small.audio_inject_layers = {0, 2};
+  const stack st = liveavatar_stack(small, "small.json");
+  CHECK(std::count_if(st.units.begin(), st.units.end(), [](const dit_unit& u) { return u.block; }) == 3);
+  CHECK(st.total_dit() < preset.total_dit() / 1000);
+  plan_request rq;
+  rq.world_size = 1;
+  rq.sched = {schedule_kind::steps, 4};
+  const stack_plan p = plan_stack(st, parse_policy("prefetch:1"), rq);
+  CHECK(p.details.at("kv_cache.noisy") == 3ull * 12672 * 256 * 2 * 2 * 4);  // 4 steps on one rank, bf16 K and V
+  small.audio_inject_layers = {0, 5};  // no block 5: the config is refused, naming it
+  CHECK(message_of([&] { liveavatar_stack(small, "bad.json"); }).find("bad.json") != std::string::npos);
+}

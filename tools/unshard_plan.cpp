@@ -24,6 +24,8 @@ constexpr const char* usage =
     "[--policy NAME|fsdp|auto] [--schedule steps|replicated] [--steps S] [--t5 device|host] [--resolution WxH] "
     "[--frames N] [--host-memory SIZE] [--device-profile NAME] [--link-profile NAME] [--profiles FILE] "
     "[--timeline FILE.json] [--no-fp8] [--json] [--verbose]\n"
+    "  --model: the preset, a Wan t2v config.json, or a Live Avatar (S2V) config (model_type s2v, or a vectors\n"
+    "  config with a model section: its S2V DiT planned as Live Avatar runs the 14B)\n"
     "  --policy: terms joined by + (full|fsdp|selective[:subunit]|prefetch:K|offload|chunked:SIZE, fp8|fp8:tensor,\n"
     "  kv:device|kv:offload[:K]); fp8 plans 2-D GEMM weights at 1 byte per element plus f32 scales; kv:offload\n"
     "  keeps the KV caches in pinned host memory and streams each block's pages through K+1 device slots\n"
@@ -74,10 +76,24 @@ workload parse_resolution(const std::string& text, workload w) {
   return w;
 }
 
+// An S2V configuration: a Live Avatar vectors config (its `model` section) or a flat one whose
+// model_type is "s2v". Anything else is read as a Wan t2v config (whose reader would otherwise take
+// an S2V file's missing top-level sizes as Wan's defaults and plan a model nobody asked for).
+bool is_s2v_config(const nlohmann::json& j) {
+  if (!j.is_object()) return false;
+  if (j.contains("model")) return true;
+  const auto type = j.find("model_type");
+  return type != j.end() && type->is_string() && *type == "s2v";
+}
+
 stack load_model(const std::string& name) {
   if (name == "liveavatar-14b") return liveavatar_stack(liveavatar_14b());
-  if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return wan_stack(wan::config::load(name), name);
-  throw error("unknown model '" + name + "': expected the preset liveavatar-14b or a Wan CONFIG.json");
+  if (name.size() > 5 && name.substr(name.size() - 5) == ".json") {
+    const nlohmann::json j = load_json_config(name, "model config");
+    if (is_s2v_config(j)) return liveavatar_stack(s2v::config::from_json(j, name), name);
+    return wan_stack(wan::config::from_json(j, name), name);
+  }
+  throw error("unknown model '" + name + "': expected the preset liveavatar-14b, a Wan CONFIG.json or a Live Avatar (S2V) CONFIG.json");
 }
 
 settings settings_from(const cli::options& o, const std::filesystem::path& dir) {

@@ -52,6 +52,9 @@ json_ok "d['effective_chunk_bytes']>0" -- "${P[@]}" --policy chunked:64MiB+prefe
 json_ok "d['fits'] is True" -- --model liveavatar-14b --world-size 5 --device-memory 80GiB --policy fsdp --resolution 704x384
 json_ok "d['resolution']['rendered']=='704x384'" -- "${P[@]}" --resolution 721x400
 json_ok "d['cond_tokens']==0 and d['ranks'][0]['terms']['kv_cache']==0" -- --model "$WAN" --world-size 2 --device-memory 1GiB --reserve 0B --resolution 64x64
+# A Live Avatar (S2V) config plans its own S2V DiT (audio, cond tokens, KV caches), not Wan's defaults.
+S2V=$(dirname "$0")/../data/liveavatar_tiny_a.config.json
+json_ok "d['cond_tokens']==2640 and d['ranks'][0]['terms']['kv_cache']>0 and d['model'].endswith('liveavatar_tiny_a.config.json')" -- --model "$S2V" --world-size 2 --device-memory 24GiB
 expect 1 "--world-size: world size must be at least 1 (got 0)" -- --model liveavatar-14b --world-size 0 --device-memory 24GiB
 expect 1 "--steps must be at least 1 (got 0)" -- "${P[@]}" --steps 0
 expect 1 "puts more than 64 steps on one rank" -- "${P[@]}" --steps 1000

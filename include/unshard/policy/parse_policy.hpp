@@ -131,7 +131,7 @@ inline parsed_policy parse_policy(std::string_view text) {
       v.resident_below_bytes = 0;  // small weights are grouped into chunks; 1-D parameters stay resident
     } else {
       throw_error("invalid policy '", text, "': unknown term '", term,
-                  "' (terms: full, selective[:block|:subunit], prefetch:K, offload, chunked:SIZE, fsdp, fp8[:tensor], "
+                  "' (terms: full, selective[:block|:subunit], prefetch:K, offload, chunked:SIZE, fsdp, fp8[:channel|:tensor], "
                   "kv:device, kv:offload[:K])");
     }
   }

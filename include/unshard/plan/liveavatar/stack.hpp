@@ -111,13 +111,16 @@ inline ::unshard::s2v::config model_config_of(const s2v_config& s) {
 
 // Wan2.2-S2V-14B as Live Avatar runs it. Units: the pre-block modules, each block with the audio
 // injector that runs after it (for unshard's own policies), the head. FSDP puts injectors in the root.
-inline stack liveavatar_stack(const s2v_config& s) {
+// `model` is the S2V configuration whose layers give the units (model_config_of(s) for the preset);
+// `s` supplies the backbone and the LoRA factors.
+inline stack liveavatar_stack(const s2v_config& s, const ::unshard::s2v::config& model, const std::string& name) {
   const s2v_parts p = s2v_inventory(s);  // LoRA factors only (zero when merged)
   const wan::config& c = s.base;
   stack st;
-  st.model = "liveavatar-14b";
+  st.model = name;
   st.dit = c;
-  st.s2v_model = model_config_of(s);
+  st.s2v_model = model;
+  st.s2v_model->validate(name);
   const ::unshard::s2v::model m(*st.s2v_model, s2v::pipeline_workload(*st.s2v_model, 720, 400));
   const count lora_each = c.num_layers ? p.lora / c.num_layers : 0;
   dit_unit pre{"pre", 0, true, false};
@@ -170,6 +173,30 @@ inline stack liveavatar_stack(const s2v_config& s) {
   st.causal_kv = true;
   st.renders_by_area = true;
   return st;
+}
+
+inline stack liveavatar_stack(const s2v_config& s) { return liveavatar_stack(s, model_config_of(s), "liveavatar-14b"); }
+
+// The planner's description of an S2V model configuration (a Live Avatar vectors config's `model`
+// section, or a flat one): the backbone and the additions s2v_inventory reads; the LoRA as Live
+// Avatar runs it (merged). The units come from the configuration itself (liveavatar_stack above).
+inline s2v_config planner_config_of(const ::unshard::s2v::config& m) {
+  s2v_config s;
+  static_cast<wan::backbone_config&>(s.base) = m;
+  s.base.model_type = "s2v";
+  s.cond_dim = m.cond_dim;
+  s.audio_dim = m.audio_dim;
+  s.num_audio_token = m.num_audio_token;
+  s.audio_inject_layers.assign(m.audio_inject_layers.begin(), m.audio_inject_layers.end());
+  s.enable_adain = m.enable_adain;
+  s.adain_output_layers = m.adain_mode != "attn_norm";
+  s.enable_framepack = m.enable_framepack;
+  return s;
+}
+
+// Any S2V model configuration, planned as Live Avatar runs the 14B (the same T5, VAE and wav2vec2).
+inline stack liveavatar_stack(const ::unshard::s2v::config& m, const std::string& name) {
+  return liveavatar_stack(planner_config_of(m), m, name);
 }
 
 // Any Wan t2v config.json: the DiT alone (no audio, no causal cache), with the same T5 and VAE.
