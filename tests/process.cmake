@@ -17,3 +17,9 @@ if(UNSHARD_BUILD_EXAMPLES)
                                                            ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
   set_tests_properties(cli_unshard_avatar_denoise_process PROPERTIES LABELS process TIMEOUT 300)
 endif()
+if(UNSHARD_BUILD_EXAMPLES)
+  # unshard-avatar's forward mode (the recorded calls) with one process per rank.
+  add_test(NAME cli_unshard_avatar_process COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/avatar_process.sh
+                                                   ${CMAKE_BINARY_DIR}/bin ${CMAKE_CURRENT_SOURCE_DIR}/data)
+  set_tests_properties(cli_unshard_avatar_process PROPERTIES LABELS process TIMEOUT 300)
+endif()

@@ -41,7 +41,7 @@ using tools::run_loop_on;
 constexpr const char* usage =
     "unshard-avatar --config CONFIG.json --weights FILE.safetensors|INDEX.json [--lora LORA.safetensors "
     "[--lora-alpha A]] --inputs FILE.safetensors --out OUT.safetensors [--world-size N] [--policy POLICY] "
-    "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--strict]\n"
+    "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--strict] [--backend host|process]\n"
     "       unshard-avatar --demo [--world-size N] [--policy POLICY] [--dtype f32|bf16]\n"
     "       unshard-avatar --denoise --config C --weights W --inputs I --out O [--world-size N] [--schedule steps|replicated]\n"
     "                      [--policy P] [--all-steps] [--seed N] [--backend host|process|cuda [--compute f32|bf16]\n"
@@ -55,7 +55,7 @@ constexpr const char* usage =
     "  --policy takes the terms of docs/conventions.md, fp8|fp8:tensor (2-D GEMM weights stored as f8e4m3 plus f32\n"
     "  scales per output channel or per tensor, quantized at load) and kv:device|kv:offload[:K] included: kv:offload keeps the KV\n"
     "  caches in (pinned) host memory and streams each block's pages in K blocks ahead (chunked:SIZE included).\n"
-    "  --backend process: one rank per process under unshard-launch --nproc N -- unshard-avatar ...\n"
+    "  --backend process: one rank per process under unshard-launch --nproc N -- unshard-avatar ... (both modes)\n"
     "  --backend cuda: the ranks are the local GPUs 0..N-1 (or, under a launcher, one GPU per process:\n"
     "  LOCAL_RANK); needs a build with -DUNSHARD_ENABLE_CUDA=ON. --compute f32 (default: the path checked\n"
     "  against the references) or bf16 (tensor-core GEMMs, cuDNN fused attention). fp8 policies run there too:\n"
@@ -69,6 +69,7 @@ struct run_settings {
   s2v::options model_options;
   std::size_t budget = 0;
   bool world_size_given = false;
+  bool process = false;  // the forward mode's --backend process (--denoise reads its own, denoise_settings)
 };
 
 run_settings settings_from(const cli::options& o) {
@@ -92,12 +93,12 @@ shape tokens_shape(std::size_t rows, std::size_t dim) {
   return shape{1, static_cast<std::int64_t>(rows), static_cast<std::int64_t>(dim)};
 }
 
-// Runs every call of the recorded stream; rank 0's results go into `out`.
-template <weight_source S>
-void run_stream(const s2v::model& m, const S& weights, const run_settings& rs, const s2v::stream_spec& spec,
-                const checkpoint& inputs, safetensors_writer& out) {
+// Runs every call of the recorded stream; rank 0's results go into `out` (in a process job, only
+// the process of rank 0 sees them). `report`: this process prints each call's time.
+template <class Stream>
+void run_calls(Stream& stream, const s2v::model& m, const s2v::stream_spec& spec, const checkpoint& inputs,
+               safetensors_writer& out, bool report) {
   const s2v::geometry& g = m.geometry();
-  s2v::stream<> stream = cli::while_loading("unshard-avatar", m, [&] { return s2v::stream<>(m, weights, session_options_of(rs)); });
   for (const s2v::call_spec& c : spec.calls) {
     const auto t0 = std::chrono::steady_clock::now();
     const auto collect = [&](std::size_t rank, const s2v::state& s) {
@@ -120,9 +121,38 @@ void run_stream(const s2v::model& m, const S& weights, const run_settings& rs, c
     if (c.sink) stream.sink(s2v::sink_of(c, inputs), collect);
     else stream.step(s2v::step_of(m, c, inputs), collect);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::fprintf(stderr, "unshard-avatar: call '%s' (%s) %.3f s\n", c.name.c_str(), c.sink ? "sink" : "streamed", secs);
+    if (report)
+      std::fprintf(stderr, "unshard-avatar: call '%s' (%s) %.3f s\n", c.name.c_str(), c.sink ? "sink" : "streamed", secs);
   }
+}
+
+struct stream_run {
+  bool writer = true;          // this process holds rank 0's outputs
+  std::size_t world_size = 1;  // the job's
+};
+
+// The recorded stream on every rank of this process (host threads), or, under --backend process,
+// on this process's rank of the launched job (every rank prints its own peak line).
+template <weight_source S>
+stream_run run_stream(const s2v::model& m, const S& weights, const run_settings& rs, const s2v::stream_spec& spec,
+                      const checkpoint& inputs, safetensors_writer& out) {
+  if (rs.process) {
+    const auto job = process_job::from_environment();
+    session_options opt = session_options_of(rs);
+    opt.world_size = rs.world_size_given ? rs.world_size : 0;  // 0: the job's WORLD_SIZE
+    using process_stream = s2v::stream<process_session<s2v::model>>;
+    process_stream stream =
+        cli::while_loading("unshard-avatar", m, [&] { return process_stream(m, weights, job->world(), opt); });
+    const bool rank0 = stream.runtime().rank() == 0;
+    run_calls(stream, m, spec, inputs, out, rank0);
+    std::printf("%s\n", stream.runtime().peak_line().c_str());
+    std::fflush(stdout);
+    return {rank0, stream.runtime().world_size()};
+  }
+  s2v::stream<> stream = cli::while_loading("unshard-avatar", m, [&] { return s2v::stream<>(m, weights, session_options_of(rs)); });
+  run_calls(stream, m, spec, inputs, out, true);
   cli::print_rank_peaks(stream.runtime());
+  return {true, rs.world_size};
 }
 
 // --lora-alpha, read before anything loads (a bad value is a usage error).
@@ -340,7 +370,14 @@ int run_denoise_files(const cli::options& o) {
 int run_files(const cli::options& o) {
   const std::string config_path = o.require("--config"), inputs_path = o.require("--inputs"), out_path = o.require("--out");
   o.require("--weights");
-  const run_settings rs = settings_from(o);
+  run_settings rs = settings_from(o);
+  const std::string backend = o.get("--backend", "host");
+  if (backend == "cuda")
+    throw cli::usage_error("--backend cuda runs the denoising loop (--denoise); the forward mode's recorded calls run on "
+                           "the host backends (host or process)");
+  if (backend != "host" && backend != "process")
+    throw cli::usage_error("--backend must be host, process or cuda, got '" + backend + "'");
+  rs.process = backend == "process";
   const std::optional<double> lora_alpha = lora_alpha_of(o);
   const s2v::config cfg = s2v::config::load(config_path);
   const checkpoint inputs = checkpoint::open(inputs_path);
@@ -352,12 +389,14 @@ int run_files(const cli::options& o) {
   s2v::check_calls(m, spec, inputs);  // every call's inputs, before any rank starts
   safetensors_writer out;
   const auto t0 = std::chrono::steady_clock::now();
-  with_weights(o, m, lora_alpha, [&](const auto& weights) { run_stream(m, weights, rs, spec, inputs, out); });
+  stream_run run;
+  with_weights(o, m, lora_alpha, [&](const auto& weights) { run = run_stream(m, weights, rs, spec, inputs, out); });
+  if (!run.writer) return 0;  // rank 0 of a process job writes the outputs
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   out.set_metadata("producer", "unshard-avatar");
   out.write(out_path);
   std::fprintf(stderr, "unshard-avatar: %s, world size %zu, %zu calls in %.3f s, wrote %s\n",
-               rs.policy.values.name.c_str(), rs.world_size, spec.calls.size(), secs, out_path.c_str());
+               rs.policy.values.name.c_str(), run.world_size, spec.calls.size(), secs, out_path.c_str());
   return 0;
 }
 
@@ -534,9 +573,13 @@ int main(int argc, char** argv) {
                                    "--fp8-activations"},
                                   {"--strict", "--demo", "--denoise", "--all-steps"});
     if (!o.has("--denoise"))
-      for (const char* k : {"--schedule", "--seed", "--backend", "--size", "--clips", "--blocks-per-clip", "--steps", "--shift",
+      for (const char* k : {"--schedule", "--seed", "--size", "--clips", "--blocks-per-clip", "--steps", "--shift",
                             "--all-steps", "--compute", "--fp8-activations"})
         if (o.has(k)) throw cli::usage_error(std::string(k) + " applies to --denoise only");
+    if (o.has("--demo") && o.get("--backend", "host") == "process")  // the demos check against a run in this process
+      throw cli::usage_error("--backend process applies to runs from files (--config, --weights, --inputs), not --demo");
+    if (o.has("--demo") && !o.has("--denoise") && o.get("--backend", "host") == "cuda")
+      throw cli::usage_error("--backend cuda runs the denoising loop: use --demo --denoise");
     if (o.has("--demo") && o.has("--fp8-activations"))  // the demo checks against the sequential loop at 1e-5
       throw cli::usage_error("--fp8-activations applies to --denoise with --weights (not --demo)");
     if (o.has("--denoise")) return o.has("--demo") ? run_demo_denoise(o) : run_denoise_files(o);

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <random>
+#include <utility>
 
 #include "unshard/backend/host/host_backend.hpp"
 #include "unshard/models/liveavatar/model.hpp"
@@ -31,12 +32,16 @@ class relative_dist_generator {
   std::mt19937_64 rng_;
 };
 
-template <backend B = host_backend>
+// Session: any runtime with forward(prepare, finish) over s2v::model: session<s2v::model, B> (every
+// rank in this process: threads or GPUs), or process_session<s2v::model> (this process's rank of a
+// launched job; its constructor takes the world before the options). The stream's arguments after
+// the model go to the session's constructor.
+template <class Session = session<s2v::model, host_backend>>
 class stream {
  public:
-  template <weight_source S>
-  stream(const s2v::model& m, const S& weights, session_options options)
-      : model_(m), session_(m, weights, std::move(options)) {}
+  template <weight_source S, class... Rest>
+  stream(const s2v::model& m, const S& weights, Rest&&... rest)
+      : model_(m), session_(m, weights, std::forward<Rest>(rest)...) {}
 
   // The cond prefill; finish(rank, const s2v::state&) runs on each rank after it.
   template <class Finish>
@@ -61,12 +66,12 @@ class stream {
   }
 
   const s2v::model& model() const noexcept { return model_; }
-  session<s2v::model, B>& runtime() noexcept { return session_; }
-  const session<s2v::model, B>& runtime() const noexcept { return session_; }
+  Session& runtime() noexcept { return session_; }
+  const Session& runtime() const noexcept { return session_; }
 
  private:
   const s2v::model& model_;
-  session<s2v::model, B> session_;
+  Session session_;
   bool sunk_ = false;
 };
 
