@@ -280,6 +280,16 @@ TEST_CASE("launch_env: every missing or malformed variable is an error naming it
   CHECK(message({}, {"MASTER_PORT"}) == "environment variable MASTER_PORT is not set");
   CHECK(message({{"WORLD_SIZE", "0"}}, {}) == "environment variable WORLD_SIZE: world size must be at least 1 (got 0)");
   CHECK(message({{"WORLD_SIZE", "4096"}}, {}) == "environment variable WORLD_SIZE: world size 4096 is beyond the supported 1024");
+  CHECK(message({{"UNSHARD_TIMEOUT", "0"}}, {}) == "environment variable UNSHARD_TIMEOUT=0 is not a timeout in seconds (1-86400)");
+  CHECK(message({{"UNSHARD_TIMEOUT", "1.5"}}, {}) == "environment variable UNSHARD_TIMEOUT='1.5' is not a non-negative integer");
+  CHECK(message({{"UNSHARD_TIMEOUT", "90000"}}, {}) ==
+        "environment variable UNSHARD_TIMEOUT=90000 is not a timeout in seconds (1-86400)");
+  {
+    auto v = good;
+    v["UNSHARD_TIMEOUT"] = "45";
+    CHECK(net::read_launch_env(net::environment_from(v)).timeout_s == 45);
+    CHECK(net::read_launch_env(net::environment_from(good)).timeout_s == 0);  // unset: the options' default
+  }
   CHECK(message({{"RANK", "2"}}, {}) == "environment variable RANK=2 is not below WORLD_SIZE=2");
   CHECK(message({{"RANK", "-1"}}, {}) == "environment variable RANK='-1' is not a non-negative integer");
   CHECK(message({{"WORLD_SIZE", "2x"}}, {}) == "environment variable WORLD_SIZE='2x' is not a non-negative integer");
@@ -358,6 +368,12 @@ TEST_CASE("rendezvous: rank 0 missing is a timeout naming MASTER_ADDR and MASTER
   CHECK_THROWS_WITH_AS(net::rendezvous(env, {std::chrono::milliseconds(300)}), doctest::Contains(expected.c_str()),
                        error);
   CHECK(clock_type::now() - t0 < std::chrono::seconds(3));
+  // UNSHARD_TIMEOUT (launch_env::timeout_s) wins over the options' 300 s.
+  net::launch_env short_env = env;
+  short_env.timeout_s = 1;
+  const auto t1 = clock_type::now();
+  CHECK_THROWS_WITH_AS(net::rendezvous(short_env, {std::chrono::seconds(300)}), doctest::Contains(expected.c_str()), error);
+  CHECK(clock_type::now() - t1 < std::chrono::seconds(4));
 
   rank_processes procs(3, [](const net::launch_env& env, std::optional<net::socket> l, FILE* out) {
     net::launch_env e = env;

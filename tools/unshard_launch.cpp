@@ -29,7 +29,9 @@ constexpr const char* usage =
     "  --nnodes M       nodes in the job (default 1); run one launcher per node with its --node-rank\n"
     "  --master-addr    rank 0's host (default 127.0.0.1)\n"
     "  --master-port P  rank 0's port (default 29500; 0: a free port of this host)\n"
-    "  --grace SECONDS  after a rank fails, how long the others may take to exit on their own (default 5)";
+    "  --grace SECONDS  after a rank fails, how long the others may take to exit on their own (default 5)\n"
+    "  The ranks inherit the environment: UNSHARD_TIMEOUT=SECONDS (default 300) bounds how long they wait\n"
+    "  for each other to join, and for a collective that makes no progress.";
 
 std::atomic<int> g_signal{0};
 extern "C" void remember_signal(int s) { g_signal.store(s); }

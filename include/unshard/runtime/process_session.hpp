@@ -3,6 +3,7 @@
 // runs every rank as a thread). Under a launcher each process builds a process_world from the
 // launch variables, then a process_session over it; the plan, the budget check, the loading of
 // this rank's shard and the forward are the same code as the threaded session's.
+#include <chrono>
 #include <cstddef>
 #include <exception>
 #include <memory>
@@ -25,8 +26,12 @@ class process_job {
   explicit process_job(const net::launch_env& env, process_world_options opt = {},
                        net::rendezvous_options rv_opt = {}, std::optional<net::socket> listener = {})
       : env_(env), rendezvous_(env, rv_opt, std::move(listener)), world_(rendezvous_, opt) {}
+  // UNSHARD_TIMEOUT, when set, replaces both timeouts (joining: rendezvous; a collective with no
+  // progress: here).
   static std::unique_ptr<process_job> from_environment(process_world_options opt = {}) {
-    return std::make_unique<process_job>(net::read_launch_env(), opt);
+    const net::launch_env env = net::read_launch_env();
+    if (env.timeout_s) opt.timeout = std::chrono::seconds(env.timeout_s);
+    return std::make_unique<process_job>(env, opt);
   }
 
   const net::launch_env& env() const noexcept { return env_; }

@@ -27,6 +27,9 @@ struct launch_env {
   // TORCHELASTIC_USE_AGENT_STORE=True, torchrun's agent already serves its TCPStore on
   // MASTER_PORT, so the next port is used; UNSHARD_RENDEZVOUS_PORT overrides both.
   std::uint16_t rendezvous_port = 0;
+  // UNSHARD_TIMEOUT (whole seconds, 1 to 86400): how long joining, and a collective with no
+  // progress, may wait before the job aborts naming the late rank; 0: the options' default (300 s).
+  std::size_t timeout_s = 0;
 
   std::uint16_t listen_port() const noexcept { return rendezvous_port ? rendezvous_port : master_port; }
 };
@@ -116,6 +119,11 @@ inline launch_env read_launch_env(const env_lookup& env = process_environment())
     if (p == 65535)
       throw_error("MASTER_PORT=65535 is torchrun's store, and no port follows it: set UNSHARD_RENDEZVOUS_PORT");
     e.rendezvous_port = static_cast<std::uint16_t>(p + 1);
+  }
+  if (const char* t = env("UNSHARD_TIMEOUT")) {
+    e.timeout_s = detail::parse_count("UNSHARD_TIMEOUT", t);
+    if (e.timeout_s == 0 || e.timeout_s > 86400)
+      throw_error("environment variable UNSHARD_TIMEOUT=", e.timeout_s, " is not a timeout in seconds (1-86400)");
   }
   return e;
 }

@@ -26,8 +26,10 @@ class rendezvous {
  public:
   // Rank 0 listens on env.master_addr:env.master_port (every interface, as torchrun's store);
   // `listener`, when given to rank 0, is used instead (tests bind port 0 first and pass it on).
+  // UNSHARD_TIMEOUT (env.timeout_s) replaces opt.timeout: the user's word wins over a default.
   explicit rendezvous(const launch_env& env, rendezvous_options opt = {}, std::optional<socket> listener = {})
       : env_(env), opt_(opt) {
+    if (env.timeout_s) opt_.timeout = std::chrono::seconds(env.timeout_s);
     if (env.rank == 0) {
       socket l = listener ? std::move(*listener) : listen_for_ranks(env);
       accept_all(l);
@@ -101,7 +103,8 @@ class rendezvous {
     for (std::size_t joined = 1; joined < size(); ++joined) {
       socket s = accept_one(listener, until,
                             unshard::detail::concat(size() - joined, " more rank(s) to join on port ", env_.listen_port(),
-                                           " (", joined, " of ", size(), " joined)"));
+                                           " (", joined, " of ", size(), " joined in ", opt_.timeout.count(),
+                                                    " s; UNSHARD_TIMEOUT sets the limit)"));
       hello h{};
       s.recv_all(std::as_writable_bytes(std::span(&h, 1)), until);
       if (h.magic != magic || h.version != version)

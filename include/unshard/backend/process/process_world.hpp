@@ -354,7 +354,7 @@ class process_world {
     for (std::size_t p = 0; p < size_ && late == rank_; ++p)
       if (pending_[p].receiving && pending_[p].got < sizeof(frame) + pending_[p].recv_bytes) late = p;
     abort(late, detail::concat("no progress for ", opt_.timeout.count(), " s: rank ", rank_, " waited on rank ", late,
-                               " in ", what, " #", seq_, " (", op_bytes_, " bytes)"));
+                               " in ", what, " #", seq_, " (", op_bytes_, " bytes; UNSHARD_TIMEOUT sets the limit)"));
     throw_aborted();
   }
 
