@@ -131,3 +131,65 @@ TEST_CASE("a checkpoint that does not match the model is refused, naming the ten
     CHECK(what.find("' has shape [384") != std::string::npos);
   }
 }
+
+namespace {
+// The checkpoint with one f32 element of one tensor replaced (a NaN, an Inf, any value).
+class poisoned_weights {
+ public:
+  poisoned_weights(const checkpoint& c, std::string name, std::size_t element, float value)
+      : base_(c), name_(std::move(name)), element_(element), value_(value) {}
+  stored_tensor describe(std::string_view name) const { return base_.describe(name); }
+  void read(std::string_view name, std::uint64_t offset, std::span<std::byte> dst) const {
+    base_.read(name, offset, dst);
+    const std::uint64_t at = element_ * sizeof(float);
+    if (name == name_ && at >= offset && at + sizeof(float) <= offset + dst.size())
+      std::memcpy(dst.data() + (at - offset), &value_, sizeof(float));
+  }
+  std::string origin() const { return base_.origin(); }
+
+ private:
+  checkpoint_weights base_;
+  std::string name_;
+  std::size_t element_;
+  float value_;
+};
+
+std::string load_failure(const wan::model& m, const poisoned_weights& w, std::size_t world_size) {
+  session_options opt;
+  opt.world_size = world_size;
+  try {
+    session<wan::model> s(m, w, opt);
+  } catch (const rank_failure& e) {
+    return e.what();
+  }
+  return "(loaded)";
+}
+}  // namespace
+
+TEST_CASE("a NaN or Inf weight is refused while loading, naming the tensor, row, column and byte offset") {
+  const wan_case c = load_wan_case("wan_tiny_a");
+  REQUIRE(c.file.find("blocks.1.ffn.0.weight")->dims[1] == 128);
+  REQUIRE(c.file.find("blocks.1.ffn.0.weight")->type == dtype::f32);
+  const wan::model f32_model(c.config, c.work, {dtype::f32, gemm_path::portable, true});
+  const wan::model bf16_model(c.config, c.work, {dtype::bf16, gemm_path::portable, true});
+  for (const std::size_t world : {1, 3}) {
+    CAPTURE(world);
+    const std::string nan = load_failure(f32_model, poisoned_weights(c.file, "blocks.1.ffn.0.weight", 1000, NAN), world);
+    CHECK(nan.find("wan_tiny_a.safetensors: tensor 'blocks.1.ffn.0.weight' has NaN at element 1000 (row 7, column 104), "
+                   "byte offset 4000 of the tensor's data (a checkpoint's weights must be finite)") != std::string::npos);
+    // Through the conversion to bf16 storage.
+    const std::string inf =
+        load_failure(bf16_model, poisoned_weights(c.file, "blocks.1.ffn.0.weight", 1000, -INFINITY), world);
+    CHECK(inf.find("tensor 'blocks.1.ffn.0.weight' has -Inf at element 1000 (row 7, column 104)") != std::string::npos);
+    // Finite in f32, beyond bf16: named as such.
+    const std::string big =
+        load_failure(bf16_model, poisoned_weights(c.file, "blocks.1.ffn.0.weight", 1000, 3.4e38f), world);
+    CHECK(big.find("tensor 'blocks.1.ffn.0.weight' element 1000 (row 7, column 104) = 3.4e+38 is beyond the range of bf16 "
+                   "(stored as f32; it becomes +Inf)") != std::string::npos);
+    // A 1-D parameter (resident on every rank) too.
+    const std::string bias = load_failure(f32_model, poisoned_weights(c.file, "blocks.0.ffn.0.bias", 5, INFINITY), world);
+    CHECK(bias.find("tensor 'blocks.0.ffn.0.bias' has +Inf at element 5, byte offset 20") != std::string::npos);
+  }
+  // The unpoisoned checkpoint loads (the checker passes finite weights).
+  CHECK(load_failure(f32_model, poisoned_weights(c.file, "none", 0, NAN), 2) == "(loaded)");
+}

@@ -186,7 +186,8 @@ int run_files(const cli::options& o) {
   // A vectors file carries the reference block outputs: the outputs then include the matching ones.
   if (!o.has("--block-outputs") && !o.has("--no-block-outputs"))
     rs.model_options.record_block_outputs = inputs.find("ref.block.0.out") != nullptr;
-  const tensor_view x = inputs.view("input.x"), t = inputs.view("input.t"), ctx = inputs.view("input.context");
+  const tensor_view x = finite_input(inputs, "input.x"), t = finite_input(inputs, "input.t"),
+                    ctx = finite_input(inputs, "input.context");
   if (x.dims().rank() != 4) throw error(inputs_path + ": input.x has shape " + x.dims().to_string() + ", expected [C,F,H,W]");
   if (ctx.dims().rank() != 2) throw error(inputs_path + ": input.context has shape " + ctx.dims().to_string() + ", expected [L,text_dim]");
   const wan::workload work{{x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]}, ctx.dims()[0]};

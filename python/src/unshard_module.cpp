@@ -233,9 +233,37 @@ element_reader reader_of(nb::dlpack::dtype dt) {
   return nullptr;
 }
 
-// `obj` as an F32 host tensor named `name` in every error. `cuda_backend`: only the message of a
-// tensor on an unsupported device changes (CUDA tensors never get here then: device_or_host_f32).
+// A NaN or Inf in an input comes out as NaN in every output it reaches: a ValueError naming the
+// argument and the element's index instead (host memory only; a CUDA tensor is not read here).
+void require_finite(const host_input& in, const std::string& name) {
+  const auto count = static_cast<std::size_t>(in.view.dims().numel());
+  const std::size_t i = unshard::first_non_finite(in.view.data(), unshard::dtype::f32, count);
+  if (i == count) return;
+  std::string index;
+  std::size_t rest = i;
+  for (std::size_t d = in.dims.size(); d-- > 0;) {
+    const auto n = static_cast<std::size_t>(in.dims[d]);
+    index = std::to_string(rest % n) + (index.empty() ? "" : ", ") + index;
+    rest /= n;
+  }
+  const float v = unshard::load_as_float(in.view.data(), unshard::dtype::f32, i);
+  raise(PyExc_ValueError, name + " has " + (v != v ? "NaN" : v > 0 ? "+Inf" : "-Inf") + " at index (" + index +
+                              (in.dims.size() == 1 ? ",)" : ")") + (in.copied ? " (after conversion to float32)" : "") +
+                              "; inputs must be finite");
+}
+
+host_input host_f32_unchecked(nb::handle obj, const std::string& name, bool cuda_backend);
+
+// `obj` as an F32 host tensor named `name` in every error, every element finite. `cuda_backend`:
+// only the message of a tensor on an unsupported device changes (CUDA tensors never get here then:
+// device_or_host_f32).
 host_input host_f32(nb::handle obj, const std::string& name, bool cuda_backend = false) {
+  host_input in = host_f32_unchecked(obj, name, cuda_backend);
+  require_finite(in, name);
+  return in;
+}
+
+host_input host_f32_unchecked(nb::handle obj, const std::string& name, bool cuda_backend) {
   if (!obj.is_valid() || obj.is_none()) raise(PyExc_TypeError, name + " is None; expected an array");
   host_input in;
   if (!nb::try_cast(obj, in.array, false)) {

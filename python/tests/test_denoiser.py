@@ -2,6 +2,7 @@
 against each other bit for bit, the input rules (in place, converted, refused) and the ledger."""
 
 import json
+import re
 import struct
 import threading
 
@@ -480,3 +481,43 @@ def test_a_directory_or_a_binary_file_as_config_is_refused_naming_it(denoise_cas
     assert e.value.filename == str(tmp_path)
     with pytest.raises(ValueError, match=r"^config: liveavatar config '%s': invalid JSON" % str(denoise_case.weights).replace("\\", "\\\\")):
         unshard.LiveAvatarDenoiser(denoise_case.weights, denoise_case.weights)  # a safetensors file: binary
+
+
+def test_nan_and_inf_are_refused_naming_the_argument_and_index(denoise_case, tmp_path):
+    def index(a, flat):  # the index the error names, as Python writes a tuple
+        return re.escape(str(tuple(int(i) for i in np.unravel_index(flat, a.shape))))
+
+    den = make(denoise_case)
+    s = denoise_case.sink_inputs()
+    ref = s["ref_latents"].copy()
+    ref.flat[37] = np.nan
+    with pytest.raises(ValueError, match=r"^ref_latents has NaN at index %s; inputs must be finite" % index(ref, 37)):
+        den.sink(**dict(s, ref_latents=ref))
+    den.sink(**s)
+    block = denoise_case.block_inputs(0, 0)
+    noise = block["noise"].astype(np.float64)  # converted: the index is still the caller's
+    noise.flat[101] = -np.inf
+    with pytest.raises(ValueError, match=r"^noise has -Inf at index %s \(after conversion to float32\)" % index(noise, 101)):
+        den.denoise_block(**dict(block, noise=noise))
+    big = block["audio"].astype(np.float64)
+    big.flat[7] = 1e39  # finite in float64, beyond float32
+    with pytest.raises(ValueError, match=r"^audio has \+Inf at index %s" % index(big, 7)):
+        den.denoise_block(**dict(block, audio=big))
+    cond = block["cond_states"].copy()
+    cond.flat[0] = np.nan
+    with pytest.raises(ValueError, match=r"^blocks\[1\]\['cond_states'\] has NaN"):
+        list(den.denoise_blocks([block, dict(block, cond_states=cond)]))
+    # Nothing reached a rank; a NaN weight is refused while loading, naming the tensor and element.
+    assert den.next_block == (0, 0)
+    check_block(denoise_case, den.denoise_block(**block), 0, 0, all_steps=False)
+    blob = denoise_case.weights.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    shape = json.loads(blob[8 : 8 + n])["head.head.bias"]["shape"]
+    bias = np.zeros(shape, np.float32)
+    bias[2] = np.nan
+    poisoned = tmp_path / "nan.safetensors"
+    _rewrite_safetensors(denoise_case.weights, poisoned, drop={"head.head.bias"}, add={"head.head.bias": bias})
+    # Found by the rank that reads it, while loading: a RuntimeError naming the rank, as any rank failure.
+    with pytest.raises(RuntimeError, match=r"^rank \d failed while loading: .*nan.safetensors: tensor 'head.head.bias' has NaN "
+                                           r"at element 2, byte offset 8 of the tensor's data"):
+        unshard.LiveAvatarDenoiser(denoise_case.config, poisoned, world_size=2)

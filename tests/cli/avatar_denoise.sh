@@ -12,6 +12,13 @@ base=(--denoise --config "$cfg" --weights "$w" --inputs "$w" --out "$tmp/o.safet
 expect 2 "unknown schedule 'pipeline'" -- "${base[@]}" --schedule pipeline
 expect 2 "--steps must be at least 1" -- "${base[@]}" --steps 0
 expect 2 "--clips must be at least 1" -- "${base[@]}" --clips 0
+python3 - "$w" "$tmp/nan.safetensors" <<'PY'
+import json,struct,sys
+b=bytearray(open(sys.argv[1],"rb").read()); n=struct.unpack("<Q",b[:8])[0]; h=json.loads(b[8:8+n])
+at=8+n+h["input.clip0.block1.noise"]["data_offsets"][0]+4*3; b[at:at+4]=struct.pack("<f",float("inf"))
+open(sys.argv[2],"wb").write(b)
+PY
+expect 1 "input tensor 'input.clip0.block1.noise' has +Inf at element 3 (byte offset" -- --denoise --config "$cfg" --weights "$w" --inputs "$tmp/nan.safetensors" --out "$tmp/o"
 expect 2 "--world-size: world size must be at least 1 (got 0)" -- "${base[@]}" --world-size 0
 expect 2 "--world-size: world size 1025 is beyond the supported 1024" -- "${base[@]}" --world-size 1025
 expect 2 "--schedule applies to --denoise only" -- --config "$cfg" --weights "$w" --inputs "$w" --out "$tmp/o" --schedule steps

@@ -32,6 +32,16 @@ import json,sys; c=json.load(open(sys.argv[1])); c["num_layers"]=1; json.dump(c,
 PY
 expect 1 "unknown tensor 'blocks.1." -- --config "$tmp/shallow.json" --weights "$w" --inputs "$w" --out "$tmp/o" --strict
 expect 0 "warning" -- --config "$tmp/shallow.json" --weights "$w" --inputs "$w" --out "$tmp/o"
+# A NaN input or weight is refused, naming the tensor, the element and the byte offset.
+python3 - "$w" "$tmp/nan.safetensors" <<'PY'
+import json,struct,sys
+b=bytearray(open(sys.argv[1],"rb").read()); n=struct.unpack("<Q",b[:8])[0]; h=json.loads(b[8:8+n])
+for name,k in (("input.x",5),("blocks.1.ffn.2.weight",9)):
+    at=8+n+h[name]["data_offsets"][0]+4*k; b[at:at+4]=struct.pack("<f",float("nan"))
+open(sys.argv[2],"wb").write(b)
+PY
+expect 1 "input tensor 'input.x' has NaN at element 5 (byte offset" -- --config "$cfg" --weights "$w" --inputs "$tmp/nan.safetensors" --out "$tmp/o"
+expect 1 "tensor 'blocks.1.ffn.2.weight' has NaN at element 9 (row 0, column 9), byte offset 36" -- --config "$cfg" --weights "$tmp/nan.safetensors" --inputs "$w" --out "$tmp/o" --world-size 2
 expect 0 "wrote" -- "${base[@]}" --world-size 3 --policy offload+prefetch:2
 grep -q "^rank 2 planned_peak_bytes=" "$tmp/out" || { echo "FAIL: no peak line for rank 2"; fail=1; }
 [ $fail = 0 ] && echo "all unshard-dit error checks passed"

@@ -225,6 +225,27 @@ struct dtype_of<f8e4m3> {
   static constexpr dtype value = dtype::f8e4m3;
 };
 
+// The index of the first NaN or infinite element among `count` of dtype t at p, or `count` when all
+// are finite: the exponent bits all ones (f8e4m3's only non-finite code, the NaN, is checked where
+// codes are read: quant::check_codes).
+inline std::size_t first_non_finite(const std::byte* p, dtype t, std::size_t count) noexcept {
+  const auto scan = [&](auto word, auto exponent) -> std::size_t {
+    for (std::size_t i = 0; i < count; ++i) {
+      decltype(word) w;
+      std::memcpy(&w, p + i * sizeof(w), sizeof(w));
+      if ((w & exponent) == exponent) return i;
+    }
+    return count;
+  };
+  switch (t) {
+    case dtype::f32: return scan(std::uint32_t{}, std::uint32_t{0x7f800000u});
+    case dtype::bf16: return scan(std::uint16_t{}, std::uint16_t{0x7f80u});
+    case dtype::f16: return scan(std::uint16_t{}, std::uint16_t{0x7c00u});
+    case dtype::f8e4m3: return count;
+  }
+  return count;
+}
+
 // Load element i of a buffer of dtype t as float (f32 compute over any storage). For f8e4m3 this is
 // the code's value, without the tensor's scale.
 UNSHARD_HD float load_as_float(const void* p, dtype t, std::size_t i) {

@@ -128,6 +128,21 @@ class checkpoint {
   std::map<std::string, located, std::less<>> tensors_;
 };
 
+// An input tensor's view (a latent, an embedding, a timestep), checked finite: a NaN or Inf in an
+// input comes out as NaN in every output it reaches, a wrong answer without an error. The error
+// names the file, the tensor, the element and its byte offset in the file.
+inline tensor_view finite_input(const checkpoint& c, std::string_view name) {
+  const tensor_view v = c.view(name);
+  const tensor_info& t = c.at(name);
+  if (!t.type) return v;
+  const auto count = static_cast<std::size_t>(t.dims.numel());
+  const std::size_t i = first_non_finite(v.data(), *t.type, count);
+  if (i == count) return v;
+  const float x = load_as_float(v.data(), *t.type, i);
+  throw_error(c.path(), ": input tensor '", name, "' has ", x != x ? "NaN" : (x > 0 ? "+Inf" : "-Inf"), " at element ", i,
+              " (byte offset ", t.offset + i * size_of(*t.type), " of its file); inputs must be finite");
+}
+
 // The whole tensor widened to f32 (allocates; for tests and tools). Counts into bytes_read().
 inline std::vector<float> read_f32(const checkpoint& c, std::string_view name) {
   const tensor_info& t = c.at(name);

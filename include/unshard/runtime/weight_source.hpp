@@ -115,7 +115,39 @@ void load_dequantized(const S& src, const param_spec& p, std::size_t first, std:
   }
 }
 
-// Elements [first, first+count) of parameter p, converted to p's storage dtype, into dst.
+// A checkpoint's weights must be finite: a NaN or Inf would turn every output it reaches into NaN,
+// a wrong answer without an error. Named by tensor, element (row and column of a 2-D weight) and
+// the byte offset of the stored element; `stored` is the checkpoint's dtype (after a conversion to
+// a narrower one, a finite value beyond its range is named as such).
+template <weight_source S>
+void require_finite(const S& src, const param_spec& p, dtype stored, std::size_t first, std::size_t count,
+                    const std::byte* dst) {
+  const std::size_t i = first_non_finite(dst, p.type, count);
+  if (i == count) return;
+  const std::size_t e = first + i;
+  const float v = load_as_float(dst, p.type, i);
+  std::string where = "element " + std::to_string(e);
+  if (p.dims.rank() == 2) {
+    const auto cols = static_cast<std::size_t>(p.dims[1]);
+    where += " (row " + std::to_string(e / cols) + ", column " + std::to_string(e % cols) + ")";
+  }
+  const std::string what = std::isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf");
+  if (stored != p.type && stored != dtype::f8e4m3) {
+    const float original = [&] {
+      std::array<std::byte, 4> b{};
+      src.read(p.name, e * size_of(stored), {b.data(), size_of(stored)});
+      return load_as_float(b.data(), stored, 0);
+    }();
+    if (std::isfinite(original))
+      throw_error(src.origin(), ": tensor '", p.name, "' ", where, " = ", original, " is beyond the range of ",
+                  name_of(p.type), " (stored as ", name_of(stored), "; it becomes ", what, ")");
+  }
+  throw_error(src.origin(), ": tensor '", p.name, "' has ", what, " at ", where, ", byte offset ", e * size_of(stored),
+              " of the tensor's data (a checkpoint's weights must be finite)");
+}
+
+// Elements [first, first+count) of parameter p, converted to p's storage dtype, into dst; every
+// one checked finite (require_finite).
 template <weight_source S>
 void load_elements(const S& src, const param_spec& p, std::size_t first, std::size_t count, std::byte* dst) {
   const stored_tensor st = src.describe(p.name);
@@ -124,6 +156,7 @@ void load_elements(const S& src, const param_spec& p, std::size_t first, std::si
                 p.dims.to_string());
   if (st.type == p.type) {
     src.read(p.name, first * size_of(p.type), {dst, count * size_of(p.type)});
+    require_finite(src, p, st.type, first, count, dst);
     return;
   }
   // An fp8 checkpoint's weight under a policy without fp8: dequantized with its stored scales
@@ -144,6 +177,7 @@ void load_elements(const S& src, const param_spec& p, std::size_t first, std::si
     src.read(p.name, (first + done) * size_of(st.type), {tmp.data(), n * size_of(st.type)});
     for (std::size_t i = 0; i < n; ++i) store_from_float(dst, p.type, done + i, load_as_float(tmp.data(), st.type, i));
   }
+  require_finite(src, p, st.type, first, count, dst);
 }
 }  // namespace detail
 

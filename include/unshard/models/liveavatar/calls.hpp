@@ -154,10 +154,10 @@ inline s2v::workload workload_of(const s2v::stream_spec& spec, const checkpoint&
   return w;
 }
 
-// An input tensor a call names, or an error naming it, the call and the file.
+// An input tensor a call names (checked finite), or an error naming it, the call and the file.
 inline tensor_view input(const checkpoint& inputs, const std::string& name, const s2v::call_spec& c) {
   if (!inputs.find(name)) throw_error(inputs.path(), ": missing input tensor '", name, "' (named by call '", c.name, "')");
-  return inputs.view(name);
+  return finite_input(inputs, name);
 }
 
 // The model-side arguments of a streamed call (tensor views into `inputs`).

@@ -147,7 +147,7 @@ inline s2v::workload loop_workload(const s2v::loop_spec& s, const checkpoint& in
 inline s2v::sink_inputs loop_sink(const checkpoint& inputs) {
   const auto view = [&](const char* n) {
     if (!inputs.find(n)) throw_error(inputs.path(), ": missing input tensor '", n, "'");
-    return inputs.view(n);
+    return finite_input(inputs, n);
   };
   return {view("input.ref_latents"), view("input.motion_latents"), view("input.context")};
 }
@@ -193,9 +193,9 @@ inline std::vector<s2v::block> loop_blocks(const s2v::loop_spec& s, const checkp
         if (!inputs.find(s2v::block_input(r, b, what)))
           throw_error(inputs.path(), ": missing input tensor '", s2v::block_input(r, b, what), "' (the loop has ", s.clips,
                       " clip(s) of ", s.blocks_per_clip, " blocks)");
-      blk.noise = inputs.view(s2v::block_input(r, b, "noise"));
-      blk.cond_states = inputs.view(s2v::block_input(r, b, "cond_states"));
-      blk.audio = inputs.view(s2v::block_input(r, b, "audio"));
+      blk.noise = finite_input(inputs, s2v::block_input(r, b, "noise"));
+      blk.cond_states = finite_input(inputs, s2v::block_input(r, b, "cond_states"));
+      blk.audio = finite_input(inputs, s2v::block_input(r, b, "audio"));
       for (std::size_t i = 0; i < s.sampler.steps; ++i) {
         if (stored.empty()) {
           blk.relative_dist.push_back(generated(r, b, i));
