@@ -38,6 +38,15 @@ edit streaming/calls/1/forward_kwargs/x '"[input.x_zz]"' "$tmp/noinput.json"
 expect 1 "missing input tensor 'input.x_zz'" -- --config "$tmp/noinput.json" --weights "$w" --inputs "$w" --out "$tmp/o"
 edit streaming/calls/2/forward_kwargs/x '"input.context"' "$tmp/badshape.json"
 expect 1 "call 'b': liveavatar input 'x' has shape [7,48]" -- --config "$tmp/badshape.json" --weights "$w" --inputs "$w" --out "$tmp/o"
+python3 - "$w" "$tmp/start.safetensors" <<'PY'
+import json,struct,sys
+b=bytearray(open(sys.argv[1],"rb").read()); n=struct.unpack("<Q",b[:8])[0]; h=json.loads(b[8:8+n])
+t=h["input.current_start"]; assert t["dtype"]=="F32" and t["shape"]==[3], t
+at=8+n+t["data_offsets"][0]+4*2; assert struct.unpack("<f",b[at:at+4])[0]==96; b[at:at+4]=struct.pack("<f",95.0)
+open(sys.argv[2],"wb").write(b)
+PY
+expect 1 "start.safetensors: call 'b': current_start 95 is not a multiple of the block's 96 tokens" -- --config "$cfg" --weights "$w" --inputs "$tmp/start.safetensors" --out "$tmp/o"
+grep -q "call 'b': call 'b'" "$tmp/out" && { echo "FAIL: the call is named twice"; fail=1; }
 edit model/num_layers 5 "$tmp/deep.json"
 expect 1 "missing tensor 'blocks.4." -- --config "$tmp/deep.json" --weights "$w" --inputs "$w" --out "$tmp/o"
 edit model/ffn_dim 256 "$tmp/wide.json"

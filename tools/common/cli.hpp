@@ -93,6 +93,9 @@ void read_sharding_options(const options& o, Settings& s) {
   } catch (const error& e) {
     throw usage_error(e.what());
   }
+  // session_options reads a budget of 0 as "none": on the command line that is leaving --budget out.
+  if (o.has("--budget") && s.budget == 0)
+    throw usage_error("--budget " + o.get("--budget") + " is 0 bytes; leave --budget out to run without a budget");
   const std::string dt = o.get("--dtype", "f32");
   if (dt != "f32" && dt != "bf16") throw usage_error("--dtype must be f32 or bf16, got '" + dt + "'");
   s.model_options.storage = dt == "bf16" ? dtype::bf16 : dtype::f32;

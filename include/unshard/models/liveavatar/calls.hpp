@@ -190,7 +190,9 @@ inline void check_calls(const s2v::model& m, const s2v::stream_spec& spec, const
     } catch (const error& e) {
       const std::string what = e.what();
       if (what.starts_with(inputs.path())) throw;
-      throw_error(inputs.path(), ": call '", c.name, "': ", what);
+      const std::string call = "call '" + c.name + "': ";
+      if (what.starts_with(call)) throw_error(inputs.path(), ": ", what);  // step_of named the call already
+      throw_error(inputs.path(), ": ", call, what);
     }
   }
 }
