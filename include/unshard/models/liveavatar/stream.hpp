@@ -13,6 +13,7 @@
 // s2v::relative_dist_generator is the seeded stand-in, so a run is reproducible.
 #include <cstddef>
 #include <cstdint>
+#include <concepts>
 #include <random>
 #include <utility>
 
@@ -39,6 +40,12 @@ class relative_dist_generator {
 template <class Session = session<s2v::model, host_backend>>
 class stream {
  public:
+  // A session in this process: the options may be a braced list, {world_size, policy}.
+  template <weight_source S>
+    requires std::constructible_from<Session, const s2v::model&, const S&, session_options>
+  stream(const s2v::model& m, const S& weights, session_options options)
+      : model_(m), session_(m, weights, std::move(options)) {}
+  // Any other session's constructor arguments (process_session: the world, then the options).
   template <weight_source S, class... Rest>
   stream(const s2v::model& m, const S& weights, Rest&&... rest)
       : model_(m), session_(m, weights, std::forward<Rest>(rest)...) {}
