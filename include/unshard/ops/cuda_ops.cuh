@@ -32,6 +32,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -620,11 +621,14 @@ class cuda_ops {
       ++blas.mutable_stats().fp8_fallback;
       if (!fp8_fallback_said_) {
         fp8_fallback_said_ = true;
+        // Not quantized: the sm or K check above refused it, and no matmul was asked.
+        const std::string why = x_quantized ? blas.fp8_unavailable_reason()
+                                : blas.compute_capability() < 89 ? std::string("it needs sm_89 or newer")
+                                                                 : std::string("K is not a multiple of 16");
         std::fprintf(stderr,
-                     "unshard: fp8 activations: cuBLASLt's fp8 GEMM is unavailable for m=%zu n=%zu k=%zu on sm_%d "
-                     "(it needs sm_89+, K a multiple of 16, 16-byte aligned rows and an algorithm; status %d); such "
-                     "GEMMs run weight-only fp8 (bf16/f32 GEMM over dequantized weights)\n",
-                     rows, nr, in, blas.compute_capability(), static_cast<int>(blas.last_status()));
+                     "unshard: fp8 activations: cuBLASLt's fp8 GEMM is unavailable for m=%zu n=%zu k=%zu on sm_%d: %s; "
+                     "such GEMMs run weight-only fp8 (bf16/f32 GEMM over dequantized weights)\n",
+                     rows, nr, in, blas.compute_capability(), why.c_str());
       }
       return false;
     }

@@ -464,7 +464,16 @@ class process_world {
         if (!(fds[p + 1].revents & (POLLRDHUP | POLLHUP | POLLERR))) continue;
         fds[p + 1].fd = -1;  // report it once
         if (closing_.load()) continue;
-        const trailer_info t = read_trailer(p);
+        // A collective in flight may be reading this peer's last bytes (its abort frame and reason)
+        // while we peek, so the trailer can look cut: give it a moment to report the failure with
+        // its reason before this hang-up is named as the failure (a race seen about 1 run in 20).
+        const auto grace = net::after(std::chrono::milliseconds(200));
+        trailer_info t = read_trailer(p);
+        while (!t.found && !aborted() && net::net_clock::now() < grace) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(2));
+          t = read_trailer(p);
+        }
+        if (aborted()) return;
         if (t.found) abort(t.failed_rank, t.reason);
         else abort(p, "its process exited or was killed (its connection closed)");
         return;

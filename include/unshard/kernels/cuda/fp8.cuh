@@ -109,8 +109,10 @@ __global__ void epilogue_kernel(float* y, std::size_t m, std::size_t n, std::siz
     for (std::size_t j = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; j < n;
          j += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
       float v = row[j];
-      if (col_scale) v = v * col_scale[per_column ? j : 0];
-      if (bias) v = v + bias[j];
+      // Two roundings (the product, then the sum), as the host computes the same epilogue: no FMA
+      // contraction (nvcc would otherwise fuse them into one fmaf).
+      if (col_scale) v = __fmul_rn(v, col_scale[per_column ? j : 0]);
+      if (bias) v = __fadd_rn(v, bias[j]);
       row[j] = gelu ? unshard::gelu_tanh(v) : v;
     }
   }

@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -254,8 +255,11 @@ class blaslt {
     float* d = y + n0;
     // cuBLASLt's fp8 requirements we know of up front; the rest (D's alignment and leading dimension
     // under a row chunk at any offset, m = 1) are the heuristic's to accept or refuse.
-    if (compute_capability() < 89 || k % 16 != 0 || alignment_of(w_codes) < 16 || alignment_of(x_codes) < 16)
-      return false;
+    fp8_refusal_ = compute_capability() < 89                                      ? "it needs sm_89 or newer"
+                   : k % 16 != 0                                                  ? "K is not a multiple of 16"
+                   : alignment_of(w_codes) < 16 || alignment_of(x_codes) < 16 ? "a weight or activation row is not 16-byte aligned"
+                                                                                  : nullptr;
+    if (fp8_refusal_) return false;
     const problem p{m, n_rows, k, ldy, CUDA_R_8F_E4M3, CUDA_R_32F, CUDA_R_32F,
                     alignment_of(w_codes), alignment_of(x_codes), alignment_of(d)};
     detail::lt_matmul_desc desc;
@@ -278,6 +282,12 @@ class blaslt {
   blaslt_stats& mutable_stats() noexcept { return stats_; }
   // The last heuristic or launch status that made a matmul unavailable (for messages).
   cublasStatus_t last_status() const noexcept { return last_status_; }
+  // Why the last linear_rows_fp8 that returned false did: a requirement known up front, or the
+  // heuristic's or the launch's status (cached misses keep the status they had).
+  std::string fp8_unavailable_reason() const {
+    if (fp8_refusal_) return fp8_refusal_;
+    return "cuBLASLt has no algorithm for it or refused the launch (status " + std::to_string(static_cast<int>(last_status_)) + ")";
+  }
 
   // Problems the heuristic has been asked about (found or not).
   std::size_t cached_algorithms() const noexcept { return cache_.size(); }
@@ -293,6 +303,7 @@ class blaslt {
   struct cached {
     bool found = false;
     cublasLtMatmulAlgo_t algo{};
+    cublasStatus_t status = CUBLAS_STATUS_SUCCESS;  // why not found
   };
 
   static constexpr std::uint32_t fp8_epilogue_marker = 0xf8f8f8f8u;  // fp8 entries' "epilogue" in the key
@@ -344,20 +355,21 @@ class blaslt {
           cublasLtMatmulAlgoGetHeuristic(handle_, desc.d, a.l, bl.l, c.l, c.l, pref.p, 1, &result, &found);
       ++stats_.heuristic_queries;
       const bool ok = st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS;
-      if (!ok) {
-        ++stats_.heuristic_failures;
-        last_status_ = st != CUBLAS_STATUS_SUCCESS ? st : CUBLAS_STATUS_NOT_SUPPORTED;
-      }
-      it = cache_.emplace(k, cached{ok, result.algo}).first;
+      const cublasStatus_t why = st != CUBLAS_STATUS_SUCCESS ? st : CUBLAS_STATUS_NOT_SUPPORTED;
+      if (!ok) ++stats_.heuristic_failures;
+      it = cache_.emplace(k, cached{ok, result.algo, ok ? CUBLAS_STATUS_SUCCESS : why}).first;
     }
-    if (!it->second.found) return false;
+    if (!it->second.found) {
+      last_status_ = it->second.status;  // this problem's own status, not an earlier one's
+      return false;
+    }
     const float alpha = 1.0f, beta = 0.0f;
     const cublasStatus_t st = cublasLtMatmul(handle_, desc.d, &alpha, w, a.l, x, bl.l, &beta, d, c.l, d, c.l,
                                              &it->second.algo, workspace_, workspace_bytes_, stream);
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
       // Rejected at launch (nothing enqueued): remember, and let the caller fall back.
       it->second.found = false;
-      last_status_ = st;
+      it->second.status = last_status_ = st;
       return false;
     }
     UNSHARD_CUDA_CHECK(st);
@@ -369,6 +381,7 @@ class blaslt {
   std::size_t workspace_bytes_ = 0;
   void* bias_scratch_ = nullptr;
   cublasStatus_t last_status_ = CUBLAS_STATUS_SUCCESS;
+  const char* fp8_refusal_ = nullptr;  // linear_rows_fp8's up-front refusal, or nullptr
   int sm_ = -1;
   blaslt_stats stats_{};
   std::map<key, cached> cache_;

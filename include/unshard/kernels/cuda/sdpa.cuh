@@ -248,7 +248,7 @@ class sdpa_plan_cache {
     [&] {
       if (auto st = g->validate(); !st.is_good()) return fail("validate", st);
       if (auto st = g->build_operation_graph(hd); !st.is_good()) return fail("build_operation_graph", st);
-      if (auto st = g->create_execution_plans({fe::HeurMode_t::A}); !st.is_good())
+      if (auto st = g->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}); !st.is_good())
         return fail("create_execution_plans", st);
       if (auto st = g->check_support(hd); !st.is_good()) return fail("check_support", st);
       if (auto st = g->build_plans(hd); !st.is_good()) return fail("build_plans", st);
