@@ -1,6 +1,8 @@
 // Every CUDA kernel of include/unshard/kernels/cuda against the host implementation it shares its
 // math with, on random data, for f32 storage and bf16 storage (f32 compute), at sizes that are
-// not multiples of any block or tile. Needs a device (tests/gpu.cmake skips it without one).
+// not multiples of any block or tile. Built twice: for the GPU (tests/gpu.cmake skips it without
+// one) and for the SIMT emulator on the host (tests/simt.cmake). The GEMMs, which are cuBLASLt's,
+// are in test_gemm_linear.cu.
 //
 // Tolerances, and why (u32 = 2^-24, the f32 unit roundoff):
 //  * f32 row and elementwise kernels: 1e-6 · max(1, max|ref|). They run the same UNSHARD_HD
@@ -12,10 +14,6 @@
 //    bf16 ulp (2^-8 .. 2^-7 relative) of the reference plus the f32 bound.
 //  * attention: a reduction over n_keys in another order (tiles, online softmax rescaling):
 //    1e-5 · max(1, max|ref|), docs/conventions.md's f32 rule; the observed error is ~1e-6.
-//  * GEMM: both sides sum K products of f32 (or exact bf16 x bf16) values in different orders;
-//    rounding errors of a length-K sum grow like sqrt(K) u32 · Σ|x_k w_k|, so the bound is
-//    8·sqrt(K)·u32·Σ_k|x_k w_k| per element (+ the GELU bound where the epilogue applies it).
-//    A TF32 GEMM (10-bit mantissa) would miss it by 10x: the test also shows no TF32 is used.
 #include <doctest/doctest.h>
 
 #include <cuda_runtime.h>
@@ -32,10 +30,11 @@
 #include "unshard/backend/cuda/check.cuh"
 #include "unshard/kernels/cuda/attention.cuh"
 #include "unshard/kernels/cuda/elementwise.cuh"
-#include "unshard/kernels/cuda/gemm.cuh"
+#include "unshard/kernels/cuda/fp8.cuh"
 #include "unshard/kernels/cuda/norm.cuh"
 #include "unshard/kernels/host/attention.hpp"
 #include "unshard/kernels/host/gemm.hpp"
+#include "unshard/kernels/thread/fp8_activation.hpp"
 #include "unshard/kernels/thread/activation.hpp"
 #include "unshard/kernels/thread/embedding.hpp"
 #include "unshard/kernels/thread/norm.hpp"
@@ -252,95 +251,75 @@ TEST_CASE_TEMPLATE("flash_attention matches multi_head_attention", T, float, bf1
   }
 }
 
-TEST_CASE_TEMPLATE("blaslt::linear matches the host linear, with bias, without, with GELU-tanh", T, float, bf16) {
+// The per-tensor activation quantization of the fp8 GEMMs (the official path): the amax over the
+// whole tensor (a grid of blocks, warp shuffles, then atomicMax), the scale and every code, bit for
+// bit as the host (kernels/host/gemm.hpp), on the 16-wide vector path and the element one. The
+// largest |x| sits late in the tensor, so a grid that missed a block or a warp would get another
+// scale.
+TEST_CASE("quantize_activations_fp8 gives the host's scale and codes bit for bit") {
   test_stream st;
-  device_vector<std::byte> workspace(std::size_t{32} << 20);
-  cuda::blaslt blas;
-  blas.set_workspace(workspace.p, workspace.n);
-  // (m, k, n): the FFN's shape at a small width, a GEMV (time embedding), odd sizes.
-  for (const auto& [m, k, n] : {std::tuple<std::size_t, std::size_t, std::size_t>{48, 128, 384}, {1, 256, 768},
-                               {77, 200, 130}, {300, 1024, 64}}) {
-    const auto x = stored<T>(random_floats(m * k, 19));
-    const auto w = stored<T>(random_floats(n * k, 20, 0.0f, 0.1f));
-    const auto b = stored<T>(random_floats(n, 21));
-    device_vector<T> dx(x), dw(w), db(b);
-    for (const bool bias : {true, false})
-      for (const bool gelu : {false, true}) {
-        const linear_reference ref = host_linear(widened(x), m, k, widened(w), bias ? widened(b) : std::vector<float>{}, n, gelu);
-        const auto act = gelu ? cuda::activation::gelu_tanh : cuda::activation::none;
-        const T* bp = bias ? db.p : nullptr;
-        const std::string what = std::string("linear ") + storage_name<T>() + " " + std::to_string(m) + "x" +
-                                 std::to_string(k) + "x" + std::to_string(n) + (bias ? " +bias" : "") + (gelu ? " gelu" : "");
-        device_vector<float> dy(m * n);  // f32 output (the Wan model's)
-        blas.linear(dx.p, m, k, dw.p, bp, n, dy.p, act, st.s);
-        expect_close<float>(what + " -> f32", dy.get(st), ref.y, [&](std::size_t i) { return ref.bound[i]; });
-        if constexpr (!std::is_same_v<T, float>) {  // and output in the storage type
-          device_vector<T> dyt(m * n);
-          blas.linear(dx.p, m, k, dw.p, bp, n, dyt.p, act, st.s);
-          expect_close<T>(what + " -> bf16", dyt.get(st), ref.y, [&](std::size_t i) { return ref.bound[i]; });
-        }
-      }
+  // (n, offset): the vector path (n % 16 == 0, aligned), an unaligned start and an odd n (element
+  // path), a tensor larger than the amax grid (1024 blocks of 256) so it strides, and all zeros.
+  for (const auto& [n, offset, zeros] : {std::tuple<std::size_t, std::size_t, bool>{4096, 0, false},
+                                         {4096, 1, false},
+                                         {1001, 0, false},
+                                         {300000, 0, false},
+                                         {64, 0, true}}) {
+    std::vector<float> x = zeros ? std::vector<float>(n + offset, 0.0f) : random_floats(n + offset, 91, 0.0f, 3.0f);
+    if (!zeros) x[offset + n - 3] = -57.25f;  // the amax, in the last block
+    device_vector<float> dx(x);
+    device_vector<std::uint32_t> amax(std::size_t{1});
+    device_vector<float> scale(std::size_t{1});
+    device_vector<std::uint8_t> codes(n);
+    cuda::quantize_activations_fp8(dx.p + offset, n, amax.p, scale.p, codes.p, st.s);
+    std::vector<f8e4m3> want(n);
+    const float want_scale = quantize_activations_per_tensor(x.data() + offset, n, want.data());
+    const std::vector<std::uint8_t> got = codes.get(st);
+    const float got_scale = scale.get(st)[0];
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < n; ++i) wrong += got[i] != want[i].bits;
+    CAPTURE(n);
+    CAPTURE(offset);
+    CHECK_MESSAGE(float_bits(got_scale) == float_bits(want_scale), "scale ", got_scale, ", host ", want_scale);
+    CHECK_MESSAGE(wrong == 0, wrong, " of ", n, " codes differ from the host's");
   }
-  // Which path the calls took: the epilogue (bias, GELU) must have been taken at least once, or
-  // this test checked only the fallback kernel and said nothing about cuBLASLt's epilogue.
-  const cuda::blaslt_stats& ps = blas.stats();
-  MESSAGE("blaslt::linear ", storage_name<T>(), " GEMM paths: ", ps.calls, " calls, ", ps.epilogue_fused,
-          " with the epilogue fused, ", ps.epilogue_fallback, " on the fallback (", ps.heuristic_failures,
-          " heuristic failures)");
-  CHECK(ps.epilogue_fused > 0);
 }
 
-TEST_CASE("blaslt::linear_rows computes a row slice of W into its output columns, nothing else") {
+// The epilogue after the fp8 GEMM: y = act(y * col_scale + b) over n columns of rows of ldy, with
+// one or per-column scales, with and without a bias and GELU; the padding columns [n, ldy) untouched.
+// Product and sum round separately on both sides: bit for bit without GELU; with it, the device's
+// tanhf may differ from the host's by ulps (row_rel, as the other elementwise kernels).
+TEST_CASE("fp8_epilogue matches the host's scale, bias and GELU, and leaves the row padding alone") {
   test_stream st;
-  device_vector<std::byte> workspace(std::size_t{4} << 20);
-  cuda::blaslt blas;
-  blas.set_workspace(workspace.p, workspace.n);
-  const std::size_t m = 40, k = 96, n = 150;
-  const auto x = random_floats(m * k, 22), w = random_floats(n * k, 23, 0.0f, 0.1f), b = random_floats(n, 24);
-  const linear_reference ref = host_linear(x, m, k, w, b, n, false);
-  device_vector<float> dx(x), dw(w), db(b);
-  constexpr float untouched = 12345.0f;
-  device_vector<float> dy(std::vector<float>(m * n, untouched));
-  // Chunks of 1, 7, 64 and the rest of the rows, as a chunked unshard delivers them: the slices
-  // start at rows 1, 8 and 72, so W, b and y are passed at 4-byte-aligned addresses too.
-  std::size_t r0 = 0;
-  for (const std::size_t rows : {std::size_t{1}, std::size_t{7}, std::size_t{64}, n - 72}) {
-    const std::size_t r1 = r0 + rows;
-    blas.linear_rows(dx.p, m, k, dw.p + r0 * k, db.p + r0, rows, r0, dy.p, n, cuda::activation::none, st.s);
-    r0 = r1;
-  }
-  REQUIRE(r0 == n);
-  expect_close<float>("linear_rows, 4 chunks", dy.get(st), ref.y, [&](std::size_t i) { return ref.bound[i]; });
-
-  // A single middle slice writes its columns only.
-  device_vector<float> dz(std::vector<float>(m * n, untouched));
-  blas.linear_rows(dx.p, m, k, dw.p + 50 * k, db.p + 50, 20, 50, dz.p, n, cuda::activation::none, st.s);
-  const auto z = dz.get(st);
-  std::size_t outside_written = 0;
-  std::vector<float> got_slice, ref_slice;
-  std::vector<double> bound_slice;
-  for (std::size_t i = 0; i < m; ++i)
-    for (std::size_t j = 0; j < n; ++j) {
-      if (j >= 50 && j < 70) {
-        got_slice.push_back(z[i * n + j]);
-        ref_slice.push_back(ref.y[i * n + j]);
-        bound_slice.push_back(ref.bound[i * n + j]);
-      } else {
-        outside_written += z[i * n + j] != untouched;
+  const std::size_t m = 7, n = 300, ldy = 320;
+  const std::vector<float> y0 = random_floats(m * ldy, 92, 0.0f, 20.0f);
+  const std::vector<float> cs = random_floats(n, 93, 0.01f, 0.005f), b = random_floats(n, 94);
+  device_vector<float> dcs(cs), db(b);
+  for (const bool per_column : {true, false})
+    for (const bool bias : {true, false})
+      for (const bool gelu : {false, true}) {
+        device_vector<float> dy(y0);
+        cuda::fp8_epilogue(dy.p, m, n, ldy, dcs.p, per_column ? n : 1, bias ? db.p : nullptr, gelu, st.s);
+        std::vector<float> ref = y0;
+        for (std::size_t r = 0; r < m; ++r)
+          for (std::size_t j = 0; j < n; ++j) {
+            float v = ref[r * ldy + j];
+            v = v * cs[per_column ? j : 0];
+            if (bias) v = v + b[j];
+            ref[r * ldy + j] = gelu ? gelu_tanh(v) : v;
+          }
+        const std::vector<float> got = dy.get(st);
+        const std::string what = std::string("fp8_epilogue") + (per_column ? " per-column" : " one scale") +
+                                 (bias ? " +bias" : "") + (gelu ? " gelu" : "");
+        std::size_t padding_written = 0, differ = 0;
+        for (std::size_t r = 0; r < m; ++r)
+          for (std::size_t j = 0; j < ldy; ++j) {
+            const std::size_t i = r * ldy + j;
+            if (j >= n) padding_written += float_bits(got[i]) != float_bits(y0[i]);
+            else differ += float_bits(got[i]) != float_bits(ref[i]);
+          }
+        CHECK_MESSAGE(padding_written == 0, what, ": ", padding_written, " padding elements written");
+        if (gelu) expect_close_rel(what, got, ref, row_rel);
+        else CHECK_MESSAGE(differ == 0, what, ": ", differ, " elements differ from the host (expected bit-identical)");
       }
-    }
-  CHECK_MESSAGE(outside_written == 0, "linear_rows wrote ", outside_written, " elements outside columns [50, 70)");
-  expect_close<float>("linear_rows, columns [50, 70)", got_slice, ref_slice, [&](std::size_t i) { return bound_slice[i]; });
-  // Not "cached_algorithms() >= 1" (true after any call): the path each call took, said and
-  // checked. The same shape again is served from the cache: no new heuristic query.
-  const cuda::blaslt_stats before = blas.stats();
-  MESSAGE("linear_rows GEMM paths: ", before.calls, " calls, ", before.epilogue_fused, " with the bias epilogue (",
-          before.bias_realigned, " realigned), ", before.epilogue_fallback, " on the fallback; ",
-          before.heuristic_queries, " heuristic queries (", before.heuristic_failures, " failed), ",
-          blas.cached_algorithms(), " cached");
-  CHECK(before.calls == 5);
-  CHECK(before.epilogue_fused + before.epilogue_fallback == before.calls);
-  blas.linear_rows(dx.p, m, k, dw.p + 50 * k, db.p + 50, 20, 50, dz.p, n, cuda::activation::none, st.s);
-  st.sync();
-  CHECK(blas.stats().heuristic_queries == before.heuristic_queries);
 }

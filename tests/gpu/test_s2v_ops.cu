@@ -1,7 +1,8 @@
 // The op set on the device (ops/cuda_ops.cuh) against the host's (ops/host_ops.hpp), op by op, on
 // random data at sizes that are multiples of no tile: the forward the S2V model runs on both is the
 // same code, so these are the only places device and host can differ. Needs a device (skipped, 77,
-// without one).
+// without one). Also built for the SIMT emulator on the host (tests/simt.cmake), without the two
+// test cases of cuda_ops::linear: cuBLASLt runs on a GPU only.
 //
 // Bounds (u32 = 2^-24), per output element, relative to max(1, max|host|) of the tensor:
 //  * moves and index math (patchify, unpatchify, conv inputs, copies, broadcasts, uploads, host
@@ -308,6 +309,7 @@ TEST_CASE("s2v ops: convolution inputs, patches, tables and moves are bit-identi
   }
 }
 
+#if !defined(UNSHARD_SIMT_EMULATION)  // cuBLASLt: on the GPU only (tests/simt.cmake runs the rest)
 TEST_CASE("s2v ops: linear over row chunks, f32 and bf16 weights, bias slices at unaligned rows, GELU") {
   device_ops dev;
   const host_ops host{gemm_path::portable};
@@ -341,6 +343,7 @@ TEST_CASE("s2v ops: linear over row chunks, f32 and bf16 weights, bias slices at
     }
   }
 }
+#endif  // !UNSHARD_SIMT_EMULATION
 
 // ---- fp8 weights (issue 15 item 1, the GPU part) ----------------------------------------------
 // f8e4m3 codes with their scales in device memory (the views carry them, as the fp8 policy's
@@ -431,6 +434,7 @@ TEST_CASE("s2v ops: fp8 weights dequantize on the device bit for bit as the host
   }
 }
 
+#if !defined(UNSHARD_SIMT_EMULATION)  // cuBLASLt: on the GPU only (tests/simt.cmake runs the rest)
 TEST_CASE("s2v ops: fp8 linear on the device (weight-only and per-tensor activations) against the host") {
   device_ops dev;
   const host_ops host{gemm_path::portable};
@@ -555,3 +559,4 @@ TEST_CASE("s2v ops: fp8 linear on the device (weight-only and per-tensor activat
   }
   dev.ops.set_precision(cuda_precision::f32);
 }
+#endif  // !UNSHARD_SIMT_EMULATION

@@ -338,8 +338,8 @@ class cuda_ops {
 
   void layer_norm_silu(float* x, std::size_t rows, std::size_t d, double eps) {
     if (rows == 0 || d == 0) return;
-    cuda_ops_detail::layer_norm_silu_kernel<><<<cuda_ops_detail::blocks(rows), cuda_ops_detail::threads, 0, stream_>>>(
-        x, rows, d, eps);
+    UNSHARD_LAUNCH(cuda_ops_detail::blocks(rows), cuda_ops_detail::threads, stream_,
+                   cuda_ops_detail::layer_norm_silu_kernel<>)(x, rows, d, eps);
     cuda::check_launch("layer_norm_silu");
   }
 
@@ -404,7 +404,8 @@ class cuda_ops {
 
   void scaled_add(float* x, const float* y, float a, std::size_t n) {
     if (n == 0) return;
-    cuda_ops_detail::scaled_add_kernel<><<<cuda_ops_detail::blocks(n), cuda_ops_detail::threads, 0, stream_>>>(x, y, a, n);
+    UNSHARD_LAUNCH(cuda_ops_detail::blocks(n), cuda_ops_detail::threads, stream_,
+                   cuda_ops_detail::scaled_add_kernel<>)(x, y, a, n);
     cuda::check_launch("scaled_add");
   }
 
@@ -412,24 +413,24 @@ class cuda_ops {
                       std::size_t in_ld, std::size_t in_cols) {
     if (rows * n == 0) return;
     visit_storage(param, [&](const auto* p) {
-      cuda_ops_detail::add_param_rows_kernel<<<cuda_ops_detail::blocks(rows * n), cuda_ops_detail::threads, 0,
-                                               stream_>>>(out, p, in, rows, n, in_ld, in_cols);
+      UNSHARD_LAUNCH(cuda_ops_detail::blocks(rows * n), cuda_ops_detail::threads, stream_,
+                     cuda_ops_detail::add_param_rows_kernel)(out, p, in, rows, n, in_ld, in_cols);
     });
     cuda::check_launch("add_param_rows");
   }
   void add_rows(float* x, const float* y, std::size_t rows, std::size_t d, const tensor_view& table, std::size_t row) {
     if (rows * d == 0) return;
     visit_storage(table, [&](const auto* t) {
-      cuda_ops_detail::add_rows_kernel<<<cuda_ops_detail::blocks(rows * d), cuda_ops_detail::threads, 0, stream_>>>(
-          x, y, rows, d, t + row * d);
+      UNSHARD_LAUNCH(cuda_ops_detail::blocks(rows * d), cuda_ops_detail::threads, stream_,
+                     cuda_ops_detail::add_rows_kernel)(x, y, rows, d, t + row * d);
     });
     cuda::check_launch("add_rows");
   }
   void broadcast_row(float* dst, std::size_t ld, std::size_t rows, const tensor_view& param, std::size_t d) {
     if (rows * d == 0) return;
     visit_storage(param, [&](const auto* p) {
-      cuda_ops_detail::broadcast_row_kernel<<<cuda_ops_detail::blocks(rows * d), cuda_ops_detail::threads, 0,
-                                              stream_>>>(dst, ld, rows, p, d);
+      UNSHARD_LAUNCH(cuda_ops_detail::blocks(rows * d), cuda_ops_detail::threads, stream_,
+                     cuda_ops_detail::broadcast_row_kernel)(dst, ld, rows, p, d);
     });
     cuda::check_launch("broadcast_row");
   }
@@ -448,15 +449,15 @@ class cuda_ops {
     if (streams == 0 || channels == 0) return;
     if (t_in == 0 || stride == 0) throw_error("causal_conv_inputs: input length ", t_in, ", stride ", stride);
     const std::size_t t_out = causal_conv_out_len(t_in, stride);
-    cuda_ops_detail::causal_conv_inputs_kernel<><<<cuda_ops_detail::blocks(streams * t_out), cuda_ops_detail::threads,
-                                                   0, stream_>>>(x, streams, t_in, channels, stride, t_out, cols);
+    UNSHARD_LAUNCH(cuda_ops_detail::blocks(streams * t_out), cuda_ops_detail::threads, stream_,
+                   cuda_ops_detail::causal_conv_inputs_kernel<>)(x, streams, t_in, channels, stride, t_out, cols);
     cuda::check_launch("causal_conv_inputs");
   }
 
   void sinusoid_rows(const float* t, std::size_t rows_with_t, std::size_t rows, std::size_t dim, float* out) {
     if (rows * dim == 0) return;
-    cuda_ops_detail::sinusoid_rows_kernel<><<<cuda_ops_detail::blocks(rows * dim), cuda_ops_detail::threads, 0,
-                                              stream_>>>(t, rows_with_t, rows, dim, out);
+    UNSHARD_LAUNCH(cuda_ops_detail::blocks(rows * dim), cuda_ops_detail::threads, stream_,
+                   cuda_ops_detail::sinusoid_rows_kernel<>)(t, rows_with_t, rows, dim, out);
     cuda::check_launch("sinusoid_rows");
   }
 
@@ -464,8 +465,8 @@ class cuda_ops {
                   const tensor_view& weights, std::size_t rows, std::size_t repeat_first, float* out) {
     if (rows * channels == 0) return;
     visit_storage(weights, [&](const auto* w) {
-      cuda_ops_detail::mix_layers_kernel<<<cuda_ops_detail::blocks(rows * channels), cuda_ops_detail::threads, 0,
-                                           stream_>>>(a, layers, channels, columns, w, rows, repeat_first, out);
+      UNSHARD_LAUNCH(cuda_ops_detail::blocks(rows * channels), cuda_ops_detail::threads, stream_,
+                     cuda_ops_detail::mix_layers_kernel)(a, layers, channels, columns, w, rows, repeat_first, out);
     });
     cuda::check_launch("mix_layers");
   }
@@ -481,7 +482,8 @@ class cuda_ops {
   }
   void fill(float* dst, std::size_t n, float value) {
     if (n == 0) return;
-    cuda_ops_detail::fill_kernel<><<<cuda_ops_detail::blocks(n), cuda_ops_detail::threads, 0, stream_>>>(dst, n, value);
+    UNSHARD_LAUNCH(cuda_ops_detail::blocks(n), cuda_ops_detail::threads, stream_,
+                   cuda_ops_detail::fill_kernel<>)(dst, n, value);
     cuda::check_launch("fill");
   }
   // The cache's own type: f32 (the f32 precision), or bf16 (the bf16 precision, as the official

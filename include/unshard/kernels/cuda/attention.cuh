@@ -176,7 +176,7 @@ template <int DMax, class T>
 void launch_segmented_attention(const segmented_attention<T>& p, cudaStream_t stream) {
   const dim3 grid(blocks_for(p.queries, attn_rows, 0x7fffffffu), static_cast<unsigned>(p.heads),
                   static_cast<unsigned>(p.groups));
-  segmented_flash_attention_kernel<DMax, T><<<grid, attn_threads, 0, stream>>>(p);
+  UNSHARD_LAUNCH(grid, attn_threads, stream, segmented_flash_attention_kernel<DMax, T>)(p);
   check_launch("segmented_flash_attention");
 }
 

@@ -15,6 +15,21 @@
 #include "unshard/core/error.hpp"
 #include "unshard/kernels/thread/storage.hpp"
 
+#if defined(UNSHARD_SIMT_EMULATION)
+#include "unshard/kernels/cuda/simt_emulator.cuh"
+#endif
+
+// Every kernel of unshard is launched as UNSHARD_LAUNCH(grid, block, stream, kernel)(args...),
+// never with <<<>>> written out: nvcc gets exactly `kernel<<<grid, block, 0, stream>>>(args...)`,
+// and a host compiler building for the SIMT emulator (simt_emulator.cuh) gets a call that runs
+// every thread of the grid on the CPU. The kernel comes last so template arguments may hold commas.
+#if defined(UNSHARD_SIMT_EMULATION)
+#define UNSHARD_LAUNCH(grid, block, stream, ...) \
+  ::unshard::simt::launch((grid), (block), (stream), [&](auto&&... unshard_args) { __VA_ARGS__(unshard_args...); })
+#else
+#define UNSHARD_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
+
 namespace unshard::cuda {
 
 // After a kernel launch: a configuration error (too many threads, too much shared memory)
@@ -61,7 +76,7 @@ inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p
 template <class T>
 using stat_t = std::conditional_t<std::is_same_v<T, float>, double, float>;
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(UNSHARD_SIMT_EMULATION)
 // Loads vec_elems<T> elements at p (16-byte aligned) widened to f32.
 template <class T>
 __device__ inline void load_vec(const T* p, float* f) {

@@ -117,8 +117,9 @@ void bias_activation(T* y, std::size_t rows, std::size_t cols, std::size_t ld, c
     throw_error("bias_activation: ", rows, " x ", cols, " exceeds the kernel's 32-bit indices");
   const dim3 grid(blocks_for(cols, elementwise_threads, 0xffffffffu),
                   static_cast<unsigned>(rows < 65535 ? rows : 65535));
-  detail::bias_activation_kernel<<<grid, elementwise_threads, 0, stream>>>(y, static_cast<unsigned>(rows),
-                                                                          static_cast<unsigned>(cols), ld, bias, gelu);
+  UNSHARD_LAUNCH(grid, elementwise_threads, stream,
+                 detail::bias_activation_kernel)(y, static_cast<unsigned>(rows), static_cast<unsigned>(cols), ld, bias,
+                                                 gelu);
   check_launch("bias_activation");
 }
 
@@ -131,7 +132,7 @@ void bias_gelu(T* y, std::size_t rows, std::size_t cols, const TB* bias, cudaStr
 template <storage_type TX, storage_type TY>
 void silu(const TX* x, std::size_t n, TY* y, cudaStream_t stream) {
   if (n == 0) return;
-  detail::silu_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(x, n, y);
+  UNSHARD_LAUNCH(elementwise_blocks(n), elementwise_threads, stream, detail::silu_kernel)(x, n, y);
   check_launch("silu");
 }
 
@@ -140,7 +141,7 @@ template <storage_type TX, storage_type TY>
 void gated_residual(TX* x, const TY* y, const float* gate, std::size_t rows, std::size_t cols, cudaStream_t stream) {
   const std::size_t n = rows * cols;
   if (n == 0) return;
-  detail::residual_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(x, y, gate, n, cols);
+  UNSHARD_LAUNCH(elementwise_blocks(n), elementwise_threads, stream, detail::residual_kernel)(x, y, gate, n, cols);
   check_launch("gated_residual");
 }
 
@@ -148,7 +149,8 @@ void gated_residual(TX* x, const TY* y, const float* gate, std::size_t rows, std
 template <storage_type TA>
 void add_broadcast(const TA* a, const float* b, std::size_t n, std::size_t b_period, float* out, cudaStream_t stream) {
   if (n == 0) return;
-  detail::add_broadcast_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(a, b, n, b_period, out);
+  UNSHARD_LAUNCH(elementwise_blocks(n), elementwise_threads, stream,
+                 detail::add_broadcast_kernel)(a, b, n, b_period, out);
   check_launch("add_broadcast");
 }
 
@@ -156,7 +158,7 @@ void add_broadcast(const TA* a, const float* b, std::size_t n, std::size_t b_per
 template <storage_type TS, storage_type TD>
 void convert(const TS* src, std::size_t n, TD* dst, cudaStream_t stream) {
   if (n == 0) return;
-  detail::convert_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(src, n, dst);
+  UNSHARD_LAUNCH(elementwise_blocks(n), elementwise_threads, stream, detail::convert_kernel)(src, n, dst);
   check_launch("convert");
 }
 
@@ -164,22 +166,23 @@ inline void patchify(const float* x, std::size_t c, std::size_t frames, std::siz
                      const patch_grid& g, float* patches, cudaStream_t stream) {
   const std::size_t tokens = g.gf * g.gh * g.gw;
   if (tokens == 0) return;
-  detail::patchify_kernel<><<<blocks_for(tokens, 128), 128, 0, stream>>>(x, c, frames, height, width, g,
-                                                                       c * g.pt * g.ph * g.pw, patches);
+  UNSHARD_LAUNCH(blocks_for(tokens, 128), 128, stream,
+                 detail::patchify_kernel<>)(x, c, frames, height, width, g, c * g.pt * g.ph * g.pw, patches);
   check_launch("patchify");
 }
 
 inline void unpatchify(const float* vecs, std::size_t c, const patch_grid& g, float* out, cudaStream_t stream) {
   const std::size_t tokens = g.gf * g.gh * g.gw;
   if (tokens == 0) return;
-  detail::unpatchify_kernel<><<<blocks_for(tokens, 128), 128, 0, stream>>>(vecs, c, g, c * g.pt * g.ph * g.pw, out);
+  UNSHARD_LAUNCH(blocks_for(tokens, 128), 128, stream,
+                 detail::unpatchify_kernel<>)(vecs, c, g, c * g.pt * g.ph * g.pw, out);
   check_launch("unpatchify");
 }
 
 // out[dim] = the sinusoid of the timestep *t (t in device memory).
 inline void time_sinusoid(const float* t, std::size_t dim, float* out, cudaStream_t stream) {
   if (dim == 0) return;
-  detail::time_sinusoid_kernel<><<<elementwise_blocks(dim), elementwise_threads, 0, stream>>>(t, dim, out);
+  UNSHARD_LAUNCH(elementwise_blocks(dim), elementwise_threads, stream, detail::time_sinusoid_kernel<>)(t, dim, out);
   check_launch("time_sinusoid");
 }
 
@@ -299,9 +302,10 @@ void gated_residual_rows(TX* x, const TY* y, const float* gate, std::size_t mod_
   const bool vec = std::is_same_v<TX, TY> && d % vec_elems<TX> == 0 && aligned16(x) && aligned16(y) && aligned16(gate) &&
                    mod_stride % 4 == 0;
   const unsigned grid = static_cast<unsigned>(rows < (1u << 20) ? rows : (1u << 20));
-  detail::gated_residual_rows_kernel<<<grid, elementwise_threads, 0, stream>>>(
-      x, y, gate, static_cast<unsigned>(rows), static_cast<unsigned>(d), static_cast<unsigned>(mod_stride),
-      static_cast<unsigned>(tokens_per_mod_row), vec);
+  UNSHARD_LAUNCH(grid, elementwise_threads, stream,
+                 detail::gated_residual_rows_kernel)(x, y, gate, static_cast<unsigned>(rows), static_cast<unsigned>(d),
+                                                     static_cast<unsigned>(mod_stride),
+                                                     static_cast<unsigned>(tokens_per_mod_row), vec);
   check_launch("gated_residual_rows");
 }
 
@@ -310,8 +314,8 @@ template <storage_type TX, storage_type TY>
 void residual_rows(TX* x, const TY* y, std::size_t n, cudaStream_t stream) {
   if (n == 0) return;
   const bool vec = std::is_same_v<TX, TY> && aligned16(x) && aligned16(y);
-  detail::residual_flat_kernel<<<detail::flat_blocks((n + vec_elems<TX> - 1) / vec_elems<TX>), elementwise_threads, 0,
-                                 stream>>>(x, y, n, vec);
+  UNSHARD_LAUNCH(detail::flat_blocks((n + vec_elems<TX> - 1) / vec_elems<TX>), elementwise_threads, stream,
+                 detail::residual_flat_kernel)(x, y, n, vec);
   check_launch("residual_rows");
 }
 
@@ -319,9 +323,8 @@ void residual_rows(TX* x, const TY* y, std::size_t n, cudaStream_t stream) {
 template <storage_type T>
 void gelu_tanh_inplace(T* x, std::size_t n, cudaStream_t stream) {
   if (n == 0) return;
-  detail::unary_inplace_kernel<T, detail::unary_op::gelu_tanh>
-      <<<detail::flat_blocks((n + vec_elems<T> - 1) / vec_elems<T>), elementwise_threads, 0, stream>>>(x, n,
-                                                                                                     aligned16(x));
+  UNSHARD_LAUNCH(detail::flat_blocks((n + vec_elems<T> - 1) / vec_elems<T>), elementwise_threads, stream,
+                 detail::unary_inplace_kernel<T, detail::unary_op::gelu_tanh>)(x, n, aligned16(x));
   check_launch("gelu_tanh_inplace");
 }
 
@@ -329,9 +332,8 @@ void gelu_tanh_inplace(T* x, std::size_t n, cudaStream_t stream) {
 template <storage_type T>
 void silu_inplace(T* x, std::size_t n, cudaStream_t stream) {
   if (n == 0) return;
-  detail::unary_inplace_kernel<T, detail::unary_op::silu>
-      <<<detail::flat_blocks((n + vec_elems<T> - 1) / vec_elems<T>), elementwise_threads, 0, stream>>>(x, n,
-                                                                                                     aligned16(x));
+  UNSHARD_LAUNCH(detail::flat_blocks((n + vec_elems<T> - 1) / vec_elems<T>), elementwise_threads, stream,
+                 detail::unary_inplace_kernel<T, detail::unary_op::silu>)(x, n, aligned16(x));
   check_launch("silu_inplace");
 }
 

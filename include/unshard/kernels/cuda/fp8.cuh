@@ -132,11 +132,11 @@ void dequantize_fp8_rows(const std::uint8_t* codes, std::size_t rows, std::size_
     throw_error("dequantize_fp8_rows: ", rows, " rows need 1 or ", rows, " scales, got ", scale_count);
   const bool per_row = scale_count != 1;
   if (cols % 16 == 0 && aligned16(codes) && aligned16(out)) {
-    fp8_detail::dequantize_kernel<T, true>
-        <<<blocks_for(n / 16, fp8_detail::threads), fp8_detail::threads, 0, stream>>>(codes, n, cols, scales, per_row, out);
+    UNSHARD_LAUNCH(blocks_for(n / 16, fp8_detail::threads), fp8_detail::threads, stream,
+                   fp8_detail::dequantize_kernel<T, true>)(codes, n, cols, scales, per_row, out);
   } else {
-    fp8_detail::dequantize_kernel<T, false>
-        <<<blocks_for(n, fp8_detail::threads), fp8_detail::threads, 0, stream>>>(codes, n, cols, scales, per_row, out);
+    UNSHARD_LAUNCH(blocks_for(n, fp8_detail::threads), fp8_detail::threads, stream,
+                   fp8_detail::dequantize_kernel<T, false>)(codes, n, cols, scales, per_row, out);
   }
   check_launch("dequantize_fp8_rows");
 }
@@ -147,14 +147,15 @@ inline void quantize_activations_fp8(const float* x, std::size_t n, std::uint32_
                                      std::uint8_t* codes, cudaStream_t stream) {
   if (n == 0) return;
   UNSHARD_CUDA_CHECK(cudaMemsetAsync(amax_bits, 0, sizeof(std::uint32_t), stream));
-  fp8_detail::amax_kernel<><<<blocks_for(n, fp8_detail::threads, 1024), fp8_detail::threads, 0, stream>>>(x, n, amax_bits);
+  UNSHARD_LAUNCH(blocks_for(n, fp8_detail::threads, 1024), fp8_detail::threads, stream,
+                 fp8_detail::amax_kernel<>)(x, n, amax_bits);
   check_launch("fp8 activation amax");
   if (n % 16 == 0 && aligned16(x) && aligned16(codes)) {
-    fp8_detail::quantize_kernel<true>
-        <<<blocks_for(n / 16, fp8_detail::threads), fp8_detail::threads, 0, stream>>>(x, n, amax_bits, codes, scale);
+    UNSHARD_LAUNCH(blocks_for(n / 16, fp8_detail::threads), fp8_detail::threads, stream,
+                   fp8_detail::quantize_kernel<true>)(x, n, amax_bits, codes, scale);
   } else {
-    fp8_detail::quantize_kernel<false>
-        <<<blocks_for(n, fp8_detail::threads), fp8_detail::threads, 0, stream>>>(x, n, amax_bits, codes, scale);
+    UNSHARD_LAUNCH(blocks_for(n, fp8_detail::threads), fp8_detail::threads, stream,
+                   fp8_detail::quantize_kernel<false>)(x, n, amax_bits, codes, scale);
   }
   check_launch("fp8 activation quantize");
 }
@@ -165,8 +166,8 @@ inline void fp8_epilogue(float* y, std::size_t m, std::size_t n, std::size_t ldy
                          std::size_t scale_count, const float* bias, bool gelu, cudaStream_t stream) {
   if (m * n == 0 || (!col_scale && !bias && !gelu)) return;
   const dim3 grid(blocks_for(n, fp8_detail::threads), static_cast<unsigned>(m < 65535 ? m : 65535));
-  fp8_detail::epilogue_kernel<><<<grid, fp8_detail::threads, 0, stream>>>(y, m, n, ldy, col_scale, scale_count != 1,
-                                                                          bias, gelu);
+  UNSHARD_LAUNCH(grid, fp8_detail::threads, stream,
+                 fp8_detail::epilogue_kernel<>)(y, m, n, ldy, col_scale, scale_count != 1, bias, gelu);
   check_launch("fp8 epilogue");
 }
 

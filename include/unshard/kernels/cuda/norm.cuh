@@ -122,7 +122,8 @@ template <storage_type TX, storage_type TY>
 void layer_norm_modulate(const TX* x, std::size_t rows, std::size_t n, double eps, const float* shift,
                          const float* scale, TY* y, cudaStream_t stream) {
   if (rows == 0 || n == 0) return;
-  detail::layer_norm_modulate_kernel<<<row_blocks(rows), row_threads, 0, stream>>>(x, rows, n, eps, shift, scale, y);
+  UNSHARD_LAUNCH(row_blocks(rows), row_threads, stream,
+                 detail::layer_norm_modulate_kernel)(x, rows, n, eps, shift, scale, y);
   check_launch("layer_norm_modulate");
 }
 
@@ -131,7 +132,8 @@ template <storage_type TX, storage_type TW, storage_type TY>
 void layer_norm_affine(const TX* x, std::size_t rows, std::size_t n, double eps, const TW* weight, const TW* bias,
                        TY* y, cudaStream_t stream) {
   if (rows == 0 || n == 0) return;
-  detail::layer_norm_affine_kernel<<<row_blocks(rows), row_threads, 0, stream>>>(x, rows, n, eps, weight, bias, y);
+  UNSHARD_LAUNCH(row_blocks(rows), row_threads, stream,
+                 detail::layer_norm_affine_kernel)(x, rows, n, eps, weight, bias, y);
   check_launch("layer_norm_affine");
 }
 
@@ -144,8 +146,8 @@ void rms_norm_rope(T* x, std::size_t rows, std::size_t n, std::size_t head_dim, 
   if (rows == 0 || n == 0 || (!weight && !cos)) return;
   if (head_dim == 0 || head_dim % 2 != 0 || n % head_dim != 0)
     throw_error("rms_norm_rope: head_dim ", head_dim, " must be even and divide the row width ", n);
-  detail::rms_norm_rope_kernel<<<row_blocks(rows), row_threads, 0, stream>>>(x, rows, n, head_dim, eps, weight, cos,
-                                                                             sin);
+  UNSHARD_LAUNCH(row_blocks(rows), row_threads, stream,
+                 detail::rms_norm_rope_kernel)(x, rows, n, head_dim, eps, weight, cos, sin);
   check_launch("rms_norm_rope");
 }
 
@@ -154,7 +156,7 @@ inline void rope_table(std::size_t gf, std::size_t gh, std::size_t gw, std::size
                        cudaStream_t stream) {
   const std::size_t tokens = gf * gh * gw;
   if (tokens == 0 || pairs == 0) return;
-  detail::rope_table_kernel<><<<blocks_for(tokens, 128), 128, 0, stream>>>(tokens, gh, gw, pairs, cos, sin);
+  UNSHARD_LAUNCH(blocks_for(tokens, 128), 128, stream, detail::rope_table_kernel<>)(tokens, gh, gw, pairs, cos, sin);
   check_launch("rope_table");
 }
 
@@ -419,11 +421,11 @@ void launch_rms_rope(const char* what, T* x, std::size_t rows, std::size_t d, st
                  P = static_cast<unsigned>(pairs);
   const unsigned grid = row_grid(rows);
   switch (g.vpt) {
-    case 1: rms_rope_vec_kernel<T, W, NORM, ROPE, 1><<<grid, g.threads, 0, stream>>>(x, R, D, H, eps, weight, cos, sin, P); break;
-    case 2: rms_rope_vec_kernel<T, W, NORM, ROPE, 2><<<grid, g.threads, 0, stream>>>(x, R, D, H, eps, weight, cos, sin, P); break;
-    case 4: rms_rope_vec_kernel<T, W, NORM, ROPE, 4><<<grid, g.threads, 0, stream>>>(x, R, D, H, eps, weight, cos, sin, P); break;
-    case 8: rms_rope_vec_kernel<T, W, NORM, ROPE, 8><<<grid, g.threads, 0, stream>>>(x, R, D, H, eps, weight, cos, sin, P); break;
-    default: rms_rope_scalar_kernel<T, W, NORM, ROPE><<<grid, row_threads, 0, stream>>>(x, R, D, H, eps, weight, cos, sin, P);
+    case 1: UNSHARD_LAUNCH(grid, g.threads, stream, rms_rope_vec_kernel<T, W, NORM, ROPE, 1>)(x, R, D, H, eps, weight, cos, sin, P); break;
+    case 2: UNSHARD_LAUNCH(grid, g.threads, stream, rms_rope_vec_kernel<T, W, NORM, ROPE, 2>)(x, R, D, H, eps, weight, cos, sin, P); break;
+    case 4: UNSHARD_LAUNCH(grid, g.threads, stream, rms_rope_vec_kernel<T, W, NORM, ROPE, 4>)(x, R, D, H, eps, weight, cos, sin, P); break;
+    case 8: UNSHARD_LAUNCH(grid, g.threads, stream, rms_rope_vec_kernel<T, W, NORM, ROPE, 8>)(x, R, D, H, eps, weight, cos, sin, P); break;
+    default: UNSHARD_LAUNCH(grid, row_threads, stream, rms_rope_scalar_kernel<T, W, NORM, ROPE>)(x, R, D, H, eps, weight, cos, sin, P);
   }
   check_launch(what);
 }
@@ -455,11 +457,11 @@ void layer_norm_modulate_rows(const T* x, T* y, std::size_t rows, std::size_t d,
                  M = static_cast<unsigned>(tokens_per_mod_row);
   const unsigned grid = detail::row_grid(rows);
   switch (g.vpt) {
-    case 1: detail::ln_modulate_vec_kernel<T, 1><<<grid, g.threads, 0, stream>>>(x, y, R, D, eps, shift, scale, S, M); break;
-    case 2: detail::ln_modulate_vec_kernel<T, 2><<<grid, g.threads, 0, stream>>>(x, y, R, D, eps, shift, scale, S, M); break;
-    case 4: detail::ln_modulate_vec_kernel<T, 4><<<grid, g.threads, 0, stream>>>(x, y, R, D, eps, shift, scale, S, M); break;
-    case 8: detail::ln_modulate_vec_kernel<T, 8><<<grid, g.threads, 0, stream>>>(x, y, R, D, eps, shift, scale, S, M); break;
-    default: detail::ln_modulate_scalar_kernel<T><<<grid, row_threads, 0, stream>>>(x, y, R, D, eps, shift, scale, S, M);
+    case 1: UNSHARD_LAUNCH(grid, g.threads, stream, detail::ln_modulate_vec_kernel<T, 1>)(x, y, R, D, eps, shift, scale, S, M); break;
+    case 2: UNSHARD_LAUNCH(grid, g.threads, stream, detail::ln_modulate_vec_kernel<T, 2>)(x, y, R, D, eps, shift, scale, S, M); break;
+    case 4: UNSHARD_LAUNCH(grid, g.threads, stream, detail::ln_modulate_vec_kernel<T, 4>)(x, y, R, D, eps, shift, scale, S, M); break;
+    case 8: UNSHARD_LAUNCH(grid, g.threads, stream, detail::ln_modulate_vec_kernel<T, 8>)(x, y, R, D, eps, shift, scale, S, M); break;
+    default: UNSHARD_LAUNCH(grid, row_threads, stream, detail::ln_modulate_scalar_kernel<T>)(x, y, R, D, eps, shift, scale, S, M);
   }
   check_launch("layer_norm_modulate_rows");
 }

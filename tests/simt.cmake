@@ -1,0 +1,62 @@
+# unshard's own CUDA kernels (include/unshard/kernels/cuda) on the SIMT emulator
+# (kernels/cuda/simt_emulator.cuh): the GPU tests' own sources, compiled by the host compiler and
+# run on the CPU with a host CUDA runtime (support/simt_cuda_runtime.cpp), label `simt`. Each runs
+# twice, in both thread orders (UNSHARD_SIMT_ORDER), which turns a missing barrier into a wrong
+# value. Needs the CUDA toolkit's headers only: no nvcc, no GPU. cuBLASLt, cuDNN and NCCL are not
+# emulated: their tests stay GPU-only (tests/gpu.cmake).
+find_path(UNSHARD_CUDA_HEADERS cuda_runtime.h HINTS ENV CUDA_HOME ENV CUDA_PATH PATH_SUFFIXES include
+          PATHS /usr/local/cuda/include)
+if(NOT UNSHARD_CUDA_HEADERS)
+  message(STATUS "unshard: no CUDA headers (cuda_runtime.h): the kernels' SIMT-emulator tests are not built")
+  return()
+endif()
+message(STATUS "unshard: the CUDA kernels' tests also run on the SIMT emulator (headers: ${UNSHARD_CUDA_HEADERS})")
+
+add_library(unshard_simt_runtime STATIC support/simt_cuda_runtime.cpp)
+target_include_directories(unshard_simt_runtime PUBLIC ${UNSHARD_CUDA_HEADERS})
+if(UNSHARD_SANITIZE)
+  target_compile_options(unshard_simt_runtime PRIVATE -fsanitize=address,undefined -fno-omit-frame-pointer)
+endif()
+
+# The ops tests construct cuda_ops, whose GEMM handle (never created here) is cuBLASLt's: they link
+# the library, which loads without a GPU, and leave cuda_ops::linear's test cases to the GPU.
+get_filename_component(_cuda_root ${UNSHARD_CUDA_HEADERS} DIRECTORY)
+find_library(UNSHARD_SIMT_CUBLASLT cublasLt HINTS ${_cuda_root}/lib64 ${_cuda_root}/lib)
+# unshard_simt_target(target): compiles the target's kernels for the emulator.
+function(unshard_simt_target target)
+  target_link_libraries(${target} PRIVATE unshard_simt_runtime)
+  target_compile_definitions(${target} PRIVATE UNSHARD_SIMT_EMULATION)
+  # The kernels' 16-byte vector loads reinterpret bf16 arrays as uint4, as CUDA code does; nvcc
+  # allows it, and the host compiler must not optimise on strict aliasing across them.
+  # (#pragma unroll is nvcc's; g++ also cannot see that the vector kernels read a register array
+  # only under the condition they filled it under, `vi < nvec` in both loops.)
+  target_compile_options(${target} PRIVATE -fno-strict-aliasing -Wno-unknown-pragmas -Wno-maybe-uninitialized
+                                           -Wno-uninitialized)
+endfunction()
+
+# The emulator's own semantics and the faults it names.
+unshard_add_test(test_simt_emulator test_simt_emulator.cpp LABELS simt)
+unshard_simt_target(test_simt_emulator)
+target_include_directories(test_simt_emulator PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
+
+set(_simt_tests test_kernels test_row_kernels_bf16)
+if(UNSHARD_SIMT_CUBLASLT)
+  list(APPEND _simt_tests test_s2v_ops)
+else()
+  message(STATUS "unshard: no libcublasLt: test_s2v_ops does not run on the SIMT emulator")
+endif()
+
+foreach(name ${_simt_tests})
+  # A .cpp that includes the .cu: the same source file cannot be CUDA for the GPU test and C++ here.
+  set(wrapper ${CMAKE_CURRENT_BINARY_DIR}/simt/${name}.cpp)
+  file(CONFIGURE OUTPUT ${wrapper} CONTENT "#include \"${CMAKE_CURRENT_SOURCE_DIR}/gpu/${name}.cu\"\n")
+  set(target simt_${name})
+  unshard_add_test(${target} ${wrapper} LABELS simt)
+  unshard_simt_target(${target})
+  if(name STREQUAL test_s2v_ops)
+    target_link_libraries(${target} PRIVATE ${UNSHARD_SIMT_CUBLASLT})
+  endif()
+  set_tests_properties(${target} PROPERTIES ENVIRONMENT UNSHARD_SIMT_ORDER=forward)
+  add_test(NAME ${target}_reverse COMMAND ${target})
+  set_tests_properties(${target}_reverse PROPERTIES ENVIRONMENT UNSHARD_SIMT_ORDER=reverse LABELS simt)
+endforeach()
