@@ -1,9 +1,10 @@
 # unshard's own CUDA kernels (include/unshard/kernels/cuda) on the SIMT emulator
 # (kernels/cuda/simt_emulator.cuh): the GPU tests' own sources, compiled by the host compiler and
-# run on the CPU with a host CUDA runtime (support/simt_cuda_runtime.cpp), label `simt`. Each runs
+# run on the CPU with a host CUDA runtime and a host reading of cuBLASLt's matmul
+# (support/simt_cuda_runtime.cpp, support/simt_cublaslt.cpp), label `simt`. Each runs
 # twice, in both thread orders (UNSHARD_SIMT_ORDER), which turns a missing barrier into a wrong
-# value. Needs the CUDA toolkit's headers only: no nvcc, no GPU. cuBLASLt, cuDNN and NCCL are not
-# emulated: their tests stay GPU-only (tests/gpu.cmake).
+# value. Needs the CUDA toolkit's headers only: no nvcc, no GPU, no CUDA library. cuDNN and NCCL
+# are not emulated: their tests stay GPU-only (tests/gpu.cmake).
 find_path(UNSHARD_CUDA_HEADERS cuda_runtime.h HINTS ENV CUDA_HOME ENV CUDA_PATH PATH_SUFFIXES include
           PATHS /usr/local/cuda/include)
 if(NOT UNSHARD_CUDA_HEADERS)
@@ -12,16 +13,15 @@ if(NOT UNSHARD_CUDA_HEADERS)
 endif()
 message(STATUS "unshard: the CUDA kernels' tests also run on the SIMT emulator (headers: ${UNSHARD_CUDA_HEADERS})")
 
-add_library(unshard_simt_runtime STATIC support/simt_cuda_runtime.cpp)
+# The host side of the emulated device: the CUDA runtime calls and cuBLASLt's matmul (both in
+# support/, both stricter than the libraries where the libraries would fault).
+add_library(unshard_simt_runtime STATIC support/simt_cuda_runtime.cpp support/simt_cublaslt.cpp)
 target_include_directories(unshard_simt_runtime PUBLIC ${UNSHARD_CUDA_HEADERS})
+target_link_libraries(unshard_simt_runtime PRIVATE unshard)
 if(UNSHARD_SANITIZE)
   target_compile_options(unshard_simt_runtime PRIVATE -fsanitize=address,undefined -fno-omit-frame-pointer)
 endif()
 
-# The ops tests construct cuda_ops, whose GEMM handle (never created here) is cuBLASLt's: they link
-# the library, which loads without a GPU, and leave cuda_ops::linear's test cases to the GPU.
-get_filename_component(_cuda_root ${UNSHARD_CUDA_HEADERS} DIRECTORY)
-find_library(UNSHARD_SIMT_CUBLASLT cublasLt HINTS ${_cuda_root}/lib64 ${_cuda_root}/lib)
 # unshard_simt_target(target): compiles the target's kernels for the emulator.
 function(unshard_simt_target target)
   target_link_libraries(${target} PRIVATE unshard_simt_runtime)
@@ -39,12 +39,10 @@ unshard_add_test(test_simt_emulator test_simt_emulator.cpp LABELS simt)
 unshard_simt_target(test_simt_emulator)
 target_include_directories(test_simt_emulator PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
 
-set(_simt_tests test_kernels test_row_kernels_bf16)
-if(UNSHARD_SIMT_CUBLASLT)
-  list(APPEND _simt_tests test_s2v_ops)
-else()
-  message(STATUS "unshard: no libcublasLt: test_s2v_ops does not run on the SIMT emulator")
-endif()
+# The GPU tests that run here, whole: our kernels, the op set (its GEMMs on the host reading of
+# cuBLASLt, support/simt_cublaslt.cpp) and the S2V model on the op set against the references.
+# Not here: what needs cuDNN (test_sdpa), NCCL or several devices (the backend, Wan's sessions).
+set(_simt_tests test_kernels test_row_kernels_bf16 test_s2v_ops test_gemm_linear test_gemm_bf16 test_s2v_cuda)
 
 foreach(name ${_simt_tests})
   # A .cpp that includes the .cu: the same source file cannot be CUDA for the GPU test and C++ here.
@@ -53,9 +51,6 @@ foreach(name ${_simt_tests})
   set(target simt_${name})
   unshard_add_test(${target} ${wrapper} LABELS simt)
   unshard_simt_target(${target})
-  if(name STREQUAL test_s2v_ops)
-    target_link_libraries(${target} PRIVATE ${UNSHARD_SIMT_CUBLASLT})
-  endif()
   set_tests_properties(${target} PROPERTIES ENVIRONMENT UNSHARD_SIMT_ORDER=forward)
   add_test(NAME ${target}_reverse COMMAND ${target})
   set_tests_properties(${target}_reverse PROPERTIES ENVIRONMENT UNSHARD_SIMT_ORDER=reverse LABELS simt)

@@ -66,8 +66,9 @@ reference bf16_linear_reference(const std::vector<float>& x, std::size_t m, std:
 
 std::string stats_text(const cuda::blaslt_stats& s) {
   return "calls " + std::to_string(s.calls) + ", epilogue_fused " + std::to_string(s.epilogue_fused) +
-         ", epilogue_fallback " + std::to_string(s.epilogue_fallback) + ", bias_realigned " +
-         std::to_string(s.bias_realigned) + ", heuristic_failures " + std::to_string(s.heuristic_failures);
+         ", epilogue_fallback " + std::to_string(s.epilogue_fallback) + " (" + std::to_string(s.staged_f32) +
+         " through f32), bias_realigned " + std::to_string(s.bias_realigned) + ", heuristic_failures " +
+         std::to_string(s.heuristic_failures);
 }
 
 }  // namespace
@@ -110,7 +111,8 @@ TEST_CASE("bf16 linear (tensor cores, f32 accumulation) matches a double referen
             expect_close<float>(what + " -> f32", dy.get(st), ref.y, bound);
           }
           const auto& s = blas.stats();
-          MESSAGE(what, out_bf16 ? " -> bf16: " : " -> f32: ", stats_text(s));
+          const std::string paths = what + (out_bf16 ? " -> bf16: " : " -> f32: ") + stats_text(s);
+          MESSAGE(paths);
           CHECK(s.calls == 1);
           if (bias || gelu) {
             // Exactly one of the two paths applied the epilogue's work.
@@ -162,6 +164,9 @@ TEST_CASE("a bias pointer that is not 16-byte aligned is realigned into the scra
         } else {
           CHECK(s.bias_realigned == 0);
           CHECK(s.epilogue_fallback == 1);
+          // A bf16 y: the fallback rounds once, through f32 in the workspace (rounding the matmul's
+          // bf16 output and again after the bias was off by up to half an ulp of the pre-bias value).
+          CHECK(s.staged_f32 == 1);
         }
       }
       {  // f32 bias at dbf.p + 1 (4-byte aligned), f32 output: the f32 chunk path's `bias + r0`
@@ -198,7 +203,7 @@ TEST_CASE_TEMPLATE("an m = 1 linear (the time embedding) runs, with bias and GEL
     expect_close<float>(std::string("m=1 linear ") + storage_name<T>() + (gelu ? " gelu" : ""), dy.get(st), ref.y,
                         [&](std::size_t i) { return ref.bound[i]; });
     const auto& s = blas.stats();
-    MESSAGE("m=1 ", storage_name<T>(), gelu ? " gelu: " : ": ", stats_text(s));
+    MESSAGE("m=1 ", std::string(storage_name<T>()), std::string(gelu ? " gelu: " : ": "), stats_text(s));
     CHECK(s.epilogue_fused + s.epilogue_fallback == 1);
     if constexpr (std::is_same_v<T, float>) CHECK(s.activation_kernel == (gelu ? 1u : 0u));  // f32: exact GELU
   }
@@ -223,4 +228,27 @@ TEST_CASE("the f32 linear is a true f32 GEMM: no TF32") {
   for (std::size_t i = 0; i < m; ++i)
     for (std::size_t j = 0; j < n; ++j) wrong += y[i * n + j] != (i % k == j % k ? v : 0.0f);
   CHECK_MESSAGE(wrong == 0, wrong, " outputs differ from the exact f32 products (TF32 in use?)");
+}
+
+TEST_CASE("a bf16 output whose bias cannot fuse, without a workspace to stage f32 in, is an error naming the need") {
+  test_stream st;
+  const std::size_t m = 8, k = 64, n = 24;
+  device_vector<bf16> dx(stored<bf16>(random_floats(m * k, 38))), dw(stored<bf16>(random_floats(n * k, 39)));
+  device_vector<bf16> db(stored<bf16>(random_floats(n + 1, 40))), dy(m * n);
+  cuda::blaslt blas;  // no workspace: no realigned bias, no f32 staging
+  std::string message;
+  try {
+    blas.linear(dx.p, m, k, dw.p, db.p + 1, n, dy.p, cuda::activation::none, st.s);
+  } catch (const error& e) {
+    message = e.what();
+  }
+  CHECK_MESSAGE(message.find("through f32 in the workspace, which needs at least 32 bytes (0 given)") !=
+                    std::string::npos,
+                "got: '", message, "'");
+  // An f32 output needs no staging: the same call into f32 takes the fallback and succeeds.
+  device_vector<float> dyf(m * n);
+  blas.reset_stats();
+  blas.linear(dx.p, m, k, dw.p, db.p + 1, n, dyf.p, cuda::activation::none, st.s);
+  st.sync();
+  CHECK(blas.stats().epilogue_fallback == 1);
 }

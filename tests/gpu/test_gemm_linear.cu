@@ -55,7 +55,7 @@ TEST_CASE_TEMPLATE("blaslt::linear matches the host linear, with bias, without, 
   // Which path the calls took: the epilogue (bias, GELU) must have been taken at least once, or
   // this test checked only the fallback kernel and said nothing about cuBLASLt's epilogue.
   const cuda::blaslt_stats& ps = blas.stats();
-  MESSAGE("blaslt::linear ", storage_name<T>(), " GEMM paths: ", ps.calls, " calls, ", ps.epilogue_fused,
+  MESSAGE("blaslt::linear ", std::string(storage_name<T>()), " GEMM paths: ", ps.calls, " calls, ", ps.epilogue_fused,
           " with the epilogue fused, ", ps.epilogue_fallback, " on the fallback (", ps.heuristic_failures,
           " heuristic failures)");
   CHECK(ps.epilogue_fused > 0);

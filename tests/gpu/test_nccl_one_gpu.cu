@@ -37,7 +37,7 @@ TEST_CASE("NCCL at world size 2 on one GPU: runs the collectives, or NCCL refuse
     w = std::make_unique<unshard::cuda_world>(std::vector<int>{0, 0}, opt);
   } catch (const std::exception& e) {
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    MESSAGE("path: NCCL refuses two ranks on one GPU (after ", s, " s): ", e.what(),
+    MESSAGE("path: NCCL refuses two ranks on one GPU (after ", s, " s): ", std::string(e.what()),
             "; world size >= 2 is covered by test_multigpu_nccl on two GPUs");
     CHECK(std::string(e.what()).find("NCCL") != std::string::npos);
     CHECK(s < 30.0);

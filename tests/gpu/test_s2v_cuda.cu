@@ -136,7 +136,7 @@ TEST_CASE("s2v on CUDA: every recorded stream against the references (f32) and t
   for (const std::string& name : files)
     for (const dtype storage : {dtype::f32, dtype::bf16}) {
       CAPTURE(name);
-      CAPTURE(name_of(storage));
+      CAPTURE(std::string(name_of(storage)));
       const stream_case c = load_case(name);
       device_run dev(c, storage);
       host_run host(c, storage);
@@ -175,7 +175,7 @@ TEST_CASE("s2v on CUDA: every recorded stream against the references (f32) and t
           worst_ref = std::max(worst_ref, excess(out, want.data(), want.size()));
         }
       }
-      MESSAGE(name, " ", name_of(storage), ": ", streamed, " streamed calls on cuda_ops (f32 activations, ",
+      MESSAGE(name, " ", std::string(name_of(storage)), ": ", streamed, " streamed calls on cuda_ops (f32 activations, ",
               "segmented flash attention, cuBLASLt f32 GEMMs); worst error / 1e-5 rule: vs references ", worst_ref,
               ", vs host ", worst_host);
       CHECK(streamed > 0);

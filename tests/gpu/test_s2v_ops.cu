@@ -1,8 +1,8 @@
 // The op set on the device (ops/cuda_ops.cuh) against the host's (ops/host_ops.hpp), op by op, on
 // random data at sizes that are multiples of no tile: the forward the S2V model runs on both is the
 // same code, so these are the only places device and host can differ. Needs a device (skipped, 77,
-// without one). Also built for the SIMT emulator on the host (tests/simt.cmake), without the two
-// test cases of cuda_ops::linear: cuBLASLt runs on a GPU only.
+// without one). Also built for the SIMT emulator on the host (tests/simt.cmake), where the GEMMs run
+// on its host reading of cuBLASLt (tests/support/simt_cublaslt.cpp).
 //
 // Bounds (u32 = 2^-24), per output element, relative to max(1, max|host|) of the tensor:
 //  * moves and index math (patchify, unpatchify, conv inputs, copies, broadcasts, uploads, host
@@ -309,7 +309,6 @@ TEST_CASE("s2v ops: convolution inputs, patches, tables and moves are bit-identi
   }
 }
 
-#if !defined(UNSHARD_SIMT_EMULATION)  // cuBLASLt: on the GPU only (tests/simt.cmake runs the rest)
 TEST_CASE("s2v ops: linear over row chunks, f32 and bf16 weights, bias slices at unaligned rows, GELU") {
   device_ops dev;
   const host_ops host{gemm_path::portable};
@@ -343,7 +342,6 @@ TEST_CASE("s2v ops: linear over row chunks, f32 and bf16 weights, bias slices at
     }
   }
 }
-#endif  // !UNSHARD_SIMT_EMULATION
 
 // ---- fp8 weights (issue 15 item 1, the GPU part) ----------------------------------------------
 // f8e4m3 codes with their scales in device memory (the views carry them, as the fp8 policy's
@@ -410,7 +408,7 @@ TEST_CASE("s2v ops: fp8 weights dequantize on the device bit for bit as the host
   for (const std::size_t k : {std::size_t{64}, std::size_t{50}}) {  // the vector path, then the element path
     for (const quant::fp8_scaling scaling : {quant::fp8_scaling::per_channel, quant::fp8_scaling::per_tensor}) {
       CAPTURE(k);
-      CAPTURE(quant::name_of(scaling));
+      CAPTURE(std::string(quant::name_of(scaling)));
       const std::size_t n = 23;
       const std::vector<float> w = fp8_test_weights(n, k, 71);
       const quant::fp8_weight q = quant::quantize("w", std::span<const float>(w), shape{std::int64_t(n), std::int64_t(k)}, scaling);
@@ -434,7 +432,6 @@ TEST_CASE("s2v ops: fp8 weights dequantize on the device bit for bit as the host
   }
 }
 
-#if !defined(UNSHARD_SIMT_EMULATION)  // cuBLASLt: on the GPU only (tests/simt.cmake runs the rest)
 TEST_CASE("s2v ops: fp8 linear on the device (weight-only and per-tensor activations) against the host") {
   device_ops dev;
   const host_ops host{gemm_path::portable};
@@ -442,7 +439,7 @@ TEST_CASE("s2v ops: fp8 linear on the device (weight-only and per-tensor activat
   device_vector<bf16> narrow(cuda_ops::bf16_scratch_elems(max_input, 0, 0, 0));
   device_vector<std::byte> fp8_scratch(cuda_ops::fp8_scratch_bytes(max_input));
   const int sm = dev.ops.gemm().compute_capability();
-  MESSAGE("device sm_", sm, (sm >= 89 ? ": fp8 tensor cores" : ": no fp8 tensor cores, per-tensor activations fall back"));
+  MESSAGE("device sm_", sm, std::string(sm >= 89 ? ": fp8 tensor cores" : ": no fp8 tensor cores, per-tensor activations fall back"));
   struct dims { std::size_t m, k, n; };
   // N a multiple of 16 and chunks of 16 rows where the fp8 GEMM must run (cuBLASLt's fp8 kernels want
   // 16-byte multiples, as torch._scaled_mm checks); K = 50 cannot run it: the fallback, counted.
@@ -483,9 +480,9 @@ TEST_CASE("s2v ops: fp8 linear on the device (weight-only and per-tensor activat
               const std::size_t chunks = (n + rows_per - 1) / rows_per;
               CAPTURE(m);
               CAPTURE(k);
-              CAPTURE(quant::name_of(scaling));
-              CAPTURE(name_of(prec));
-              CAPTURE(cuda::name_of(mode));
+              CAPTURE(std::string(quant::name_of(scaling)));
+              CAPTURE(std::string(name_of(prec)));
+              CAPTURE(std::string(cuda::name_of(mode)));
               CAPTURE(rows_per);
               CAPTURE(gelu);
               chunked_params hp{param_views({hw, hb}), rows_per}, dp{param_views({dw, dbv}), rows_per};
@@ -559,4 +556,3 @@ TEST_CASE("s2v ops: fp8 linear on the device (weight-only and per-tensor activat
   }
   dev.ops.set_precision(cuda_precision::f32);
 }
-#endif  // !UNSHARD_SIMT_EMULATION

@@ -317,9 +317,10 @@ TEST_CASE("session<wan::cuda_model, cuda_backend> on every visible GPU matches t
   const checkpoint_weights weights(ck);
   const wan::cuda_model m(config_for(name), wan_cuda_run::workload_of(f), {dtype::f32, gemm_path::portable, true});
   const auto world = static_cast<std::size_t>(cuda::device_count());
-  MESSAGE("world size ", world, world == 1 ? " (one GPU: the all-gathers are single-rank NCCL calls; the multi-rank "
-                                             "NCCL paths run only with two or more GPUs)"
-                                           : " (NCCL all-gather and broadcast groups across GPUs)");
+  MESSAGE("world size ", world,
+          std::string(world == 1 ? " (one GPU: the all-gathers are single-rank NCCL calls; the multi-rank "
+                                   "NCCL paths run only with two or more GPUs)"
+                                 : " (NCCL all-gather and broadcast groups across GPUs)"));
   for (const char* policy : {"full", "prefetch:1", "chunked:64KiB+prefetch:1"}) {
     session_options opt;
     opt.world_size = world;
@@ -334,7 +335,7 @@ TEST_CASE("session<wan::cuda_model, cuda_backend> on every visible GPU matches t
     checker check;
     check(std::string(policy) + ": ref.output", output, f.view("ref.output"));
     for (std::size_t r = 0; r < world; ++r) CHECK(s.measured(r).peak_bytes <= s.plan().ranks[r].peak());
-    MESSAGE(policy, " on ", world, " rank(s): rank 0 planned peak ", s.plan().ranks[0].peak(), " bytes, measured ",
+    MESSAGE(std::string(policy), " on ", world, " rank(s): rank 0 planned peak ", s.plan().ranks[0].peak(), " bytes, measured ",
             s.measured(0).peak_bytes, "\n", check.report.str());
   }
 }

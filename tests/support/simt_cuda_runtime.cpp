@@ -1,6 +1,6 @@
 // The CUDA runtime calls the SIMT-emulated kernel tests make (tests/simt.cmake), implemented on the
 // host: "device" memory is host memory, every stream and event is complete at once (each kernel and
-// copy runs to completion when called), one device, 0.
+// copy runs to completion when called), one device, 0, of compute capability 9.0.
 //
 // Stricter than a loose stand-in, so the tests keep their teeth:
 //  * device memory starts as 0xFF bytes (NaN in f32 and bf16), so a kernel that reads what nobody
@@ -112,7 +112,7 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidMemcpyDirection: return "invalid copy direction";
     case cudaErrorInvalidDevice: return "invalid device ordinal (the SIMT emulator has device 0 only)";
-    case cudaErrorNotSupported: return "not supported (the SIMT emulator has no device properties)";
+    case cudaErrorNotSupported: return "not supported (the SIMT emulator has no such device property)";
     default: return "an error the SIMT emulator does not produce";
   }
 }
@@ -153,8 +153,15 @@ cudaError_t CUDARTAPI cudaHostAlloc(void** p, std::size_t bytes, unsigned int) {
 
 cudaError_t CUDARTAPI cudaMallocHost(void** p, std::size_t bytes) { return cudaHostAlloc(p, bytes, 0); }
 
-// No device properties are emulated: code that asks is GPU-only (the GEMMs choosing fp8 support).
-cudaError_t CUDARTAPI cudaDeviceGetAttribute(int*, cudaDeviceAttr, int) { return fail(cudaErrorNotSupported); }
+// The emulated device says it is compute capability 9.0 (a Hopper), so the fp8 GEMM paths that
+// need sm_89 run against simt_cublaslt.cpp; no other property is emulated.
+cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return fail(cudaErrorInvalidDevice);
+  if (attr == cudaDevAttrComputeCapabilityMajor) *value = 9;
+  else if (attr == cudaDevAttrComputeCapabilityMinor) *value = 0;
+  else return fail(cudaErrorNotSupported);
+  return cudaSuccess;
+}
 
 cudaError_t CUDARTAPI cudaFreeHost(void* p) {
   if (p == nullptr) return cudaSuccess;

@@ -30,18 +30,19 @@ namespace detail {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
 
-// y[r*ld + c] = act(y[r*ld + c] + bias[c]) for r < rows, c < cols (bias may be null; act is
-// GELU-tanh or identity): a GEMM's output columns, in place. Columns from blockIdx.x/threadIdx.x,
-// rows from blockIdx.y (strided by gridDim.y): no division per element.
-template <class T, class TB>
-__global__ void bias_activation_kernel(T* y, unsigned rows, unsigned cols, std::size_t ld, const TB* bias, bool gelu) {
+// dst[r*ldd + c] = act(src[r*lds + c] + bias[c]) for r < rows, c < cols (bias may be null; act is
+// GELU-tanh or identity): a GEMM's output columns, in place (src == dst) or from an f32 staging
+// into the output type, rounded once. Columns from blockIdx.x/threadIdx.x, rows from blockIdx.y
+// (strided by gridDim.y): no division per element.
+template <class TS, class TD, class TB>
+__global__ void bias_activation_kernel(const TS* src, std::size_t lds, TD* dst, std::size_t ldd, unsigned rows,
+                                       unsigned cols, const TB* bias, bool gelu) {
   const unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   const float b = bias ? to_f32(bias[c]) : 0.0f;
   for (unsigned r = blockIdx.y; r < rows; r += gridDim.y) {
-    T& out = y[static_cast<std::size_t>(r) * ld + c];
-    const float v = to_f32(out) + b;
-    out = from_f32<T>(gelu ? gelu_tanh(v) : v);
+    const float v = to_f32(src[static_cast<std::size_t>(r) * lds + c]) + b;
+    dst[static_cast<std::size_t>(r) * ldd + c] = from_f32<TD>(gelu ? gelu_tanh(v) : v);
   }
 }
 
@@ -107,20 +108,26 @@ __global__ void time_sinusoid_kernel(const float* t, std::size_t dim, float* out
 
 inline unsigned elementwise_blocks(std::size_t n) { return blocks_for(n, elementwise_threads); }
 
-// y[r*ld + c] = act(y[r*ld + c] + bias[c]) for the columns c < cols of rows r < rows, in place
-// (act = GELU-tanh if gelu, else identity; bias [cols] or nullptr).
-template <storage_type T, storage_type TB>
-void bias_activation(T* y, std::size_t rows, std::size_t cols, std::size_t ld, const TB* bias, bool gelu,
-                     cudaStream_t stream) {
+// dst[r*ldd + c] = act(src[r*lds + c] + bias[c]) for the columns c < cols of rows r < rows (act =
+// GELU-tanh if gelu, else identity; bias [cols] or nullptr); src may be dst (in place).
+template <storage_type TS, storage_type TD, storage_type TB>
+void bias_activation_into(const TS* src, std::size_t lds, TD* dst, std::size_t ldd, std::size_t rows, std::size_t cols,
+                          const TB* bias, bool gelu, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
   if (rows > 0xffffffffu || cols > 0xffffffffu)
     throw_error("bias_activation: ", rows, " x ", cols, " exceeds the kernel's 32-bit indices");
   const dim3 grid(blocks_for(cols, elementwise_threads, 0xffffffffu),
                   static_cast<unsigned>(rows < 65535 ? rows : 65535));
-  UNSHARD_LAUNCH(grid, elementwise_threads, stream,
-                 detail::bias_activation_kernel)(y, static_cast<unsigned>(rows), static_cast<unsigned>(cols), ld, bias,
-                                                 gelu);
+  UNSHARD_LAUNCH(grid, elementwise_threads, stream, detail::bias_activation_kernel)(
+      src, lds, dst, ldd, static_cast<unsigned>(rows), static_cast<unsigned>(cols), bias, gelu);
   check_launch("bias_activation");
+}
+
+// y[r*ld + c] = act(y[r*ld + c] + bias[c]) for the columns c < cols of rows r < rows, in place.
+template <storage_type T, storage_type TB>
+void bias_activation(T* y, std::size_t rows, std::size_t cols, std::size_t ld, const TB* bias, bool gelu,
+                     cudaStream_t stream) {
+  bias_activation_into(static_cast<const T*>(y), ld, y, ld, rows, cols, bias, gelu, stream);
 }
 
 // y[rows, cols] = GELU_tanh(y + bias), bias [cols] or nullptr (in place on a GEMM output).

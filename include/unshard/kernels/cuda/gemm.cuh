@@ -18,6 +18,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -95,6 +96,7 @@ struct blaslt_stats {
   std::size_t epilogue_fallback = 0;  // matmul without epilogue + bias_activation kernel
   std::size_t bias_realigned = 0;     // bias copied into the 16-byte aligned scratch first
   std::size_t activation_kernel = 0;  // f32 GELU applied by bias_activation after the matmul (by design)
+  std::size_t staged_f32 = 0;         // of the fallbacks, bf16/f16 y computed through an f32 staging (see below)
   std::size_t heuristic_queries = 0;  // cublasLtMatmulAlgoGetHeuristic calls (cache misses)
   std::size_t heuristic_failures = 0; // of which: an error status or no algorithm (cached as "none")
   // fp8 weights (kernels/cuda/fp8.cuh, ops/cuda_ops.cuh):
@@ -116,7 +118,11 @@ struct blaslt_stats {
 // a bias is first copied (on the stream) into a small aligned scratch carved from the end of the
 // workspace (bias_scratch_bytes of it); a bias that does not fit there, or any heuristic failure
 // for the epilogue (NOT_SUPPORTED, INVALID_VALUE for m = 1, no result), takes the fallback: the
-// matmul without epilogue, then bias_activation. stats() counts each path.
+// matmul without epilogue, then bias_activation. stats() counts each path. For an f32 y that is the
+// fused result up to f32 rounding; a bf16/f16 y would round twice (the matmul's output, then after
+// the bias: up to half an ulp of the pre-bias value off, which cancellation makes large relative
+// to the result), so its fallback goes through f32 pieces of columns in the workspace and rounds
+// once, as the epilogue does (staged_fallback).
 class blaslt {
  public:
   // Bytes at the end of a workspace of at least 2 * this size that hold realigned biases.
@@ -205,11 +211,16 @@ class blaslt {
         return;
       }
     }
+    if constexpr (!std::is_same_v<TY, float>) {
+      if (bias || gelu) {  // a bf16/f16 y: x and W are that type too, so any GELU was for the epilogue
+        ++stats_.epilogue_fallback;
+        ++stats_.staged_f32;
+        staged_fallback(p, x, w_rows, b_rows, d, gelu, stream);
+        return;
+      }
+    }
     if (!matmul(p, CUBLASLT_EPILOGUE_DEFAULT, x, w_rows, static_cast<const TB*>(nullptr), d, stream))
-      throw_error("linear: cuBLASLt has no algorithm for m=", m, " n=", n_rows, " k=", k, " ldy=", ldy, " (x/W ",
-                  type_name(p.tx), ", y ", type_name(p.ty), ", bias ", bias ? type_name(p.tb) : "none",
-                  ", compute f32; alignments W/x/y ", p.align_w, "/", p.align_x, "/", p.align_y, " bytes, workspace ",
-                  workspace_bytes_, " bytes; last heuristic status ", static_cast<int>(last_status_), ")");
+      throw no_algorithm(p, bias);
     if (bias || gelu) {
       if (bias || gelu_in_epilogue) ++stats_.epilogue_fallback;
       if (gelu_after) ++stats_.activation_kernel;
@@ -307,17 +318,52 @@ class blaslt {
   };
 
   static constexpr std::uint32_t fp8_epilogue_marker = 0xf8f8f8f8u;  // fp8 entries' "epilogue" in the key
+  static constexpr std::uint32_t no_workspace_marker = 0xffffffffu;  // staged_fallback's entries' last key field
 
   static const char* type_name(cudaDataType_t t) {
     return t == CUDA_R_32F ? "f32" : t == CUDA_R_16BF ? "bf16" : t == CUDA_R_16F ? "f16" : t == CUDA_R_8F_E4M3 ? "e4m3" : "?";
   }
 
+  ::unshard::error no_algorithm(const problem& p, bool bias) const {
+    return ::unshard::error(::unshard::detail::concat("linear: cuBLASLt has no algorithm for m=", p.m, " n=", p.n, " k=", p.k, " ldy=", p.ldy,
+                                " (x/W ", type_name(p.tx), ", y ", type_name(p.ty), ", bias ",
+                                bias ? type_name(p.tb) : "none", ", compute f32; alignments W/x/y ", p.align_w, "/",
+                                p.align_x, "/", p.align_y, " bytes, workspace ", workspace_bytes_,
+                                " bytes; last heuristic status ", static_cast<int>(last_status_), ")"));
+  }
+
+  // The fallback for a bf16/f16 y with a bias or GELU: columns in pieces of at most workspace/(4 m),
+  // each a matmul into f32 in the workspace (an algorithm that needs no workspace of its own: the
+  // memory is the staging) and bias_activation_into y, one rounding. Stream order keeps the
+  // staging free between pieces and from the next call's matmul.
+  template <class TX, class TY, class TB>
+  void staged_fallback(const problem& p, const TX* x, const TX* w_rows, const TB* b_rows, TY* d, bool gelu,
+                       cudaStream_t stream) {
+    const std::size_t floats = workspace_ ? workspace_bytes_ / sizeof(float) : 0;
+    if (floats < p.m)
+      throw_error("linear: a ", type_name(p.ty), " output whose bias/GELU cuBLASLt's epilogue did not take (m=", p.m,
+                  " n=", p.n, " k=", p.k, ") is computed through f32 in the workspace, which needs at least ",
+                  p.m * sizeof(float), " bytes (", workspace_bytes_, " given)");
+    float* staging = static_cast<float*>(workspace_);
+    const std::size_t per = std::min(p.n, floats / p.m);
+    for (std::size_t c0 = 0; c0 < p.n; c0 += per) {
+      const std::size_t c = std::min(per, p.n - c0);
+      const TX* w = w_rows + c0 * p.k;
+      const problem q{p.m, c, p.k, c, p.tx, CUDA_R_32F, p.tb, alignment_of(w), p.align_x, alignment_of(staging)};
+      if (!matmul(q, CUBLASLT_EPILOGUE_DEFAULT, x, w, static_cast<const TB*>(nullptr), staging, stream, false))
+        throw no_algorithm(q, false);
+      bias_activation_into(static_cast<const float*>(staging), c, d + c0, p.ldy, p.m, c,
+                           b_rows ? b_rows + c0 : nullptr, gelu, stream);
+    }
+  }
+
   // Enqueues D = epi(op(W)·x [+ b]) if cuBLASLt has an algorithm for it; false (nothing enqueued)
   // if not. The heuristic's answer, found or not, is cached per problem; any heuristic status
   // other than success (NOT_SUPPORTED, INVALID_VALUE, ...) or zero results means "no algorithm".
+  // use_workspace false: an algorithm that needs none (the workspace holds the staging).
   template <class TX, class TY, class TB>
   bool matmul(const problem& p, cublasLtEpilogue_t epi, const TX* x, const TX* w, const TB* b, TY* d,
-              cudaStream_t stream) {
+              cudaStream_t stream, bool use_workspace = true) {
     // CUBLAS_COMPUTE_32F, scale type f32 (lt_matmul_desc): f32 accumulation, never TF32.
     detail::lt_matmul_desc desc;
     desc.set(CUBLASLT_MATMUL_DESC_TRANSA, static_cast<std::int32_t>(CUBLAS_OP_T));
@@ -328,8 +374,8 @@ class blaslt {
       desc.set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<std::int32_t>(p.tb));
     }
     const key k{p.m, p.n, p.k, p.ldy, p.tx, p.ty, b ? p.tb : -1, static_cast<std::uint32_t>(epi),
-                p.align_w, p.align_x, p.align_y, b ? alignment_of(b) : 0u};
-    return run(p, k, desc, w, x, d, stream);
+                p.align_w, p.align_x, p.align_y, !use_workspace ? no_workspace_marker : b ? alignment_of(b) : 0u};
+    return run(p, k, desc, w, x, d, stream, use_workspace);
   }
 
   // Enqueues desc's D = op(W)·x for problem p (W: A, n x k used transposed; x: B, k x m; D: n x m
@@ -337,14 +383,16 @@ class blaslt {
   // cached under k, asking the heuristic the first time; false, nothing enqueued, when it has none
   // or the launch refuses the problem (remembered: the caller falls back).
   bool run(const problem& p, const key& k, const detail::lt_matmul_desc& desc, const void* w, const void* x, void* d,
-           cudaStream_t stream) {
+           cudaStream_t stream, bool use_workspace = true) {
+    void* const ws = use_workspace ? workspace_ : nullptr;
+    const std::size_t ws_bytes = use_workspace ? workspace_bytes_ : 0;
     const detail::lt_layout a(p.tx, p.k, p.n, static_cast<std::int64_t>(p.k));    // Wᵀ slice, used transposed
     const detail::lt_layout bl(p.tx, p.k, p.m, static_cast<std::int64_t>(p.k));   // xᵀ
     const detail::lt_layout c(p.ty, p.n, p.m, static_cast<std::int64_t>(p.ldy));  // yᵀ, columns n0..
     auto it = cache_.find(k);
     if (it == cache_.end()) {
       detail::lt_preference pref;
-      pref.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<std::uint64_t>(workspace_bytes_));
+      pref.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<std::uint64_t>(ws_bytes));
       pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.align_w);
       pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.align_x);
       pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.align_y);
@@ -365,7 +413,7 @@ class blaslt {
     }
     const float alpha = 1.0f, beta = 0.0f;
     const cublasStatus_t st = cublasLtMatmul(handle_, desc.d, &alpha, w, a.l, x, bl.l, &beta, d, c.l, d, c.l,
-                                             &it->second.algo, workspace_, workspace_bytes_, stream);
+                                             &it->second.algo, ws, ws_bytes, stream);
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
       // Rejected at launch (nothing enqueued): remember, and let the caller fall back.
       it->second.found = false;

@@ -38,6 +38,8 @@
 #include <cuda_runtime.h>
 #include <ucontext.h>
 
+#include <csetjmp>
+
 #include <bitset>
 #include <cstddef>
 #include <cstdint>
@@ -99,7 +101,9 @@ namespace detail {
 enum class fiber_state { ready, at_syncthreads, at_shuffle, finished };
 
 struct fiber {
-  ucontext_t context{};
+  ucontext_t context{};   // the first entry only (makecontext/setcontext: its own stack)
+  std::jmp_buf resume{};  // every later one (_setjmp/_longjmp: no signal-mask system call)
+  bool started = false;
   uint3 index{};
   unsigned linear = 0;    // x + y*bx + z*bx*by: warps are 32 consecutive linear indices
   unsigned shuffles = 0;  // shuffles done: its parity picks the exchange buffer
@@ -114,7 +118,7 @@ struct block_run {
   uint3 block_index{};
   std::vector<fiber> fibers;
   fiber* current = nullptr;
-  ucontext_t scheduler{};
+  std::jmp_buf scheduler{};
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
   // Shuffle exchange: [warp][parity][lane] 16-byte slots. Two buffers: a lane that has passed one
@@ -156,7 +160,11 @@ inline std::vector<std::unique_ptr<char[]>>& stacks(std::size_t count) {
   return s;
 }
 
-// Switches from fiber `from` (or the scheduler) to `to`, telling AddressSanitizer which stack runs.
+// Why two mechanisms: ucontext is the portable way onto a new stack, but swapcontext saves and
+// restores the signal mask with a system call on every switch, and a kernel switches at every
+// barrier and shuffle; _setjmp/_longjmp between stacks that are live is a few register moves.
+
+// From the scheduler to fiber f until it waits or finishes, telling AddressSanitizer which stack runs.
 inline void switch_to_fiber(block_run& r, fiber& f, char* stack) {
 #if defined(UNSHARD_SIMT_ASAN)
   __sanitizer_start_switch_fiber(&r.scheduler_fake_stack, stack, options().stack_bytes);
@@ -164,7 +172,13 @@ inline void switch_to_fiber(block_run& r, fiber& f, char* stack) {
   (void)stack;
 #endif
   r.current = &f;
-  swapcontext(&r.scheduler, &f.context);
+  if (_setjmp(r.scheduler) == 0) {
+    if (!f.started) {
+      f.started = true;
+      setcontext(&f.context);  // enters fiber_main; never returns here
+    }
+    _longjmp(f.resume, 1);
+  }
 #if defined(UNSHARD_SIMT_ASAN)
   __sanitizer_finish_switch_fiber(r.scheduler_fake_stack, nullptr, nullptr);
 #endif
@@ -175,11 +189,11 @@ inline void yield_to_scheduler(block_run& r, fiber& f, bool finishing) {
 #if defined(UNSHARD_SIMT_ASAN)
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(finishing ? nullptr : &fake, r.scheduler_stack_bottom, r.scheduler_stack_size);
-  swapcontext(&f.context, &r.scheduler);
+  if (_setjmp(f.resume) == 0) _longjmp(r.scheduler, 1);
   __sanitizer_finish_switch_fiber(fake, &r.scheduler_stack_bottom, &r.scheduler_stack_size);
 #else
   (void)finishing;
-  swapcontext(&f.context, &r.scheduler);
+  if (_setjmp(f.resume) == 0) _longjmp(r.scheduler, 1);
 #endif
 }
 
