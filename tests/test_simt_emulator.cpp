@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -172,4 +173,70 @@ TEST_CASE("simt emulator: unlaunchable shapes are refused; a throwing thread fai
   std::vector<unsigned> idx(64);
   UNSHARD_LAUNCH(1, 64, nullptr, write_indices<>)(idx.data());
   CHECK(idx[63] == 63);
+}
+
+namespace {
+template <int = 0>
+__global__ void fill_value(float* out, std::size_t n, float v) {
+  for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = v;
+}
+}  // namespace
+
+// The host runtime (support/simt_cuda_runtime.cpp) runs stream work as late as the program's own
+// synchronisation allows: a read not ordered after the writer sees the old bytes, every time.
+TEST_CASE("simt runtime: stream work waits for the program's synchronisation, events order streams") {
+  const std::size_t n = 1000;
+  float* d = nullptr;
+  REQUIRE(cudaMalloc(reinterpret_cast<void**>(&d), n * sizeof(float)) == cudaSuccess);
+  cudaStream_t a = nullptr, b = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking) == cudaSuccess);
+  REQUIRE(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking) == cudaSuccess);
+  float* pinned = nullptr;
+  REQUIRE(cudaHostAlloc(reinterpret_cast<void**>(&pinned), n * sizeof(float), 0) == cudaSuccess);
+  std::vector<float> host(n, -1.0f);
+
+  // Written on a, read on b without a wait: b's copy runs first and reads what a has not written.
+  UNSHARD_LAUNCH(4, 128, a, fill_value<>)(d, n, 1.0f);
+  REQUIRE(cudaMemcpyAsync(pinned, d, n * sizeof(float), cudaMemcpyDeviceToHost, b) == cudaSuccess);
+  REQUIRE(cudaStreamSynchronize(b) == cudaSuccess);
+  CHECK(std::isnan(pinned[0]));  // fresh device memory is 0xFF bytes: NaN
+  REQUIRE(cudaStreamSynchronize(a) == cudaSuccess);
+
+  // With the event wait, the copy sees the kernel's values.
+  cudaEvent_t written = nullptr;
+  REQUIRE(cudaEventCreateWithFlags(&written, cudaEventDisableTiming) == cudaSuccess);
+  UNSHARD_LAUNCH(4, 128, a, fill_value<>)(d, n, 2.0f);
+  REQUIRE(cudaEventRecord(written, a) == cudaSuccess);
+  REQUIRE(cudaStreamWaitEvent(b, written, 0) == cudaSuccess);
+  REQUIRE(cudaMemcpyAsync(pinned, d, n * sizeof(float), cudaMemcpyDeviceToHost, b) == cudaSuccess);
+  REQUIRE(cudaStreamSynchronize(b) == cudaSuccess);
+  CHECK(pinned[0] == 2.0f);
+  CHECK(pinned[n - 1] == 2.0f);
+
+  // A pinned source rewritten before its copy ran is copied as rewritten; a pageable one as it was
+  // at the call (CUDA stages pageable memory before returning).
+  for (std::size_t i = 0; i < n; ++i) pinned[i] = 3.0f;
+  REQUIRE(cudaMemcpyAsync(d, pinned, n * sizeof(float), cudaMemcpyHostToDevice, a) == cudaSuccess);
+  for (std::size_t i = 0; i < n; ++i) pinned[i] = 4.0f;
+  REQUIRE(cudaMemcpyAsync(host.data(), d, n * sizeof(float), cudaMemcpyDeviceToHost, a) == cudaSuccess);
+  CHECK(host[0] == 4.0f);  // to pageable memory: complete on return, after the stream's earlier work
+  std::vector<float> pageable(n, 5.0f);
+  REQUIRE(cudaMemcpyAsync(d, pageable.data(), n * sizeof(float), cudaMemcpyHostToDevice, a) == cudaSuccess);
+  pageable.assign(n, 6.0f);
+  REQUIRE(cudaMemcpyAsync(host.data(), d, n * sizeof(float), cudaMemcpyDeviceToHost, a) == cudaSuccess);
+  CHECK(host[0] == 5.0f);
+
+  // An event recorded on an idle stream is complete: waiting on it holds nothing up.
+  cudaEvent_t later = nullptr;
+  REQUIRE(cudaEventCreateWithFlags(&later, cudaEventDisableTiming) == cudaSuccess);
+  REQUIRE(cudaEventRecord(later, b) == cudaSuccess);
+  REQUIRE(cudaStreamWaitEvent(a, later, 0) == cudaSuccess);
+  REQUIRE(cudaStreamSynchronize(a) == cudaSuccess);
+
+  cudaEventDestroy(written);
+  cudaEventDestroy(later);
+  cudaStreamDestroy(a);
+  cudaStreamDestroy(b);
+  cudaFreeHost(pinned);
+  cudaFree(d);
 }

@@ -27,6 +27,8 @@
 #include "unshard/core/dtype.hpp"
 #include "unshard/kernels/thread/activation.hpp"
 
+#include "simt_streams.hpp"
+
 namespace {
 
 constexpr std::uint32_t magic = 0x51317e57u;
@@ -271,10 +273,11 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_
                                            const void* A, cublasLtMatrixLayout_t adesc, const void* B,
                                            cublasLtMatrixLayout_t bdesc, const void* beta, const void* C,
                                            cublasLtMatrixLayout_t cdesc, void* D, cublasLtMatrixLayout_t ddesc,
-                                           const cublasLtMatmulAlgo_t* algo, void*, size_t, cudaStream_t) {
-  const desc_fields& d = *fields<desc_fields>(desc);
-  const layout_fields &a = *fields<layout_fields>(adesc), &b = *fields<layout_fields>(bdesc),
-                      &c = *fields<layout_fields>(cdesc), &dl = *fields<layout_fields>(ddesc);
+                                           const cublasLtMatmulAlgo_t* algo, void*, size_t, cudaStream_t stream) {
+  // Copies: the descriptors are the caller's and may be gone when the stream runs the matmul.
+  const desc_fields d = *fields<desc_fields>(desc);
+  const layout_fields a = *fields<layout_fields>(adesc), b = *fields<layout_fields>(bdesc),
+                      c = *fields<layout_fields>(cdesc), dl = *fields<layout_fields>(ddesc);
   const cublasStatus_t st = check_problem(d, a, b, c, dl);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
   if (algo == nullptr || fields<algo_fields>(algo)->magic != magic) return CUBLAS_STATUS_INVALID_VALUE;
@@ -282,34 +285,39 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_
   if (alignment(A) < al.align_a) return fault("A", alignment(A), al.align_a);
   if (alignment(B) < al.align_b) return fault("B", alignment(B), al.align_b);
   if (alignment(D) < al.align_d) return fault("D", alignment(D), al.align_d);
-  const bool bias = d.epilogue & CUBLASLT_EPILOGUE_BIAS, gelu = d.epilogue & CUBLASLT_EPILOGUE_GELU;
+  const bool bias = d.epilogue & CUBLASLT_EPILOGUE_BIAS;
   if (bias && alignment(d.bias) < 16) return fault("the epilogue's bias", alignment(d.bias), 16);
   if (bias && alignment(d.bias) < al.align_bias) return fault("the epilogue's bias", alignment(d.bias), al.align_bias);
   if (bias && d.bias_type != CUDA_R_32F && d.bias_type != CUDA_R_16BF && d.bias_type != CUDA_R_16F)
     return CUBLAS_STATUS_NOT_SUPPORTED;
 
-  const bool ta = d.transa == CUBLAS_OP_T, tb = d.transb == CUBLAS_OP_T;
-  const std::uint64_t m = dl.rows, n = dl.cols, k = ta ? a.rows : a.cols;
+  // Queued on the stream like a kernel: alpha and beta are read now (host pointers), the matrices,
+  // the bias and the scales when the stream runs it.
   const float al_v = *static_cast<const float*>(alpha), be_v = *static_cast<const float*>(beta);
-  const float sa = d.a_scale ? *static_cast<const float*>(d.a_scale) : 1.0f;
-  const float sb = d.b_scale ? *static_cast<const float*>(d.b_scale) : 1.0f;
-  std::vector<float> out(m * n);
-  for (std::uint64_t j = 0; j < n; ++j)
-    for (std::uint64_t i = 0; i < m; ++i) {
-      float acc = 0.0f;
-      for (std::uint64_t l = 0; l < k; ++l) {
-        const std::size_t ai = ta ? l + i * a.ld : i + l * a.ld;  // op(A)[i, l]
-        const std::size_t bi = tb ? j + l * b.ld : l + j * b.ld;  // op(B)[l, j]
-        acc += load(a.type, A, ai) * load(b.type, B, bi);
+  unshard::simt_testing::enqueue(stream, [d, a, b, c, dl, al_v, be_v, A, B, C, D] {
+    const bool ta = d.transa == CUBLAS_OP_T, tb = d.transb == CUBLAS_OP_T;
+    const bool bias = d.epilogue & CUBLASLT_EPILOGUE_BIAS, gelu = d.epilogue & CUBLASLT_EPILOGUE_GELU;
+    const std::uint64_t m = dl.rows, n = dl.cols, k = ta ? a.rows : a.cols;
+    const float sa = d.a_scale ? *static_cast<const float*>(d.a_scale) : 1.0f;
+    const float sb = d.b_scale ? *static_cast<const float*>(d.b_scale) : 1.0f;
+    std::vector<float> out(m * n);
+    for (std::uint64_t j = 0; j < n; ++j)
+      for (std::uint64_t i = 0; i < m; ++i) {
+        float acc = 0.0f;
+        for (std::uint64_t l = 0; l < k; ++l) {
+          const std::size_t ai = ta ? l + i * a.ld : i + l * a.ld;  // op(A)[i, l]
+          const std::size_t bi = tb ? j + l * b.ld : l + j * b.ld;  // op(B)[l, j]
+          acc += load(a.type, A, ai) * load(b.type, B, bi);
+        }
+        float v = al_v * sa * sb * acc;
+        if (be_v != 0.0f) v += be_v * load(c.type, C, i + j * c.ld);
+        if (bias) v += load(static_cast<cudaDataType_t>(d.bias_type), d.bias, i);
+        if (gelu) v = unshard::gelu_tanh(v);
+        out[i + j * m] = v;
       }
-      float v = al_v * sa * sb * acc;
-      if (be_v != 0.0f) v += be_v * load(c.type, C, i + j * c.ld);
-      if (bias) v += load(static_cast<cudaDataType_t>(d.bias_type), d.bias, i);
-      if (gelu) v = unshard::gelu_tanh(v);
-      out[i + j * m] = v;
-    }
-  for (std::uint64_t j = 0; j < n; ++j)
-    for (std::uint64_t i = 0; i < m; ++i) store(dl.type, D, i + j * dl.ld, out[i + j * m]);
+    for (std::uint64_t j = 0; j < n; ++j)
+      for (std::uint64_t i = 0; i < m; ++i) store(dl.type, D, i + j * dl.ld, out[i + j * m]);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -46,6 +46,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -349,22 +350,39 @@ struct launch_call {
 
 }  // namespace detail
 
-// What UNSHARD_LAUNCH(grid, block, stream, kernel)(args...) becomes: the stream is ignored (every
-// launch runs to completion before it returns, which any stream order allows).
+// Where a launch's work goes. Without a hook it runs at once, before the launch returns (a legal
+// order for any stream). A host runtime that models streams installs one that queues the work on
+// the stream until something waits for it (tests/support/simt_cuda_runtime.cpp does: work runs as
+// late as the program's own synchronisation allows, so a missing wait reads stale memory).
+using stream_work = std::function<void()>;
+using stream_hook_fn = void (*)(cudaStream_t, stream_work&&);
+inline stream_hook_fn& stream_hook() {
+  static stream_hook_fn hook = nullptr;
+  return hook;
+}
+
+// What UNSHARD_LAUNCH(grid, block, stream, kernel)(args...) becomes. The shape is checked at the
+// launch, as cudaGetLastError would report it; the arguments are copied then, as the GPU copies
+// them; the threads run when the stream gets to the work.
 template <class Kernel>
 struct launcher {
   dim3 grid, block;
+  cudaStream_t stream;
   Kernel kernel;
   template <class... Args>
   void operator()(Args&&... args) const {
-    detail::launch_call<Kernel, std::decay_t<Args>...> call{kernel, {std::forward<Args>(args)...}};
-    detail::run_grid(grid, block, &decltype(call)::run, &call);
+    detail::check_launch_shape(grid, block);
+    using call_t = detail::launch_call<Kernel, std::decay_t<Args>...>;
+    auto call = std::make_shared<call_t>(call_t{kernel, {std::forward<Args>(args)...}});
+    stream_work work = [call, g = grid, b = block] { detail::run_grid(g, b, &call_t::run, call.get()); };
+    if (stream_hook()) stream_hook()(stream, std::move(work));
+    else work();
   }
 };
 
 template <class Kernel>
-launcher<Kernel> launch(dim3 grid, dim3 block, cudaStream_t, Kernel kernel) {
-  return {grid, block, kernel};
+launcher<Kernel> launch(dim3 grid, dim3 block, cudaStream_t stream, Kernel kernel) {
+  return {grid, block, stream, kernel};
 }
 
 }  // namespace unshard::simt
