@@ -6,7 +6,7 @@
 # of the same policy (the same codes and scales): weight-only fp8 in f32 compute dequantizes to the
 # host's f32 weights exactly, so it answers to the same 1e-5; bf16 compute and --fp8-activations
 # tensor are coarse checks (their distance to the f32 references is printed, not asserted).
-# Exits 77 (skipped) without a GPU: nothing runs then.
+# Exits 77 (skipped) without a GPU: nothing runs then (unless UNSHARD_SIMT=1, see below).
 # Usage: s2v_avatar_cuda.sh BIN_DIR DATA_DIR
 set -u
 bin=$1/unshard-avatar; data=$2; tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; fail=0
@@ -21,6 +21,9 @@ done
 [ "$fail" -eq 0 ] || exit 1
 gpus=0
 command -v nvidia-smi >/dev/null 2>&1 && gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+# UNSHARD_SIMT=1: BIN_DIR's unshard-avatar was built for the SIMT emulator (tests/simt.cmake), whose
+# one emulated device runs it on the CPU.
+if [ "${UNSHARD_SIMT:-0}" = 1 ]; then gpus=1; echo "on the SIMT emulator (one emulated device, not a GPU)"; fi
 [ "${gpus:-0}" -ge 1 ] || { echo "no GPU: skipped"; exit 77; }
 "$bin" "${base[@]}" --out "$tmp/host.safetensors" >"$tmp/host.log" 2>&1 || { echo "FAIL host run"; cat "$tmp/host.log"; exit 1; }
 for p in fp8 fp8:tensor; do

@@ -1,6 +1,6 @@
 // blaslt::linear and blaslt::linear_rows (kernels/cuda/gemm.cuh, cuBLASLt) against the host linear,
 // f32 and bf16 storage, with and without the bias and GELU epilogue, and which path each call took.
-// GPU only: cuBLASLt does not run on the SIMT emulator.
+// Also built for the SIMT emulator (tests/simt.cmake), against its host reading of cuBLASLt.
 //
 // Bound, and why (u32 = 2^-24): both sides sum K products of f32 (or exact bf16 x bf16) values in
 // different orders; rounding errors of a length-K sum grow like sqrt(K) u32 · Σ|x_k w_k|, so the

@@ -7,7 +7,7 @@
 //    they differ only in summation order (cuBLASLt, the flash kernel's online softmax), whose error
 //    is ~K·2^-24 relative for K <= 5120 terms: 3e-4 relative at worst, and ~1e-6 in practice on
 //    these sizes, well inside 1e-5 at |output| ~ 1.
-// Needs a device: exits 77 (skipped) without one.
+// Needs a device: exits 77 (skipped) without one. Also built for the SIMT emulator (tests/simt.cmake).
 #include <doctest/doctest.h>
 
 #include <cuda_runtime.h>

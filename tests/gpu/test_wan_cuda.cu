@@ -5,7 +5,7 @@
 // weights against an f32 run on bf16-rounded weights under the same rule; the layer/parameter/buffer
 // declarations equal to the host model's (so the same unit layout, policies and ledger apply); and
 // the model run by the session on the CUDA backend under full, prefetch:1 and chunked unshard.
-// Needs a device.
+// Needs a device; also built for the SIMT emulator (tests/simt.cmake), where the sessions run at world size 1.
 #include <doctest/doctest.h>
 
 #include <cuda_runtime.h>

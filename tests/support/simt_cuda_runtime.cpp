@@ -416,6 +416,39 @@ cudaError_t CUDARTAPI cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigne
   return cudaSuccess;
 }
 
+cudaError_t CUDARTAPI cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaDeviceGetStreamPriorityRange(int* least, int* greatest) {
+  *least = 0;
+  *greatest = -5;
+  return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaStreamCreateWithPriority(cudaStream_t* s, unsigned int flags, int) {
+  return cudaStreamCreateWithFlags(s, flags);
+}
+
+// A query runs what the stream has pending first (so a program that polls makes progress), then
+// reports it done.
+cudaError_t CUDARTAPI cudaStreamQuery(cudaStream_t s) { return cudaStreamSynchronize(s); }
+cudaError_t CUDARTAPI cudaEventQuery(cudaEvent_t e) { return cudaEventSynchronize(e); }
+
+// Registered host memory is pinned memory: copies read and write it when they run.
+cudaError_t CUDARTAPI cudaHostRegister(void* p, std::size_t bytes, unsigned int) {
+  std::lock_guard lock(runtime_lock());
+  table().host[reinterpret_cast<std::uintptr_t>(p)] = bytes;
+  return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaHostUnregister(void* p) {
+  std::lock_guard lock(runtime_lock());
+  drive_all(false);
+  return table().host.erase(reinterpret_cast<std::uintptr_t>(p)) == 1 ? cudaSuccess : fail(cudaErrorInvalidValue);
+}
+
 cudaError_t CUDARTAPI cudaLaunchHostFunc(cudaStream_t s, cudaHostFn_t fn, void* data) {
   queue_on(s, [fn, data] { fn(data); });
   return cudaSuccess;
