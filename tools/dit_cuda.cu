@@ -75,24 +75,31 @@ dit_cuda_outputs run(const wan::cuda_model& m, const S& weights, const session_o
   return out;
 }
 
+wan::cuda_options cuda_options_of(const session_options& opt, bool bf16_compute) {
+  wan::cuda_options co;
+  co.fp8_weights = opt.policy.fp8;  // fp8 policies: scratch the weights are dequantized into
+  co.precision = bf16_compute ? cuda_precision::bf16 : cuda_precision::f32;
+  return co;
+}
+
 }  // namespace
 
 bool launched_as_one_rank() { return std::getenv("RANK") != nullptr || std::getenv("SLURM_PROCID") != nullptr; }
 
 dit_cuda_outputs run_dit_cuda(const wan::config& cfg, const wan::workload& work, const wan::options& model_options,
                               const checkpoint& ck, const session_options& opt, const tensor_view& x,
-                              const tensor_view& t, const tensor_view& ctx, const std::string& trace_path) {
-  wan::cuda_options co;
-  co.fp8_weights = opt.policy.fp8;  // fp8 policies: scratch the weights are dequantized into
+                              const tensor_view& t, const tensor_view& ctx, const std::string& trace_path,
+                              bool bf16_compute) {
+  const wan::cuda_options co = cuda_options_of(opt, bf16_compute);
   const wan::cuda_model m(cfg, work, model_options, co);
   return run(m, checkpoint_weights(ck), opt, x, t, ctx, trace_path);
 }
 
 dit_cuda_outputs run_dit_cuda(const wan::config& cfg, const wan::workload& work, const wan::options& model_options,
                               std::uint64_t seed, const session_options& opt, const tensor_view& x,
-                              const tensor_view& t, const tensor_view& ctx, const std::string& trace_path) {
-  wan::cuda_options co;
-  co.fp8_weights = opt.policy.fp8;  // fp8 policies: scratch the weights are dequantized into
+                              const tensor_view& t, const tensor_view& ctx, const std::string& trace_path,
+                              bool bf16_compute) {
+  const wan::cuda_options co = cuda_options_of(opt, bf16_compute);
   const wan::cuda_model m(cfg, work, model_options, co);
   return run(m, synthetic_weights(m, seed), opt, x, t, ctx, trace_path);  // the host model's names: its values
 }

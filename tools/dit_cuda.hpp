@@ -27,12 +27,15 @@ bool launched_as_one_rank();
 // One forward with the weights of a checkpoint or synthetic ones (--demo): on `opt.world_size` local
 // GPUs (ranks 0..N-1 on devices 0..N-1) in this process, or, under a launcher, as this process's
 // rank of the job; prints the rank peak lines; rank 0 writes the trace if trace_path is not empty.
-// x, t and ctx are host tensors.
+// x, t and ctx are host tensors. bf16_compute: wan::cuda_options' bf16 precision (attention on our
+// flash kernel in bf16: this tool does not compile the cuDNN frontend).
 dit_cuda_outputs run_dit_cuda(const wan::config& cfg, const wan::workload& work, const wan::options& model_options,
                               const checkpoint& weights, const session_options& opt, const tensor_view& x,
-                              const tensor_view& t, const tensor_view& ctx, const std::string& trace_path);
+                              const tensor_view& t, const tensor_view& ctx, const std::string& trace_path,
+                              bool bf16_compute = false);
 dit_cuda_outputs run_dit_cuda(const wan::config& cfg, const wan::workload& work, const wan::options& model_options,
                               std::uint64_t synthetic_seed, const session_options& opt, const tensor_view& x,
-                              const tensor_view& t, const tensor_view& ctx, const std::string& trace_path);
+                              const tensor_view& t, const tensor_view& ctx, const std::string& trace_path,
+                              bool bf16_compute = false);
 
 }  // namespace unshard::tools

@@ -27,10 +27,12 @@ constexpr const char* usage =
     "unshard-dit --config CONFIG.json --weights FILE.safetensors|INDEX.json --inputs FILE.safetensors "
     "--out OUT.safetensors [--world-size N] [--policy POLICY (full|selective[:subunit]|prefetch:K|offload|chunked:SIZE|fsdp, "
     "fp8|fp8:tensor, kv:device|kv:offload[:K], joined by +)] "
-    "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--trace TRACE.json] [--strict] [--backend host|process|cuda] "
-    "[--block-outputs|--no-block-outputs]\n"
-    "       unshard-dit --demo [--world-size N] [--policy P] [--backend host|process|cuda]\n"
+    "[--dtype f32|bf16] [--gemm portable|blas] [--budget SIZE] [--trace TRACE.json] [--strict] [--backend host|process|cuda "
+    "[--compute f32|bf16]] [--block-outputs|--no-block-outputs]\n"
+    "       unshard-dit --demo [--world-size N] [--policy P] [--backend host|process|cuda [--compute f32|bf16]]\n"
     "  --backend process: one rank per process, under unshard-launch --nproc N -- unshard-dit ... (or torchrun)\n"
+    "  --compute (cuda only): f32 (default: the path checked against the references) or bf16 (every GEMM input and\n"
+    "  q, k, v rounded to bf16: tensor-core GEMMs with f32 accumulation, bf16 attention)\n"
     "  --block-outputs: also keep every block's output and write it as block.I.out (num_layers x tokens x dim f32:\n"
     "  about 27 GB for Wan 14B at 832x480). By default only when the inputs file holds reference block outputs\n"
     "  (ref.block.0.out: a vectors file, whose refs the outputs then match); --no-block-outputs: never";
@@ -44,6 +46,7 @@ struct run_settings {
   std::string trace_path;
   bool cuda = false;  // --backend cuda: ranks are the local GPUs 0..N-1
   bool process = false;  // --backend process: this process is one rank of a launched job (unshard-launch, torchrun)
+  bool bf16_compute = false;  // --compute bf16 (cuda only)
 };
 
 run_settings settings_from(const cli::options& o) {
@@ -61,6 +64,10 @@ run_settings settings_from(const cli::options& o) {
     throw cli::usage_error("--backend must be host, process or cuda, got '" + backend + "'");
   s.cuda = backend == "cuda";
   s.process = backend == "process";
+  const std::string compute = o.get("--compute", "f32");
+  if (compute != "f32" && compute != "bf16") throw cli::usage_error("--compute must be f32 or bf16, got '" + compute + "'");
+  if (o.has("--compute") && !s.cuda) throw cli::usage_error("--compute applies to --backend cuda only");
+  s.bf16_compute = compute == "bf16";
 #if !defined(UNSHARD_DIT_CUDA)
   if (s.cuda) throw cli::usage_error("--backend cuda: this unshard-dit was built without CUDA (configure with -DUNSHARD_ENABLE_CUDA=ON)");
 #endif
@@ -157,7 +164,7 @@ dit_outputs run_cuda(const wan::model& m, const wan::workload& work, const W& we
                      const tensor_view& x, const tensor_view& t, const tensor_view& ctx) {
 #if defined(UNSHARD_DIT_CUDA)
   tools::dit_cuda_outputs r = tools::run_dit_cuda(m.config(), work, rs.model_options, weights,
-                                                  session_options_of(rs), x, t, ctx, rs.trace_path);
+                                                  session_options_of(rs), x, t, ctx, rs.trace_path, rs.bf16_compute);
   return {std::move(r.output), std::move(r.blocks), r.seconds, r.writer, r.world_size};
 #else
   (void)m, (void)work, (void)weights, (void)rs, (void)x, (void)t, (void)ctx;
@@ -277,7 +284,7 @@ int main(int argc, char** argv) {
   return unshard::cli::run_tool("unshard-dit", usage, argc, argv, [&] {
     const unshard::cli::options o(argc, argv,
                                   {"--config", "--weights", "--inputs", "--out", "--world-size", "--policy", "--dtype",
-                                   "--gemm", "--budget", "--trace", "--backend"},
+                                   "--gemm", "--budget", "--trace", "--backend", "--compute"},
                                   {"--strict", "--demo", "--block-outputs", "--no-block-outputs"});
     return o.has("--demo") ? run_demo(o) : run_files(o);
   });

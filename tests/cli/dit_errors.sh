@@ -12,6 +12,8 @@ expect 2 "unknown term 'warp'" -- "${base[@]}" --policy warp
 expect 2 "--world-size: world size must be at least 1 (got 0)" -- "${base[@]}" --world-size 0
 expect 2 "--world-size: world size 1025 is beyond the supported 1024" -- "${base[@]}" --world-size 1025
 expect 2 "--dtype must be f32 or bf16" -- "${base[@]}" --dtype f64
+expect 2 "--compute applies to --backend cuda only" -- "${base[@]}" --compute bf16
+expect 2 "--compute must be f32 or bf16, got 'f16'" -- "${base[@]}" --backend cuda --compute f16
 expect 2 "--budget 0B is 0 bytes; leave --budget out to run without a budget" -- "${base[@]}" --budget 0B
 expect 1 "nope.safetensors" -- --config "$cfg" --weights "$tmp/nope.safetensors" --inputs "$w" --out "$tmp/o"
 head -c 1000 "$w" > "$tmp/trunc.safetensors"

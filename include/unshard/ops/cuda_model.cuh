@@ -18,6 +18,22 @@
 
 namespace unshard {
 
+// Floats of the scratch a model declares for cuda_ops' `widen`: the largest weight (`weight`
+// elements) as the GEMM needs it -- widened to f32 for the f32 precision when the storage is not
+// f32, rounded to bf16 (two per float) for the bf16 precision when it is f32, dequantized (f32 or
+// bf16) under fp8 weights, nothing when the storage is what the GEMM reads -- then the largest 1-D
+// parameter (`bias`), which cuda_ops keeps 16-byte aligned at the tail. Each part a multiple of 64
+// floats, so the tail starts 256-byte aligned.
+inline std::size_t conversion_scratch_floats(std::size_t weight, std::size_t bias, cuda_precision precision,
+                                             bool f32_storage, bool fp8_weights) {
+  const bool bf16 = precision == cuda_precision::bf16;
+  const std::size_t w = fp8_weights ? (bf16 ? (weight + 1) / 2 : weight)
+                        : bf16      ? (f32_storage ? (weight + 1) / 2 : 0)
+                                    : (f32_storage ? 0 : weight);
+  const auto up = [](std::size_t f) { return (f + 63) / 64 * 64; };
+  return up(w) + up(bias);
+}
+
 // The host state's buffers, in device memory, plus the lane's ops context.
 template <class Buffers>
 struct cuda_state : Buffers {

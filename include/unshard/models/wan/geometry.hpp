@@ -21,7 +21,8 @@ struct workload {
 
 struct options {
   // dtype of every parameter, norms and modulations included (f32 or bf16), as FSDP's
-  // param_dtype casts them all; compute is always f32, so no parameter needs to stay f32.
+  // param_dtype casts them all; activations stay f32 (the host computes in f32; the CUDA model's
+  // bf16 precision rounds GEMM and attention inputs only), so no parameter needs to stay f32.
   dtype storage = dtype::f32;
   gemm_path gemm = gemm_path::portable;
   bool record_block_outputs = false;  // keep each block's output [S, D] (tests, debugging)

@@ -89,19 +89,10 @@ inline weight_extents weight_extents_of(const s2v::model& m) {
   return e;
 }
 
-// Floats of the scratch a weight chunk and a bias slice are converted into: the largest 16-bit
-// weight widened to f32 (f32 compute), or the largest f32 weight rounded to bf16 (bf16 compute,
-// two per float), plus the largest 1-D parameter; each 64-float aligned so the bias, kept at the
-// end, starts 256-byte aligned.
-// Under fp8 weights, the largest weight dequantized: bf16 (half a float each) or f32.
+// Floats of the scratch a weight chunk and a bias slice are converted into (ops/cuda_model.cuh).
 inline std::size_t cuda_widen_floats(const s2v::model& m, cuda_precision precision, bool fp8_weights = false) {
   const weight_extents e = weight_extents_of(m);
-  const bool f32_storage = m.geometry().storage == dtype::f32;
-  const std::size_t weight = fp8_weights ? (precision == cuda_precision::bf16 ? (e.weight + 1) / 2 : e.weight)
-                             : precision == cuda_precision::bf16 ? (f32_storage ? (e.weight + 1) / 2 : 0)
-                                                                 : (f32_storage ? 0 : e.weight);
-  const auto up = [](std::size_t f) { return (f + 63) / 64 * 64; };
-  return up(weight) + up(e.bias);
+  return conversion_scratch_floats(e.weight, e.bias, precision, m.geometry().storage == dtype::f32, fp8_weights);
 }
 
 // Elements of the largest GEMM input (rows x K).

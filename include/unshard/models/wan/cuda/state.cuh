@@ -6,13 +6,16 @@
 //
 // Buffers come from detail::buffer_table (models/wan/state.hpp), so the two models cannot
 // disagree on a size; the host's "scores" row is dropped (device attention keeps its scores on
-// chip) and two workspace entries are added: cuBLASLt's workspace, and the f32 scratch that a bf16
-// weight chunk and a bias slice are widened (or realigned) into.
+// chip) and workspace entries are added: cuBLASLt's workspace; the scratch that a weight chunk and
+// a bias slice are converted (or realigned) into; and for the bf16 precision the bf16 scratch of
+// the rounded GEMM inputs and attention operands, and the attention engine's workspace.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -29,8 +32,18 @@ namespace unshard::wan {
 struct cuda_options {
   // cuBLASLt workspace, a declared workspace buffer (NVIDIA recommends 32 MiB on Hopper).
   std::size_t gemm_workspace_bytes = std::size_t{32} << 20;
+  // f32: the path checked against the references; bf16: every GEMM input and q, k, v rounded to
+  // bf16, tensor-core GEMMs with f32 accumulation, fused attention (ops/cuda_ops.cuh), with a
+  // declared bf16 scratch. Activations stay f32 in memory either way.
+  cuda_precision precision = cuda_precision::f32;
+  // bf16: the attention engine each lane gets (ops/cudnn_attention.cuh's make_cudnn_attention for
+  // cuDNN's SDPA); empty: our segmented flash kernel, in bf16.
+  std::function<std::shared_ptr<bf16_attention_engine>()> attention_engine;
+  // The engine's workspace, a declared workspace buffer (with an engine only).
+  std::size_t attention_workspace_bytes = std::size_t{16} << 20;
   // fp8 weights (the policy's fp8 / fp8:tensor term): the widening scratch then holds the largest
-  // weight dequantized to f32 (ops/cuda_ops.cuh: weight-only fp8). Set it with the policy.
+  // weight dequantized (f32, or bf16 for the bf16 precision: ops/cuda_ops.cuh, weight-only fp8).
+  // Set it with the policy.
   bool fp8_weights = false;
 };
 
@@ -39,25 +52,45 @@ using cuda_state = unshard::cuda_state<wan::state>;
 
 namespace detail {
 
-// Floats of the widening scratch (cuda_ops' `widen`): the largest linear weight when the storage
-// is not f32 (a row chunk of a weight is smaller still), then room for the largest 1-D parameter,
-// which cuda_ops keeps 16-byte aligned at the scratch's tail (a bf16 bias widened, or an f32 bias
-// slice that starts at an odd row realigned). Each part is a multiple of 64 floats.
-inline std::size_t cuda_widen_floats(const wan::geometry& g, bool fp8_weights = false) {
-  std::size_t weight = 0, bias = 0;
+// The largest linear weight and 1-D parameter (elements), and the largest K of a weight.
+struct weight_extents {
+  std::size_t weight = 0, bias = 0, inner = 0;
+};
+inline weight_extents weight_extents_of(const wan::geometry& g) {
+  weight_extents e;
   for (const param_table& t :
        {patch_embedding_layout(g).table, time_layout(g).table, text_layout(g).table,
         self_attn_layout(g).table, cross_attn_layout(g).table, ffn_layout(g).table,
         head_layout(g).table})
     for (std::size_t i = 0; i < t.count; ++i) {
-      const auto n = static_cast<std::size_t>(t.slots[i].dims.numel());
-      if (t.slots[i].dims.rank() == 1) bias = std::max(bias, n);
+      const shape& d = t.slots[i].dims;
+      const auto n = static_cast<std::size_t>(d.numel());
+      if (d.rank() == 1) e.bias = std::max(e.bias, n);
       // linear weights, and the Conv3d weight (rank 5) read as a [D, C*pt*ph*pw] matrix; the
       // modulation tables (rank 3) are read as they are stored
-      if (t.slots[i].dims.rank() == 2 || t.slots[i].dims.rank() == 5) weight = std::max(weight, n);
+      if (d.rank() == 2 || d.rank() == 5) {
+        e.weight = std::max(e.weight, n);
+        e.inner = std::max(e.inner, n / static_cast<std::size_t>(d[0]));
+      }
     }
-  const auto up = [](std::size_t f) { return (f + 63) / 64 * 64; };
-  return (g.storage == dtype::f32 && !fp8_weights ? 0 : up(weight)) + up(bias);
+  return e;
+}
+
+// Floats of the widening scratch (cuda_ops' `widen`, ops/cuda_model.cuh): the largest linear weight
+// converted for the GEMM (a row chunk of a weight is smaller still), then the largest 1-D parameter
+// (a bf16 bias widened, or an f32 bias slice that starts at an odd row realigned).
+inline std::size_t cuda_widen_floats(const wan::geometry& g, cuda_precision precision = cuda_precision::f32,
+                                     bool fp8_weights = false) {
+  const weight_extents e = weight_extents_of(g);
+  return conversion_scratch_floats(e.weight, e.bias, precision, g.storage == dtype::f32, fp8_weights);
+}
+
+// bf16 scratch elements of the bf16 precision: the largest GEMM input (the token rows or the
+// text rows, times the largest K) or an attention's q, k, v and output (tokens against
+// max(tokens, text_len) keys of width dim).
+inline std::size_t cuda_bf16_elems(const wan::geometry& g) {
+  const std::size_t rows = std::max(g.tokens, g.text_len);
+  return cuda_ops::bf16_scratch_elems(rows * weight_extents_of(g).inner, g.tokens, g.max_keys(), g.dim);
 }
 
 struct cuda_extra {
@@ -66,7 +99,11 @@ struct cuda_extra {
 };
 
 inline std::vector<cuda_extra> cuda_extra_buffers(const wan::geometry& g, const wan::cuda_options& o) {
-  return {{"gemm_workspace", o.gemm_workspace_bytes}, {"weight_f32", cuda_widen_floats(g, o.fp8_weights) * sizeof(float)}};
+  const bool bf16_compute = o.precision == cuda_precision::bf16;
+  return {{"gemm_workspace", o.gemm_workspace_bytes},
+          {"weight_f32", cuda_widen_floats(g, o.precision, o.fp8_weights) * sizeof(float)},
+          {"bf16_scratch", bf16_compute ? cuda_bf16_elems(g) * sizeof(bf16) : 0},
+          {"attention_workspace", bf16_compute && o.attention_engine ? o.attention_workspace_bytes : 0}};
 }
 
 inline bool cuda_uses_buffer(std::string_view name) { return name != "scores"; }
@@ -93,9 +130,7 @@ inline wan::cuda_state make_cuda_state(const wan::geometry& g, const wan::cuda_o
       throw_error("wan::cuda_model: buffer '", b.name, "' is not 16-byte aligned");
     s.*b.member = reinterpret_cast<float*>(bytes.data());
   }
-  std::byte* workspace = nullptr;
-  float* widen = nullptr;
-  std::size_t workspace_bytes = 0, widen_floats = 0;
+  std::span<std::byte> workspace, widen, narrow, attention;
   for (const auto& e : cuda_extra_buffers(g, o)) {
     if (!e.bytes) continue;
     const std::span<std::byte> bytes = buffers.bytes(e.name);
@@ -103,15 +138,20 @@ inline wan::cuda_state make_cuda_state(const wan::geometry& g, const wan::cuda_o
       throw_error("wan::cuda_model: buffer '", e.name, "' has ", bytes.size(), " bytes, needs ", e.bytes);
     if (reinterpret_cast<std::uintptr_t>(bytes.data()) % 16 != 0)
       throw_error("wan::cuda_model: buffer '", e.name, "' is not 16-byte aligned");
-    if (std::string_view(e.name) == "gemm_workspace") {
-      workspace = bytes.data();
-      workspace_bytes = e.bytes;
-    } else {
-      widen = reinterpret_cast<float*>(bytes.data());
-      widen_floats = e.bytes / sizeof(float);
+    const std::string_view name = e.name;
+    (name == "gemm_workspace" ? workspace : name == "weight_f32" ? widen : name == "bf16_scratch" ? narrow : attention) =
+        bytes.first(e.bytes);
+  }
+  s.ops = cuda_ops(nullptr, reinterpret_cast<float*>(widen.data()), widen.size() / sizeof(float), workspace.data(),
+                   workspace.size());
+  if (o.precision == cuda_precision::bf16) {
+    s.ops.set_precision(cuda_precision::bf16, reinterpret_cast<bf16*>(narrow.data()), narrow.size() / sizeof(bf16));
+    if (o.attention_engine) {
+      std::shared_ptr<bf16_attention_engine> engine = o.attention_engine();
+      engine->use_workspace(attention.data(), attention.size());
+      s.ops.set_attention_engine(std::move(engine));
     }
   }
-  s.ops = cuda_ops(nullptr, widen, widen_floats, workspace, workspace_bytes);
   return s;
 }
 
