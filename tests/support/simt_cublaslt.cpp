@@ -135,6 +135,14 @@ cublasStatus_t check_problem(const desc_fields& d, const layout_fields& a, const
   return CUBLAS_STATUS_SUCCESS;
 }
 
+// An attribute's value into its field: exactly the field's size, as the library checks it.
+template <class F>
+cublasStatus_t set_field(F& field, const void* buf, std::size_t bytes) {
+  if (bytes != sizeof(field)) return CUBLAS_STATUS_INVALID_VALUE;
+  std::memcpy(&field, buf, bytes);
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 cublasStatus_t fault(const char* what, std::uint32_t have, std::uint32_t assumed) {
   std::fprintf(stderr, "simt cuBLASLt: %s is %u-byte aligned, the algorithm assumed %u: a fault on a GPU\n", what,
                have, assumed);
@@ -190,11 +198,7 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t 
                                                            cublasLtMatmulDescAttributes_t attr, const void* buf,
                                                            size_t bytes) {
   desc_fields& d = *fields<desc_fields>(desc);
-  auto take = [&](auto& field) {
-    if (bytes != sizeof(field)) return CUBLAS_STATUS_INVALID_VALUE;
-    std::memcpy(&field, buf, bytes);
-    return CUBLAS_STATUS_SUCCESS;
-  };
+  const auto take = [&](auto& field) { return set_field(field, buf, bytes); };
   switch (attr) {
     case CUBLASLT_MATMUL_DESC_TRANSA: return take(d.transa);
     case CUBLASLT_MATMUL_DESC_TRANSB: return take(d.transb);
@@ -228,11 +232,7 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulP
                                                                  cublasLtMatmulPreferenceAttributes_t attr,
                                                                  const void* buf, size_t bytes) {
   pref_fields& p = *fields<pref_fields>(pref);
-  auto take = [&](auto& field) {
-    if (bytes != sizeof(field)) return CUBLAS_STATUS_INVALID_VALUE;
-    std::memcpy(&field, buf, bytes);
-    return CUBLAS_STATUS_SUCCESS;
-  };
+  const auto take = [&](auto& field) { return set_field(field, buf, bytes); };
   switch (attr) {
     case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES: return take(p.max_workspace);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES: return take(p.align_a);

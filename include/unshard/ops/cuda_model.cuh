@@ -18,6 +18,13 @@
 
 namespace unshard {
 
+// What a model's conversion and bf16 scratches are sized by, over the weights its GEMMs read.
+struct weight_extents {
+  std::size_t weight = 0;  // elements of the largest weight
+  std::size_t bias = 0;    // elements of the largest 1-D parameter
+  std::size_t inner = 0;   // the largest K of a weight [N, K...]
+};
+
 // Floats of the scratch a model declares for cuda_ops' `widen`: the largest weight (`weight`
 // elements) as the GEMM needs it -- widened to f32 for the f32 precision when the storage is not
 // f32, rounded to bf16 (two per float) for the bf16 precision when it is f32, dequantized (f32 or

@@ -68,11 +68,6 @@ static_assert(unshard::layer<s2v::cuda_layer, s2v::cuda_state>, "s2v::cuda_layer
 
 namespace detail {
 
-struct weight_extents {
-  std::size_t weight = 0;  // elements of the largest weight (rank >= 2)
-  std::size_t bias = 0;    // elements of the largest 1-D parameter
-  std::size_t inner = 0;   // the largest K of a weight [N, K...]
-};
 inline weight_extents weight_extents_of(const s2v::model& m) {
   weight_extents e;
   for (std::size_t i = 0; i < m.layer_count(); ++i)

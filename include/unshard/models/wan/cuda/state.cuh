@@ -52,10 +52,7 @@ using cuda_state = unshard::cuda_state<wan::state>;
 
 namespace detail {
 
-// The largest linear weight and 1-D parameter (elements), and the largest K of a weight.
-struct weight_extents {
-  std::size_t weight = 0, bias = 0, inner = 0;
-};
+// The largest linear weight and 1-D parameter, and the largest K (ops/cuda_model.cuh).
 inline weight_extents weight_extents_of(const wan::geometry& g) {
   weight_extents e;
   for (const param_table& t :
